@@ -1,0 +1,40 @@
+"""arrcoc: spend a VLM's visual tokens where the query needs them.
+
+A staged pipeline, encode -> compress -> score -> allocate, whose every stage
+is a pluggy plugin and which is declared in YAML::
+
+    import arrcoc
+    state = arrcoc.run_pipeline("tome", ["cat.png"])
+    print(state.tokens.shape, state.trace)
+"""
+
+from . import ops
+from .errors import (
+    ArrcocError,
+    ArrcocWarning,
+    BudgetError,
+    InputError,
+    MissingInputError,
+    ParamsError,
+    PluginLoadError,
+    SpecError,
+    StateError,
+    UnknownPipelineError,
+    UnknownPluginError,
+)
+from .hookspecs import hookimpl
+from .pipeline import Pipeline, load_pipeline, run_pipeline
+from .plugin import Allocator, Compressor, Encoder, Keep, Params, Plugin, PluginRef, QueryEncoder, Scorer
+from .registry import create, get_registry, list_plugins
+from .spec import PipelineSpec, available_pipelines, resolve_spec
+from .state import StageRecord, TokenState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocator", "ArrcocError", "ArrcocWarning", "BudgetError", "Compressor", "Encoder", "InputError",
+    "Keep", "MissingInputError", "Params", "ParamsError", "Pipeline", "PipelineSpec", "Plugin",
+    "PluginLoadError", "PluginRef", "QueryEncoder", "Scorer", "SpecError", "StageRecord", "StateError",
+    "TokenState", "UnknownPipelineError", "UnknownPluginError", "available_pipelines", "create",
+    "get_registry", "hookimpl", "list_plugins", "load_pipeline", "ops", "resolve_spec", "run_pipeline",
+]

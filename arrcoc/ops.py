@@ -1,0 +1,358 @@
+"""The only code that moves tokens.
+
+A plugin decides *what* to keep or merge (indices); these functions do *how*,
+once, for every field of a :class:`~arrcoc.state.TokenState`: ``tokens``,
+``mask``, ``size``, ``positions``, ``origin`` and each ``per_token`` tensor
+stay aligned, ragged batches stay packed (real tokens first), and nothing is
+silently dropped: bad indices raise :class:`~arrcoc.errors.StateError`.
+
+Everything is batched and vectorised; ties are broken by index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, NamedTuple
+
+import torch
+
+from .errors import BudgetError, StateError
+from .state import TokenState
+
+__all__ = [
+    "Matching",
+    "bipartite_match",
+    "cosine",
+    "keep",
+    "keep_topk",
+    "merge",
+    "resolve_keep",
+    "topk_per_row",
+    "unmerge",
+]
+
+
+# --------------------------------------------------------------------- budgets
+def resolve_keep(keep: float | int, counts: torch.Tensor, *, where: str = "keep") -> torch.Tensor:
+    """Tokens to keep per image from the one budget vocabulary of arrcoc.
+
+    ``keep`` is a ratio when it is a float in (0, 1] (``floor(n * keep)``,
+    at least 1, like the official ``int(N * rate)`` of HiRED / FastV), or an
+    absolute count when it is an int >= 1.  A count larger than an image's
+    tokens is an error, not a clip.
+
+    Returns ``[B]`` int64 on ``counts.device``.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise BudgetError(f"{where}: expected a ratio in (0, 1] or a count >= 1, got {keep!r}")
+    counts = counts.to(torch.int64)
+    if isinstance(keep, float):
+        if not 0.0 < keep <= 1.0:
+            raise BudgetError(f"{where}: a ratio must lie in (0, 1], got {keep}")
+        return torch.floor(counts.double() * keep).to(torch.int64).clamp(min=1).minimum(counts)
+    if keep < 1:
+        raise BudgetError(f"{where}: a count must be >= 1, got {keep}")
+    if counts.numel() and bool((counts < keep).any()):
+        raise BudgetError(
+            f"{where}: asked to keep {keep} tokens, but an image has only {int(counts.min())}"
+        )
+    return torch.full_like(counts, keep)
+
+
+# ------------------------------------------------------------------- selection
+def topk_per_row(
+    scores: torch.Tensor,
+    k: int | torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    order: str = "score",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked, ragged top-k over the last dim of ``scores`` ``[B, N]``.
+
+    ``k`` is an int or a ``[B]`` tensor of per-row counts.  Masked entries are
+    never selected, ties go to the lower index, NaN scores are an error.
+    ``order="score"`` returns indices by decreasing score, ``"position"`` in
+    increasing index order (the original token order).
+
+    Returns ``(index [B, K], valid [B, K])`` with ``K = max(k)``.
+    """
+    if scores.ndim != 2:
+        raise StateError(f"topk_per_row: expected scores [B, N], got shape {list(scores.shape)}")
+    if order not in ("score", "position"):
+        raise StateError(f"topk_per_row: order must be 'score' or 'position', got {order!r}")
+    B, N = scores.shape
+    if mask is None:
+        mask = torch.ones(B, N, dtype=torch.bool, device=scores.device)
+    if torch.isnan(scores[mask]).any():
+        raise StateError("topk_per_row: scores contain NaN")
+    counts = mask.sum(1)
+    k_rows = torch.as_tensor(k, device=scores.device, dtype=torch.int64).expand(B)
+    if bool((k_rows > counts).any()) or bool((k_rows < 0).any()):
+        raise BudgetError(
+            f"topk_per_row: asked for {k_rows.tolist()} tokens, rows have {counts.tolist()}"
+        )
+    K = int(k_rows.max()) if B else 0
+    # Stable descending sort breaks ties by index; masked entries sort last.
+    masked = scores.float().masked_fill(~mask, float("-inf"))
+    index = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :K]
+    valid = torch.arange(K, device=scores.device)[None, :] < k_rows[:, None]
+    if order == "position":
+        index = torch.sort(index.masked_fill(~valid, N), dim=1).values.masked_fill(~valid, 0)
+    return index, valid
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Pairwise cosine similarity ``[..., N, C] x [..., M, C] -> [..., N, M]``."""
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(eps)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return a @ b.transpose(-1, -2)
+
+
+class Matching(NamedTuple):
+    """Pairs ``src[b, i] -> dst[b, i]`` (token indices), real where ``valid``."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    valid: torch.Tensor
+
+
+def bipartite_match(
+    metric: torch.Tensor,
+    r: int | torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    class_token: bool = False,
+) -> tuple[Matching, torch.Tensor]:
+    """ToMe's bipartite soft matching (Bolya et al. 2023, Sec. 3; official
+    ``tome.merge.bipartite_soft_matching``), batched over ragged rows.
+
+    Tokens alternate between set A and set B; every A token proposes its most
+    similar B token (cosine of ``metric``), and the ``r`` A tokens with the
+    most similar partners merge into them.  ``class_token=True`` reproduces
+    the official layout where a class token sits before these tokens: it is
+    the first A token and never merges, so A holds the odd-indexed tokens
+    here and B the even ones.  ``r`` is clamped per image to ``n // 2``, as
+    the official ``r = min(r, (t - protected) // 2)`` does.
+
+    Args:
+        metric: ``[B, N, C]`` features to compare (ToMe: keys averaged over heads).
+        r: merges per image (int or ``[B]``).
+        mask: ``[B, N]`` real tokens (a prefix of each row).
+
+    Returns:
+        ``(Matching(src, dst, valid) of shape [B, max r], r_used [B])``.
+    """
+    if metric.ndim != 3:
+        raise StateError(f"bipartite_match: expected metric [B, N, C], got shape {list(metric.shape)}")
+    B, N, _ = metric.shape
+    device = metric.device
+    counts = mask.sum(1) if mask is not None else torch.full((B,), N, device=device)
+    r_req = torch.as_tensor(r, device=device, dtype=torch.int64).expand(B)
+    if bool((r_req < 0).any()):
+        raise BudgetError(f"bipartite_match: r must be >= 0, got {r_req.tolist()}")
+    r_used = torch.minimum(r_req, torch.div(counts, 2, rounding_mode="floor"))
+    R = int(r_used.max()) if B else 0
+
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a_idx = torch.arange(1 if class_token else 0, N, 2, device=device)
+    b_idx = torch.arange(0 if class_token else 1, N, 2, device=device)
+    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(-1, -2)
+    b_real = b_idx[None, :] < counts[:, None]
+    scores = scores.masked_fill(~b_real[:, None, :], float("-inf"))
+    node_max, node_idx = scores.max(dim=-1)
+    a_real = a_idx[None, :] < counts[:, None]
+    node_max = node_max.masked_fill(~a_real, float("-inf"))
+    edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices[:, :R]
+    src = a_idx[edge_idx]
+    dst = b_idx[node_idx.gather(1, edge_idx)]
+    valid = torch.arange(R, device=device)[None, :] < r_used[:, None]
+    return Matching(src, dst, valid), r_used
+
+
+# ------------------------------------------------------------- moving tokens
+def _check_index(state: TokenState, index: torch.Tensor, valid: torch.Tensor, what: str) -> torch.Tensor:
+    if index.ndim != 2 or index.shape[0] != state.B or index.dtype != torch.int64:
+        raise StateError(
+            f"{what}: expected an int64 index [B={state.B}, K], got shape {list(index.shape)} dtype {index.dtype}"
+        )
+    if valid.shape != index.shape or valid.dtype != torch.bool:
+        raise StateError(f"{what}: valid must be a bool tensor of shape {list(index.shape)}")
+    if bool(((index < 0) | (index >= state.N))[valid].any()):
+        raise StateError(f"{what}: indices must lie in [0, {state.N})")
+    safe = index.masked_fill(~valid, 0)
+    if not bool(state.mask.gather(1, safe)[valid].all()):
+        raise StateError(f"{what}: an index points at a padded (masked) token slot")
+    return safe
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, k]]`` for ``x`` ``[B, N, ...]``; invalid slots are zero."""
+    expanded = index.view(*index.shape, *([1] * (x.ndim - 2))).expand(*index.shape, *x.shape[2:])
+    out = x.gather(1, expanded)
+    fill = valid.view(*valid.shape, *([1] * (x.ndim - 2)))
+    return out.masked_fill(~fill, 0) if out.dtype != torch.bool else out & fill
+
+
+def keep(state: TokenState, index: torch.Tensor, valid: torch.Tensor | None = None) -> TokenState:
+    """Keep the tokens ``index`` ``[B, K]`` (where ``valid``), in that order.
+
+    Every per-token field is gathered, dropped patches get ``origin = -1``,
+    and real tokens are packed to the front of each row.  Indices must point
+    at real tokens and be unique per row.
+    """
+    if valid is None:
+        valid = torch.ones_like(index, dtype=torch.bool)
+    safe = _check_index(state, index, valid, "keep")
+    B, N = state.mask.shape
+    # Pack real entries first (stable: keeps the caller's order), trim padding.
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    safe, valid = safe.gather(1, order), valid.gather(1, order)
+    K = int(valid.sum(1).max()) if B else 0
+    safe, valid = safe[:, :K], valid[:, :K]
+
+    sink = torch.where(valid, safe, torch.full_like(safe, N))  # invalid -> dummy slot N
+    hits = torch.zeros(B, N + 1, dtype=torch.int64, device=state.device)
+    hits.scatter_add_(1, sink, torch.ones_like(sink))
+    if bool((hits[:, :N] > 1).any()):
+        raise StateError("keep: an index appears more than once in a row")
+    new_slot = torch.full((B, N + 1), -1, dtype=torch.int64, device=state.device)
+    new_slot.scatter_(1, sink, torch.arange(K, device=state.device).expand(B, K).contiguous())
+    new_slot[:, N] = -1
+    origin = state.origin
+    moved = new_slot.gather(1, origin.clamp(min=0))
+    origin = torch.where(origin >= 0, moved, origin)
+
+    return dataclasses.replace(
+        state,
+        tokens=_gather(state.tokens, safe, valid),
+        mask=valid.clone(),
+        size=_gather(state.size, safe, valid),
+        positions=_gather(state.positions, safe, valid),
+        origin=origin,
+        per_token={k: _gather(v, safe, valid) for k, v in state.per_token.items()},
+    )
+
+
+def keep_topk(
+    state: TokenState, scores: torch.Tensor, k: int | torch.Tensor, *, order: str = "position"
+) -> TokenState:
+    """Keep each image's ``k`` highest-scoring real tokens (original order by default)."""
+    index, valid = topk_per_row(scores, k, state.mask, order=order)
+    return keep(state, index, valid)
+
+
+def merge(
+    state: TokenState,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    weights: torch.Tensor | None = None,
+    reduce: Mapping[str, str] | None = None,
+) -> TokenState:
+    """Merge token ``src[b, i]`` into ``dst[b, i]`` and remove the sources.
+
+    Each destination becomes the weighted average of itself and everything
+    merged into it, ``x_d = sum_i w_i x_i / sum_i w_i`` (ToMe's
+    ``merge_wavg``: ``weights`` defaults to ``size``; pass ones for a plain
+    mean).  ``size`` adds up (total size is conserved), ``positions`` are
+    size-weighted centroids, ``origin`` follows the sources to their
+    destination.  Floating ``per_token`` fields are averaged like the tokens
+    unless ``reduce[name]`` is ``"sum"`` (e.g. attention mass) or ``"dst"``
+    (keep the destination's value); other dtypes keep the destination's.
+
+    Sources must be unique and must not also be destinations.
+    """
+    if valid is None:
+        valid = torch.ones_like(src, dtype=torch.bool)
+    src_safe = _check_index(state, src, valid, "merge(src)")
+    dst_safe = _check_index(state, dst, valid, "merge(dst)")
+    B, N = state.mask.shape
+    device = state.device
+    reduce = dict(reduce or {})
+    for name, how in reduce.items():
+        if name not in state.per_token or how not in ("mean", "sum", "dst"):
+            raise StateError(
+                f"merge: reduce[{name!r}]={how!r}; expected a per_token field "
+                f"({sorted(state.per_token)}) mapped to 'mean', 'sum' or 'dst'"
+            )
+
+    src_sink = torch.where(valid, src_safe, torch.full_like(src_safe, N))
+    is_src = torch.zeros(B, N + 1, dtype=torch.int64, device=device)
+    is_src.scatter_add_(1, src_sink, torch.ones_like(src_sink))
+    if bool((is_src[:, :N] > 1).any()):
+        raise StateError("merge: a source token appears more than once in a row")
+    is_src = is_src[:, :N] > 0
+    if bool(is_src.gather(1, dst_safe)[valid].any()):
+        raise StateError("merge: a destination token is also a source (chains are not allowed)")
+
+    # target[b, n]: the slot token n ends up in (itself unless it is a source).
+    target = torch.arange(N + 1, device=device).expand(B, N + 1).clone()
+    target.scatter_(1, src_sink, torch.where(valid, dst_safe, torch.full_like(dst_safe, N)))
+    target = target[:, :N]
+
+    w = (state.size if weights is None else weights).to(torch.float32)
+    if w.shape != (B, N):
+        raise StateError(f"merge: weights must be [B={B}, N={N}], got {list(w.shape)}")
+    w = w * state.mask
+
+    def group_sum(x: torch.Tensor) -> torch.Tensor:
+        idx = target.view(B, N, *([1] * (x.ndim - 2))).expand_as(x)
+        return torch.zeros_like(x).scatter_add_(1, idx, x)
+
+    def group_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        wx = x.to(acc_dtype) * weight.view(B, N, *([1] * (x.ndim - 2)))
+        total = group_sum(weight)
+        out = group_sum(wx) / total.clamp_min(torch.finfo(torch.float32).tiny).view(
+            B, N, *([1] * (x.ndim - 2))
+        )
+        return out.to(x.dtype)
+
+    size = group_sum(state.size * state.mask)
+    positions = group_mean(state.positions, state.size * state.mask)
+    per_token = {}
+    for name, value in state.per_token.items():
+        how = reduce.get(name, "mean")
+        if not value.is_floating_point() or how == "dst":
+            per_token[name] = value
+        elif how == "sum":
+            per_token[name] = group_sum(value * state.mask.view(B, N, *([1] * (value.ndim - 2))))
+        else:
+            per_token[name] = group_mean(value, w)
+    origin = torch.where(state.origin >= 0, target.gather(1, state.origin.clamp(min=0)), state.origin)
+    merged = dataclasses.replace(
+        state,
+        tokens=group_mean(state.tokens, w),
+        size=size,
+        positions=positions,
+        origin=origin,
+        per_token=per_token,
+    )
+    survivors = state.mask & ~is_src
+    index, keep_valid = _pack(survivors)
+    return keep(merged, index, keep_valid)
+
+
+def _pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of ``select`` ``[B, N]``, in order, packed."""
+    order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices
+    valid = select.gather(1, order)
+    K = int(valid.sum(1).max()) if select.shape[0] else 0
+    return order[:, :K], valid[:, :K]
+
+
+def unmerge(state: TokenState, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Broadcast per-token values back to the original patches through ``origin``.
+
+    ``tokens`` defaults to ``state.tokens``; any ``[B, N, ...]`` tensor works
+    (scores, attention).  Returns ``(values [B, N0, ...], present [B, N0])``;
+    dropped patches get zeros and ``present = False``.
+    """
+    values = state.tokens if tokens is None else tokens
+    if values.shape[:2] != state.mask.shape:
+        raise StateError(
+            f"unmerge: expected values [B={state.B}, N={state.N}, ...], got {list(values.shape)}"
+        )
+    present = state.origin >= 0
+    return _gather(values, state.origin.clamp(min=0), present), present

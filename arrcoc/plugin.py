@@ -1,0 +1,206 @@
+"""Base classes of the plugin kinds.
+
+A plugin is a class with ``kind``, ``name``, a pydantic ``Params`` model
+(``extra="forbid"``), built from validated params, and called as
+``stage(state) -> state`` (an encoder: ``encode(pixels) -> state``).
+Capability flags are checked when a pipeline is loaded, before any model
+runs: ``stage`` (``vision``, ``projector``, ``llm``), ``needs`` (inputs such
+as ``cls_attention``, ``keys``, ``query``), ``provides`` and ``adaptive``
+(whether the number of tokens out depends on the image).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Sequence, Union
+
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing_extensions import Annotated
+
+from .errors import ParamsError
+from .state import TokenState
+
+KINDS = ("encoder", "query_encoder", "compressor", "scorer", "allocator", "pyramid", "visualizer")
+
+#: One budget vocabulary for every method: a ratio in (0, 1] (float) or a count >= 1 (int).
+Keep = Union[Annotated[int, Field(strict=True, ge=1)], Annotated[float, Field(gt=0.0, le=1.0)]]
+
+
+class Params(BaseModel):
+    """Base of every plugin's parameters: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginRef(BaseModel):
+    """``{use: name, **params}``: a plugin by name with its (raw) params.
+
+    Used for pipeline stages and for plugins nested in another plugin's
+    params (``in_blocks: {use: tome, r: 8}``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    use: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_use(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"use": data, "params": {}}
+        if isinstance(data, dict) and "params" not in data:
+            data = dict(data)
+            if "use" not in data:
+                raise ValueError(f"a stage needs `use: <plugin name>`, got keys {sorted(data)}")
+            return {"use": data.pop("use"), "params": data}
+        return data
+
+    def as_yaml_dict(self) -> dict[str, Any]:
+        return {"use": self.use, **self.params}
+
+    def build(self, kind: str) -> "Plugin":
+        from .registry import get_registry
+
+        return get_registry().create(kind, self.use, **self.params)
+
+
+def nested_plugin(kind: str) -> Any:
+    """A ``PluginRef`` field type whose params are validated against plugin ``kind``."""
+
+    def check(ref: PluginRef) -> PluginRef:
+        from .registry import get_registry
+
+        cls = get_registry().get(kind, ref.use)
+        cls.validate_params(ref.params)
+        return ref
+
+    return Annotated[PluginRef, AfterValidator(check)]
+
+
+class Plugin(ABC):
+    """Common base: validated params, capability flags, a readable repr."""
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = Params
+    stage: ClassVar[str] = "vision"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset()
+    adaptive: ClassVar[bool] = False
+
+    def __init__(self, params: BaseModel | None = None, /, **kwargs: Any) -> None:
+        if params is None:
+            params = self.validate_params(kwargs)
+        elif kwargs:
+            raise ParamsError(f"{self.kind} {self.name!r}: pass either a Params object or keyword params, not both")
+        elif not isinstance(params, self.Params):
+            raise ParamsError(
+                f"{self.kind} {self.name!r}: expected {self.Params.__qualname__}, got {type(params).__name__}"
+            )
+        self.params = params
+
+    @classmethod
+    def validate_params(cls, raw: dict[str, Any]) -> BaseModel:
+        try:
+            return cls.Params(**raw)
+        except ValidationError as exc:
+            raise ParamsError(format_validation_error(exc, f"{cls.kind} {cls.name!r}", cls.Params)) from None
+
+    def requirements(self) -> frozenset[str]:
+        """What this instance needs from earlier stages (may depend on params)."""
+        return self.needs
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{type(self).__name__}({shown})"
+
+
+class Encoder(Plugin):
+    """Turns pixels into the first :class:`TokenState`."""
+
+    kind = "encoder"
+
+    def to(self, device: torch.device | str) -> "Encoder":
+        return self
+
+    def configure(self, outputs: frozenset[str]) -> None:
+        """Told, once, which of ``provides`` later stages need (compute only those)."""
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [0, 1] -> model input (resize, normalise)."""
+        return pixels
+
+    @abstractmethod
+    def encode(self, pixels: torch.Tensor) -> TokenState:
+        """Model input ``[B, 3, H, W]`` (after :meth:`preprocess`) -> first state."""
+
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int:
+        """Channels ``D`` of the tokens this encoder emits."""
+
+
+class QueryEncoder(Plugin):
+    """Turns query strings into ``(embeddings [B, T, Dq], mask [B, T])``."""
+
+    kind = "query_encoder"
+
+    @abstractmethod
+    def encode(
+        self, queries: Sequence[str], *, dim: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dim`` is the visual token width, for encoders that can match it."""
+
+
+class Stage(Plugin):
+    """A ``TokenState -> TokenState`` stage (compressor, scorer, allocator)."""
+
+    @abstractmethod
+    def __call__(self, state: TokenState) -> TokenState:
+        """Return the next state; move tokens only through :mod:`arrcoc.ops`."""
+
+
+class Compressor(Stage):
+    kind = "compressor"
+
+    def in_block(self, state: TokenState, layer: int, num_layers: int) -> TokenState:
+        """Run inside encoder block ``layer`` of ``num_layers`` (after attention).
+
+        The encoder puts the block's head-mean keys in ``per_token["keys"]``.
+        Defaults to ``self(state)`` in every block; a method with a per-layer
+        schedule overrides it.
+        """
+        return self(state)
+
+
+class Scorer(Stage):
+    kind = "scorer"
+
+
+class Allocator(Stage):
+    kind = "allocator"
+
+
+class Pyramid(Plugin):
+    kind = "pyramid"
+
+
+class Visualizer(Plugin):
+    kind = "visualizer"
+
+
+def format_validation_error(exc: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
+    """One line per pydantic error: field, what was expected, what came."""
+    from .errors import did_you_mean
+
+    lines = [f"{where}: invalid parameters"]
+    fields = list(model.model_fields) if model is not None else []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            hint = did_you_mean(str(err["loc"][-1]), fields)
+            lines.append(f"  {loc}: unknown parameter{hint}; valid: {', '.join(fields) or '(none)'}")
+        else:
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""Pipeline files: a pydantic ``PipelineSpec``, YAML loading, located errors.
+
+A pipeline file has the sections ``encoder``, ``query_encoder``,
+``compress``, ``score``, ``allocate`` and ``llm``; each stage is a mapping
+``{use: <plugin name>, <param>: <value>, ...}`` validated against that
+plugin's own ``Params``.  Errors name the file, the line, the stage and the
+field, list the valid choices and suggest the nearest name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from .plugin import PluginRef
+from .errors import ParamsError, SpecError, UnknownPipelineError, UnknownPluginError, did_you_mean
+
+#: section -> (plugin kind, whether it holds a list of stages)
+SECTIONS: dict[str, tuple[str, bool]] = {
+    "encoder": ("encoder", False),
+    "query_encoder": ("query_encoder", False),
+    "compress": ("compressor", True),
+    "score": ("scorer", True),
+    "allocate": ("allocator", False),
+    "llm": ("compressor", True),
+}
+SECTION_OF_KIND = {"encoder": "encoder", "query_encoder": "query_encoder", "compressor": "compress",
+                   "scorer": "score", "allocator": "allocate"}
+
+
+StageSpec = PluginRef
+
+
+class PipelineSpec(BaseModel):
+    """A validated pipeline: encode -> compress* -> score* -> allocate? -> llm*."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = "pipeline"
+    description: str = ""
+    encoder: StageSpec
+    query_encoder: StageSpec | None = None
+    compress: list[StageSpec] = Field(default_factory=list)
+    score: list[StageSpec] = Field(default_factory=list)
+    allocate: StageSpec | None = None
+    llm: list[StageSpec] = Field(default_factory=list)
+
+    _source: str = PrivateAttr(default="<spec>")
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def stages(self) -> list[tuple[str, str, StageSpec]]:
+        """``(label, section, stage)`` in run order, e.g. ``("compress[0]", "compress", ...)``."""
+        out: list[tuple[str, str, StageSpec]] = []
+        for section, (_, many) in SECTIONS.items():
+            value = getattr(self, section)
+            if value is None:
+                continue
+            if many:
+                out.extend((f"{section}[{i}]", section, s) for i, s in enumerate(value))
+            else:
+                out.append((section, section, value))
+        return out
+
+    def to_yaml(self) -> str:
+        data: dict[str, Any] = {"name": self.name, "description": self.description}
+        for section, (_, many) in SECTIONS.items():
+            value = getattr(self, section)
+            if value is None or (many and not value):
+                continue
+            data[section] = [s.as_yaml_dict() for s in value] if many else value.as_yaml_dict()
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# ------------------------------------------------------------------ locating
+def _line_map(text: str) -> dict[tuple, int]:
+    """Map each YAML path (keys and list indices) to its 1-based line."""
+    lines: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: tuple) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = path + (key.value,)
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                walk(value, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+class _Locator:
+    def __init__(self, source: str, lines: dict[tuple, int]) -> None:
+        self.source, self.lines = source, lines
+
+    def __call__(self, path: Iterable[Any]) -> str:
+        path = tuple(path)
+        while path and path not in self.lines:
+            path = path[:-1]
+        line = self.lines.get(path)
+        return f"{self.source}:{line}" if line else self.source
+
+
+# ------------------------------------------------------------------- loading
+def parse_spec(data: Any, *, source: str = "<dict>", lines: dict[tuple, int] | None = None) -> PipelineSpec:
+    """Validate a mapping into a :class:`PipelineSpec` (sections, stages and params)."""
+    where = _Locator(source, lines or {})
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{where(())}: a pipeline must be a mapping of sections, got {type(data).__name__}")
+    valid_keys = ["name", "description", *SECTIONS]
+    for key in data:
+        if key not in valid_keys:
+            raise SpecError(
+                f"{where((key,))}: unknown section {key!r}{did_you_mean(str(key), valid_keys)}; "
+                f"valid: {', '.join(valid_keys)}"
+            )
+    if "encoder" not in data:
+        raise SpecError(f"{where(())}: missing section 'encoder' (e.g. `encoder: {{use: timm_vit}}`)")
+    for section, (_, many) in SECTIONS.items():
+        value = data.get(section)
+        if many and value is not None and not isinstance(value, list):
+            raise SpecError(f"{where((section,))}: section {section!r} must be a list of stages, got {type(value).__name__}")
+        if not many and isinstance(value, list):
+            raise SpecError(f"{where((section,))}: section {section!r} takes one stage, got a list")
+    try:
+        spec = PipelineSpec.model_validate(dict(data))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if p not in ("params",))
+        raise SpecError(f"{where(loc)}: {'.'.join(map(str, loc)) or 'pipeline'}: {err['msg']}") from None
+    spec._source = source
+    validate_stages(spec, where)
+    return spec
+
+
+def validate_stages(spec: PipelineSpec, where: Callable[[Iterable[Any]], str] | None = None) -> None:
+    """Check every stage names a plugin of the section's kind and its params validate."""
+    from .registry import get_registry
+
+    where = where or _Locator(spec.source, {})
+    registry = get_registry()
+    for label, section, stage in spec.stages():
+        kind = SECTIONS[section][0]
+        path = _path_of(label)
+        try:
+            cls = registry.get(kind, stage.use)
+        except UnknownPluginError as exc:
+            other = [k for k in SECTION_OF_KIND if stage.use in registry.names(k)]
+            if other:
+                raise SpecError(
+                    f"{where(path + ('use',))}: {label}: {stage.use!r} is a {other[0]}; "
+                    f"it belongs under '{SECTION_OF_KIND[other[0]]}:', not '{section}:'"
+                ) from None
+            raise UnknownPluginError(f"{where(path + ('use',))}: {label}: {exc}") from None
+        if section == "llm" and cls.stage != "llm":
+            raise SpecError(f"{where(path)}: {label}: {stage.use!r} runs at stage {cls.stage!r}; 'llm:' takes stage 'llm' plugins")
+        if section == "compress" and cls.stage == "llm":
+            raise SpecError(f"{where(path)}: {label}: {stage.use!r} runs inside the LLM; put it under 'llm:'")
+        try:
+            cls.validate_params(stage.params)
+        except ParamsError as exc:
+            field = _first_field(exc.__context__ or exc, stage.params)
+            raise ParamsError(f"{where(path + field)}: {label} ({stage.use}): {str(exc).split(': ', 1)[-1]}") from None
+
+
+def _path_of(label: str) -> tuple:
+    if "[" in label:
+        section, index = label[:-1].split("[")
+        return (section, int(index))
+    return (label,)
+
+
+def _first_field(exc: BaseException, params: Mapping[str, Any]) -> tuple:
+    if isinstance(exc, ValidationError) and exc.errors():
+        loc = exc.errors()[0]["loc"]
+        return tuple(loc)
+    return ()
+
+
+def load_yaml(path: str | Path) -> PipelineSpec:
+    """Load and validate a pipeline file (``yaml.safe_load`` only)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UnknownPipelineError(f"pipeline file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read pipeline file: {exc}") from None
+    return parse_yaml_text(text, source=str(path))
+
+
+def parse_yaml_text(text: str, *, source: str = "<string>") -> PipelineSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{at}: YAML syntax error: {problem}") from None
+    return parse_spec(data, source=source, lines=_line_map(text))
+
+
+def available_pipelines() -> dict[str, Path]:
+    """Pipeline names -> files: built-ins first, then third parties' directories."""
+    from .registry import get_registry
+
+    found: dict[str, Path] = {}
+    for directory in get_registry().pipeline_dirs():
+        if directory.is_dir():
+            for file in sorted(directory.glob("*.yaml")):
+                found.setdefault(file.stem, file)
+    return found
+
+
+def resolve_spec(spec: "str | Path | Mapping[str, Any] | PipelineSpec") -> PipelineSpec:
+    """A spec from a ``PipelineSpec``, a dict, a file path or a pipeline name."""
+    if isinstance(spec, PipelineSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return parse_spec(spec)
+    if isinstance(spec, (str, Path)):
+        text = str(spec)
+        path = Path(text).expanduser()
+        if path.is_file() or text.endswith((".yaml", ".yml")) or "/" in text:
+            return load_yaml(path)
+        pipelines = available_pipelines()
+        if text in pipelines:
+            return load_yaml(pipelines[text])
+        raise UnknownPipelineError(
+            f"unknown pipeline {text!r}{did_you_mean(text, pipelines)}: not a file, "
+            f"and not one of {', '.join(sorted(pipelines)) or '(none)'}"
+        )
+    raise SpecError(f"expected a pipeline name, path, dict or PipelineSpec, got {type(spec).__name__}")
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of a pipeline file, with every registered plugin's parameters."""
+    from .registry import get_registry
+
+    registry = get_registry()
+    defs: dict[str, Any] = {}
+
+    def stage_schema(kind: str) -> dict[str, Any]:
+        options = []
+        for info in registry.list(kind):
+            params = info.cls.Params.model_json_schema(ref_template="#/$defs/{model}")
+            for name, sub in params.pop("$defs", {}).items():
+                defs[name] = sub
+            params.setdefault("properties", {})
+            params["properties"] = {"use": {"const": info.name}, **params["properties"]}
+            params["required"] = ["use", *params.get("required", [])]
+            params["title"] = f"{kind}:{info.name}"
+            if info.summary:
+                params["description"] = info.summary
+            options.append(params)
+        return {"oneOf": options} if options else {"type": "object"}
+
+    props: dict[str, Any] = {"name": {"type": "string"}, "description": {"type": "string"}}
+    for section, (kind, many) in SECTIONS.items():
+        one = stage_schema(kind)
+        props[section] = {"type": "array", "items": one} if many else one
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "arrcoc pipeline",
+        "type": "object",
+        "properties": props,
+        "required": ["encoder"],
+        "additionalProperties": False,
+        "$defs": defs,
+    }

@@ -1,0 +1,267 @@
+"""``TokenState``: the one record that flows through every stage.
+
+A batch is ragged: images keep different numbers of tokens, so every
+per-token field is padded to the longest row and ``mask`` says which entries
+are real.  Operations in :mod:`arrcoc.ops` keep the real tokens of each row
+as a prefix (padding at the end), so ``mask[b] == arange(N) < counts[b]``.
+
+The record is immutable; a stage returns ``dataclasses.replace(state, ...)``
+or, for anything that moves tokens, the result of an :mod:`arrcoc.ops` call,
+which keeps ``size``, ``positions``, ``origin`` and every ``per_token`` field
+aligned with ``tokens``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+
+from .errors import StateError
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What one stage did: token counts per image (class token included) and time."""
+
+    stage: str
+    plugin: str
+    tokens_in: tuple[int, ...]
+    tokens_out: tuple[int, ...]
+    ms: float
+    warnings: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True, eq=False)
+class TokenState:
+    """Batched visual tokens plus everything needed to keep track of them.
+
+    Shapes: ``B`` images, ``N`` token slots (padded), ``D`` channels, ``N0 =
+    H0 * W0`` original patches.
+
+    Attributes:
+        tokens: ``[B, N, D]`` floating visual tokens.
+        mask: ``[B, N]`` bool, True for real tokens (a prefix of each row).
+        size: ``[B, N]`` float32, how many original patches each token stands for.
+        positions: ``[B, N, 2]`` float32, size-weighted (row, col) centroid on
+            the original patch grid.
+        origin: ``[B, N0]`` int64, index of the token each original patch now
+            lives in, ``-1`` if it was dropped.
+        grid: ``(H0, W0)``, the original patch grid.
+        cls: ``[B, D]`` class token kept apart (never merged or dropped), or None.
+        per_token: name -> ``[B, N, ...]`` tensors kept aligned by every op.
+        query: ``[B, T, Dq]`` encoded query, or None; ``query_mask`` ``[B, T]``.
+        images: ``[B, 3, H, W]`` pixels in [0, 1] the tokens came from, or None
+            (used by visualisers and image pyramids).
+        pyramid, allocation: set by an allocator stage.
+        meta: free-form per-batch outputs of stages that are not per token.
+        trace: one :class:`StageRecord` per stage run so far.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    size: torch.Tensor
+    positions: torch.Tensor
+    origin: torch.Tensor
+    grid: tuple[int, int]
+    cls: torch.Tensor | None = None
+    per_token: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    query: torch.Tensor | None = None
+    query_mask: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    pyramid: Any = None
+    allocation: Any = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    trace: tuple[StageRecord, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "per_token", _frozen(self.per_token))
+        object.__setattr__(self, "meta", _frozen(self.meta))
+        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        object.__setattr__(self, "trace", tuple(self.trace))
+        self._validate()
+
+    # ------------------------------------------------------------------ checks
+    def _validate(self) -> None:
+        t = self.tokens
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
+            raise StateError(
+                f"TokenState.tokens: expected a floating tensor [B, N, D], got {_describe(t)}"
+            )
+        B, N, D = t.shape
+        device = t.device
+
+        def check(name: str, value: Any, shape: tuple, dtype: torch.dtype | str) -> None:
+            if not isinstance(value, torch.Tensor):
+                raise StateError(f"TokenState.{name}: expected a tensor {list(shape)}, got {type(value).__name__}")
+            ok_dtype = value.is_floating_point() if dtype == "float" else value.dtype == dtype
+            if tuple(value.shape) != shape or not ok_dtype:
+                raise StateError(
+                    f"TokenState.{name}: expected shape {list(shape)} dtype {dtype}, "
+                    f"got shape {list(value.shape)} dtype {value.dtype}"
+                )
+            if value.device != device:
+                raise StateError(f"TokenState.{name}: on {value.device}, but tokens are on {device}")
+
+        check("mask", self.mask, (B, N), torch.bool)
+        check("size", self.size, (B, N), torch.float32)
+        check("positions", self.positions, (B, N, 2), torch.float32)
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            raise StateError(f"TokenState.grid: expected (H0, W0) >= 1, got {self.grid}")
+        check("origin", self.origin, (B, self.grid[0] * self.grid[1]), torch.int64)
+        if self.cls is not None:
+            check("cls", self.cls, (B, D), t.dtype)
+        for name, value in self.per_token.items():
+            if not isinstance(value, torch.Tensor) or tuple(value.shape[:2]) != (B, N):
+                raise StateError(
+                    f"TokenState.per_token[{name!r}]: expected a tensor [B={B}, N={N}, ...], "
+                    f"got {_describe(value)}"
+                )
+            if value.device != device:
+                raise StateError(f"TokenState.per_token[{name!r}]: on {value.device}, tokens on {device}")
+        if self.query is not None:
+            q = self.query
+            if q.ndim != 3 or q.shape[0] != B or not q.is_floating_point():
+                raise StateError(f"TokenState.query: expected a floating tensor [B={B}, T, Dq], got {_describe(q)}")
+            check("query_mask", self.query_mask, tuple(q.shape[:2]), torch.bool)
+            if q.device != device:
+                raise StateError(f"TokenState.query: on {q.device}, tokens on {device}")
+        elif self.query_mask is not None:
+            raise StateError("TokenState.query_mask is set but query is None")
+        if self.images is not None:
+            im = self.images
+            if im.ndim != 4 or im.shape[0] != B or im.shape[1] != 3:
+                raise StateError(f"TokenState.images: expected [B={B}, 3, H, W], got {_describe(im)}")
+
+    def check(self) -> "TokenState":
+        """Deep check of values (costs a device sync; used by tests and debugging).
+
+        Real tokens form a prefix of each row, sizes are positive and add up
+        to the number of kept patches, and ``origin`` points at real tokens.
+        """
+        counts = self.counts
+        prefix = torch.arange(self.N, device=self.tokens.device)[None, :] < counts[:, None]
+        if not torch.equal(prefix, self.mask):
+            raise StateError("TokenState.mask: real tokens must form a prefix of each row")
+        if (self.size[self.mask] <= 0).any():
+            raise StateError("TokenState.size: every real token must stand for > 0 patches")
+        o = self.origin
+        if ((o < -1) | (o >= self.N)).any():
+            raise StateError(f"TokenState.origin: values must lie in [-1, {self.N}), got [{int(o.min())}, {int(o.max())}]")
+        hits = o.clamp(min=0)
+        if not self.mask.gather(1, hits)[o >= 0].all():
+            raise StateError("TokenState.origin: a patch points at a padded token slot")
+        return self
+
+    # -------------------------------------------------------------- properties
+    @property
+    def B(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def N(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def D(self) -> int:
+        return self.tokens.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tokens.dtype
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[B]`` int64: real tokens per image (class token not included)."""
+        return self.mask.sum(1)
+
+    def token_counts(self) -> tuple[int, ...]:
+        """Tokens per image as the trace reports them: real tokens + class token."""
+        extra = 0 if self.cls is None else 1
+        return tuple(int(c) + extra for c in self.counts.tolist())
+
+    def replace(self, **changes: Any) -> "TokenState":
+        """``dataclasses.replace`` (validated). Use :mod:`arrcoc.ops` to move tokens."""
+        return dataclasses.replace(self, **changes)
+
+    def with_per_token(self, **fields: torch.Tensor) -> "TokenState":
+        """A copy with ``per_token`` fields added or replaced."""
+        return dataclasses.replace(self, per_token={**self.per_token, **fields})
+
+    def with_meta(self, **items: Any) -> "TokenState":
+        return dataclasses.replace(self, meta={**self.meta, **items})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TokenState":
+        """Move every tensor; ``dtype`` applies to the floating token-valued fields."""
+        def move(x: Any, floating: bool = False) -> Any:
+            if not isinstance(x, torch.Tensor):
+                return x
+            return x.to(device=device, dtype=dtype if (floating and dtype is not None) else None)
+
+        return dataclasses.replace(
+            self,
+            tokens=move(self.tokens, True),
+            mask=move(self.mask),
+            size=move(self.size),
+            positions=move(self.positions),
+            origin=move(self.origin),
+            cls=move(self.cls, True),
+            per_token={k: move(v) for k, v in self.per_token.items()},
+            query=move(self.query, True),
+            query_mask=move(self.query_mask),
+            images=move(self.images),
+        )
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_patches(
+        cls,
+        tokens: torch.Tensor,
+        grid: tuple[int, int],
+        *,
+        cls_token: torch.Tensor | None = None,
+        per_token: Mapping[str, torch.Tensor] | None = None,
+        images: torch.Tensor | None = None,
+    ) -> "TokenState":
+        """The state of a freshly encoded image: one token per patch in raster order."""
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
+            raise StateError(f"from_patches: expected tokens [B, N0, D], got {_describe(tokens)}")
+        H0, W0 = int(grid[0]), int(grid[1])
+        B, N0, _ = tokens.shape
+        if N0 != H0 * W0:
+            raise StateError(f"from_patches: {N0} tokens do not fill a {H0}x{W0} grid ({H0 * W0} patches)")
+        device = tokens.device
+        index = torch.arange(N0, device=device)
+        rows = torch.div(index, W0, rounding_mode="floor")
+        positions = torch.stack([rows, index - rows * W0], -1).to(torch.float32)
+        return cls(
+            tokens=tokens,
+            mask=torch.ones(B, N0, dtype=torch.bool, device=device),
+            size=torch.ones(B, N0, dtype=torch.float32, device=device),
+            positions=positions.expand(B, N0, 2).contiguous(),
+            origin=index.expand(B, N0).contiguous(),
+            grid=(H0, W0),
+            cls=cls_token,
+            per_token=per_token or {},
+            images=images,
+        )
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {list(x.shape)} dtype {x.dtype} on {x.device}"
+    return type(x).__name__

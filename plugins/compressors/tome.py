@@ -1,0 +1,143 @@
+"""ToMe: Token Merging (Bolya et al., ICLR 2023, "Token Merging: Your ViT But Faster").
+
+Faithful to facebookresearch/ToMe:
+
+* matching is ``tome.merge.bipartite_soft_matching`` (paper Sec. 3, "Bipartite
+  Soft Matching"): alternate A/B split, cosine of the metric, each A token's
+  best B partner, the ``r`` best edges merge; a class token is protected and
+  ``r`` is clamped to ``(t - protected) // 2`` (recorded as a warning);
+* merging is ``tome.merge.merge_wavg``: size-weighted average, sizes add up;
+* inside a ViT (``tome.patch.timm.ToMeBlock``) the merge runs between
+  attention and MLP of each block, with the metric = keys averaged over heads
+  and proportional attention ``softmax(qk^T / sqrt(d) + log s)`` (Eq. 1) —
+  the ``timm_vit`` encoder provides both when this compressor is its
+  ``in_blocks`` stage;
+* the per-layer ``r`` follows ``tome.utils.parse_r``: an int (constant), a
+  list (one ``r`` per layer, padded with 0), or ``r`` with an ``inflection``
+  (``-1`` = the paper's decreasing schedule).
+
+Difference, on purpose: the official merge returns ``[unmerged A, all B]``;
+:func:`arrcoc.ops.merge` keeps survivors in their original order, which is
+the same set of tokens with the same values (a permutation, which attention
+without position embeddings does not see).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from arrcoc import ops
+from arrcoc.errors import MissingInputError, record_warning
+from arrcoc.hookspecs import hookimpl
+from arrcoc.plugin import Compressor, Params
+from arrcoc.state import TokenState
+
+
+def parse_r(num_layers: int, r: int | list[int], inflection: float = 0.0) -> list[int]:
+    """``tome.utils.parse_r``: the number of merges for each of ``num_layers`` layers."""
+    if isinstance(r, list):
+        return list(r) + [0] * max(0, num_layers - len(r))
+    low = int(r * (1.0 - inflection))
+    high = 2 * r - low
+    step = (high - low) / (num_layers - 1) if num_layers > 1 else 0.0
+    return [int(low + step * i) for i in range(num_layers)]
+
+
+def tome_merge(
+    state: TokenState,
+    r: int,
+    *,
+    metric: torch.Tensor,
+    class_token: bool,
+    size_weighted: bool = True,
+) -> tuple[TokenState, torch.Tensor]:
+    """One ToMe step: bipartite soft matching on ``metric``, then (size-weighted) merging.
+
+    Returns the merged state and the ``r`` actually used per image.
+    """
+    matching, r_used = ops.bipartite_match(metric, r, state.mask, class_token=class_token)
+    weights = None if size_weighted else torch.ones_like(state.size)
+    return ops.merge(state, matching.src, matching.dst, matching.valid, weights=weights), r_used
+
+
+class ToMeParams(Params):
+    r: int | list[int] = Field(
+        8,
+        description="Tokens merged per step: an int (every layer / once), or a list (one per layer "
+        "in a ViT; successive rounds when used after the encoder).",
+    )
+    inflection: float = Field(
+        0.0, ge=-1.0, le=1.0,
+        description="Schedule trend over layers (parse_r): 0 constant, -1 the paper's decreasing schedule.",
+    )
+    metric: Literal["keys", "tokens"] = Field(
+        "keys", description="What to match on: the attention keys (official) or the tokens themselves."
+    )
+    size_weighted: bool = Field(True, description="merge_wavg (official); false = plain mean of the merged tokens.")
+    class_token: bool | None = Field(
+        None, description="Match with the official class-token layout; default: whether the state has a class token."
+    )
+
+    @model_validator(mode="after")
+    def _check_r(self) -> "ToMeParams":
+        values = self.r if isinstance(self.r, list) else [self.r]
+        if any(v < 0 for v in values):
+            raise ValueError(f"r must be >= 0, got {self.r}")
+        if isinstance(self.r, list) and self.inflection != 0.0:
+            raise ValueError("inflection applies to an int r, not a per-layer list")
+        return self
+
+
+class ToMe(Compressor):
+    """Token Merging: bipartite soft matching + size-weighted merging (Bolya et al. 2023)."""
+
+    name = "tome"
+    Params = ToMeParams
+
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"keys"}) if self.params.metric == "keys" else frozenset()
+
+    def _metric(self, state: TokenState) -> torch.Tensor:
+        if self.params.metric == "tokens":
+            return state.tokens
+        keys = state.per_token.get("keys")
+        if keys is None:
+            raise MissingInputError(
+                "tome: metric 'keys' needs per_token['keys'] (the timm_vit encoder provides them), "
+                "or set `metric: tokens`"
+            )
+        return keys
+
+    def _step(self, state: TokenState, r: int) -> TokenState:
+        if r <= 0:
+            return state
+        class_token = self.params.class_token
+        if class_token is None:
+            class_token = state.cls is not None
+        merged, r_used = tome_merge(
+            state, r, metric=self._metric(state), class_token=class_token,
+            size_weighted=self.params.size_weighted,
+        )
+        if bool((r_used < r).any()):
+            record_warning(
+                f"tome: r={r} clamped to {sorted(set(r_used.tolist()))} (at most half the tokens can merge), as ToMe does"
+            )
+        return merged
+
+    def __call__(self, state: TokenState) -> TokenState:
+        rounds = self.params.r if isinstance(self.params.r, list) else [self.params.r]
+        for r in rounds:
+            state = self._step(state, r)
+        return state
+
+    def in_block(self, state: TokenState, layer: int, num_layers: int) -> TokenState:
+        r = parse_r(num_layers, self.params.r, self.params.inflection)
+        return self._step(state, r[layer] if layer < len(r) else 0)
+
+
+@hookimpl
+def arrcoc_register_plugins(register):
+    register(ToMe)
