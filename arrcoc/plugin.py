@@ -167,7 +167,7 @@ class Compressor(Stage):
     def in_block(self, state: TokenState, layer: int, num_layers: int) -> TokenState:
         """Run inside encoder block ``layer`` of ``num_layers`` (after attention).
 
-        The encoder puts the block's head-mean keys in ``per_token["keys"]``.
+        The encoder puts the block's head-mean keys in ``per_token["block_keys"]``.
         Defaults to ``self(state)`` in every block; a method with a per-layer
         schedule overrides it.
         """

@@ -103,7 +103,8 @@ class ToMe(Compressor):
     def _metric(self, state: TokenState) -> torch.Tensor:
         if self.params.metric == "tokens":
             return state.tokens
-        keys = state.per_token.get("keys")
+        # Inside an encoder block, the block's own keys; after the encoder, its exposed keys.
+        keys = state.per_token.get("block_keys", state.per_token.get("keys"))
         if keys is None:
             raise MissingInputError(
                 "tome: metric 'keys' needs per_token['keys'] (the timm_vit encoder provides them), "

@@ -41,7 +41,13 @@ class TimmViTParams(Params):
     layer: int = Field(-2, description="Block whose output is handed on; -2 like LLaVA, -1 the last.")
     norm: bool = Field(False, description="Apply the model's final norm (true + layer -1 == forward_features).")
     attention_layer: int | None = Field(
-        None, description="Block whose CLS attention / keys are exposed (default: `layer`)."
+        None,
+        description="Block whose CLS attention (per_token 'cls_attn') and keys ('keys') are exposed; default "
+        "`layer`. May be the block after `layer`: its attention over the handed-on tokens (PruMerge).",
+    )
+    extra_attention_layers: list[int] = Field(
+        default_factory=list,
+        description="More blocks whose CLS attention is exposed, as per_token 'cls_attn@<block index>'.",
     )
     in_blocks: nested_plugin("compressor") | None = Field(  # type: ignore[valid-type]
         None, description="Compressor run inside every block after attention, e.g. {use: tome, r: 8}."
@@ -107,8 +113,13 @@ class TimmViT(Encoder):
         self.num_layers = len(model.blocks)
         self.last = self._layer_index(p.layer, "layer")
         self.attn_layer = self.last if p.attention_layer is None else self._layer_index(p.attention_layer, "attention_layer")
-        if self.attn_layer > self.last:
-            raise ModelError(f"timm_vit: attention_layer {p.attention_layer} comes after layer {p.layer}; it would never run")
+        self.extra_attn_layers = sorted({self._layer_index(i, "extra_attention_layers") for i in p.extra_attention_layers})
+        for index in [self.attn_layer, *self.extra_attn_layers]:
+            if index > self.last + 1:
+                raise ModelError(
+                    f"timm_vit: attention of block {index} is asked for, but the encoder stops after block "
+                    f"{self.last} (layer={p.layer}); at most the next block ({self.last + 1}) can be read"
+                )
         self.in_blocks = p.in_blocks.build("compressor") if isinstance(p.in_blocks, PluginRef) else None
         self.provides = frozenset({"keys", "cls_attention", "cls"} if self.prefix == 1 else {"keys"})
         self.outputs: frozenset[str] = frozenset()
@@ -165,47 +176,69 @@ class TimmViT(Encoder):
         x = model._pos_embed(x)
         x = model.patch_drop(x)
         x = model.norm_pre(x)
-        B = x.shape[0]
         state: TokenState | None = None  # the patches' bookkeeping once a block compresses
         per_token: dict[str, torch.Tensor] = {}
         for i in range(self.last + 1):
             blk = model.blocks[i]
-            want_attn = i == self.attn_layer and "cls_attention" in self.outputs
+            attn_name = self._attention_name(i)
             want_keys = self.in_blocks is not None or (i == self.attn_layer and "keys" in self.outputs)
-            if not (want_attn or want_keys):
+            if attn_name is None and not want_keys:
                 x = blk(x)
                 continue
             _check_block(blk, self.params.model)
-            bias = None
-            if state is not None:
-                size = torch.cat([torch.ones(B, P, device=x.device), state.size], 1)
-                if self.params.proportional_attention:
-                    bias = size.log()  # padded slots have size 0 -> -inf: masked
-                else:
-                    bias = torch.zeros_like(size).masked_fill(size == 0, float("-inf"))
-                bias = bias.to(x.dtype)
-            attn_out, keys, cls_attn = _attention(blk.attn, blk.norm1(x), bias, P, want_attn)
+            attn_out, keys, cls_attn = _attention(blk.attn, blk.norm1(x), self._key_bias(x, state), P, attn_name is not None)
             x = x + blk.drop_path1(blk.ls1(attn_out))
-            if i == self.attn_layer:
-                per_token = {"keys": keys[:, P:]} if "keys" in self.outputs else {}
-                if cls_attn is not None:
-                    per_token["cls_attn"] = cls_attn
+            per_token.update(self._exposed(i, keys, cls_attn))
             if self.in_blocks is not None:
                 if state is None:
                     state = TokenState.from_patches(x[:, P:], self.grid, cls_token=x[:, 0] if P else None)
                 state = state.replace(tokens=x[:, P:], cls=x[:, 0] if P else None,
-                                      per_token={**per_token, "keys": keys[:, P:]})
+                                      per_token={**per_token, "block_keys": keys[:, P:]})
                 state = self.in_blocks.in_block(state, i, self.num_layers)
                 x = torch.cat([x[:, :P], state.tokens], 1)
-                kept = state.per_token
-                per_token = {k: kept[k] for k in per_token}
+                per_token = {k: state.per_token[k] for k in per_token}
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        nxt = self.last + 1
+        if nxt < self.num_layers and (self._attention_name(nxt) or (nxt == self.attn_layer and "keys" in self.outputs)):
+            # The next block's attention over the handed-on tokens (PruMerge reads layer 23 on hidden_states[-2]).
+            blk = model.blocks[nxt]
+            _check_block(blk, self.params.model)
+            _, keys, cls_attn = _attention(blk.attn, blk.norm1(x), self._key_bias(x, state), P, self._attention_name(nxt) is not None)
+            per_token.update(self._exposed(nxt, keys, cls_attn))
         if self.params.norm:
             x = model.norm(x)
         cls_token = x[:, 0] if P else None
         if state is None:
             return TokenState.from_patches(x[:, P:], self.grid, cls_token=cls_token, per_token=per_token)
         return state.replace(tokens=x[:, P:], cls=cls_token, per_token=per_token)
+
+    def _attention_name(self, block: int) -> str | None:
+        """per_token name of the CLS attention exposed at ``block``, if any."""
+        if "cls_attention" not in self.outputs:
+            return None
+        if block == self.attn_layer:
+            return "cls_attn"
+        return f"cls_attn@{block}" if block in self.extra_attn_layers else None
+
+    def _exposed(self, block: int, keys: torch.Tensor, cls_attn: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out = {}
+        name = self._attention_name(block)
+        if name is not None and cls_attn is not None:
+            out[name] = cls_attn
+        if block == self.attn_layer and "keys" in self.outputs:
+            out["keys"] = keys[:, self.prefix:]
+        return out
+
+    def _key_bias(self, x: torch.Tensor, state: TokenState | None) -> torch.Tensor | None:
+        """Additive attention bias over keys: log(size) (proportional attention), -inf on padding."""
+        if state is None:
+            return None
+        size = torch.cat([torch.ones(x.shape[0], self.prefix, device=x.device), state.size], 1)
+        if self.params.proportional_attention:
+            bias = size.log()  # padded slots have size 0 -> -inf: masked
+        else:
+            bias = torch.zeros_like(size).masked_fill(size == 0, float("-inf"))
+        return bias.to(x.dtype)
 
 
 def _check_block(blk: torch.nn.Module, model_name: str) -> None:
