@@ -121,7 +121,9 @@ class TimmViT(Encoder):
                     f"{self.last} (layer={p.layer}); at most the next block ({self.last + 1}) can be read"
                 )
         self.in_blocks = p.in_blocks.build("compressor") if isinstance(p.in_blocks, PluginRef) else None
-        self.provides = frozenset({"keys", "cls_attention", "cls"} if self.prefix == 1 else {"keys"})
+        self.provides = frozenset(
+            {"keys", "cls_attention", "cls", "attention_maps"} if self.prefix == 1 else {"keys", "attention_maps"}
+        )
         self.outputs: frozenset[str] = frozenset()
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         self.mean = torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32).view(1, 3, 1, 1)
@@ -142,6 +144,11 @@ class TimmViT(Encoder):
         return ""
 
     def configure(self, outputs: frozenset[str]) -> None:
+        if "attention_maps" in outputs and self.in_blocks is not None:
+            raise ModelError(
+                "timm_vit: attention_maps (every block's attention, e.g. for rollout) cannot be combined with "
+                "in_blocks compression: the token sets of the blocks differ"
+            )
         self.outputs = outputs & self.provides
 
     def to(self, device: torch.device | str) -> "TimmViT":
@@ -178,17 +185,23 @@ class TimmViT(Encoder):
         x = model.norm_pre(x)
         state: TokenState | None = None  # the patches' bookkeeping once a block compresses
         per_token: dict[str, torch.Tensor] = {}
+        want_maps = "attention_maps" in self.outputs
+        maps: list[torch.Tensor] = []
         for i in range(self.last + 1):
             blk = model.blocks[i]
             attn_name = self._attention_name(i)
             want_keys = self.in_blocks is not None or (i == self.attn_layer and "keys" in self.outputs)
-            if attn_name is None and not want_keys:
+            if attn_name is None and not want_keys and not want_maps:
                 x = blk(x)
                 continue
             _check_block(blk, self.params.model)
-            attn_out, keys, cls_attn = _attention(blk.attn, blk.norm1(x), self._key_bias(x, state), P, attn_name is not None)
+            attn_out, keys, weights = _attention(
+                blk.attn, blk.norm1(x), self._key_bias(x, state), attn_name is not None or want_maps
+            )
             x = x + blk.drop_path1(blk.ls1(attn_out))
-            per_token.update(self._exposed(i, keys, cls_attn))
+            if want_maps:
+                maps.append(weights.mean(1))
+            per_token.update(self._exposed(i, keys, weights))
             if self.in_blocks is not None:
                 if state is None:
                     state = TokenState.from_patches(x[:, P:], self.grid, cls_token=x[:, 0] if P else None)
@@ -203,14 +216,20 @@ class TimmViT(Encoder):
             # The next block's attention over the handed-on tokens (PruMerge reads layer 23 on hidden_states[-2]).
             blk = model.blocks[nxt]
             _check_block(blk, self.params.model)
-            _, keys, cls_attn = _attention(blk.attn, blk.norm1(x), self._key_bias(x, state), P, self._attention_name(nxt) is not None)
-            per_token.update(self._exposed(nxt, keys, cls_attn))
+            _, keys, weights = _attention(blk.attn, blk.norm1(x), self._key_bias(x, state), self._attention_name(nxt) is not None)
+            per_token.update(self._exposed(nxt, keys, weights))
         if self.params.norm:
             x = model.norm(x)
         cls_token = x[:, 0] if P else None
+        meta = {"num_heads": int(model.blocks[0].attn.num_heads)} if hasattr(model.blocks[0], "attn") else {}
+        if want_maps:
+            # Head-mean attention [B, N, N] of every block run, prefix tokens first (rollout: Abnar & Zuidema 2020).
+            meta.update(attention_maps=tuple(maps), num_prefix_tokens=P)
         if state is None:
-            return TokenState.from_patches(x[:, P:], self.grid, cls_token=cls_token, per_token=per_token)
-        return state.replace(tokens=x[:, P:], cls=cls_token, per_token=per_token)
+            out = TokenState.from_patches(x[:, P:], self.grid, cls_token=cls_token, per_token=per_token)
+        else:
+            out = state.replace(tokens=x[:, P:], cls=cls_token, per_token=per_token)
+        return out.with_meta(**meta)
 
     def _attention_name(self, block: int) -> str | None:
         """per_token name of the CLS attention exposed at ``block``, if any."""
@@ -220,11 +239,11 @@ class TimmViT(Encoder):
             return "cls_attn"
         return f"cls_attn@{block}" if block in self.extra_attn_layers else None
 
-    def _exposed(self, block: int, keys: torch.Tensor, cls_attn: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _exposed(self, block: int, keys: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
         out = {}
         name = self._attention_name(block)
-        if name is not None and cls_attn is not None:
-            out[name] = cls_attn
+        if name is not None and weights is not None:
+            out[name] = weights[:, :, 0, self.prefix:].mean(1)  # head-mean CLS row over the patches
         if block == self.attn_layer and "keys" in self.outputs:
             out["keys"] = keys[:, self.prefix:]
         return out
@@ -253,32 +272,31 @@ def _check_block(blk: torch.nn.Module, model_name: str) -> None:
 
 
 def _attention(
-    attn: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, prefix: int, want_cls_attn: bool
+    attn: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, want_weights: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """timm ``Attention.forward`` with an additive key bias ``[B, N]``, also
     returning the head-mean keys ``[B, N, head_dim]`` (ToMe's metric) and,
-    when asked, the head-mean CLS attention over the patches ``[B, N - prefix]``."""
+    when asked, the softmaxed attention weights ``[B, heads, N, N]``."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     mask = None if bias is None else bias[:, None, None, :]
-    cls_attn = None
-    if want_cls_attn:
+    weights = None
+    if want_weights:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if mask is not None:
             logits = logits + mask
         weights = logits.softmax(dim=-1)
         out = weights @ v
-        cls_attn = weights[:, :, 0, prefix:].mean(1)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out = out.transpose(1, 2).reshape(B, N, -1)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(1), cls_attn
+    return attn.proj_drop(attn.proj(out)), k.mean(1), weights
 
 
 @hookimpl
