@@ -40,8 +40,11 @@ def arrcoc_pipeline_paths() -> list[str] | None:
 
 
 @hookspec
-def arrcoc_stage_started(stage: str, plugin: object, state: "TokenState") -> None:
-    """Called before a pipeline stage runs (``stage`` like ``"compress[0]"``)."""
+def arrcoc_stage_started(stage: str, plugin: object, state: "TokenState | None") -> None:
+    """Called before a pipeline stage runs (``stage`` like ``"compress[0]"``).
+
+    ``state`` is the stage's input; ``None`` for the ``"encoder"`` stage, which has none.
+    """
 
 
 @hookspec

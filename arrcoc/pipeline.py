@@ -79,6 +79,7 @@ class Pipeline:
         pixels = load_images(images, getattr(self.encoder, "input_size", None)).to(self.device)
         B = pixels.shape[0]
 
+        hook.arrcoc_stage_started(stage="encoder", plugin=self.encoder, state=None)  # no state before the encoder
         start = self._clock()
         with collect_warnings() as notes:
             model_input = self.encoder.preprocess(pixels)

@@ -192,15 +192,20 @@ class Visualizer(Plugin):
 
 def format_validation_error(exc: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
     """One line per pydantic error: field, what was expected, what came."""
-    from .errors import did_you_mean
+    from .errors import ArrcocError, did_you_mean
 
     lines = [f"{where}: invalid parameters"]
     fields = list(model.model_fields) if model is not None else []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        cause = (err.get("ctx") or {}).get("error")
         if err["type"] == "extra_forbidden":
             hint = did_you_mean(str(err["loc"][-1]), fields)
             lines.append(f"  {loc}: unknown parameter{hint}; valid: {', '.join(fields) or '(none)'}")
+        elif isinstance(cause, ArrcocError):
+            # A nested plugin's own located message (e.g. `in_blocks: {use: tome, rr: 3}`): indent it.
+            lines.append(f"  {loc}: " + str(cause).replace("\n", "\n  "))
         else:
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+            msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+            lines.append(f"  {loc}: {msg} (got {err.get('input')!r})")
     return "\n".join(lines)

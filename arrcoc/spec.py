@@ -139,7 +139,9 @@ def parse_spec(data: Any, *, source: str = "<dict>", lines: dict[tuple, int] | N
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if p not in ("params",))
-        raise SpecError(f"{where(loc)}: {'.'.join(map(str, loc)) or 'pipeline'}: {err['msg']}") from None
+        label = "".join(f"[{p}]" if isinstance(p, int) else f"{'.' if i else ''}{p}" for i, p in enumerate(loc))
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        raise SpecError(f"{where(loc)}: {label or 'pipeline'}: {message}") from None
     spec._source = source
     validate_stages(spec, where)
     return spec

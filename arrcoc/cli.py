@@ -1,0 +1,209 @@
+"""The ``arrcoc`` command: run | list | show | validate | schema."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ArrcocError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _Group(click.Group):
+    """Turns every ArrcocError into one red line and exit code 2 (no traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ArrcocError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="arrcoc")
+def main() -> None:
+    """arrcoc: query-aware visual token reduction pipelines, declared in YAML."""
+
+
+# --------------------------------------------------------------------- run
+@main.command()
+@click.argument("pipeline")
+@click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for a batch).")
+@click.option("--query", default=None, help="Question / text query for query-guided stages.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--json", "as_json", is_flag=True, help="Print the trace as JSON.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a figure (needs the viz extra).")
+def run(pipeline: str, images: tuple[str, ...], query: str | None, device: str, as_json: bool, out: str | None) -> None:
+    """Run PIPELINE (a built-in name or a YAML file) and print its trace."""
+    from .pipeline import load_pipeline
+
+    with err_console.status(f"building pipeline {pipeline!r}", spinner="dots") if not as_json else _nullcontext():
+        pipe = load_pipeline(pipeline, device=device)
+    with err_console.status("running", spinner="dots") if not as_json else _nullcontext():
+        state = pipe(list(images), query=query)
+    if out is not None:
+        from arrcoc_plugins.visual.figure import render_figure
+
+        render_figure(state, out, title=f"{pipe.spec.name}" + (f": {query}" if query else ""))
+    if as_json:
+        payload = {
+            "pipeline": pipe.spec.name,
+            "images": list(images),
+            "query": query,
+            "device": str(pipe.device),
+            "tokens_shape": list(state.tokens.shape),
+            "trace": [r.as_dict() for r in state.trace],
+            "figure": out,
+        }
+        click.echo(json.dumps(payload, indent=2))
+        return
+    table = Table(title=f"{pipe.spec.name} on {pipe.device}", show_lines=False)
+    table.add_column("stage")
+    table.add_column("plugin", style="cyan")
+    table.add_column("tokens in", justify="right")
+    table.add_column("tokens out", justify="right", style="bold")
+    table.add_column("ms", justify="right")
+    for record in state.trace:
+        table.add_row(
+            record.stage, record.plugin, _counts(record.tokens_in), _counts(record.tokens_out), f"{record.ms:.1f}"
+        )
+    console.print(table)
+    first, last = state.trace[0], state.trace[-1]
+    console.print(
+        f"{_counts(first.tokens_in)} -> {_counts(last.tokens_out)} tokens per image "
+        f"(class token included), {sum(r.ms for r in state.trace):.1f} ms"
+    )
+    for record in state.trace:
+        for note in record.warnings:
+            console.print(f"[yellow]warning[/] {record.stage}: {note}")
+    if out is not None:
+        console.print(f"figure written to {out}")
+
+
+def _counts(counts: tuple[int, ...]) -> str:
+    return str(counts[0]) if len(set(counts)) == 1 else ",".join(map(str, counts))
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+# -------------------------------------------------------------------- list
+@main.command("list")
+@click.argument("kind", required=False)
+@click.option("--filter", "pattern", default=None, help="Wildcard on plugin names, e.g. '*zip*'.")
+def list_(kind: str | None, pattern: str | None) -> None:
+    """List plugins (optionally of one KIND) and pipelines."""
+    from .plugin import KINDS
+    from .registry import get_registry
+    from .spec import available_pipelines
+    from .errors import UnknownPluginError, did_you_mean
+
+    if kind is not None and kind not in KINDS:
+        raise UnknownPluginError(f"unknown plugin kind {kind!r}{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
+    registry = get_registry()
+    table = Table(title="plugins")
+    for column in ("kind", "name", "stage", "needs", "provided by", "summary"):
+        table.add_column(column)
+    for info in registry.list(kind, pattern):
+        table.add_row(info.kind, f"[cyan]{info.name}[/]", info.cls.stage, ", ".join(sorted(info.cls.needs)),
+                      info.provider, info.summary)
+    console.print(table)
+    if kind is None:
+        pipelines = Table(title="pipelines")
+        pipelines.add_column("name", style="cyan")
+        pipelines.add_column("file")
+        for name, path in sorted(available_pipelines().items()):
+            pipelines.add_row(name, str(path))
+        console.print(pipelines)
+    for name, error in sorted(registry.failures.items()):
+        console.print(f"[red]failed to load[/] {name}: {error}", highlight=False)
+
+
+# -------------------------------------------------------------------- show
+@main.command()
+@click.argument("name")
+@click.option("--kind", default=None, help="Plugin kind, when NAME exists for several kinds.")
+def show(name: str, kind: str | None) -> None:
+    """Show a plugin's parameters (defaults and docs), or a pipeline's YAML."""
+    from .errors import UnknownPluginError, did_you_mean
+    from .registry import get_registry
+    from .spec import available_pipelines
+
+    registry = get_registry()
+    matches = [info for info in registry.list(kind) if info.name == name]
+    if not matches:
+        pipelines = available_pipelines()
+        if name in pipelines:
+            console.print(f"[bold]{name}[/] ({pipelines[name]})")
+            console.print(pipelines[name].read_text(encoding="utf-8"), highlight=False, markup=False)
+            return
+        names = sorted({i.name for i in registry.list()} | set(pipelines))
+        raise UnknownPluginError(f"no plugin or pipeline named {name!r}{did_you_mean(name, names)}")
+    for info in matches:
+        doc = (info.cls.__doc__ or "").strip()
+        console.print(f"[bold cyan]{info.name}[/] ({info.kind}, stage {info.cls.stage}, from {info.provider})")
+        if doc:
+            console.print(doc, highlight=False, markup=False)
+        if info.cls.needs:
+            console.print(f"needs: {', '.join(sorted(info.cls.needs))}")
+        table = Table()
+        for column in ("param", "type", "default", "description"):
+            table.add_column(column)
+        for field_name, field in info.cls.Params.model_fields.items():
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            table.add_row(field_name, _type_name(field.annotation), default, field.description or "")
+        console.print(table)
+
+
+def _type_name(annotation: Any) -> str:
+    plain = isinstance(annotation, type) and not getattr(annotation, "__args__", None)
+    text = annotation.__name__ if plain else str(annotation)
+    return text.replace("typing.", "").replace("typing_extensions.", "").replace("NoneType", "None")
+
+
+# ---------------------------------------------------------------- validate
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def validate(files: tuple[str, ...]) -> None:
+    """Validate pipeline FILES (sections, plugin names, params) without running a model."""
+    from .spec import load_yaml
+
+    failed = 0
+    for file in files:
+        try:
+            spec = load_yaml(file)
+        except ArrcocError as exc:
+            failed += 1
+            err_console.print(f"[red]invalid[/] {exc}", highlight=False)
+            continue
+        stages = " -> ".join(stage.use for _, _, stage in spec.stages())
+        console.print(f"[green]ok[/] {file}: {spec.name} ({stages})", highlight=False)
+    if failed:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------ schema
+@main.command()
+def schema() -> None:
+    """Print the JSON schema of a pipeline file, with every plugin's parameters."""
+    from .spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
