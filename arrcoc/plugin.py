@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence, Union
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from typing_extensions import Annotated
 
 from .errors import ParamsError
@@ -23,8 +23,19 @@ from .state import TokenState
 
 KINDS = ("encoder", "query_encoder", "compressor", "scorer", "allocator", "pyramid", "visualizer")
 
+def _check_keep(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a ratio in (0, 1] (float) or a count >= 1 (int), got {value!r}")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ValueError(f"a ratio must lie in (0, 1] (use an int for a count), got {value!r}")
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"a count must be >= 1, got {value!r}")
+    return value
+
+
 #: One budget vocabulary for every method: a ratio in (0, 1] (float) or a count >= 1 (int).
-Keep = Union[Annotated[int, Field(strict=True, ge=1)], Annotated[float, Field(gt=0.0, le=1.0)]]
+#: In YAML ``keep: 1`` is one token and ``keep: 1.0`` all of them.
+Keep = Annotated[Union[int, float], BeforeValidator(_check_keep)]
 
 
 class Params(BaseModel):

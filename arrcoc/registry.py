@@ -84,6 +84,12 @@ class Registry:
         except PluginLoadError as exc:
             self._drop(plugin)
             self.failures[name] = str(exc)
+        except pluggy.PluginValidationError as exc:  # e.g. a misspelt hook name
+            self._drop(plugin)
+            known = [n for n in dir(hookspecs) if n.startswith("arrcoc_")]
+            unknown = [n for n in dir(plugin) if n.startswith("arrcoc_") and n not in known]
+            hint = did_you_mean(unknown[0], known) if unknown else ""
+            self.failures[name] = f"{type(exc).__name__}: {exc}{hint}"
         except Exception as exc:
             self._drop(plugin)
             self.failures[name] = f"{type(exc).__name__}: {exc}"
