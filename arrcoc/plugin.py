@@ -218,5 +218,6 @@ def format_validation_error(exc: ValidationError, where: str, model: type[BaseMo
             lines.append(f"  {loc}: " + str(cause).replace("\n", "\n  "))
         else:
             msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
-            lines.append(f"  {loc}: {msg} (got {err.get('input')!r})")
+            got = "" if "got" in msg else f" (got {err.get('input')!r})"  # validators of ours say what came
+            lines.append(f"  {loc}: {msg}{got}")
     return "\n".join(lines)
