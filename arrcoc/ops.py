@@ -92,9 +92,11 @@ def topk_per_row(
             f"topk_per_row: asked for {k_rows.tolist()} tokens, rows have {counts.tolist()}"
         )
     K = int(k_rows.max()) if B else 0
-    # Stable descending sort breaks ties by index; masked entries sort last.
-    masked = scores.float().masked_fill(~mask, float("-inf"))
-    index = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :K]
+    # Stable descending sort breaks ties by index; then a stable sort on the
+    # mask puts masked entries last even when real scores are -inf.
+    index = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+    last = torch.sort((~mask.gather(1, index)).to(torch.int8), dim=1, stable=True).indices
+    index = index.gather(1, last)[:, :K]
     valid = torch.arange(K, device=scores.device)[None, :] < k_rows[:, None]
     if order == "position":
         index = torch.sort(index.masked_fill(~valid, N), dim=1).values.masked_fill(~valid, 0)
@@ -152,6 +154,9 @@ def bipartite_match(
         raise BudgetError(f"bipartite_match: r must be >= 0, got {r_req.tolist()}")
     r_used = torch.minimum(r_req, torch.div(counts, 2, rounding_mode="floor"))
     R = int(r_used.max()) if B else 0
+    if R == 0:  # nothing to merge (also when a set is empty: a single token)
+        empty = torch.zeros(B, 0, dtype=torch.int64, device=device)
+        return Matching(empty, empty.clone(), empty.bool()), r_used
 
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a_idx = torch.arange(1 if class_token else 0, N, 2, device=device)

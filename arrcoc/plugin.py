@@ -15,7 +15,9 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence, Union
 
 import torch
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator,
+)
 from typing_extensions import Annotated
 
 from .errors import ParamsError
@@ -86,7 +88,9 @@ def nested_plugin(kind: str) -> Any:
         cls.validate_params(ref.params)
         return ref
 
-    return Annotated[PluginRef, AfterValidator(check)]
+    # The flat `{use: name, **params}` form; `arrcoc schema` replaces it by that kind's stage schemas.
+    schema = {"type": "object", "required": ["use"], "properties": {"use": {"type": "string"}}, "x-arrcoc-kind": kind}
+    return Annotated[PluginRef, AfterValidator(check), WithJsonSchema(schema)]
 
 
 class Plugin(ABC):

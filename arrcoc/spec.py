@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from .plugin import PluginRef
+from .plugin import KINDS, PluginRef
 from .errors import ParamsError, SpecError, UnknownPipelineError, UnknownPluginError, did_you_mean
 
 #: section -> (plugin kind, whether it holds a list of stages)
@@ -118,7 +118,8 @@ def parse_spec(data: Any, *, source: str = "<dict>", lines: dict[tuple, int] | N
     """Validate a mapping into a :class:`PipelineSpec` (sections, stages and params)."""
     where = _Locator(source, lines or {})
     if not isinstance(data, Mapping):
-        raise SpecError(f"{where(())}: a pipeline must be a mapping of sections, got {type(data).__name__}")
+        got = "nothing (empty)" if data is None else type(data).__name__
+        raise SpecError(f"{where(())}: a pipeline must be a mapping of sections, got {got}")
     valid_keys = ["name", "description", *SECTIONS]
     for key in data:
         if key not in valid_keys:
@@ -247,6 +248,17 @@ def resolve_spec(spec: "str | Path | Mapping[str, Any] | PipelineSpec") -> Pipel
     raise SpecError(f"expected a pipeline name, path, dict or PipelineSpec, got {type(spec).__name__}")
 
 
+def _link_nested(schema: Any) -> Any:
+    """Point nested plugin fields (marked ``x-arrcoc-kind`` by ``nested_plugin``) at ``#/$defs/<kind>_stage``."""
+    if isinstance(schema, dict):
+        if "x-arrcoc-kind" in schema:
+            return {"$ref": f"#/$defs/{schema['x-arrcoc-kind']}_stage"}
+        return {k: _link_nested(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_link_nested(v) for v in schema]
+    return schema
+
+
 def json_schema() -> dict[str, Any]:
     """JSON schema of a pipeline file, with every registered plugin's parameters."""
     from .registry import get_registry
@@ -257,7 +269,7 @@ def json_schema() -> dict[str, Any]:
     def stage_schema(kind: str) -> dict[str, Any]:
         options = []
         for info in registry.list(kind):
-            params = info.cls.Params.model_json_schema(ref_template="#/$defs/{model}")
+            params = _link_nested(info.cls.Params.model_json_schema(ref_template="#/$defs/{model}"))
             for name, sub in params.pop("$defs", {}).items():
                 defs[name] = sub
             params.setdefault("properties", {})
@@ -267,8 +279,13 @@ def json_schema() -> dict[str, Any]:
             if info.summary:
                 params["description"] = info.summary
             options.append(params)
-        return {"oneOf": options} if options else {"type": "object"}
+        if not options:
+            return {"type": "object"}
+        return {"oneOf": [{"enum": [o["properties"]["use"]["const"] for o in options]}, *options]}  # `- tome` too
 
+    # Plugins nested in another's params (`in_blocks: {use: tome, r: 8}`) refer to "#/$defs/<kind>_stage".
+    for kind in KINDS:
+        defs[f"{kind}_stage"] = stage_schema(kind)
     props: dict[str, Any] = {"name": {"type": "string"}, "description": {"type": "string"}}
     for section, (kind, many) in SECTIONS.items():
         one = stage_schema(kind)

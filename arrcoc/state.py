@@ -159,7 +159,7 @@ class TokenState:
         if ((o < -1) | (o >= self.N)).any():
             raise StateError(f"TokenState.origin: values must lie in [-1, {self.N}), got [{int(o.min())}, {int(o.max())}]")
         hits = o.clamp(min=0)
-        if not self.mask.gather(1, hits)[o >= 0].all():
+        if self.N > 0 and not self.mask.gather(1, hits)[o >= 0].all():  # N == 0: every origin is -1 (checked above)
             raise StateError("TokenState.origin: a patch points at a padded token slot")
         return self
 

@@ -16,10 +16,16 @@ Faithful to facebookresearch/ToMe:
   list (one ``r`` per layer, padded with 0), or ``r`` with an ``inflection``
   (``-1`` = the paper's decreasing schedule).
 
-Difference, on purpose: the official merge returns ``[unmerged A, all B]``;
-:func:`arrcoc.ops.merge` keeps survivors in their original order, which is
-the same set of tokens with the same values (a permutation, which attention
-without position embeddings does not see).
+Token order: the official merge returns ``[unmerged A, all B]`` (with a
+class token the unmerged A tokens in index order, without one in decreasing
+order of their best edge).  The next matching splits A/B by alternating over
+*that* order, so the order changes which tokens merge in later layers: the
+default ``order: official`` reproduces it (a permutation through
+:func:`arrcoc.ops.keep` after :func:`arrcoc.ops.merge`), so that a ViT with
+ToMe in every block gives the official numbers.  ``order: spatial`` keeps the
+survivors in their original order instead (:func:`arrcoc.ops.merge`'s own
+order) — the same tokens after one step, a different matching afterwards.
+``positions`` and ``origin`` locate every token in either order.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from pydantic import Field, model_validator
 
 from arrcoc import ops
-from arrcoc.errors import MissingInputError, record_warning
+from arrcoc.errors import BudgetError, MissingInputError, ParamsError, record_warning
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Params
 from arrcoc.state import TokenState
@@ -53,14 +59,54 @@ def tome_merge(
     metric: torch.Tensor,
     class_token: bool,
     size_weighted: bool = True,
+    order: str = "official",
 ) -> tuple[TokenState, torch.Tensor]:
     """One ToMe step: bipartite soft matching on ``metric``, then (size-weighted) merging.
 
-    Returns the merged state and the ``r`` actually used per image.
+    ``order="official"`` lays the survivors out as ``tome.merge``'s
+    ``cat([unm, dst])``: unmerged A tokens (index order with a class token,
+    edge order without), then every B token; ``"spatial"`` keeps the original
+    order.  An image with nothing to merge keeps its order (official
+    ``do_nothing``).  Returns the merged state and the ``r`` used per image.
     """
-    matching, r_used = ops.bipartite_match(metric, r, state.mask, class_token=class_token)
+    if order not in ("official", "spatial"):
+        raise ParamsError(f"tome_merge: order must be 'official' or 'spatial', got {order!r}")
+    B, N = state.mask.shape
+    r_req = torch.as_tensor(r, device=state.device, dtype=torch.int64).expand(B)
+    if bool((r_req < 0).any()):
+        raise BudgetError(f"tome_merge: r must be >= 0, got {r_req.tolist()}")
+    r_used = torch.minimum(r_req, state.counts // 2)
+    R = int(r_used.max()) if B else 0
+    if R == 0:
+        return state, r_used
+    # Rank every A token by its best edge (official ``edge_idx``); bipartite_match
+    # clamps to n // 2, which leaves out at most one A token: the last-ranked one.
+    ranked, _ = ops.bipartite_match(metric, N, state.mask, class_token=class_token)
+    merges = ranked.valid & (torch.arange(ranked.src.shape[1], device=state.device)[None, :] < r_used[:, None])
+    src, dst, valid = ranked.src[:, :R], ranked.dst[:, :R], merges[:, :R]
     weights = None if size_weighted else torch.ones_like(state.size)
-    return ops.merge(state, matching.src, matching.dst, matching.valid, weights=weights), r_used
+    merged = ops.merge(state, src, dst, valid, weights=weights)
+    if order == "spatial":
+        return merged, r_used
+
+    # Sort key of each token before merging: unmerged A first, then B (index order).
+    index = torch.arange(N, device=state.device).expand(B, N)
+    is_a = (index % 2) == (1 if class_token else 0)
+    key = torch.where(is_a, index, index + N)
+    if not class_token:  # unmerged A tokens in edge order; an unranked one (odd count) last among A
+        rank = torch.full((B, N + 1), N - 1, dtype=torch.int64, device=state.device)
+        sink = torch.where(ranked.valid, ranked.src, torch.full_like(ranked.src, N))
+        rank.scatter_(1, sink, torch.arange(sink.shape[1], device=state.device).expand_as(sink).contiguous())
+        key = torch.where(is_a, rank[:, :N], key)
+    key = torch.where(r_used[:, None] > 0, key, index)  # nothing merged: order unchanged
+    # The survivors sit in merged's rows in original order; sort them by key.
+    is_src = torch.zeros(B, N + 1, dtype=torch.bool, device=state.device)
+    is_src.scatter_(1, torch.where(valid, src, torch.full_like(src, N)), True)
+    survivors = state.mask & ~is_src[:, :N]
+    packed = torch.sort((~survivors).to(torch.int8), dim=1, stable=True).indices[:, : merged.N]
+    keys = key.gather(1, packed).masked_fill(~merged.mask, 3 * N)
+    perm = torch.sort(keys, dim=1, stable=True).indices
+    return ops.keep(merged, perm, merged.mask), r_used
 
 
 class ToMeParams(Params):
@@ -79,6 +125,11 @@ class ToMeParams(Params):
     size_weighted: bool = Field(True, description="merge_wavg (official); false = plain mean of the merged tokens.")
     class_token: bool | None = Field(
         None, description="Match with the official class-token layout; default: whether the state has a class token."
+    )
+    order: Literal["official", "spatial"] = Field(
+        "official",
+        description="Token order after a merge: 'official' = tome.merge's [unmerged A, all B] (later matchings "
+        "depend on it); 'spatial' = survivors in their original order.",
     )
 
     @model_validator(mode="after")
@@ -120,7 +171,7 @@ class ToMe(Compressor):
             class_token = state.cls is not None
         merged, r_used = tome_merge(
             state, r, metric=self._metric(state), class_token=class_token,
-            size_weighted=self.params.size_weighted,
+            size_weighted=self.params.size_weighted, order=self.params.order,
         )
         if bool((r_used < r).any()):
             record_warning(

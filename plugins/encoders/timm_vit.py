@@ -7,7 +7,8 @@ It runs the model's own modules in its own loop over ``blocks`` so that it can
   (``layer: -1, norm: true`` equals timm's ``forward_features``);
 * expose the head-mean CLS attention (``per_token["cls_attn"]``) and the
   head-mean keys (``per_token["keys"]``) of a layer, computed only when a
-  later stage needs them;
+  later stage needs them (``cls_attention_heads: single``: one head over the
+  full width and the concatenated keys instead, as PruMerge computes them);
 * run a compressor inside every block, between attention and MLP, with
   proportional attention ``+ log(size)`` (ToMe's ``tome.patch.timm``).
 
@@ -48,6 +49,13 @@ class TimmViTParams(Params):
     extra_attention_layers: list[int] = Field(
         default_factory=list,
         description="More blocks whose CLS attention is exposed, as per_token 'cls_attn@<block index>'.",
+    )
+    cls_attention_heads: Literal["mean", "single"] = Field(
+        "mean",
+        description="How the exposed CLS attention and keys treat heads: 'mean' = head-mean of the per-head "
+        "softmax(q k^T / sqrt(head_dim)) and head-mean keys; 'single' = one head over the full width, "
+        "softmax(q k^T / sqrt(C)) from the concatenated q and k, and the concatenated keys (PruMerge's "
+        "attention from the q_proj / k_proj outputs).",
     )
     in_blocks: nested_plugin("compressor") | None = Field(  # type: ignore[valid-type]
         None, description="Compressor run inside every block after attention, e.g. {use: tome, r: 8}."
@@ -195,13 +203,12 @@ class TimmViT(Encoder):
                 x = blk(x)
                 continue
             _check_block(blk, self.params.model)
-            attn_out, keys, weights = _attention(
-                blk.attn, blk.norm1(x), self._key_bias(x, state), attn_name is not None or want_maps
-            )
+            bias, h = self._key_bias(x, state), blk.norm1(x)  # h: the attention's input
+            attn_out, keys, weights = _attention(blk.attn, h, bias, self._want_weights(attn_name) or want_maps)
             x = x + blk.drop_path1(blk.ls1(attn_out))
             if want_maps:
                 maps.append(weights.mean(1))
-            per_token.update(self._exposed(i, keys, weights))
+            per_token.update(self._exposed(i, keys, weights, blk.attn, h, bias))
             if self.in_blocks is not None:
                 if state is None:
                     state = TokenState.from_patches(x[:, P:], self.grid, cls_token=x[:, 0] if P else None)
@@ -216,8 +223,9 @@ class TimmViT(Encoder):
             # The next block's attention over the handed-on tokens (PruMerge reads layer 23 on hidden_states[-2]).
             blk = model.blocks[nxt]
             _check_block(blk, self.params.model)
-            _, keys, weights = _attention(blk.attn, blk.norm1(x), self._key_bias(x, state), self._attention_name(nxt) is not None)
-            per_token.update(self._exposed(nxt, keys, weights))
+            bias, h = self._key_bias(x, state), blk.norm1(x)
+            _, keys, weights = _attention(blk.attn, h, bias, self._want_weights(self._attention_name(nxt)))
+            per_token.update(self._exposed(nxt, keys, weights, blk.attn, h, bias))
         if self.params.norm:
             x = model.norm(x)
         cls_token = x[:, 0] if P else None
@@ -239,13 +247,34 @@ class TimmViT(Encoder):
             return "cls_attn"
         return f"cls_attn@{block}" if block in self.extra_attn_layers else None
 
-    def _exposed(self, block: int, keys: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _want_weights(self, attn_name: str | None) -> bool:
+        """Whether the per-head attention weights are needed for the exposed CLS attention."""
+        return attn_name is not None and self.params.cls_attention_heads == "mean"
+
+    def _exposed(
+        self, block: int, keys: torch.Tensor, weights: torch.Tensor | None,
+        attn: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
         out = {}
         name = self._attention_name(block)
-        if name is not None and weights is not None:
-            out[name] = weights[:, :, 0, self.prefix:].mean(1)  # head-mean CLS row over the patches
-        if block == self.attn_layer and "keys" in self.outputs:
-            out["keys"] = keys[:, self.prefix:]
+        want_keys = block == self.attn_layer and "keys" in self.outputs
+        if self.params.cls_attention_heads == "single" and (name is not None or want_keys):
+            q_full, k_full = _full_width_qk(attn, x)
+            if name is not None:
+                # One head over the full width C (PruMerge: softmax(q k^T * C ** -0.5)), CLS row only.
+                logits = (q_full[:, :1] * q_full.shape[-1] ** -0.5) @ k_full.transpose(-2, -1)
+                if bias is not None:
+                    logits = logits + bias[:, None, :]
+                out[name] = logits.softmax(dim=-1)[:, 0, self.prefix:]
+            if want_keys:
+                out["keys"] = k_full[:, self.prefix:]
+        else:
+            if name is not None and weights is not None:
+                out[name] = weights[:, :, 0, self.prefix:].mean(1)  # head-mean CLS row over the patches
+            if want_keys:
+                out["keys"] = keys[:, self.prefix:]
+        if name == "cls_attn" and name in out and block in self.extra_attn_layers:
+            out[f"cls_attn@{block}"] = out[name]  # also asked for by block index (e.g. layer 0 of a 2-block model)
         return out
 
     def _key_bias(self, x: torch.Tensor, state: TokenState | None) -> torch.Tensor | None:
@@ -269,6 +298,14 @@ def _check_block(blk: torch.nn.Module, model_name: str) -> None:
             f"timm_vit: {model_name!r} uses {type(blk).__name__} blocks; in-block compression and "
             "attention outputs need timm's standard pre-norm Block with Attention"
         )
+
+
+def _full_width_qk(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k ``[B, N, C]`` with the heads concatenated (the q_proj / k_proj outputs of a CLIP layer)."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return q.transpose(1, 2).reshape(B, N, -1), k.transpose(1, 2).reshape(B, N, -1)
 
 
 def _attention(

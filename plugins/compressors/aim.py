@@ -1,0 +1,315 @@
+"""AIM (Zhong et al., ICCV 2025, "AIM: Adaptive Inference of Multi-Modal LLMs via
+Token Merging and Pruning", arXiv 2412.03248).
+
+Official: dragonlzm/AIM.
+
+* Before the LLM (paper Sec. 3.2; ``llava/model/token_merge.py``
+  ``bipartite_soft_matching_merge`` called from ``llava/model/llava_arch.py``):
+  ToMe's bipartite soft matching applied iteratively to the visual
+  features themselves — metric = the features, ``scatter_reduce(mode="mean")``
+  (a plain mean, no size weighting), no class token — with ``r = n // 2``
+  then ``r = n // 4`` (50% then 25% of the tokens kept).  The plugin
+  ``aim_merge`` takes the rounds as a list of ``keep`` budgets, each relative
+  to the tokens present at that round (``[0.5, 0.5]`` = the official 50% then
+  25%), and reuses :func:`arrcoc.ops.bipartite_match` and
+  :func:`arrcoc.ops.merge` (``weights = 1`` for the official mean).
+* In the LLM (paper Sec. 3.3; Qwen2 ``modeling_qwen2.py``: ``get_importance``
+  and the ``retain_rate`` schedule of ``Qwen2Model.forward``):
+  :func:`aim_importance` (PageRank over a layer's attention logits) and
+  :func:`aim_retention_schedule`, plus :func:`aim_prune_keep` (which tokens
+  stay at a layer, text protected); the seed's layer-adaptive weighting
+  :func:`aim_layer_adaptive_importance` is an option.
+
+Token order: the official merge returns ``cat([unmerged A in similarity
+order, all B])``; ``order: official`` (default) reproduces that order, which
+also decides the A/B split of the next round; ``order: spatial`` keeps the
+survivors in their original order.
+
+The seed's pair merge ``(s * t_i + (1 - s) * t_j) / 2`` halves the merged
+vector's norm (a weighted *average* divided by 2 again); it is offered as
+``weighting: seed`` (:func:`seed_pair_merge`) but the default is the
+official plain mean.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from arrcoc import ops
+from arrcoc.errors import BudgetError, MissingInputError, StateError, record_warning
+from arrcoc.hookspecs import hookimpl
+from arrcoc.plugin import Compressor, Keep, Params
+from arrcoc.state import TokenState
+
+
+# ----------------------------------------------------------- before the LLM
+def aim_matching(metric: torch.Tensor, r: torch.Tensor, mask: torch.Tensor
+                 ) -> tuple[ops.Matching, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe bipartite matching (no class token) plus the official output order.
+
+    Calls :func:`arrcoc.ops.bipartite_match` with the largest ``r`` so that
+    its edge list is the whole A set sorted by decreasing similarity
+    (``node_max.argsort(descending=True)``); the first ``r`` edges merge, the
+    rest are the unmerged A tokens in that order.
+
+    Returns ``(matching of the r merges, r_used [B], order [B, n - r] token
+    indices in the official output order [unmerged A, all B], order_valid)``.
+    """
+    B, N, _ = metric.shape
+    counts = mask.sum(1)
+    full, _ = ops.bipartite_match(metric, torch.div(counts, 2, rounding_mode="floor"), mask)
+    r_used = torch.minimum(r, torch.div(counts, 2, rounding_mode="floor"))
+    R = int(r_used.max()) if B else 0
+    slots = torch.arange(full.src.shape[1], device=metric.device)[None, :]
+    merges = ops.Matching(full.src[:, :R], full.dst[:, :R], slots[:, :R] < r_used[:, None])
+    # Unmerged A tokens: the rest of the edge list, then (odd n) the one A token
+    # bipartite_match leaves out when it caps r at n // 2 — it has the lowest similarity.
+    listed = full.valid & (slots >= r_used[:, None])
+    a_all = torch.arange(0, N, 2, device=metric.device)
+    in_list = torch.zeros(B, N + 1, dtype=torch.bool, device=metric.device)
+    in_list.scatter_(1, torch.where(full.valid, full.src, torch.full_like(full.src, N)), True)
+    left_out = (~in_list[:, a_all]) & (a_all[None, :] < counts[:, None])  # [B, |A|]: at most one per row
+    b_all = torch.arange(1, N, 2, device=metric.device)
+    b_real = b_all[None, :] < counts[:, None]
+    cand = torch.cat([full.src, a_all.expand(B, -1), b_all.expand(B, -1)], 1)
+    cand_valid = torch.cat([listed, left_out, b_real], 1)
+    order_idx = torch.sort((~cand_valid).to(torch.int8), dim=1, stable=True).indices
+    K = int((counts - r_used).max()) if B else 0
+    order = cand.gather(1, order_idx)[:, :K]
+    order_valid = cand_valid.gather(1, order_idx)[:, :K]
+    return merges, r_used, order.masked_fill(~order_valid, 0), order_valid
+
+
+def seed_pair_merge(t_i: torch.Tensor, t_j: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+    """The project seed's pair merge ``(s * t_i + (1 - s) * t_j) / 2``.
+
+    A convex combination divided by 2 again: for ``t_i = t_j = t`` it returns
+    ``t / 2`` — the norm is halved.  Offered for comparison only.
+    """
+    return (s * t_i + (1 - s) * t_j) / 2
+
+
+def aim_merge_round(
+    state: TokenState, keep: float | int, *, metric: torch.Tensor | None = None,
+    weighting: str = "mean", order: str = "official",
+) -> TokenState:
+    """One AIM merge round: ``r = n - resolve_keep(keep)`` merges per image.
+
+    ``r`` is capped at ``n // 2`` (bipartite matching merges at most half the
+    tokens, as the official ``min(r, t // 2)``); a cap is recorded as a
+    warning.  ``weighting``: ``mean`` (official ``scatter_reduce(mode="mean")``),
+    ``size`` (ToMe's size-weighted average) or ``seed`` (see
+    :func:`seed_pair_merge`; several sources into one destination get weights
+    ``s_i`` and ``1 - mean(s)`` before the halving, ``s`` = cosine clamped to [0, 1]).
+    """
+    counts = state.counts
+    k = ops.resolve_keep(keep, counts, where="aim_merge: keep")
+    r = counts - k
+    metric = state.tokens if metric is None else metric
+    merges, r_used, out_order, out_valid = aim_matching(metric, r, state.mask)
+    if bool((r_used < r).any()):
+        record_warning(
+            f"aim_merge: keep={keep} needs {sorted(set(r.tolist()))} merges but bipartite matching merges at most "
+            f"half the tokens; used {sorted(set(r_used.tolist()))}"
+        )
+    src, dst, valid = merges
+    B, N = state.mask.shape
+    extra: dict[str, torch.Tensor] = {}
+    if weighting == "mean":
+        weights = torch.ones_like(state.size)
+    elif weighting == "size":
+        weights = None
+    elif weighting == "seed":
+        weights, extra[_SCALE] = _seed_weights(state, metric, src, dst, valid)
+    else:
+        raise StateError(f"aim_merge: weighting must be 'mean', 'size' or 'seed', got {weighting!r}")
+    if order == "official":
+        # Each token's rank in the official output [unmerged A, all B]; it rides along the merge
+        # (integer per_token fields keep the destination's value) and orders the survivors after it.
+        sink = torch.where(out_valid, out_order, torch.full_like(out_order, N))
+        rank = torch.full((B, N + 1), N, dtype=torch.int64, device=state.device)
+        rank.scatter_(1, sink, torch.arange(out_order.shape[1], device=state.device).expand_as(out_order).contiguous())
+        extra[_RANK] = rank[:, :N]
+    elif order != "spatial":
+        raise StateError(f"aim_merge: order must be 'official' or 'spatial', got {order!r}")
+    if extra:
+        state = state.with_per_token(**extra)
+    merged = ops.merge(state, src.masked_fill(~valid, 0), dst.masked_fill(~valid, 0), valid, weights=weights,
+                       reduce={_SCALE: "dst"} if _SCALE in extra else None)
+    if _SCALE in extra:  # the seed's "/ 2" on every destination that received a source
+        scale = merged.per_token[_SCALE]
+        merged = merged.replace(tokens=(merged.tokens.float() * scale[:, :, None]).to(merged.dtype))
+    if _RANK in extra:
+        rank = merged.per_token[_RANK].masked_fill(~merged.mask, N)
+        perm = torch.sort(rank, dim=1, stable=True).indices
+        merged = ops.keep(merged, perm, merged.mask.clone())
+    if extra:
+        merged = merged.replace(per_token={k: v for k, v in merged.per_token.items() if k not in extra})
+    return merged
+
+
+_SCALE, _RANK = "_aim_scale", "_aim_rank"
+
+
+def _seed_weights(state: TokenState, metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and post-merge scale of the seed's pair merge ``(s t_i + (1 - s) t_j) / 2``.
+
+    Source ``i`` weighs ``s_i`` (cosine with its destination, clamped to
+    [0, 1]); a destination weighs ``1 - mean(s)`` of its sources (exactly the
+    seed's formula for one source) and is scaled by 1/2 after the merge.
+    """
+    B, N = state.mask.shape
+    m = ops.cosine(metric.float(), metric.float())  # [B, N, N]
+    s = m.gather(1, src.masked_fill(~valid, 0)[:, :, None].expand(-1, -1, N))
+    s = s.gather(2, dst.masked_fill(~valid, 0)[:, :, None]).squeeze(2).clamp(0, 1).masked_fill(~valid, 0)
+    src_sink = torch.where(valid, src, torch.full_like(src, N))
+    dst_sink = torch.where(valid, dst, torch.full_like(dst, N))
+    total = torch.zeros(B, N + 1, device=state.device).scatter_add(1, dst_sink, s)[:, :N]
+    hits = torch.zeros(B, N + 1, device=state.device).scatter_add(1, dst_sink, valid.float())[:, :N]
+    weights = torch.ones(B, N + 1, device=state.device).scatter(1, src_sink, s)[:, :N]
+    is_dst = hits > 0
+    weights = torch.where(is_dst, 1 - total / hits.clamp_min(1), weights).clamp_min(1e-6)
+    scale = torch.where(is_dst, 0.5, 1.0).to(torch.float32)
+    return weights, scale
+
+
+# -------------------------------------------------------------- in the LLM
+def aim_importance(logits: torch.Tensor, mask: torch.Tensor | None = None, *, tau: float = 0.1,
+                   iters: int = 5, damping: float = 0.0) -> torch.Tensor:
+    """PageRank importance of every token of a layer (official ``get_importance``).
+
+    ``M = softmax(logits / tau)`` over keys (``logits`` ``[B, heads, N, N]``:
+    pre-softmax attention scores with the causal mask already added);
+    ``dist = 1 / n``; ``iters`` times ``dist = (dist @ M) * (1 - d) + d / n``;
+    heads combined by root-mean-square ``sqrt(mean_h dist^2)``.  ``mask``
+    ``[B, N]`` marks real tokens of a ragged batch: padded keys are excluded
+    and ``n`` is the real count, so a padded row equals its own run.
+    Returns ``[B, N]`` fp32 (0 on padding).
+    """
+    if logits.ndim != 4 or logits.shape[-1] != logits.shape[-2]:
+        raise StateError(f"aim_importance: expected logits [B, heads, N, N], got {list(logits.shape)}")
+    B, H, N, _ = logits.shape
+    x = logits.float() / tau
+    if mask is None:
+        mask = torch.ones(B, N, dtype=torch.bool, device=logits.device)
+    x = x.masked_fill(~mask[:, None, None, :], float("-inf"))
+    M = x.softmax(-1).nan_to_num(0.0)  # rows of padded queries are all -inf -> zeros
+    n = mask.sum(1).clamp_min(1).float()[:, None, None, None]
+    dist = mask[:, None, None, :].float().expand(B, H, 1, N) / n
+    for _ in range(iters):
+        dist = (dist @ M) * (1 - damping) + (damping / n) * mask[:, None, None, :]
+    return dist.pow(2).mean(1).sqrt().view(B, N).masked_fill(~mask, 0.0)
+
+
+def aim_retention_schedule(num_layers: int = 28, start_layer: int = 14, step: float = 0.125) -> list[float]:
+    """Share of the visual tokens kept after each layer (official ``retain_rate``).
+
+    ``1.0`` before ``start_layer``, then ``max(0, 1 - (l - start_layer + 1) * step)``:
+    for 28 layers, 1.0 up to layer 13, 0.875 at 14, ..., 0 from layer 21.
+    """
+    if num_layers < 1 or not 0 <= start_layer or step < 0:
+        raise StateError(
+            f"aim_retention_schedule: expected num_layers >= 1, start_layer >= 0, step >= 0, got "
+            f"{num_layers}, {start_layer}, {step}"
+        )
+    return [1.0 if l < start_layer else max(0.0, 1.0 - (l - start_layer + 1) * step) for l in range(num_layers)]
+
+
+def aim_prune_keep(importance: torch.Tensor, visual: torch.Tensor, alive: torch.Tensor, protected: torch.Tensor,
+                   rate: float, n_visual: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens alive after a pruning layer (official ``Qwen2Model.forward``), ``[B, L]`` bool.
+
+    Protected (system prompt + question) tokens always stay; of the alive
+    visual tokens the top ``int(n_visual * rate)`` by ``importance`` stay,
+    ``n_visual`` being the *original* visual count (default: ``visual.sum``),
+    as the official ``keep_num = (L - protected) * rate``.
+    """
+    n_vis = visual.sum(1) if n_visual is None else n_visual
+    k = torch.floor(n_vis.double() * rate + 1e-9).to(torch.int64)
+    cand = visual & alive & ~protected
+    k = torch.minimum(k, cand.sum(1))
+    index, valid = ops.topk_per_row(importance.float(), k, cand, order="position")
+    B, L = alive.shape
+    sink = torch.where(valid, index, torch.full_like(index, L))
+    kept = torch.zeros(B, L + 1, dtype=torch.bool, device=alive.device).scatter(1, sink, True)[:, :L]
+    return (protected & alive) | kept | (alive & ~visual & ~protected)
+
+
+def aim_layer_adaptive_importance(text_importance: torch.Tensor, visual_importance: torch.Tensor,
+                                  layer: int, num_layers: int) -> torch.Tensor:
+    """The seed's variant: ``alpha * text + (1 - alpha) * visual`` with ``alpha = layer / num_layers``.
+
+    ``text_importance`` would be e.g. the attention the question tokens give
+    each visual token, ``visual_importance`` :func:`aim_importance`; both
+    ``[B, N]``.  Not in the official code.
+    """
+    if not 0 <= layer <= num_layers or num_layers < 1:
+        raise StateError(f"aim_layer_adaptive_importance: need 0 <= layer <= num_layers, got {layer}, {num_layers}")
+    alpha = layer / num_layers
+    return alpha * text_importance.float() + (1 - alpha) * visual_importance.float()
+
+
+# ------------------------------------------------------------------- plugin
+class AIMMergeParams(Params):
+    keep: list[Keep] = Field(
+        default_factory=lambda: [0.5, 0.5],
+        description="Merge rounds, each a budget relative to the tokens present at that round "
+        "([0.5, 0.5] = official 50% then 25%); a single budget is one round.",
+    )
+    weighting: Literal["mean", "size", "seed"] = Field(
+        "mean", description="mean: official plain mean; size: size-weighted (ToMe merge_wavg); "
+        "seed: (s t_i + (1 - s) t_j) / 2, which halves the norm.",
+    )
+    metric: Literal["tokens", "keys"] = Field("tokens", description="Match on the features (official) or the keys.")
+    order: Literal["official", "spatial"] = Field(
+        "official", description="Output order: official [unmerged A by similarity, all B]; spatial: original order."
+    )
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _listify(cls, value):
+        return value if isinstance(value, list) else [value]
+
+    @field_validator("keep")
+    @classmethod
+    def _non_empty(cls, value):
+        if not value:
+            raise ValueError("give at least one round, e.g. [0.5, 0.5]")
+        return value
+
+
+class AIMMerge(Compressor):
+    """AIM before the LLM: iterative bipartite merging of the features (Zhong et al. 2025)."""
+
+    name = "aim_merge"
+    Params = AIMMergeParams
+
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"keys"}) if self.params.metric == "keys" else frozenset()
+
+    def __call__(self, state: TokenState) -> TokenState:
+        p = self.params
+        for keep in p.keep:
+            metric = None
+            if p.metric == "keys":
+                metric = state.per_token.get("keys")
+                if metric is None:
+                    raise MissingInputError(
+                        "aim_merge: metric 'keys' needs per_token['keys'] (the timm_vit encoder provides them at "
+                        "its `attention_layer`), or set `metric: tokens` (official)"
+                    )
+            if isinstance(keep, int) and bool((state.counts < keep).any()):
+                raise BudgetError(
+                    f"aim_merge: keep={keep} tokens, but an image has only {int(state.counts.min())} at this round"
+                )
+            state = aim_merge_round(state, keep, metric=metric, weighting=p.weighting, order=p.order)
+        return state
+
+
+@hookimpl
+def arrcoc_register_plugins(register):
+    register(AIMMerge)

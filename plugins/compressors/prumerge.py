@@ -1,0 +1,318 @@
+"""LLaVA-PruMerge and PruMerge+ (Shang et al., 2024, "LLaVA-PruMerge: Adaptive
+Token Reduction for Efficient Large Multimodal Models").
+
+Faithful to 42Shawn/LLaVA-PruMerge, ``llava/model/multimodal_encoder/clip_encoder.py``:
+
+* attention (``token_prune_merge_advanced``): the q / k projections of the
+  **last** CLIP layer on its input ``layer_norm1(hidden_states[-2])``, one head
+  over the full width, ``softmax(q k^T * C ** -0.5)``, ``cls_attn = attn[:, 0,
+  1:]``; the features are ``hidden_states[-2][:, 1:]``. In arrcoc: the
+  ``timm_vit`` encoder with ``layer: -2, attention_layer: -1,
+  cls_attention_heads: single`` exposes exactly this ``cls_attn`` and the
+  full-width ``keys`` (the ``k_proj`` output);
+* adaptive selection (``outlier_dectection``, paper Sec. 3.1 "Adaptive
+  Important Token Selection via Outlier Detection"): ``ratio`` = fraction of
+  ``cls_attn`` above ``Q3 + 1.5 * IQR`` (numpy's linear percentiles), then
+  ``topk(cls_attn, int(N * ratio))``, sorted by decreasing attention;
+* merging (paper Sec. 3.1 "Token Supplement via Similar Key Clustering"):
+  each kept token ``i`` becomes ``x_i + sum_j a_j x_j`` over its 32 nearest
+  tokens ``j`` by key cosine among **all other** tokens (kept and pruned),
+  ``a_j`` their (unnormalised) ``cls_attn``, computed from the original
+  features; one extra token ``sum_{j pruned} a_j x_j``; output = kept tokens in
+  descending attention, then the extra token;
+* PruMerge+ (``token_prune_merge_advanced_plus``, adaptive branch; paper
+  Sec. 3.2): ``step = int(1 / ratio)``, the spatially uniform indices
+  ``arange(0, N - 1, int(step / 3))`` not already kept are appended (in
+  increasing order) after the outliers, before the merge, and merge like kept
+  tokens.
+
+How it goes through :mod:`arrcoc.ops`: :func:`prumerge_values` computes the
+method's output values (a pure tensor function, checked against a loop over
+the official formula in the tests). Provenance moves with
+:func:`arrcoc.ops.merge`: every pruned token is merged into the kept token
+that absorbed it (of the kept tokens that have it among their neighbours, the
+one with the most similar key), or, if no kept token took it, into the extra
+token, which lives in the slot of the pruned token with the highest
+attention. ``size`` is conserved and ``origin`` points every patch at the
+token that carries it. :func:`arrcoc.ops.keep` then puts the tokens in the
+official order, and the token values are replaced by the computed ones
+(``dataclasses.replace`` of ``tokens`` only: PruMerge's update ``x_i + sum_j
+a_j x_j`` is not a weighted average, so it cannot come out of ``merge``).
+Other ``per_token`` fields are the size-weighted means ``merge`` makes.
+
+Differences, on purpose:
+
+* the official code pools the attention of the whole batch for the IQR and
+  uses one count for all images (it is used with batch 1); here the outlier
+  test and the count are per image (``adaptive``: ragged counts);
+* no outlier at all (``ratio == 0``, flat attention): the official PruMerge
+  keeps no token (only the extra one) and PruMerge+ divides by zero; here the
+  most attended token is kept (at least one token, as
+  :func:`arrcoc.ops.resolve_keep` does) and a warning is recorded, and
+  PruMerge+ then samples with ``ratio = 1 / N``;
+* ``int(step / 3) == 0`` (``ratio > 1/3``, possible only with a fixed ``keep``)
+  makes the official ``arange`` fail; here the stride is 1 (every token is
+  sampled, the limit of the rule) and a warning is recorded;
+* fewer than 33 tokens: the official ``topk(k=32)`` fails; here each kept
+  token takes all ``n - 1`` others (warning recorded);
+* nothing pruned: the official code appends a zero extra token; here there is
+  no extra token (there is nothing for it to carry);
+* ``keep`` (ratio or count) replaces the adaptive count by a fixed one, like
+  the official ``if_adaptive=False, reduction_ratio``; PruMerge+ then samples
+  with ``ratio = k / N`` (the official non-adaptive PruMerge+ branch is a
+  training variant with another sampling rule, not reproduced);
+* the hard-coded ``575`` of the official ``arange`` is ``N - 1`` of each image;
+* the values are computed in float32 and cast back to the tokens' dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+
+from arrcoc import ops
+from arrcoc.errors import InputError, MissingInputError, record_warning
+from arrcoc.hookspecs import hookimpl
+from arrcoc.plugin import Compressor, Keep, Params
+from arrcoc.state import TokenState
+
+
+def iqr_outlier_count(cls_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per image, how many real tokens lie above ``Q3 + 1.5 * IQR`` of that image's
+    attention (official ``outlier_dectection``, numpy linear percentiles).
+
+    ``cls_attn`` ``[B, N]``, ``mask`` ``[B, N]`` -> ``[B]`` int64.
+    """
+    x = cls_attn.double().masked_fill(~mask, float("nan"))
+    q = torch.nanquantile(x, torch.tensor([0.25, 0.75], dtype=torch.float64, device=x.device), dim=1)
+    upper = q[1] + 1.5 * (q[1] - q[0])
+    return ((x > upper[:, None]) & mask).sum(1)
+
+
+def spatial_samples(kept: torch.Tensor, counts: torch.Tensor, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PruMerge+'s uniform samples: ``arange(0, N - 1, int(int(1 / ratio) / 3))`` minus the kept tokens.
+
+    Args:
+        kept: ``[B, N]`` bool, tokens already kept.
+        counts: ``[B]`` real tokens per image.
+        ratio: ``[B]`` float64 in (0, 1], the kept ratio.
+
+    Returns:
+        ``(samples [B, N] bool, stride [B] int64)``; a stride of 0 is raised to 1.
+    """
+    step = torch.floor(1.0 / ratio)
+    stride = torch.floor(step / 3.0).to(torch.int64)
+    stride = stride.clamp(min=1)
+    j = torch.arange(kept.shape[1], device=kept.device)[None, :]
+    samples = (j % stride[:, None] == 0) & (j < counts[:, None] - 1) & ~kept
+    return samples, stride
+
+
+def prumerge_values(
+    tokens: torch.Tensor,
+    keys: torch.Tensor,
+    cls_attn: torch.Tensor,
+    mask: torch.Tensor,
+    kept_index: torch.Tensor,
+    kept_valid: torch.Tensor,
+    neighbors: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PruMerge's token supplement (official ``token_prune_merge_advanced``, the loop over kept tokens).
+
+    For each kept token ``i``: its ``neighbors`` most similar tokens by key
+    cosine among all other real tokens, ``x_i + sum_j a_j x_j`` with ``a``
+    the CLS attention; the extra token ``sum_{j pruned} a_j x_j``.
+
+    Args:
+        tokens: ``[B, N, D]``; keys ``[B, N, C]``; cls_attn, mask ``[B, N]``.
+        kept_index, kept_valid: ``[B, K]`` the kept tokens (valid ones first).
+        neighbors: cluster size (official 32), at most ``n - 1`` per image.
+
+    Returns:
+        ``(kept_values [B, K, D] float32, extra [B, D] float32, absorbed_by [B, N])``
+        where ``absorbed_by[b, j]`` is the position in the kept list of the
+        kept token that has ``j`` among its neighbours with the highest
+        cosine, or -1.
+    """
+    B, N, D = tokens.shape
+    K = kept_index.shape[1]
+    x = tokens.float()
+    a = cls_attn.float() * mask
+    kn = F.normalize(keys.float(), p=2, dim=-1)
+    safe = kept_index.masked_fill(~kept_valid, 0)
+    sim = kn.gather(1, safe[..., None].expand(B, K, kn.shape[-1])) @ kn.transpose(1, 2)  # [B, K, N]
+    is_self = safe[..., None] == torch.arange(N, device=tokens.device)
+    sim = sim.masked_fill(is_self | ~mask[:, None, :] | ~kept_valid[..., None], float("-inf"))
+    L = max(0, min(neighbors, N - 1))
+    per_row = torch.minimum(mask.sum(1) - 1, torch.tensor(neighbors, device=tokens.device)).clamp(min=0)
+    nbr = sim.topk(L, dim=-1).indices  # [B, K, L]
+    nbr_valid = (torch.arange(L, device=tokens.device) < per_row[:, None, None]) & kept_valid[..., None]
+    member = torch.zeros(B, K, N, dtype=torch.bool, device=tokens.device).scatter_(2, nbr, nbr_valid)
+    weights = member.float() * a[:, None, :]
+    kept_values = (x.gather(1, safe[..., None].expand(B, K, D)) + weights @ x) * kept_valid[..., None]
+    pruned = mask & ~_index_mask(kept_index, kept_valid, N)
+    extra = ((a * pruned)[:, None, :] @ x)[:, 0]
+    best, where = sim.masked_fill(~member, float("-inf")).max(dim=1)  # [B, N]
+    absorbed_by = torch.where(torch.isfinite(best), where, torch.full_like(where, -1))
+    return kept_values, extra, absorbed_by
+
+
+def _index_mask(index: torch.Tensor, valid: torch.Tensor, N: int) -> torch.Tensor:
+    """``[B, N]`` bool: which tokens the valid entries of ``index`` ``[B, K]`` name."""
+    hits = torch.zeros(index.shape[0], N, dtype=torch.int64, device=index.device)
+    return hits.scatter_add_(1, index.masked_fill(~valid, 0), valid.to(torch.int64)) > 0
+
+
+class PruMergeParams(Params):
+    keep: Keep | None = Field(
+        None,
+        description="null = adaptive count by IQR outliers (official); a ratio or count fixes the number of "
+        "selected tokens (official if_adaptive=False).",
+    )
+    neighbors: PositiveInt = Field(32, description="Tokens merged into each kept token (official 32).")
+    score: str = Field(
+        "cls_attn",
+        description="per_token CLS attention (official: last layer on hidden_states[-2], one head over the full "
+        "width: timm_vit `layer: -2, attention_layer: -1, cls_attention_heads: single`).",
+    )
+
+
+class PruMerge(Compressor):
+    """LLaVA-PruMerge: IQR-outlier CLS-attention selection + key-similarity token supplement (Shang et al. 2024)."""
+
+    name = "prumerge"
+    Params = PruMergeParams
+    needs = frozenset({"cls_attention", "keys"})
+    adaptive = True
+    plus = False
+
+    def _inputs(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = state.per_token.get(self.params.score)
+        if attn is None:
+            raise MissingInputError(
+                f"{self.name}: needs per_token[{self.params.score!r}], the CLS attention: the timm_vit encoder "
+                f"provides 'cls_attn' (PruMerge's: `layer: -2, attention_layer: -1, cls_attention_heads: single`); "
+                f"the state has {sorted(state.per_token) or 'none'}"
+            )
+        keys = state.per_token.get("keys")
+        if keys is None:
+            raise MissingInputError(
+                f"{self.name}: needs per_token['keys'] for the key similarity: the timm_vit encoder provides them "
+                f"(with `cls_attention_heads: single`, the full-width k_proj output PruMerge uses)"
+            )
+        if attn.ndim != 2 or keys.ndim != 3:
+            raise InputError(
+                f"{self.name}: expected cls_attn [B, N] and keys [B, N, C], got {list(attn.shape)} and {list(keys.shape)}"
+            )
+        return attn, keys
+
+    def select(self, state: TokenState, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept tokens ``(index [B, K], valid [B, K])``: outliers by decreasing attention, then samples."""
+        counts = state.counts
+        if self.params.keep is None:
+            ratio = iqr_outlier_count(attn, state.mask).double() / counts.double().clamp(min=1)
+            k = torch.floor(counts.double() * ratio).to(torch.int64)  # official int(N * ratio)
+        else:
+            k = ops.resolve_keep(self.params.keep, counts, where=f"{self.name}.keep")
+            ratio = k.double() / counts.double()
+        none = (k == 0) & (counts > 0)
+        if bool(none.any()):
+            record_warning(
+                f"{self.name}: no attention outlier in image(s) {none.nonzero().flatten().tolist()}; "
+                f"kept the most attended token (the official code keeps none)"
+            )
+            k = torch.where(none, torch.ones_like(k), k)
+            ratio = torch.where(none, 1.0 / counts.double().clamp(min=1), ratio)
+        index, valid = ops.topk_per_row(attn, k, state.mask, order="score")
+        if not self.plus:
+            return index, valid
+        kept = _index_mask(index, valid, state.N)
+        ratio = torch.where(counts > 0, ratio, torch.ones_like(ratio))
+        samples, stride = spatial_samples(kept, counts, ratio)
+        if bool((torch.floor(torch.floor(1.0 / ratio) / 3.0) < 1).any()):
+            record_warning(
+                f"{self.name}: kept ratio above 1/3 makes int(int(1 / ratio) / 3) = 0; sampled every token "
+                f"(stride 1) where the official arange fails"
+            )
+        # Outliers keep their (score) order, the samples follow in increasing index order.
+        N = state.N
+        rank = torch.full((state.B, N), 3 * N, dtype=torch.int64, device=state.device)
+        rank.scatter_(1, index, torch.where(valid, torch.arange(index.shape[1], device=state.device).expand_as(index), 3 * N))
+        rank = torch.where(samples, N + torch.arange(N, device=state.device), rank)
+        total = valid.sum(1) + samples.sum(1)
+        Kmax = int(total.max()) if state.B else 0
+        index = torch.sort(rank, dim=1, stable=True).indices[:, :Kmax]
+        valid = torch.arange(Kmax, device=state.device)[None, :] < total[:, None]
+        return index, valid
+
+    def __call__(self, state: TokenState) -> TokenState:
+        attn, keys = self._inputs(state)
+        index, valid = self.select(state, attn)
+        small = state.counts - 1 < self.params.neighbors
+        if bool(small.any()):
+            record_warning(
+                f"{self.name}: image(s) with fewer than {self.params.neighbors + 1} tokens: each kept token "
+                f"merges all the others (the official topk(k={self.params.neighbors}) fails)"
+            )
+        kept_values, extra, absorbed_by = prumerge_values(
+            state.tokens, keys, attn, state.mask, index, valid, self.params.neighbors
+        )
+        return merge_into_kept(state, attn, index, valid, absorbed_by, kept_values, extra)
+
+
+def merge_into_kept(
+    state: TokenState,
+    attn: torch.Tensor,
+    index: torch.Tensor,
+    valid: torch.Tensor,
+    absorbed_by: torch.Tensor,
+    kept_values: torch.Tensor,
+    extra: torch.Tensor,
+) -> TokenState:
+    """Provenance through :func:`arrcoc.ops.merge`, order through :func:`arrcoc.ops.keep`, then the values.
+
+    Pruned tokens go to the kept token that absorbed them, or to the extra
+    token (hosted by the most attended pruned token); output = kept tokens in
+    ``index`` order, then the extra token where anything was pruned.
+    """
+    B, N = state.mask.shape
+    device = state.device
+    safe = index.masked_fill(~valid, 0)
+    kept = _index_mask(index, valid, N)
+    pruned = state.mask & ~kept
+    has_extra = pruned.any(1)
+    host, _ = ops.topk_per_row(attn, has_extra.to(torch.int64), pruned, order="score")
+    host = host[:, :1] if host.shape[1] else torch.zeros(B, 1, dtype=torch.int64, device=device)
+    is_host = torch.zeros_like(pruned).scatter_(1, host, has_extra[:, None])
+    # Sources: every pruned token but the host; destination: its absorbing kept token, else the host.
+    src_mask = pruned & ~is_host
+    dst_all = torch.where(absorbed_by >= 0, safe.gather(1, absorbed_by.clamp(min=0)), host.expand(B, N))
+    order = torch.sort((~src_mask).to(torch.int8), dim=1, stable=True).indices
+    n_src = int(src_mask.sum(1).max()) if B else 0
+    src, src_valid = order[:, :n_src], src_mask.gather(1, order[:, :n_src])
+    merged = ops.merge(state, src, dst_all.gather(1, src), src_valid)
+    # Survivors are packed in their original order: map old index -> new slot, then reorder.
+    new_slot = torch.cumsum((kept | is_host).to(torch.int64), 1) - 1
+    out_index = torch.cat([new_slot.gather(1, safe), new_slot.gather(1, host)], 1)
+    out_valid = torch.cat([valid, has_extra[:, None]], 1)
+    out = ops.keep(merged, out_index.masked_fill(~out_valid, 0), out_valid)
+    values = torch.cat([kept_values, extra[:, None]], 1)
+    pack = torch.sort((~out_valid).to(torch.int8), dim=1, stable=True).indices[:, : out.N]
+    values = values.gather(1, pack[..., None].expand(-1, -1, values.shape[-1])) * out.mask[..., None]
+    return dataclasses.replace(out, tokens=values.to(state.dtype))
+
+
+class PruMergePlus(PruMerge):
+    """PruMerge+: PruMerge plus spatially uniform token samples before the merge (Shang et al. 2024, Sec. 3.2)."""
+
+    name = "prumerge_plus"
+    plus = True
+
+
+@hookimpl
+def arrcoc_register_plugins(register):
+    register(PruMerge)
+    register(PruMergePlus)

@@ -1,0 +1,436 @@
+"""SparseVLM (Zhang et al., ICML 2025, "SparseVLM: Visual Token Sparsification for
+Efficient Vision-Language Model Inference", arXiv 2410.04417).
+
+Official: Gumpest/SparseVLMs (v1.0), ``llava/model/language_model/``:
+``modelling_sparse_llama.py`` (``LlamaModel.forward``: text raters, pruning
+at layers ``[2, 6, 15]``, recycling), ``score.py`` (``attn_postprocess_topk``,
+the per-layer budget tables) and ``utils.py`` (``cluster_and_merge``, DPC-KNN).
+
+Two entry points over one scoring core:
+
+* the plugin ``sparsevlm`` runs **before the LLM** (the project seed's
+  training-free variant): importance = ``w_text * norm(max_t cos(token,
+  query_t)) + w_sal * norm(CLS attention)`` (defaults 0.7 / 0.3), top ``keep``
+  tokens in original order, and optionally the official token recycling of
+  the dropped tokens (:func:`recycle_plan` + DPC-KNN clustering), applied
+  through :mod:`arrcoc.ops` so ``size`` / ``origin`` stay right;
+* the **in-LLM** method as pure tensor functions, for a model integration:
+  :func:`select_text_raters` (paper Sec. 3.2), :func:`rater_scores`
+  (``attn_postprocess_topk``), :func:`table_keep_count` (the official budget
+  tables) or :func:`adaptive_keep_count` (the paper's rank-based count, Sec.
+  3.3), and :func:`sparsevlm_prune` (top-k + recycling with
+  :func:`cluster_and_merge`, Sec. 3.4), all batched over ragged rows (the
+  official code is batch 1).
+
+Differences from the official code, on purpose (see docs/methods/sparsevlm.md):
+density ties in DPC-KNN are broken by index, not by ``rand * 1e-6`` noise;
+cluster means have no ``+ 1e-6`` in the denominator; clustering runs in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from arrcoc import ops
+from arrcoc.errors import InputError, MissingInputError, StateError, record_warning
+from arrcoc.hookspecs import hookimpl
+from arrcoc.plugin import Compressor, Keep, Params
+from arrcoc.state import TokenState
+
+#: Decoder layers where LLaVA-1.5-7B prunes (``layer_dict`` in ``score.py``).
+PRUNING_LAYERS: tuple[int, ...] = (2, 6, 15)
+#: v1.0 visual tokens kept at each pruning layer for a retained budget (``sparse_token_dict``).
+SPARSE_TOKEN_TABLE: dict[int, tuple[int, int, int]] = {
+    192: (300, 200, 110),
+    128: (303, 110, 36),
+    96: (238, 48, 26),
+    64: (66, 30, 17),
+}
+
+
+# ------------------------------------------------------------------ helpers
+def _take(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, k]]`` for ``x`` ``[B, N, C]``; zero where not ``valid``."""
+    out = x.gather(1, index.masked_fill(~valid, 0)[:, :, None].expand(-1, -1, x.shape[-1]))
+    return out.masked_fill(~valid[:, :, None], 0)
+
+
+def _pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the True entries of ``select`` ``[B, N]`` in order, packed to the front."""
+    order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices
+    valid = select.gather(1, order)
+    K = int(valid.sum(1).max()) if select.shape[0] else 0
+    return order[:, :K].masked_fill(~valid[:, :K], 0), valid[:, :K]
+
+
+def _real(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    return mask
+
+
+def normalise(scores: torch.Tensor, mask: torch.Tensor, how: str = "minmax") -> torch.Tensor:
+    """Per-image normalisation of ``scores`` ``[B, N]`` over the real tokens, to [0, 1].
+
+    ``minmax``: ``(s - min) / (max - min)`` (a constant row gives 0);
+    ``rank``: ``rank / (n - 1)`` with ties ranked by index (lowest score 0);
+    ``none``: unchanged.  Padded entries are 0.
+    """
+    s = scores.float()
+    if how == "none":
+        return s.masked_fill(~mask, 0.0)
+    if how == "minmax":
+        lo = s.masked_fill(~mask, float("inf")).amin(1, keepdim=True)
+        hi = s.masked_fill(~mask, float("-inf")).amax(1, keepdim=True)
+        span = hi - lo
+        out = torch.where(span > 0, (s - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(s))
+        return out.masked_fill(~mask, 0.0)
+    if how == "rank":
+        # ascending stable sort; padded entries last (they get ranks >= n and are zeroed)
+        keyed = s.masked_fill(~mask, float("inf"))
+        order = torch.sort(keyed, dim=1, stable=True).indices
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+        n = mask.sum(1, keepdim=True).float()
+        return (ranks.float() / (n - 1).clamp_min(1)).masked_fill(~mask, 0.0)
+    raise StateError(f"normalise: how must be 'minmax', 'rank' or 'none', got {how!r}")
+
+
+def text_relevance(tokens: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``max_t cos(token_n, query_t)`` over the real query tokens: ``[B, N]`` fp32."""
+    sim = ops.cosine(tokens.float(), query.float())  # [B, N, T]
+    if query_mask is not None:
+        sim = sim.masked_fill(~query_mask[:, None, :], float("-inf"))
+    return sim.amax(-1)
+
+
+def sparsevlm_importance(
+    tokens: torch.Tensor,
+    query: torch.Tensor,
+    saliency: torch.Tensor | None,
+    mask: torch.Tensor,
+    query_mask: torch.Tensor | None = None,
+    *,
+    w_text: float = 0.7,
+    w_sal: float = 0.3,
+    norm: str = "minmax",
+) -> torch.Tensor:
+    """The seed's pre-LLM importance ``w_text * norm(text) + w_sal * norm(saliency)``, ``[B, N]`` fp32.
+
+    ``text = max_t cos(token, query_t)`` (masked query tokens ignored);
+    ``saliency`` is e.g. the CLS attention ``[B, N]``; each term is normalised
+    per image over the real tokens (:func:`normalise`) before weighting.
+    """
+    score = w_text * normalise(text_relevance(tokens, query, query_mask), mask, norm)
+    if w_sal != 0:
+        if saliency is None:
+            raise MissingInputError("sparsevlm_importance: w_sal != 0 needs a saliency tensor [B, N]")
+        score = score + w_sal * normalise(saliency.float(), mask, norm)
+    return score.masked_fill(~mask, 0.0)
+
+
+# ----------------------------------------------------------- in-LLM scoring
+def select_text_raters(
+    visual: torch.Tensor,
+    text: torch.Tensor,
+    visual_mask: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Text raters (paper Sec. 3.2; ``LlamaModel.forward`` of ``modelling_sparse_llama.py``).
+
+    ``m = softmax(V @ T^T, dim=text).mean(over visual)``; raters are the text
+    tokens with ``m > mean(m)``.  ``visual`` ``[B, Nv, C]`` and ``text``
+    ``[B, T, C]`` are the hidden states at the LLM input.  Masked tokens take
+    no part.  A row where no token is above the mean (all equal) gets every
+    real text token as a rater (the official code would average nothing).
+
+    Returns a bool mask ``[B, T]``.
+    """
+    vm, tm = _real(visual_mask, visual), _real(text_mask, text)
+    logits = visual.float() @ text.float().transpose(1, 2)  # [B, Nv, T]
+    logits = logits.masked_fill(~tm[:, None, :], float("-inf"))
+    probs = logits.softmax(-1).masked_fill(~vm[:, :, None], 0.0)
+    m = probs.sum(1) / vm.sum(1, keepdim=True).clamp_min(1)  # [B, T]
+    mean = (m * tm).sum(1, keepdim=True) / tm.sum(1, keepdim=True).clamp_min(1)
+    raters = (m > mean) & tm
+    none = ~raters.any(1, keepdim=True)
+    if bool(none.any()):
+        record_warning("sparsevlm: no text token is above the mean relevance in some image; every text token rates")
+    return torch.where(none, tm, raters)
+
+
+def rater_scores(attn: torch.Tensor, raters: torch.Tensor, visual_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Score of each visual token: attention from the rater rows, head-mean then rater-mean.
+
+    ``attn`` is the text -> visual block of a layer's attention, ``[B, heads,
+    T, Nv]`` or already head-averaged ``[B, T, Nv]``; official
+    ``attn_postprocess_topk``: ``weights.mean(1)[:, raters, visual].mean(1)``.
+    Returns ``[B, Nv]`` fp32 (0 on padding).
+    """
+    a = attn.float()
+    if a.ndim == 4:
+        a = a.mean(1)
+    if a.ndim != 3 or a.shape[:2] != raters.shape:
+        raise StateError(
+            f"rater_scores: expected attention [B, (heads,) T, Nv] matching raters {list(raters.shape)}, "
+            f"got {list(attn.shape)}"
+        )
+    r = raters.float()
+    score = (a * r[:, :, None]).sum(1) / r.sum(1, keepdim=True).clamp_min(1)
+    return score if visual_mask is None else score.masked_fill(~visual_mask, 0.0)
+
+
+def table_keep_count(budget: int, layer: int, n_visual: torch.Tensor | int) -> torch.Tensor:
+    """Visual tokens kept at pruning ``layer`` for a retained ``budget`` (official table).
+
+    ``min(SPARSE_TOKEN_TABLE[budget][i], n_visual - 1)`` with ``i`` the index
+    of ``layer`` in :data:`PRUNING_LAYERS` (official ``attn_postprocess_topk``).
+    """
+    if budget not in SPARSE_TOKEN_TABLE:
+        raise StateError(f"table_keep_count: budget must be one of {sorted(SPARSE_TOKEN_TABLE)}, got {budget}")
+    if layer not in PRUNING_LAYERS:
+        raise StateError(f"table_keep_count: layer must be one of {list(PRUNING_LAYERS)}, got {layer}")
+    n = torch.as_tensor(n_visual, dtype=torch.int64)
+    target = SPARSE_TOKEN_TABLE[budget][PRUNING_LAYERS.index(layer)]
+    return torch.clamp(n - 1, min=0).clamp(max=target)
+
+
+def adaptive_keep_count(attn: torch.Tensor, raters: torch.Tensor, visual_mask: torch.Tensor | None = None,
+                        scale: float = 1.0) -> torch.Tensor:
+    """The paper's rank-based count (Sec. 3.3): delete ``floor(scale * (Lv - rank(P)))`` tokens.
+
+    ``P`` is the rater -> visual attention (head-mean) ``[B, T_raters, Lv]``;
+    masked rows/columns are zeroed, which leaves the rank unchanged.  ``scale``
+    is the paper's lambda.  Not what the official code does (it uses the
+    tables).  Returns the tokens kept per image ``[B]`` (at least 1).
+    """
+    a = attn.float()
+    if a.ndim == 4:
+        a = a.mean(1)
+    vm = _real(visual_mask, a.transpose(1, 2))
+    P = a * raters[:, :, None] * vm[:, None, :]
+    rank = torch.linalg.matrix_rank(P)
+    n = vm.sum(1)
+    delete = torch.floor(scale * (n - rank).double()).to(torch.int64).clamp(min=0)
+    return (n - delete).clamp(min=1)
+
+
+# ---------------------------------------------------------------- recycling
+def recycle_plan(
+    scores: torch.Tensor, keep_index: torch.Tensor, keep_valid: torch.Tensor, mask: torch.Tensor,
+    ratio: float = 0.3, divisor: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which deleted tokens are recycled, and into how many clusters (official v1.0).
+
+    Of the ``d`` deleted real tokens, the top ``min(int(d * ratio) + 1, d)`` by
+    ``scores`` are recycled (``merge_token_num_stage1``), into
+    ``int(m / divisor) + 1`` clusters (``cluster_num``); nothing when ``d = 0``.
+
+    Returns ``(recycled index [B, M] by decreasing score, valid [B, M], clusters [B])``.
+    """
+    B, N = mask.shape
+    sink = torch.where(keep_valid, keep_index, torch.full_like(keep_index, N))  # invalid -> dummy column N
+    kept = torch.zeros(B, N + 1, dtype=torch.bool, device=mask.device).scatter(1, sink, True)[:, :N]
+    deleted = mask & ~kept
+    d = deleted.sum(1)
+    m = torch.minimum(torch.floor(d.double() * ratio).to(torch.int64) + 1, d)
+    index, valid = ops.topk_per_row(scores.float(), m, deleted, order="score")
+    clusters = torch.where(m > 0, torch.div(m, divisor, rounding_mode="floor") + 1, torch.zeros_like(m))
+    return index, valid, clusters
+
+
+def dpc_knn(x: torch.Tensor, cluster_num: torch.Tensor | int, mask: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPC-KNN clustering (official ``utils.cluster_and_merge``, first half), batched.
+
+    Per image with ``n`` real tokens and ``c = cluster_num`` clusters:
+    distances ``d_ij = ||x_i - x_j|| / sqrt(C)``; local density
+    ``rho_i = exp(-mean(d^2 over the c nearest, itself included))``;
+    ``delta_i`` = distance to the nearest denser token (the image's largest
+    distance for the densest); centres = top ``c`` of ``rho * delta`` (by
+    decreasing score); every token joins its nearest centre (first centre
+    on ties), each centre itself.  Density ties go to the lower index.
+
+    Returns ``(centres [B, Cmax] token indices, centre_valid [B, Cmax],
+    assign [B, N] cluster index in [0, c), -1 on padding)``.
+    """
+    B, N, C = x.shape
+    mask = _real(mask, x)
+    n = mask.sum(1)
+    c = torch.as_tensor(cluster_num, dtype=torch.int64, device=x.device).expand(B)
+    if bool((c > n).any()) or bool(((c < 1) & (n > 0)).any()):
+        raise StateError(f"dpc_knn: cluster counts {c.tolist()} must lie in [1, n] for rows of {n.tolist()} tokens")
+    xf = x.float()
+    dist = torch.cdist(xf, xf, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(C)
+    pair = mask[:, :, None] & mask[:, None, :]
+    K = int(c.max()) if B else 0
+    near = torch.sort(dist.masked_fill(~pair, float("inf")), dim=-1).values[:, :, :K]
+    take = torch.arange(K, device=x.device)[None, None, :] < c[:, None, None]
+    density = torch.exp(-(near.pow(2) * take).sum(-1) / c[:, None].clamp_min(1))  # [B, N]
+    density = density.masked_fill(~mask, float("-inf"))
+    idx = torch.arange(N, device=x.device)
+    denser = (density[:, None, :] > density[:, :, None]) | (
+        (density[:, None, :] == density[:, :, None]) & (idx[None, None, :] < idx[None, :, None])
+    )
+    denser = denser & pair
+    dist_max = dist.masked_fill(~pair, float("-inf")).flatten(1).amax(1).clamp_min(0)[:, None, None]
+    delta = torch.where(denser, dist, dist_max.expand_as(dist)).amin(-1)
+    score = (delta * density.clamp_min(0)).masked_fill(~mask, float("-inf"))
+    centres, centre_valid = ops.topk_per_row(score, c, mask, order="score")
+    to_centre = dist.gather(1, centres[:, :, None].expand(B, K, N))  # [B, K, N]
+    to_centre = to_centre.masked_fill(~centre_valid[:, :, None], float("inf"))
+    assign = to_centre.argmin(1) if K else torch.zeros(B, N, dtype=torch.int64, device=x.device)
+    # Each centre belongs to its own cluster (official: idx_cluster[index_down] = arange); unused slots -> dummy column N.
+    own = torch.arange(K, device=x.device).expand(B, K)
+    sink = torch.where(centre_valid, centres, torch.full_like(centres, N))
+    assign = torch.cat([assign, assign.new_zeros(B, 1)], 1).scatter(1, sink, own)[:, :N]
+    centres = centres.masked_fill(~centre_valid, 0)
+    return centres, centre_valid, assign.masked_fill(~mask, -1)
+
+
+def cluster_and_merge(x: torch.Tensor, cluster_num: torch.Tensor | int, mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official ``cluster_and_merge``: DPC-KNN clusters, each the plain mean of its tokens.
+
+    Returns ``(merged [B, Cmax, C] in centre order, valid [B, Cmax])`` in ``x``'s dtype.
+    """
+    centres, valid, assign = dpc_knn(x, cluster_num, mask)
+    B, N, C = x.shape
+    K = centres.shape[1]
+    slot = torch.where(assign >= 0, assign, torch.full_like(assign, K))  # padding -> dummy slot K
+    total = torch.zeros(B, K + 1, C, device=x.device).scatter_add_(1, slot[:, :, None].expand(B, N, C), x.float())
+    count = torch.zeros(B, K + 1, device=x.device).scatter_add_(1, slot, torch.ones(B, N, device=x.device))
+    merged = total[:, :K] / count[:, :K, None].clamp_min(1)
+    return merged.masked_fill(~valid[:, :, None], 0).to(x.dtype), valid
+
+
+def sparsevlm_prune(
+    hidden: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor | int, mask: torch.Tensor | None = None,
+    *, recycle: bool = True, ratio: float = 0.3, divisor: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One in-LLM pruning step on the visual hidden states (``LlamaModel.forward``, v1.0).
+
+    Keep the top ``keep`` visual tokens by ``scores`` in original order, then
+    (``recycle``) append the cluster tokens of the recycled deleted tokens
+    (:func:`recycle_plan`, :func:`cluster_and_merge`) right after them.
+
+    Returns ``(visual [B, K', C], mask [B, K'], keep_index [B, K], keep_valid [B, K])``;
+    real entries of each row are a prefix (kept tokens, then clusters).
+    """
+    mask = _real(mask, hidden)
+    index, valid = ops.topk_per_row(scores.float(), keep, mask, order="position")
+    kept = _take(hidden, index, valid)
+    if not recycle:
+        return kept, valid, index, valid
+    rec_index, rec_valid, clusters = recycle_plan(scores, index, valid, mask, ratio, divisor)
+    members = _take(hidden, rec_index, rec_valid)
+    merged, merged_valid = cluster_and_merge(members, clusters, rec_valid)
+    out = torch.cat([kept, merged], 1)
+    out_valid = torch.cat([valid, merged_valid], 1)
+    order, packed = _pack(out_valid)
+    out = _take(out, order, packed)
+    return out, packed, index, valid
+
+
+# ------------------------------------------------------------------- plugin
+def recycle_state(state: TokenState, scores: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                  ratio: float = 0.3, divisor: int = 10) -> TokenState:
+    """Keep ``index`` and add the recycled clusters of the deleted tokens, through :mod:`arrcoc.ops`.
+
+    The recycled tokens are first kept right after the selected ones (centres
+    first, then the other members), then every member is merged into its
+    cluster's centre with a plain mean (``weights = 1``, the official average),
+    so the cluster token stands for all its members' patches (``size`` adds
+    up, ``origin`` follows).  Output: kept tokens in original order, then the
+    cluster tokens in centre order — the official layout.
+    """
+    rec_index, rec_valid, clusters = recycle_plan(scores, index, valid, state.mask, ratio, divisor)
+    members = _take(state.tokens, rec_index, rec_valid)
+    centres, centre_valid, assign = dpc_knn(members, clusters, rec_valid)  # indices into the member list
+    B, M = rec_index.shape
+    # Member order: centres first (in centre order), then the rest (in score order).
+    sink = torch.where(centre_valid, centres, torch.full_like(centres, M))
+    is_centre = torch.zeros(B, M + 1, dtype=torch.bool, device=state.device).scatter(1, sink, True)[:, :M]
+    rest, rest_valid = _pack(rec_valid & ~is_centre)
+    member_order = torch.cat([centres, rest], 1)
+    member_valid = torch.cat([centre_valid, rest_valid], 1)
+    ordered = rec_index.gather(1, member_order)
+    state = ops.keep(state, torch.cat([index, ordered], 1), torch.cat([valid, member_valid], 1))
+    # After keep: row b = [k_b selected, c_b centres, m_b - c_b others]; cluster j's centre sits at k_b + j.
+    k = valid.sum(1, keepdim=True)
+    c = centre_valid.sum(1, keepdim=True)
+    R = rest.shape[1]
+    src = k + c + torch.arange(R, device=state.device)[None, :]
+    dst = k + assign.gather(1, rest.masked_fill(~rest_valid, 0))
+    return ops.merge(state, src.masked_fill(~rest_valid, 0), dst.masked_fill(~rest_valid, 0), rest_valid,
+                     weights=torch.ones_like(state.size))
+
+
+class SparseVLMParams(Params):
+    keep: Keep = Field(0.4, description="Tokens selected per image (before recycling): ratio in (0, 1] or count.")
+    w_text: float = Field(0.7, ge=0, description="Weight of the query relevance max_t cos(token, query_t).")
+    w_sal: float = Field(0.3, ge=0, description="Weight of the visual saliency (CLS attention).")
+    norm: Literal["minmax", "rank", "none"] = Field(
+        "minmax", description="Per-image normalisation of each term before weighting."
+    )
+    saliency: str = Field(
+        "cls_attn", description="per_token field used as saliency ('cls_attn', or 'cls_attn@<block>')."
+    )
+    recycle: bool = Field(
+        False, description="Official token recycling: DPC-KNN cluster tokens of the best deleted tokens are "
+        "appended (adds int(m / 10) + 1 tokens, m = int(0.3 * deleted) + 1).",
+    )
+    recycle_ratio: float = Field(0.3, gt=0, le=1, description="Share of the deleted tokens recycled (+1).")
+    cluster_divisor: int = Field(10, ge=1, description="Recycled tokens per cluster: clusters = m // divisor + 1.")
+
+
+class SparseVLM(Compressor):
+    """SparseVLM, pre-LLM: keep tokens by query relevance + CLS saliency, optional recycling (Zhang et al. 2025)."""
+
+    name = "sparsevlm"
+    Params = SparseVLMParams
+
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"query", "cls_attention"}) if self.params.w_sal > 0 else frozenset({"query"})
+
+    def __call__(self, state: TokenState) -> TokenState:
+        p = self.params
+        if state.query is None:
+            raise MissingInputError(
+                "sparsevlm: needs a query: run the pipeline with query='...' and a `query_encoder:` section "
+                "(e.g. {use: toy_text}), or query=<tensor [B, T, D]>"
+            )
+        if state.query.shape[-1] != state.D:
+            raise InputError(
+                f"sparsevlm: the query width {state.query.shape[-1]} must equal the visual token width {state.D} "
+                "to compare them by cosine (toy_text matches it by default)"
+            )
+        saliency = None
+        if p.w_sal > 0:
+            saliency = state.per_token.get(p.saliency)
+            if saliency is None:
+                raise MissingInputError(
+                    f"sparsevlm: w_sal={p.w_sal} needs per_token[{p.saliency!r}] (CLS attention); the timm_vit "
+                    "encoder provides 'cls_attn' when a stage needs 'cls_attention' (block chosen by its "
+                    "`attention_layer` option; more blocks with `extra_attention_layers` as 'cls_attn@<i>'), "
+                    "or set w_sal: 0"
+                )
+            if saliency.ndim != 2:
+                raise StateError(f"sparsevlm: per_token[{p.saliency!r}] must be [B, N], got {list(saliency.shape)}")
+        k = ops.resolve_keep(p.keep, state.counts, where="sparsevlm: keep")
+        scores = sparsevlm_importance(
+            state.tokens, state.query, saliency, state.mask, state.query_mask,
+            w_text=p.w_text, w_sal=p.w_sal, norm=p.norm,
+        )
+        index, valid = ops.topk_per_row(scores, k, state.mask, order="position")
+        if not p.recycle:
+            return ops.keep(state, index, valid)
+        return recycle_state(state, scores, index, valid, p.recycle_ratio, p.cluster_divisor)
+
+
+@hookimpl
+def arrcoc_register_plugins(register):
+    register(SparseVLM)

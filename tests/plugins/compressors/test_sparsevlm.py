@@ -1,0 +1,320 @@
+"""SparseVLM: pre-LLM plugin and in-LLM core functions against plain reference computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import arrcoc
+from arrcoc import ops
+from arrcoc.errors import BudgetError, InputError, MissingInputError, ParamsError
+from arrcoc.state import TokenState
+from arrcoc_plugins.compressors import sparsevlm as S
+
+TINY = {"use": "timm_vit", "model": "vit_tiny_patch16_224", "model_kwargs": {"depth": 2, "img_size": 64}, "layer": -1}
+
+
+def make_state(B=2, H=5, W=6, D=16, T=4, seed=0, counts=None, query=True):
+    g = torch.Generator().manual_seed(seed)
+    state = TokenState.from_patches(
+        torch.randn(B, H * W, D, generator=g), (H, W), cls_token=torch.randn(B, D, generator=g),
+        per_token={"cls_attn": torch.rand(B, H * W, generator=g)},
+    )
+    if counts is not None:  # ragged: image b keeps its first counts[b] tokens
+        idx = torch.arange(H * W).expand(B, -1).contiguous()
+        state = ops.keep(state, idx, idx < torch.tensor(counts)[:, None])
+    if query:
+        qm = torch.ones(B, T, dtype=torch.bool)
+        qm[0, T - 1] = False  # a padded query token in image 0
+        state = state.replace(query=torch.randn(B, T, D, generator=g), query_mask=qm)
+    return state
+
+
+# --------------------------------------------------------------- references
+def ref_minmax(v):
+    lo, hi = min(v), max(v)
+    return [0.0 if hi == lo else (x - lo) / (hi - lo) for x in v]
+
+
+def ref_importance(tokens, query, qmask, sal, w_text=0.7, w_sal=0.3):
+    """Plain loops: max over real query tokens of the cosine, min-max per image, weighted sum."""
+    n = tokens.shape[0]
+    text = []
+    for i in range(n):
+        best = -math.inf
+        for t in range(query.shape[0]):
+            if qmask[t]:
+                c = float(torch.dot(tokens[i], query[t]) / (tokens[i].norm() * query[t].norm()))
+                best = max(best, c)
+        text.append(best)
+    text, sal = ref_minmax(text), ref_minmax([float(s) for s in sal])
+    return [w_text * a + w_sal * b for a, b in zip(text, sal)]
+
+
+def ref_topk(scores, k):
+    return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k])
+
+
+def ref_dpc(x, c):
+    """Official cluster_and_merge on one image, in loops (ties by index instead of noise)."""
+    x = x.double()
+    n, C = x.shape
+    d = [[float((x[i] - x[j]).norm()) / math.sqrt(C) for j in range(n)] for i in range(n)]
+    rho = [math.exp(-sum(v * v for v in sorted(d[i])[:c]) / c) for i in range(n)]
+    dmax = max(max(row) for row in d)
+    delta = []
+    for i in range(n):
+        denser = [d[i][j] for j in range(n) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
+        delta.append(min(denser + [dmax]))
+    score = [delta[i] * rho[i] for i in range(n)]
+    centres = sorted(range(n), key=lambda i: (-score[i], i))[:c]
+    assign = []
+    for i in range(n):
+        if i in centres:
+            assign.append(centres.index(i))
+        else:
+            dist = [d[i][j] for j in centres]
+            assign.append(dist.index(min(dist)))
+    merged = [torch.stack([x[i] for i in range(n) if assign[i] == k]).mean(0) for k in range(c)]
+    return centres, assign, merged
+
+
+# ----------------------------------------------------------- pre-LLM plugin
+@pytest.mark.parametrize("norm", ["minmax", "rank"])
+def test_importance_and_selection_match_reference(norm):
+    state = make_state()
+    plugin = arrcoc.create("compressor", "sparsevlm", keep=0.4, norm=norm)
+    out = plugin(state).check()
+    k = math.floor(30 * 0.4)
+    for b in range(state.B):
+        if norm == "minmax":
+            ref = ref_importance(state.tokens[b], state.query[b], state.query_mask[b], state.per_token["cls_attn"][b])
+            got = S.sparsevlm_importance(state.tokens, state.query, state.per_token["cls_attn"], state.mask,
+                                         state.query_mask)[b]
+            assert torch.allclose(got.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-5)
+        else:
+            text = S.text_relevance(state.tokens, state.query, state.query_mask)[b].tolist()
+            sal = state.per_token["cls_attn"][b].tolist()
+
+            def rank(v):
+                order = sorted(range(len(v)), key=lambda i: (v[i], i))
+                r = [0] * len(v)
+                for pos, i in enumerate(order):
+                    r[i] = pos / (len(v) - 1)
+                return r
+            ref = [0.7 * a + 0.3 * s for a, s in zip(rank(text), rank(sal))]
+        keep = ref_topk(ref, k)
+        assert out.counts[b] == k
+        assert torch.equal(out.tokens[b, :k], state.tokens[b, keep])
+        assert out.size[b, :k].sum() == k  # pure pruning: size = kept count
+        assert torch.equal(out.positions[b, :k], state.positions[b, keep])
+
+
+def test_masked_query_tokens_are_ignored():
+    state = make_state()
+    q = state.query.clone()
+    q[0, -1] = state.tokens[0, 7] * 100  # padded query token identical to token 7: must not matter
+    a = S.text_relevance(state.tokens, state.query, state.query_mask)
+    b = S.text_relevance(state.tokens, q, state.query_mask)
+    assert torch.equal(a, b)
+
+
+def test_weights_only_text_or_only_saliency():
+    state = make_state()
+    out = arrcoc.create("compressor", "sparsevlm", keep=5, w_text=0.0, w_sal=1.0)(state)
+    for b in range(state.B):
+        sal = state.per_token["cls_attn"][b].tolist()
+        assert torch.equal(out.tokens[b], state.tokens[b, ref_topk(sal, 5)])
+    plugin = arrcoc.create("compressor", "sparsevlm", keep=5, w_sal=0.0)
+    assert plugin.requirements() == frozenset({"query"})
+    no_sal = state.replace(per_token={})
+    assert plugin(no_sal).counts.tolist() == [5, 5]
+
+
+def test_ragged_batch_equals_per_image_runs_and_masked_never_selected():
+    state = make_state(counts=[30, 17])
+    plugin = arrcoc.create("compressor", "sparsevlm", keep=0.5, recycle=True)
+    out = plugin(state).check()
+    for b, n in enumerate([30, 17]):
+        one = TokenState.from_patches(state.tokens[b:b + 1, :n].contiguous(), (1, n), per_token={
+            "cls_attn": state.per_token["cls_attn"][b:b + 1, :n]})
+        one = one.replace(query=state.query[b:b + 1], query_mask=state.query_mask[b:b + 1])
+        single = plugin(one)
+        m = int(single.counts[0])
+        assert out.counts[b] == m
+        assert torch.allclose(out.tokens[b, :m], single.tokens[0, :m], atol=1e-6)
+        assert torch.equal(out.size[b, :m], single.size[0, :m])
+    # image 1 had 17 real tokens: nothing it keeps comes from slots >= 17
+    assert int((out.origin[1] >= 0).sum()) == int(out.size[1].sum())
+    assert bool((out.origin[1, 17:] == -1).all())
+
+
+def test_recycling_matches_official_reference():
+    state = make_state(B=2, H=8, W=8, D=12)
+    p = arrcoc.create("compressor", "sparsevlm", keep=0.25, recycle=True)
+    out = p(state).check()
+    n, k = 64, 16
+    scores = S.sparsevlm_importance(state.tokens, state.query, state.per_token["cls_attn"], state.mask,
+                                    state.query_mask)
+    for b in range(2):
+        sc = scores[b].tolist()
+        kept = ref_topk(sc, k)
+        deleted = [i for i in range(n) if i not in kept]
+        m = int(len(deleted) * 0.3) + 1  # official merge_token_num_stage1
+        rec = sorted(deleted, key=lambda i: (-sc[i], i))[:m]
+        c = m // 10 + 1  # official cluster_num
+        centres, assign, merged = ref_dpc(state.tokens[b, rec], c)
+        assert out.counts[b] == k + c
+        assert torch.equal(out.tokens[b, :k], state.tokens[b, kept])
+        want = torch.stack(merged).float()
+        assert torch.allclose(out.tokens[b, k:k + c], want, atol=1e-5)
+        sizes = [assign.count(j) for j in range(c)]
+        assert out.size[b, k:k + c].tolist() == sizes
+        assert out.size[b].sum() == k + m  # recycled patches are accounted for, the rest dropped
+        for j in range(c):  # origin: every recycled patch points at its cluster token
+            for i, r in enumerate(rec):
+                if assign[i] == j:
+                    assert out.origin[b, r] == k + j
+
+
+def test_dpc_knn_and_cluster_and_merge_match_reference_batched():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, 8, generator=g)
+    counts, clusters = torch.tensor([20, 13, 5]), torch.tensor([3, 2, 1])
+    mask = torch.arange(20)[None] < counts[:, None]
+    centres, cvalid, assign = S.dpc_knn(x, clusters, mask)
+    merged, mvalid = S.cluster_and_merge(x, clusters, mask)
+    for b in range(3):
+        n, c = int(counts[b]), int(clusters[b])
+        rc, ra, rm = ref_dpc(x[b, :n], c)
+        assert centres[b, :c].tolist() == rc
+        assert assign[b, :n].tolist() == ra
+        assert bool((assign[b, n:] == -1).all())
+        assert torch.allclose(merged[b, :c], torch.stack(rm).float(), atol=1e-5)
+        assert mvalid[b].tolist() == [True] * c + [False] * (3 - c)
+
+
+def test_dpc_knn_duplicate_tokens_are_deterministic():
+    x = torch.ones(1, 6, 4)  # every density and distance ties
+    centres, _, assign = S.dpc_knn(x, 2)
+    again = S.dpc_knn(x, 2)
+    assert torch.equal(centres, again[0]) and torch.equal(assign, again[2])
+    # equal densities: the lower index counts as denser, so the centres are tokens 0 and 1;
+    # equal distances go to the first centre, and each centre owns itself
+    assert centres[0].tolist() == [0, 1]
+    assert assign[0].tolist() == [0, 1, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    state = make_state().to(dtype=dtype)
+    out = arrcoc.create("compressor", "sparsevlm", keep=0.4, recycle=True)(state).check()
+    assert out.dtype == dtype and out.counts.tolist() == [13, 13]
+    assert torch.isfinite(out.tokens.float()).all()
+
+
+# ------------------------------------------------------------------- errors
+def test_bad_budgets():
+    with pytest.raises(ParamsError, match=r"ratio must lie in \(0, 1\]"):
+        arrcoc.create("compressor", "sparsevlm", keep=1.5)
+    with pytest.raises(ParamsError, match="count must be >= 1"):
+        arrcoc.create("compressor", "sparsevlm", keep=0)
+    with pytest.raises(BudgetError, match="asked to keep 31 tokens, but an image has only 30"):
+        arrcoc.create("compressor", "sparsevlm", keep=31)(make_state())
+
+
+def test_missing_inputs_called_directly():
+    plugin = arrcoc.create("compressor", "sparsevlm")
+    with pytest.raises(MissingInputError, match="needs a query"):
+        plugin(make_state(query=False))
+    with pytest.raises(MissingInputError, match=r"per_token\['cls_attn'\].*attention_layer"):
+        plugin(make_state().replace(per_token={}))
+    wide = make_state()
+    wide = wide.replace(query=torch.randn(2, 3, 7), query_mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(InputError, match="query width 7 must equal the visual token width 16"):
+        plugin(wide)
+
+
+def test_pipeline_checks_cls_attention_at_load_and_query_at_run():
+    no_cls = {**TINY, "model_kwargs": {"depth": 2, "img_size": 64, "class_token": False, "global_pool": "avg"}}
+    with pytest.raises(MissingInputError, match="needs 'cls_attention'.*no class token"):
+        arrcoc.load_pipeline({"name": "t", "encoder": no_cls, "compress": [{"use": "sparsevlm"}]}, device="cpu")
+    spec = {"name": "t", "encoder": TINY, "query_encoder": {"use": "toy_text"}, "compress": [{"use": "sparsevlm"}]}
+    pipe = arrcoc.load_pipeline(spec, device="cpu")
+    with pytest.raises(MissingInputError, match="needs a query"):
+        pipe(torch.rand(1, 3, 64, 64))
+    out = pipe(torch.rand(2, 3, 64, 64), query="red cat on a mat")
+    assert out.counts.tolist() == [6, 6]  # 16 patches * 0.4
+    assert out.trace[-1].tokens_out == (7, 7)
+
+
+def test_shipped_pipeline_validates():
+    spec = arrcoc.resolve_spec("sparsevlm")
+    stage = spec.compress[0]
+    assert stage.use == "sparsevlm" and stage.params["keep"] == 0.4
+    assert spec.encoder.params["layer"] == -2 and spec.query_encoder.use == "toy_text"
+
+
+# ------------------------------------------------------------ in-LLM core
+def test_text_raters_match_reference():
+    g = torch.Generator().manual_seed(5)
+    V, T = torch.randn(2, 9, 6, generator=g), torch.randn(2, 5, 6, generator=g)
+    tm = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    raters = S.select_text_raters(V, T, text_mask=tm)
+    for b in range(2):
+        t = int(tm[b].sum())
+        m = [0.0] * t
+        for i in range(9):
+            logits = [float(V[b, i] @ T[b, j]) for j in range(t)]
+            z = max(logits)
+            e = [math.exp(v - z) for v in logits]
+            for j in range(t):
+                m[j] += e[j] / sum(e) / 9
+        mean = sum(m) / t
+        assert raters[b].tolist() == [v > mean for v in m] + [False] * (5 - t)
+
+
+def test_rater_scores_and_counts():
+    g = torch.Generator().manual_seed(6)
+    attn = torch.rand(2, 4, 5, 10, generator=g)  # [B, heads, T, Nv]
+    raters = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    got = S.rater_scores(attn, raters)
+    for b in range(2):
+        rows = [t for t in range(5) if raters[b, t]]
+        for v in range(10):
+            ref = sum(float(attn[b, h, t, v]) for h in range(4) for t in rows) / (4 * len(rows))
+            assert abs(float(got[b, v]) - ref) < 1e-6
+    # official tables at layers [2, 6, 15], capped at n - 1
+    assert [int(S.table_keep_count(192, l, 576)) for l in (2, 6, 15)] == [300, 200, 110]
+    assert [int(S.table_keep_count(64, l, 576)) for l in (2, 6, 15)] == [66, 30, 17]
+    assert [int(S.table_keep_count(128, l, 576)) for l in (2, 6, 15)] == [303, 110, 36]
+    assert [int(S.table_keep_count(96, l, 576)) for l in (2, 6, 15)] == [238, 48, 26]
+    assert int(S.table_keep_count(192, 2, 250)) == 249
+    with pytest.raises(arrcoc.StateError, match="budget must be one of"):
+        S.table_keep_count(100, 2, 576)
+    # the paper's rank-based count: delete scale * (Lv - rank(P))
+    low_rank = torch.ones(1, 1, 3, 8)  # rank 1 -> delete 7 -> keep 1
+    assert S.adaptive_keep_count(low_rank, torch.ones(1, 3, dtype=torch.bool)).tolist() == [1]
+    full = torch.rand(1, 1, 8, 6, generator=g)  # rank 6 = Lv -> delete nothing
+    assert S.adaptive_keep_count(full, torch.ones(1, 8, dtype=torch.bool)).tolist() == [6]
+    half = S.adaptive_keep_count(low_rank, torch.ones(1, 3, dtype=torch.bool), scale=0.5)
+    assert half.tolist() == [8 - 3]
+
+
+def test_sparsevlm_prune_ragged_equals_per_image():
+    g = torch.Generator().manual_seed(7)
+    hidden, scores = torch.randn(2, 40, 8, generator=g), torch.rand(2, 40, generator=g)
+    counts = torch.tensor([40, 25])
+    mask = torch.arange(40)[None] < counts[:, None]
+    keep = torch.tensor([12, 8])
+    out, out_mask, _, _ = S.sparsevlm_prune(hidden, scores, keep, mask)
+    for b in range(2):
+        n = int(counts[b])
+        one, one_mask, _, _ = S.sparsevlm_prune(hidden[b:b + 1, :n], scores[b:b + 1, :n], keep[b:b + 1])
+        m = int(one_mask.sum())
+        assert int(out_mask[b].sum()) == m
+        assert torch.allclose(out[b, :m], one[0, :m], atol=1e-6)
+        d = n - int(keep[b])
+        assert m == int(keep[b]) + (int(d * 0.3) + 1) // 10 + 1

@@ -1,0 +1,526 @@
+"""arrcoc.ops: the only code that moves tokens.
+
+Each op is compared with a plain per-image reference written here (Python
+loops over tokens: slow and obviously right), and checked for the
+invariants every stage relies on: sizes conserved, origin consistent
+(``state.check()``), ragged batches equal per-image runs, dtype kept.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arrcoc import ops
+from arrcoc.errors import BudgetError, StateError
+from arrcoc.state import TokenState
+
+H, W, D = 3, 5, 6
+N = H * W
+
+
+def make_state(B: int = 2, seed: int = 0, cls: bool = True, dtype=torch.float32) -> TokenState:
+    g = torch.Generator().manual_seed(seed)
+    return TokenState.from_patches(
+        torch.randn(B, N, D, generator=g).to(dtype), (H, W),
+        cls_token=torch.randn(B, D, generator=g).to(dtype) if cls else None,
+        per_token={
+            "feat": torch.randn(B, N, 3, 2, generator=g).to(dtype),     # trailing dims
+            "ids": torch.arange(N).mul(10).expand(B, N).contiguous(),  # integer field
+            "score": torch.rand(B, N, generator=g).to(dtype),
+        },
+    )
+
+
+def ragged(state: TokenState, counts: list[int]) -> TokenState:
+    """The first ``counts[b]`` tokens of each row (a packed ragged state)."""
+    K = max(counts)
+    index = torch.arange(K).expand(state.B, K).contiguous()
+    valid = index < torch.tensor(counts)[:, None]
+    return ops.keep(state, index.masked_fill(~valid, 0), valid)
+
+
+# --------------------------------------------------------------- references
+def ref_keep(state: TokenState, rows: list[list[int]]) -> dict[str, list]:
+    """Per image: the kept rows in the given order, and the new origin."""
+    out = {"tokens": [], "size": [], "positions": [], "feat": [], "ids": [], "origin": []}
+    for b, idx in enumerate(rows):
+        out["tokens"].append(torch.stack([state.tokens[b, i] for i in idx]))
+        out["size"].append(torch.stack([state.size[b, i] for i in idx]))
+        out["positions"].append(torch.stack([state.positions[b, i] for i in idx]))
+        out["feat"].append(torch.stack([state.per_token["feat"][b, i] for i in idx]))
+        out["ids"].append(torch.stack([state.per_token["ids"][b, i] for i in idx]))
+        slot = {old: new for new, old in enumerate(idx)}
+        out["origin"].append(torch.tensor([slot.get(int(o), -1) if o >= 0 else -1 for o in state.origin[b]]))
+    return out
+
+
+def ref_merge(state: TokenState, pairs: list[list[tuple[int, int]]], weights=None) -> dict[str, list]:
+    """Per image: each destination's group = itself + its sources; weighted means, summed sizes."""
+    w_all = state.size if weights is None else weights
+    out = {"tokens": [], "size": [], "positions": [], "score": [], "origin": []}
+    for b, row in enumerate(pairs):
+        n = int(state.counts[b])
+        into = {s: d for s, d in row}
+        survivors = [i for i in range(n) if i not in into]
+        slot = {i: k for k, i in enumerate(survivors)}
+        tok, size, pos, score = [], [], [], []
+        for d in survivors:
+            group = [d] + [s for s, t in row if t == d]
+            w = torch.stack([w_all[b, i].double() for i in group])
+            s = torch.stack([state.size[b, i].double() for i in group])
+            tok.append(sum(w[j] * state.tokens[b, i].double() for j, i in enumerate(group)) / w.sum())
+            score.append(sum(w[j] * state.per_token["score"][b, i].double() for j, i in enumerate(group)) / w.sum())
+            pos.append(sum(s[j] * state.positions[b, i].double() for j, i in enumerate(group)) / s.sum())
+            size.append(s.sum())
+        out["tokens"].append(torch.stack(tok))
+        out["score"].append(torch.stack(score))
+        out["positions"].append(torch.stack(pos))
+        out["size"].append(torch.stack(size))
+        origin = []
+        for o in state.origin[b].tolist():
+            origin.append(-1 if o < 0 else slot[into.get(o, o)])
+        out["origin"].append(torch.tensor(origin))
+    return out
+
+
+def ref_bipartite(metric: torch.Tensor, r: int, class_token: bool) -> list[tuple[int, int]]:
+    """ToMe's matching for one image, by hand (paper Sec. 3 / tome.merge.bipartite_soft_matching).
+
+    In the sequence ``[cls?, t_0, t_1, ...]`` the even positions form set A and
+    the odd ones set B; with a class token, ``t_j`` sits at position ``j + 1``
+    and the class token (first of A) never merges.  Each A token's edge goes to
+    its most similar B token (cosine); the ``r`` best edges merge, ties to the
+    lower index.
+    """
+    n = metric.shape[0]
+    shift = 1 if class_token else 0
+    A = [j for j in range(n) if (j + shift) % 2 == 0]
+    Bset = [j for j in range(n) if (j + shift) % 2 == 1]
+    r = min(r, n // 2)
+    unit = [metric[j].double() / metric[j].double().norm() for j in range(n)]
+    edges = []
+    for a in A:
+        sims = [float(unit[a] @ unit[b]) for b in Bset]
+        best = max(range(len(Bset)), key=lambda i: (sims[i], -i))
+        edges.append((sims[best], a, Bset[best]))
+    edges.sort(key=lambda e: -e[0])  # Python's sort is stable: ties keep A order
+    return [(a, b) for _, a, b in edges[:r]]
+
+
+def rows_of(index: torch.Tensor, valid: torch.Tensor) -> list[list[int]]:
+    return [[int(i) for i, v in zip(idx, ok) if v] for idx, ok in zip(index, valid)]
+
+
+# ----------------------------------------------------------------------- keep
+def test_keep_gathers_every_field_in_the_given_order():
+    state = make_state()
+    rows = [[4, 0, 9, 14], [3, 2, 1, 13]]
+    out = ops.keep(state, torch.tensor(rows)).check()
+    ref = ref_keep(state, rows)
+    for b in range(2):
+        assert torch.equal(out.tokens[b], ref["tokens"][b])
+        assert torch.equal(out.size[b], ref["size"][b])
+        assert torch.equal(out.positions[b], ref["positions"][b])
+        assert torch.equal(out.per_token["feat"][b], ref["feat"][b])
+        assert torch.equal(out.per_token["ids"][b], ref["ids"][b])
+        assert torch.equal(out.origin[b], ref["origin"][b])
+    assert torch.equal(out.cls, state.cls) and out.mask.all()
+    # dropped patches get -1, kept patches point at their new slot
+    assert out.origin[0, 4] == 0 and out.origin[0, 0] == 1 and out.origin[0, 14] == 3 and out.origin[0, 1] == -1
+    assert int((out.origin >= 0).sum()) == 8
+
+
+def test_keep_ragged_packs_real_entries_first_in_caller_order():
+    state = make_state()
+    index = torch.tensor([[7, 2, 11, 5], [8, 1, 6, 0]])
+    valid = torch.tensor([[False, True, False, True], [True, True, True, False]])
+    out = ops.keep(state, index, valid).check()
+    assert out.N == 3  # trimmed to the longest row
+    assert out.mask.tolist() == [[True, True, False], [True, True, True]]
+    ref = ref_keep(state, [[2, 5], [8, 1, 6]])
+    for b, n in enumerate([2, 3]):
+        assert torch.equal(out.tokens[b, :n], ref["tokens"][b])
+        assert torch.equal(out.per_token["feat"][b, :n], ref["feat"][b])
+        assert torch.equal(out.origin[b], ref["origin"][b])
+    assert (out.tokens[0, 2] == 0).all() and out.size[0, 2] == 0  # padding is zero
+
+
+def test_keep_composes_origin_through_two_steps():
+    state = make_state()
+    first = ops.keep(state, torch.tensor([[10, 3, 7, 1], [0, 1, 2, 3]]))
+    second = ops.keep(first, torch.tensor([[2, 0], [3, 1]])).check()
+    # image 0: patch 7 -> slot 2 -> slot 0; patch 10 -> slot 0 -> slot 1; patch 3, 1 dropped
+    expected = torch.full((N,), -1)
+    expected[7], expected[10] = 0, 1
+    assert torch.equal(second.origin[0], expected)
+    assert torch.equal(second.tokens[0], state.tokens[0, [7, 10]])
+
+
+@pytest.mark.parametrize(
+    "index, valid, match",
+    [
+        (torch.tensor([[1, 2, 1], [0, 1, 2]]), None, r"keep: an index appears more than once in a row"),
+        (torch.tensor([[1, 2, 15], [0, 1, 2]]), None, r"keep: indices must lie in \[0, 15\)"),
+        (torch.tensor([[1, 2, -1], [0, 1, 2]]), None, r"keep: indices must lie in \[0, 15\)"),
+        (torch.tensor([[1, 2, 3], [0, 1, 2]], dtype=torch.int32), None, r"keep: expected an int64 index \[B=2, K\], got shape \[2, 3\] dtype torch\.int32"),
+        (torch.tensor([1, 2, 3]), None, r"keep: expected an int64 index \[B=2, K\], got shape \[3\]"),
+        (torch.tensor([[1, 2], [0, 1]]), torch.ones(2, 3, dtype=torch.bool), r"keep: valid must be a bool tensor of shape \[2, 2\]"),
+    ],
+)
+def test_keep_bad_index_is_a_state_error(index, valid, match):
+    with pytest.raises(StateError, match=match):
+        ops.keep(make_state(), index, valid)
+
+
+def test_keep_index_on_padding_is_an_error_but_invalid_entries_are_ignored():
+    state = ragged(make_state(), [15, 6])
+    with pytest.raises(StateError, match=r"keep: an index points at a padded \(masked\) token slot"):
+        ops.keep(state, torch.tensor([[0, 1], [0, 9]]))
+    # the same out-of-row index marked invalid, even out of range or duplicated, is ignored
+    out = ops.keep(state, torch.tensor([[0, 1], [0, 99]]), torch.tensor([[True, True], [True, False]])).check()
+    assert out.counts.tolist() == [2, 1]
+    out = ops.keep(state, torch.tensor([[0, 1], [0, 0]]), torch.tensor([[True, True], [True, False]]))
+    assert out.counts.tolist() == [2, 1]
+
+
+# ---------------------------------------------------------------------- merge
+def merged_twice(state: TokenState):
+    """A first merge makes sizes differ from 1, so the second one tests the weighting."""
+    pairs1 = [[(1, 0), (2, 0), (6, 5)], [(14, 13), (3, 4), (8, 4)]]
+    first = ops.merge(state, torch.tensor([[s for s, _ in p] for p in pairs1]),
+                      torch.tensor([[d for _, d in p] for p in pairs1]))
+    return first
+
+
+def test_merge_matches_hand_computed_size_weighted_means():
+    first = merged_twice(make_state())
+    first.check()
+    assert sorted(first.size[0].tolist()) == [1.0] * 10 + [2.0, 3.0]
+    pairs = [[(0, 1), (4, 1), (7, 11)], [(1, 3), (0, 3), (5, 2)]]  # dst 1 of image 0 absorbs a size-3 token
+    src = torch.tensor([[s for s, _ in p] for p in pairs])
+    dst = torch.tensor([[d for _, d in p] for p in pairs])
+    out = ops.merge(first, src, dst).check()
+    ref = ref_merge(first, pairs)
+    for b in range(2):
+        torch.testing.assert_close(out.tokens[b], ref["tokens"][b].float())
+        torch.testing.assert_close(out.per_token["score"][b], ref["score"][b].float())
+        torch.testing.assert_close(out.positions[b], ref["positions"][b].float())
+        torch.testing.assert_close(out.size[b], ref["size"][b].float())
+        assert torch.equal(out.origin[b], ref["origin"][b])
+    assert out.counts.tolist() == [9, 9]
+    # total size conserved: every patch still stands in exactly one token
+    assert out.size.sum(1).tolist() == [float(N), float(N)]
+    assert torch.equal(out.cls, first.cls)
+
+
+def test_merge_of_one_pair_by_hand():
+    state = make_state(B=1)
+    out = ops.merge(state, torch.tensor([[3]]), torch.tensor([[8]]))
+    # survivors keep their original order: token 8 now sits in slot 7
+    torch.testing.assert_close(out.tokens[0, 7], (state.tokens[0, 3] + state.tokens[0, 8]) / 2)
+    assert out.size[0, 7] == 2.0
+    torch.testing.assert_close(out.positions[0, 7], (state.positions[0, 3] + state.positions[0, 8]) / 2)
+    assert out.origin[0, 3] == 7 and out.origin[0, 8] == 7 and out.origin[0, 9] == 8 and out.origin[0, 2] == 2
+    assert torch.equal(out.tokens[0, :3], state.tokens[0, :3])
+    assert torch.equal(out.per_token["ids"][0, 7], state.per_token["ids"][0, 8])  # integers: the destination's
+
+
+def test_merge_weights_ones_is_a_plain_mean_positions_stay_size_weighted():
+    first = merged_twice(make_state())
+    pairs = [[(0, 1), (4, 1)], [(1, 3), (0, 3)]]
+    src = torch.tensor([[s for s, _ in p] for p in pairs])
+    dst = torch.tensor([[d for _, d in p] for p in pairs])
+    ones = torch.ones_like(first.size)
+    out = ops.merge(first, src, dst, weights=ones)
+    ref = ref_merge(first, pairs, weights=ones)
+    for b in range(2):
+        torch.testing.assert_close(out.tokens[b], ref["tokens"][b].float())
+        torch.testing.assert_close(out.positions[b], ref["positions"][b].float())  # still size-weighted
+    # image 0, dst 1 (size 3 after the first merge) with sources 0 and 4: plain mean of three tokens
+    torch.testing.assert_close(out.tokens[0, 0], (first.tokens[0, 0] + first.tokens[0, 1] + first.tokens[0, 4]) / 3)
+    with pytest.raises(StateError, match=r"merge: weights must be \[B=2, N=12\], got \[2, 11\]"):
+        ops.merge(first, src, dst, weights=ones[:, :-1])
+
+
+def test_merge_reduce_sum_and_dst():
+    state = make_state(B=1)
+    src, dst = torch.tensor([[2, 4]]), torch.tensor([[6, 6]])
+    out = ops.merge(state, src, dst, reduce={"score": "sum", "feat": "dst"})
+    s = state.per_token["score"][0]
+    torch.testing.assert_close(out.per_token["score"][0, 4], s[2] + s[4] + s[6])  # slot of token 6
+    assert torch.equal(out.per_token["feat"][0, 4], state.per_token["feat"][0, 6])
+    with pytest.raises(StateError, match=r"merge: reduce\['nope'\]='sum'; expected a per_token field"):
+        ops.merge(state, src, dst, reduce={"nope": "sum"})
+    with pytest.raises(StateError, match=r"merge: reduce\['score'\]='max'"):
+        ops.merge(state, src, dst, reduce={"score": "max"})
+
+
+def test_merge_ragged_equals_per_image_runs():
+    state = ragged(make_state(B=3), [15, 9, 4])
+    pairs = [[(0, 3), (5, 3), (10, 14)], [(8, 1), (2, 1)], [(3, 0)]]
+    R = 3
+    src = torch.tensor([[p[i][0] if i < len(p) else 0 for i in range(R)] for p in pairs])
+    dst = torch.tensor([[p[i][1] if i < len(p) else 0 for i in range(R)] for p in pairs])
+    valid = torch.tensor([[i < len(p) for i in range(R)] for p in pairs])
+    out = ops.merge(state, src, dst, valid).check()
+    assert out.counts.tolist() == [12, 7, 3]
+    for b, n in enumerate([15, 9, 4]):
+        alone = ragged(make_state(B=3), [n] * 3)
+        one = TokenState(tokens=alone.tokens[b:b + 1, :n], mask=alone.mask[b:b + 1, :n], size=alone.size[b:b + 1, :n],
+                         positions=alone.positions[b:b + 1, :n], origin=alone.origin[b:b + 1], grid=alone.grid)
+        k = len(pairs[b])
+        single = ops.merge(one, src[b:b + 1, :k], dst[b:b + 1, :k])
+        c = single.N
+        torch.testing.assert_close(out.tokens[b, :c], single.tokens[0])
+        assert torch.equal(out.size[b, :c], single.size[0])
+        assert torch.equal(out.origin[b], single.origin[0])
+        assert (out.size[b, c:] == 0).all()
+    assert out.size.sum(1).tolist() == [15.0, 9.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "src, dst, match",
+    [
+        ([[1, 3]], [[3, 5]], r"merge: a destination token is also a source \(chains are not allowed\)"),
+        ([[1, 1]], [[3, 5]], r"merge: a source token appears more than once in a row"),
+        ([[1, 2]], [[3, 15]], r"merge\(dst\): indices must lie in \[0, 15\)"),
+        ([[-1, 2]], [[3, 4]], r"merge\(src\): indices must lie in \[0, 15\)"),
+    ],
+)
+def test_merge_bad_pairs_are_state_errors(src, dst, match):
+    with pytest.raises(StateError, match=match):
+        ops.merge(make_state(B=1), torch.tensor(src), torch.tensor(dst))
+
+
+def test_merge_into_padding_is_an_error():
+    state = ragged(make_state(B=2), [15, 5])
+    with pytest.raises(StateError, match=r"merge\(dst\): an index points at a padded"):
+        ops.merge(state, torch.tensor([[0], [1]]), torch.tensor([[2], [7]]))
+
+
+def test_many_sources_into_one_destination():
+    state = make_state(B=1, cls=False)
+    src = torch.tensor([[0, 1, 2, 3, 4, 5, 6]])
+    dst = torch.full_like(src, 7)
+    out = ops.merge(state, src, dst).check()
+    torch.testing.assert_close(out.tokens[0, 0], state.tokens[0, :8].mean(0))
+    assert out.size[0, 0] == 8.0 and (out.origin[0, :8] == 0).all()
+
+
+# ------------------------------------------------------------ bipartite_match
+@pytest.mark.parametrize("n", [15, 14, 7, 2])
+@pytest.mark.parametrize("class_token", [False, True])
+@pytest.mark.parametrize("r", [1, 4, 100])
+def test_bipartite_match_equals_plain_reference(n, class_token, r):
+    g = torch.Generator().manual_seed(n * 7 + r + class_token)
+    metric = torch.randn(2, n, 16, generator=g)
+    matching, r_used = ops.bipartite_match(metric, r, class_token=class_token)
+    assert r_used.tolist() == [min(r, n // 2)] * 2
+    for b in range(2):
+        ref = ref_bipartite(metric[b], r, class_token)
+        got = [(int(s), int(d)) for s, d, v in zip(matching.src[b], matching.dst[b], matching.valid[b]) if v]
+        assert got == ref
+
+
+def test_bipartite_match_class_token_shifts_the_parity():
+    metric = torch.randn(1, 10, 4, generator=torch.Generator().manual_seed(0))
+    plain, _ = ops.bipartite_match(metric, 5)
+    shifted, _ = ops.bipartite_match(metric, 5, class_token=True)
+    assert set(plain.src[0].tolist()) == {0, 2, 4, 6, 8} and set(plain.dst[0].tolist()) <= {1, 3, 5, 7, 9}
+    assert set(shifted.src[0].tolist()) == {1, 3, 5, 7, 9} and set(shifted.dst[0].tolist()) <= {0, 2, 4, 6, 8}
+
+
+def test_bipartite_match_ragged_equals_per_image_runs():
+    g = torch.Generator().manual_seed(3)
+    counts = [15, 11, 6, 1]
+    metric = torch.randn(4, 15, 8, generator=g)
+    mask = torch.arange(15)[None, :] < torch.tensor(counts)[:, None]
+    for class_token in (False, True):
+        matching, r_used = ops.bipartite_match(metric, 5, mask, class_token=class_token)
+        assert r_used.tolist() == [5, 5, 3, 0]
+        for b, n in enumerate(counts):
+            single, r1 = ops.bipartite_match(metric[b:b + 1, :n], 5, class_token=class_token)
+            k = int(r1)
+            assert int(r_used[b]) == k
+            assert torch.equal(matching.src[b, :k], single.src[0, :k])
+            assert torch.equal(matching.dst[b, :k], single.dst[0, :k])
+            assert not matching.valid[b, k:].any()
+            assert (matching.src[b, :k] < n).all() and (matching.dst[b, :k] < n).all()
+
+
+def test_bipartite_match_per_image_r_and_errors():
+    metric = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(1))
+    matching, r_used = ops.bipartite_match(metric, torch.tensor([2, 4]))
+    assert r_used.tolist() == [2, 4] and matching.valid.sum(1).tolist() == [2, 4]
+    with pytest.raises(BudgetError, match=r"bipartite_match: r must be >= 0, got \[-1, -1\]"):
+        ops.bipartite_match(metric, -1)
+    with pytest.raises(StateError, match=r"bipartite_match: expected metric \[B, N, C\], got shape \[10, 4\]"):
+        ops.bipartite_match(metric[0], 2)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_bipartite_match_with_nothing_to_merge_is_empty_and_merge_is_identity(class_token):
+    state = make_state(B=2)
+    one = ops.keep(state, torch.tensor([[4], [2]]))  # a single token: one of the two sets is empty
+    matching, r_used = ops.bipartite_match(one.tokens, 3, one.mask, class_token=class_token)
+    assert r_used.tolist() == [0, 0] and matching.src.shape == (2, 0) and matching.valid.dtype == torch.bool
+    out = ops.merge(one, matching.src, matching.dst, matching.valid).check()
+    assert torch.equal(out.tokens, one.tokens) and torch.equal(out.origin, one.origin)
+    matching, r_used = ops.bipartite_match(state.tokens, 0)
+    assert r_used.tolist() == [0, 0] and matching.src.shape == (2, 0)
+
+
+def test_bipartite_match_then_merge_keeps_state_consistent():
+    state = ragged(make_state(B=2), [15, 8])
+    matching, r_used = ops.bipartite_match(state.tokens, 6, state.mask, class_token=True)
+    out = ops.merge(state, matching.src, matching.dst, matching.valid).check()
+    assert out.counts.tolist() == [15 - 6, 8 - 4]
+    assert out.size.sum(1).tolist() == [15.0, 8.0]
+
+
+# --------------------------------------------------------------- topk_per_row
+def test_topk_ties_go_to_the_lower_index():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]])
+    index, valid = ops.topk_per_row(scores, 2)
+    assert index.tolist() == [[1, 2]] and valid.all()
+    index, _ = ops.topk_per_row(scores, 4)
+    assert index.tolist() == [[1, 2, 4, 3]]
+
+
+def test_topk_masked_entries_are_never_selected():
+    scores = torch.tensor([[9.0, 1.0, 8.0, 2.0], [float("-inf"), float("-inf"), 5.0, float("-inf")]])
+    mask = torch.tensor([[False, True, True, True], [False, True, True, True]])  # also non-prefix masks
+    index, valid = ops.topk_per_row(scores, 3, mask)
+    assert index.tolist() == [[2, 3, 1], [2, 1, 3]] and valid.all()
+
+
+def test_topk_ragged_k_and_position_order():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3], [0.4, 0.2, 0.8, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    index, valid = ops.topk_per_row(scores, torch.tensor([3, 2]), mask)
+    assert index[0].tolist() == [1, 3, 2] and index[1, :2].tolist() == [2, 0]
+    assert valid.tolist() == [[True] * 3, [True, True, False]]
+    index, valid = ops.topk_per_row(scores, torch.tensor([3, 2]), mask, order="position")
+    assert index[0].tolist() == [1, 2, 3] and index[1, :2].tolist() == [0, 2]
+    assert valid.tolist() == [[True] * 3, [True, True, False]]
+
+
+def test_topk_errors():
+    scores = torch.tensor([[0.1, float("nan"), 0.3]])
+    with pytest.raises(StateError, match=r"topk_per_row: scores contain NaN"):
+        ops.topk_per_row(scores, 1)
+    # NaN in a masked slot is not looked at
+    index, _ = ops.topk_per_row(scores, 1, torch.tensor([[True, False, True]]))
+    assert index.tolist() == [[2]]
+    with pytest.raises(BudgetError, match=r"topk_per_row: asked for \[3\] tokens, rows have \[2\]"):
+        ops.topk_per_row(torch.zeros(1, 3), 3, torch.tensor([[True, True, False]]))
+    with pytest.raises(StateError, match=r"order must be 'score' or 'position', got 'random'"):
+        ops.topk_per_row(torch.zeros(1, 3), 1, order="random")
+    with pytest.raises(StateError, match=r"expected scores \[B, N\], got shape \[3\]"):
+        ops.topk_per_row(torch.zeros(3), 1)
+
+
+def test_keep_topk_keeps_highest_in_original_order():
+    state = ragged(make_state(B=2), [15, 6])
+    scores = state.per_token["score"]
+    out = ops.keep_topk(state, scores, torch.tensor([4, 3])).check()
+    for b, n, k in [(0, 15, 4), (1, 6, 3)]:
+        best = sorted(sorted(range(n), key=lambda i: -float(scores[b, i]))[:k])
+        assert torch.equal(out.tokens[b, :k], state.tokens[b, best])
+
+
+# ---------------------------------------------------------------- resolve_keep
+def test_resolve_keep_ratio_floor_min_one_and_counts():
+    counts = torch.tensor([10, 7, 1, 3])
+    assert ops.resolve_keep(0.5, counts).tolist() == [5, 3, 1, 1]
+    assert ops.resolve_keep(0.01, counts).tolist() == [1, 1, 1, 1]
+    assert ops.resolve_keep(1.0, counts).tolist() == [10, 7, 1, 3]
+    assert ops.resolve_keep(0.999, torch.tensor([576])).tolist() == [575]
+    assert ops.resolve_keep(1, counts).tolist() == [1, 1, 1, 1]
+    assert ops.resolve_keep(3, torch.tensor([3, 5])).tolist() == [3, 3]
+    assert ops.resolve_keep(0.5, counts).dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "keep, match",
+    [
+        (0.0, r"where: a ratio must lie in \(0, 1\], got 0\.0"),
+        (1.5, r"where: a ratio must lie in \(0, 1\], got 1\.5"),
+        (-0.2, r"a ratio must lie in \(0, 1\]"),
+        (0, r"where: a count must be >= 1, got 0"),
+        (-3, r"a count must be >= 1, got -3"),
+        (True, r"where: expected a ratio in \(0, 1\] or a count >= 1, got True"),
+        ("0.5", r"expected a ratio in \(0, 1\] or a count >= 1, got '0\.5'"),
+        (11, r"where: asked to keep 11 tokens, but an image has only 7"),
+    ],
+)
+def test_resolve_keep_invalid_budgets(keep, match):
+    with pytest.raises(BudgetError, match=match):
+        ops.resolve_keep(keep, torch.tensor([10, 7]), where="where")
+
+
+# --------------------------------------------------------------------- unmerge
+def test_unmerge_broadcasts_tokens_back_to_their_patches():
+    state = make_state(B=2)
+    merged = ops.merge(state, torch.tensor([[0, 2], [5, 7]]), torch.tensor([[1, 1], [6, 6]]))
+    kept = ops.keep(merged, torch.tensor([[0, 4, 5], [3, 4, 5]]))  # image 0: slot 0 holds patches 0, 1, 2
+    values, present = ops.unmerge(kept)
+    assert values.shape == (2, N, D) and present.dtype == torch.bool
+    for b in range(2):
+        for p in range(N):
+            o = int(kept.origin[b, p])
+            if o < 0:
+                assert not present[b, p] and (values[b, p] == 0).all()
+            else:
+                assert present[b, p] and torch.equal(values[b, p], kept.tokens[b, o])
+    assert present[0, :3].all() and torch.equal(values[0, 0], values[0, 2])
+    # any [B, N, ...] tensor: trailing dims too
+    feat, _ = ops.unmerge(kept, kept.per_token["feat"])
+    assert feat.shape == (2, N, 3, 2)
+    with pytest.raises(StateError, match=r"unmerge: expected values \[B=2, N=3, \.\.\.\], got \[2, 4\]"):
+        ops.unmerge(kept, torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------------- cosine
+def test_cosine_matches_pairwise_f_cosine_similarity():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 5, 7, generator=g), torch.randn(2, 4, 7, generator=g)
+    ref = F.cosine_similarity(a[:, :, None, :], b[:, None, :, :], dim=-1)
+    torch.testing.assert_close(ops.cosine(a, b), ref)
+    zero = ops.cosine(torch.zeros(1, 1, 7), b[:1])
+    assert torch.isfinite(zero).all() and (zero == 0).all()
+
+
+# --------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ops_keep_the_dtype_and_match_float32(dtype):
+    low = make_state(B=2, dtype=dtype)
+    high = low.to(dtype=torch.float32).with_per_token(
+        **{k: (v.float() if v.is_floating_point() else v) for k, v in low.per_token.items()})
+
+    kept = ops.keep(low, torch.tensor([[3, 1, 2], [0, 5, 9]]))
+    assert kept.tokens.dtype == dtype and kept.per_token["feat"].dtype == dtype and kept.cls.dtype == dtype
+    assert torch.equal(kept.tokens[0], low.tokens[0, [3, 1, 2]])
+
+    src, dst = torch.tensor([[0, 2, 9], [4, 6, 1]]), torch.tensor([[1, 1, 8], [5, 5, 5]])
+    m_low, m_high = ops.merge(low, src, dst), ops.merge(high, src, dst)
+    assert m_low.tokens.dtype == dtype and m_low.per_token["score"].dtype == dtype
+    assert m_low.size.dtype == torch.float32 and m_low.positions.dtype == torch.float32
+    # merging accumulates in float32: identical to the float32 merge rounded once
+    assert torch.equal(m_low.tokens, m_high.tokens.to(dtype))
+    assert torch.equal(m_low.size, m_high.size)
+
+    top = ops.keep_topk(low, low.per_token["score"], 5)
+    assert top.tokens.dtype == dtype and top.counts.tolist() == [5, 5]
+
+    # pairs of near-copies: the matching is unambiguous even in low precision
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 6, 16, generator=g).repeat_interleave(2, dim=1)
+    metric = (base + 0.01 * torch.randn(2, 12, 16, generator=g)).to(dtype)
+    matching, r_used = ops.bipartite_match(metric, 6)
+    assert r_used.tolist() == [6, 6]
+    assert {(int(s), int(d)) for s, d in zip(matching.src[0], matching.dst[0])} == {(2 * i, 2 * i + 1) for i in range(6)}
+    values, _ = ops.unmerge(m_low)
+    assert values.dtype == dtype

@@ -1,0 +1,226 @@
+"""TokenState: construction validation, from_patches, check(), copies and dtype moves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from arrcoc import ops
+from arrcoc.errors import StateError
+from arrcoc.state import TokenState
+
+B, H, W, D = 2, 3, 4, 8
+N = H * W
+
+
+def fields(**changes):
+    """Valid constructor arguments of a fresh 3x4 state, with ``changes`` applied."""
+    g = torch.Generator().manual_seed(0)
+    base = dict(
+        tokens=torch.randn(B, N, D, generator=g),
+        mask=torch.ones(B, N, dtype=torch.bool),
+        size=torch.ones(B, N),
+        positions=torch.zeros(B, N, 2),
+        origin=torch.arange(N).expand(B, N).clone(),
+        grid=(H, W),
+    )
+    base.update(changes)
+    return base
+
+
+def fresh(cls: bool = True, **per_token) -> TokenState:
+    g = torch.Generator().manual_seed(1)
+    return TokenState.from_patches(
+        torch.randn(B, N, D, generator=g), (H, W),
+        cls_token=torch.randn(B, D, generator=g) if cls else None, per_token=per_token,
+    )
+
+
+def test_valid_fields_build():
+    state = TokenState(**fields())
+    assert (state.B, state.N, state.D) == (B, N, D)
+    assert state.grid == (H, W) and state.dtype == torch.float32
+
+
+# ----------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(tokens=torch.randn(B, N)), r"TokenState\.tokens: expected a floating tensor \[B, N, D\], got tensor of shape \[2, 12\]"),
+        (dict(tokens=torch.ones(B, N, D, dtype=torch.int64)), r"TokenState\.tokens: .*dtype torch\.int64"),
+        (dict(tokens=[[1.0]]), r"TokenState\.tokens: .*got list"),
+        (dict(mask=torch.ones(B, N, dtype=torch.uint8)), r"TokenState\.mask: expected shape \[2, 12\] dtype torch\.bool, got shape \[2, 12\] dtype torch\.uint8"),
+        (dict(mask=torch.ones(B, N + 1, dtype=torch.bool)), r"TokenState\.mask: .*got shape \[2, 13\]"),
+        (dict(mask=None), r"TokenState\.mask: expected a tensor \[2, 12\], got NoneType"),
+        (dict(size=torch.ones(B, N, dtype=torch.float64)), r"TokenState\.size: .*dtype torch\.float32, got .*torch\.float64"),
+        (dict(size=torch.ones(B, N, 1)), r"TokenState\.size: expected shape \[2, 12\] .*got shape \[2, 12, 1\]"),
+        (dict(positions=torch.zeros(B, N, 3)), r"TokenState\.positions: expected shape \[2, 12, 2\] .*got shape \[2, 12, 3\]"),
+        (dict(origin=torch.arange(N, dtype=torch.int32).expand(B, N)), r"TokenState\.origin: .*dtype torch\.int64, got .*torch\.int32"),
+        (dict(origin=torch.arange(N + 1).expand(B, N + 1)), r"TokenState\.origin: expected shape \[2, 12\] .*got shape \[2, 13\]"),
+        (dict(grid=(0, N)), r"TokenState\.grid: expected \(H0, W0\) >= 1, got \(0, 12\)"),
+        (dict(grid=(2, 3)), r"TokenState\.origin: expected shape \[2, 6\]"),  # grid and origin disagree
+        (dict(cls=torch.randn(B, D + 1)), r"TokenState\.cls: expected shape \[2, 8\] .*got shape \[2, 9\]"),
+        (dict(cls=torch.randn(B, D, dtype=torch.float64)), r"TokenState\.cls: .*dtype torch\.float32, got .*torch\.float64"),
+        (dict(per_token={"score": torch.randn(B, N - 1)}), r"TokenState\.per_token\['score'\]: expected a tensor \[B=2, N=12, \.\.\.\], got tensor of shape \[2, 11\]"),
+        (dict(per_token={"score": 3.0}), r"TokenState\.per_token\['score'\]: .*got float"),
+        (dict(query=torch.randn(B, 4, 5)), r"TokenState\.query_mask: expected a tensor \[2, 4\], got NoneType"),
+        (dict(query=torch.randn(B, 4, 5), query_mask=torch.ones(B, 3, dtype=torch.bool)), r"TokenState\.query_mask: expected shape \[2, 4\]"),
+        (dict(query=torch.randn(B + 1, 4, 5), query_mask=torch.ones(B + 1, 4, dtype=torch.bool)), r"TokenState\.query: expected a floating tensor \[B=2, T, Dq\], got tensor of shape \[3, 4, 5\]"),
+        (dict(query_mask=torch.ones(B, 4, dtype=torch.bool)), r"TokenState\.query_mask is set but query is None"),
+        (dict(images=torch.rand(B, 1, 16, 16)), r"TokenState\.images: expected \[B=2, 3, H, W\], got tensor of shape \[2, 1, 16, 16\]"),
+    ],
+)
+def test_bad_fields_raise_state_error_naming_the_field(changes, match):
+    with pytest.raises(StateError, match=match):
+        TokenState(**fields(**changes))
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("mask", torch.ones(B, N, dtype=torch.bool, device="meta")),
+        ("size", torch.ones(B, N, device="meta")),
+        ("positions", torch.zeros(B, N, 2, device="meta")),
+        ("origin", torch.zeros(B, N, dtype=torch.int64, device="meta")),
+        ("cls", torch.zeros(B, D, device="meta")),
+    ],
+)
+def test_field_on_another_device_is_an_error(name, value):
+    with pytest.raises(StateError, match=rf"TokenState\.{name}: on meta, but tokens are on cpu"):
+        TokenState(**fields(**{name: value}))
+
+
+def test_per_token_and_query_on_another_device_are_errors():
+    with pytest.raises(StateError, match=r"TokenState\.per_token\['k'\]: on meta, tokens on cpu"):
+        TokenState(**fields(per_token={"k": torch.zeros(B, N, device="meta")}))
+    with pytest.raises(StateError, match=r"TokenState\.query_mask: on meta"):
+        TokenState(**fields(query=torch.zeros(B, 2, 3), query_mask=torch.ones(B, 2, dtype=torch.bool, device="meta")))
+
+
+# --------------------------------------------------------------- from_patches
+def test_from_patches_raster_positions_arange_origin_unit_sizes():
+    state = fresh(cls=True, score=torch.arange(B * N, dtype=torch.float32).view(B, N))
+    expected_pos = torch.tensor([[r, c] for r in range(H) for c in range(W)], dtype=torch.float32)
+    assert torch.equal(state.positions, expected_pos.expand(B, N, 2))
+    assert torch.equal(state.origin, torch.arange(N).expand(B, N))
+    assert torch.equal(state.size, torch.ones(B, N))
+    assert state.size.dtype == torch.float32 and state.origin.dtype == torch.int64
+    assert state.mask.all() and state.mask.dtype == torch.bool
+    assert state.grid == (H, W) and state.cls.shape == (B, D)
+    assert torch.equal(state.per_token["score"], torch.arange(B * N, dtype=torch.float32).view(B, N))
+    state.check()
+
+
+def test_from_patches_rejects_tokens_that_do_not_fill_the_grid():
+    with pytest.raises(StateError, match=r"from_patches: 12 tokens do not fill a 3x5 grid \(15 patches\)"):
+        TokenState.from_patches(torch.randn(B, N, D), (3, 5))
+    with pytest.raises(StateError, match=r"from_patches: expected tokens \[B, N0, D\], got tensor of shape \[12, 8\]"):
+        TokenState.from_patches(torch.randn(N, D), (H, W))
+
+
+def test_from_patches_validates_cls_token():
+    with pytest.raises(StateError, match=r"TokenState\.cls"):
+        TokenState.from_patches(torch.randn(B, N, D), (H, W), cls_token=torch.randn(B, 1, D))
+
+
+# ---------------------------------------------------------------------- check
+def test_check_accepts_packed_ragged_state():
+    state = fresh()
+    index = torch.tensor([[0, 3, 5], [2, 7, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    ragged = ops.keep(state, index, valid).check()
+    assert ragged.counts.tolist() == [3, 2]
+
+
+def test_check_catches_non_prefix_mask():
+    state = fresh()
+    mask = state.mask.clone()
+    mask[0, 2] = False  # a hole: real tokens are no longer a prefix
+    origin = state.origin.clone()
+    origin[0, 2] = -1
+    bad = state.replace(mask=mask, origin=origin)  # shapes are fine: only check() sees it
+    with pytest.raises(StateError, match=r"TokenState\.mask: real tokens must form a prefix of each row"):
+        bad.check()
+
+
+def test_check_catches_non_positive_size():
+    state = fresh()
+    size = state.size.clone()
+    size[1, 4] = 0.0
+    with pytest.raises(StateError, match=r"TokenState\.size: every real token must stand for > 0 patches"):
+        state.replace(size=size).check()
+
+
+@pytest.mark.parametrize("value, match", [(N, r"values must lie in \[-1, 12\), got \[0, 12\]"),
+                                          (-2, r"values must lie in \[-1, 12\), got \[-2, 11\]")])
+def test_check_catches_origin_out_of_range(value, match):
+    state = fresh()
+    origin = state.origin.clone()
+    origin[0, 0] = value
+    with pytest.raises(StateError, match=r"TokenState\.origin: " + match):
+        state.replace(origin=origin).check()
+
+
+def test_check_accepts_a_state_with_no_tokens_left():
+    empty = ops.keep(fresh(), torch.zeros(B, 1, dtype=torch.int64), torch.zeros(B, 1, dtype=torch.bool)).check()
+    assert empty.N == 0 and (empty.origin == -1).all() and empty.token_counts() == (1, 1)
+
+
+def test_check_catches_origin_pointing_at_padding():
+    state = ops.keep(fresh(), torch.tensor([[0, 1, 2], [0, 1, 2]]), torch.tensor([[True] * 3, [True, True, False]]))
+    origin = state.origin.clone()
+    origin[1, 5] = 2  # slot 2 of image 1 is padding
+    with pytest.raises(StateError, match=r"TokenState\.origin: a patch points at a padded token slot"):
+        state.replace(origin=origin).check()
+
+
+# ------------------------------------------------------------------- copying
+def test_state_is_immutable_and_per_token_read_only():
+    state = fresh(score=torch.zeros(B, N))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.tokens = torch.zeros(B, N, D)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        state.per_token["new"] = torch.zeros(B, N)  # type: ignore[index]
+
+
+def test_with_per_token_adds_replaces_and_validates():
+    state = fresh(a=torch.zeros(B, N))
+    out = state.with_per_token(a=torch.ones(B, N), b=torch.full((B, N, 3), 2.0))
+    assert set(out.per_token) == {"a", "b"}
+    assert torch.equal(out.per_token["a"], torch.ones(B, N))
+    assert torch.equal(state.per_token["a"], torch.zeros(B, N))  # the original is untouched
+    assert out.tokens is state.tokens
+    with pytest.raises(StateError, match=r"per_token\['c'\]"):
+        state.with_per_token(c=torch.zeros(B, N + 1))
+
+
+def test_replace_validates_and_keeps_other_fields():
+    state = fresh()
+    tokens = torch.zeros(B, N, D)
+    out = state.replace(tokens=tokens)
+    assert out.tokens is tokens and out.size is state.size and out.cls is state.cls
+    with pytest.raises(StateError, match=r"TokenState\.mask"):
+        state.replace(tokens=torch.zeros(B, N + 1, D))
+    assert state.with_meta(x=1).meta["x"] == 1 and "x" not in state.meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_to_dtype_moves_token_valued_fields_only(dtype):
+    state = fresh().replace(query=torch.randn(B, 2, 5), query_mask=torch.ones(B, 2, dtype=torch.bool))
+    out = state.to(dtype=dtype)
+    assert out.tokens.dtype == dtype and out.cls.dtype == dtype and out.query.dtype == dtype
+    assert out.size.dtype == torch.float32 and out.positions.dtype == torch.float32
+    assert out.origin.dtype == torch.int64 and out.mask.dtype == torch.bool
+    torch.testing.assert_close(out.tokens.float(), state.tokens.to(dtype).float())
+    assert out.to(device="cpu").tokens.device.type == "cpu"
+
+
+def test_token_counts_include_the_class_token():
+    state = ops.keep(fresh(cls=True), torch.tensor([[0, 1, 2, 3], [4, 5, 0, 0]]),
+                     torch.tensor([[True] * 4, [True, True, False, False]]))
+    assert state.counts.tolist() == [4, 2]
+    assert state.token_counts() == (5, 3)
+    no_cls = state.replace(cls=None)
+    assert no_cls.token_counts() == (4, 2)
