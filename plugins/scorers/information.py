@@ -32,7 +32,9 @@ from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Params, Scorer
 from arrcoc.state import TokenState
 
-from . import masked_scores, patches_to_tokens
+from arrcoc.ops import patches_to_tokens
+
+from . import masked_scores
 
 OFFSETS_8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 OFFSETS_4 = ((-1, 0), (0, -1), (0, 1), (1, 0))

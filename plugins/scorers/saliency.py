@@ -34,7 +34,9 @@ from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Params, Scorer
 from arrcoc.state import TokenState
 
-from . import masked_scores, patches_to_tokens
+from arrcoc.ops import patches_to_tokens
+
+from . import masked_scores
 
 
 def attention_rollout(maps: Sequence[torch.Tensor], residual: float = 0.5) -> torch.Tensor:
