@@ -26,6 +26,8 @@ __all__ = [
     "keep",
     "keep_topk",
     "merge",
+    "normalize_scores",
+    "query_similarity",
     "patches_to_tokens",
     "resolve_keep",
     "topk_per_row",
@@ -109,6 +111,57 @@ def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     a = a / a.norm(dim=-1, keepdim=True).clamp_min(eps)
     b = b / b.norm(dim=-1, keepdim=True).clamp_min(eps)
     return a @ b.transpose(-1, -2)
+
+
+def query_similarity(
+    tokens: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor | None = None, reduce: str = "max"
+) -> torch.Tensor:
+    """Cosine of each token ``[B, N, D]`` with each query token ``[B, T, D]``,
+    reduced over the real query tokens (``max``: the best word; ``mean``) -> float32 ``[B, N]``."""
+    if reduce not in ("max", "mean"):
+        raise StateError(f"query_similarity: reduce must be 'max' or 'mean', got {reduce!r}")
+    sim = cosine(tokens.float(), query.float())  # [B, N, T]
+    if query_mask is None:
+        return sim.amax(-1) if reduce == "max" else sim.mean(-1)
+    real = query_mask[:, None, :]
+    if reduce == "max":
+        return sim.masked_fill(~real, float("-inf")).amax(-1)
+    return (sim * real).sum(-1) / real.sum(-1).clamp_min(1)
+
+
+def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank") -> torch.Tensor:
+    """Per-image normalisation of ``scores`` ``[B, N]`` over the real tokens -> float32; padded entries 0.
+
+    ``minmax``: ``(s - min) / (max - min)`` in [0, 1] (a constant row gives 0);
+    ``rank``: average rank (ties share it) over ``n - 1``, in [0, 1] (0.5 for a
+    single token); ``zscore``: ``(s - mean) / std`` (population std; 0 where the
+    std is 0); ``none``: unchanged.
+    """
+    s = scores.float()
+    if how == "none":
+        return s.masked_fill(~mask, 0.0)
+    n = mask.sum(1, keepdim=True).float()
+    if how == "minmax":
+        lo = s.masked_fill(~mask, float("inf")).amin(1, keepdim=True)
+        hi = s.masked_fill(~mask, float("-inf")).amax(1, keepdim=True)
+        span = hi - lo
+        out = torch.where(span > 0, (s - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(s))
+    elif how == "rank":
+        x = s.masked_fill(~mask, float("inf")).contiguous()
+        ordered = torch.sort(x, dim=1).values.contiguous()
+        below = torch.searchsorted(ordered, x, right=False)  # real scores strictly smaller
+        upto = torch.searchsorted(ordered, x, right=True)  # real scores smaller or equal
+        rank0 = (below + upto - 1).float() / 2.0  # 0-based average rank
+        out = torch.where(n > 1, rank0 / (n - 1).clamp_min(1.0), torch.full_like(rank0, 0.5))
+    elif how == "zscore":
+        x = s.masked_fill(~mask, 0.0)
+        mean = x.sum(1, keepdim=True) / n.clamp_min(1.0)
+        centred = (x - mean) * mask
+        std = (centred.square().sum(1, keepdim=True) / n.clamp_min(1.0)).sqrt()
+        out = torch.where(std > 1e-12, centred / std.clamp_min(1e-12), torch.zeros_like(centred))
+    else:
+        raise StateError(f"normalize_scores: how must be 'minmax', 'rank', 'zscore' or 'none', got {how!r}")
+    return out.masked_fill(~mask, 0.0)
 
 
 class Matching(NamedTuple):

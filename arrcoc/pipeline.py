@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -15,9 +14,6 @@ from .plugin import Encoder, Plugin, QueryEncoder, Stage
 from .registry import Registry, get_registry
 from .spec import SECTIONS, PipelineSpec, resolve_spec
 from .state import StageRecord, TokenState
-
-SpecLike = "str | Path | Mapping[str, Any] | PipelineSpec"
-
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":

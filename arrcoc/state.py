@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import StateError
+from .errors import InputError, MissingInputError, StateError
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,28 @@ class TokenState:
         """Tokens per image as the trace reports them: real tokens + class token."""
         extra = 0 if self.cls is None else 1
         return tuple(int(c) + extra for c in self.counts.tolist())
+
+    def require_query(self, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(query, query_mask)`` for a stage that compares tokens with the query.
+
+        Raises a clear error when there is no query, when its width differs
+        from the tokens' (a cosine needs one space), or when an image has no
+        real query token.
+        """
+        if self.query is None or self.query_mask is None:
+            raise MissingInputError(
+                f"{where}: needs a query (the state has no query): pass query='...' with a `query_encoder:` "
+                "section (e.g. `query_encoder: {use: toy_text}`), or query=<tensor [B, T, D]>"
+            )
+        if self.query.shape[-1] != self.D:
+            raise InputError(
+                f"{where}: the query width {self.query.shape[-1]} differs from the visual token width {self.D}; "
+                "encode the query into the tokens' space (toy_text matches it by default)"
+            )
+        empty = ~self.query_mask.any(1)
+        if bool(empty.any()):
+            raise InputError(f"{where}: images {empty.nonzero().flatten().tolist()} have no real query token")
+        return self.query, self.query_mask
 
     def replace(self, **changes: Any) -> "TokenState":
         """``dataclasses.replace`` (validated). Use :mod:`arrcoc.ops` to move tokens."""

@@ -16,7 +16,7 @@ from pydantic import Field
 
 import arrcoc
 from arrcoc import ops
-from arrcoc.errors import ParamsError, PluginLoadError, UnknownPluginError
+from arrcoc.errors import ParamsError, UnknownPluginError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Encoder, Keep, Params, Scorer
 from arrcoc.registry import Registry, set_registry

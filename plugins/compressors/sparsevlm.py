@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 
 from arrcoc import ops
-from arrcoc.errors import InputError, MissingInputError, StateError, record_warning
+from arrcoc.errors import MissingInputError, StateError, record_warning
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Keep, Params
 from arrcoc.state import TokenState
@@ -73,40 +73,6 @@ def _real(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def normalise(scores: torch.Tensor, mask: torch.Tensor, how: str = "minmax") -> torch.Tensor:
-    """Per-image normalisation of ``scores`` ``[B, N]`` over the real tokens, to [0, 1].
-
-    ``minmax``: ``(s - min) / (max - min)`` (a constant row gives 0);
-    ``rank``: ``rank / (n - 1)`` with ties ranked by index (lowest score 0);
-    ``none``: unchanged.  Padded entries are 0.
-    """
-    s = scores.float()
-    if how == "none":
-        return s.masked_fill(~mask, 0.0)
-    if how == "minmax":
-        lo = s.masked_fill(~mask, float("inf")).amin(1, keepdim=True)
-        hi = s.masked_fill(~mask, float("-inf")).amax(1, keepdim=True)
-        span = hi - lo
-        out = torch.where(span > 0, (s - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(s))
-        return out.masked_fill(~mask, 0.0)
-    if how == "rank":
-        # ascending stable sort; padded entries last (they get ranks >= n and are zeroed)
-        keyed = s.masked_fill(~mask, float("inf"))
-        order = torch.sort(keyed, dim=1, stable=True).indices
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
-        n = mask.sum(1, keepdim=True).float()
-        return (ranks.float() / (n - 1).clamp_min(1)).masked_fill(~mask, 0.0)
-    raise StateError(f"normalise: how must be 'minmax', 'rank' or 'none', got {how!r}")
-
-
-def text_relevance(tokens: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``max_t cos(token_n, query_t)`` over the real query tokens: ``[B, N]`` fp32."""
-    sim = ops.cosine(tokens.float(), query.float())  # [B, N, T]
-    if query_mask is not None:
-        sim = sim.masked_fill(~query_mask[:, None, :], float("-inf"))
-    return sim.amax(-1)
-
-
 def sparsevlm_importance(
     tokens: torch.Tensor,
     query: torch.Tensor,
@@ -122,13 +88,13 @@ def sparsevlm_importance(
 
     ``text = max_t cos(token, query_t)`` (masked query tokens ignored);
     ``saliency`` is e.g. the CLS attention ``[B, N]``; each term is normalised
-    per image over the real tokens (:func:`normalise`) before weighting.
+    per image over the real tokens (:func:`arrcoc.ops.normalize_scores`) before weighting.
     """
-    score = w_text * normalise(text_relevance(tokens, query, query_mask), mask, norm)
+    score = w_text * ops.normalize_scores(ops.query_similarity(tokens, query, query_mask), mask, norm)
     if w_sal != 0:
         if saliency is None:
             raise MissingInputError("sparsevlm_importance: w_sal != 0 needs a saliency tensor [B, N]")
-        score = score + w_sal * normalise(saliency.float(), mask, norm)
+        score = score + w_sal * ops.normalize_scores(saliency.float(), mask, norm)
     return score.masked_fill(~mask, 0.0)
 
 
@@ -373,7 +339,7 @@ class SparseVLMParams(Params):
     keep: Keep = Field(0.4, description="Tokens selected per image (before recycling): ratio in (0, 1] or count.")
     w_text: float = Field(0.7, ge=0, description="Weight of the query relevance max_t cos(token, query_t).")
     w_sal: float = Field(0.3, ge=0, description="Weight of the visual saliency (CLS attention).")
-    norm: Literal["minmax", "rank", "none"] = Field(
+    norm: Literal["minmax", "rank", "zscore", "none"] = Field(
         "minmax", description="Per-image normalisation of each term before weighting."
     )
     saliency: str = Field(
@@ -398,16 +364,7 @@ class SparseVLM(Compressor):
 
     def __call__(self, state: TokenState) -> TokenState:
         p = self.params
-        if state.query is None:
-            raise MissingInputError(
-                "sparsevlm: needs a query: run the pipeline with query='...' and a `query_encoder:` section "
-                "(e.g. {use: toy_text}), or query=<tensor [B, T, D]>"
-            )
-        if state.query.shape[-1] != state.D:
-            raise InputError(
-                f"sparsevlm: the query width {state.query.shape[-1]} must equal the visual token width {state.D} "
-                "to compare them by cosine (toy_text matches it by default)"
-            )
+        state.require_query("sparsevlm")
         saliency = None
         if p.w_sal > 0:
             saliency = state.per_token.get(p.saliency)

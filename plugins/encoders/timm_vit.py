@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from arrcoc.errors import InputError, ModelError, did_you_mean
+from arrcoc.errors import ModelError, did_you_mean
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Encoder, Params, PluginRef, nested_plugin
 from arrcoc.state import TokenState

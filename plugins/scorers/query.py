@@ -15,31 +15,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from arrcoc import ops
-from arrcoc.errors import InputError, MissingInputError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Params, Scorer
 from arrcoc.state import TokenState
 
 from . import masked_scores
-
-
-def query_scores(
-    tokens: torch.Tensor,
-    query: torch.Tensor,
-    query_mask: torch.Tensor,
-    reduce: str = "max",
-) -> torch.Tensor:
-    """Cosine of each token ``[B, N, D]`` with each query token ``[B, T, D]``,
-    reduced over the real query tokens (``query_mask`` ``[B, T]``) -> float32 ``[B, N]``."""
-    sim = ops.cosine(tokens.float(), query.float())  # [B, N, T]
-    keep = query_mask[:, None, :]
-    if reduce == "max":
-        return sim.masked_fill(~keep, float("-inf")).amax(-1)
-    return (sim * keep).sum(-1) / keep.sum(-1).clamp_min(1)
 
 
 class QueryParams(Params):
@@ -56,20 +39,8 @@ class QueryScorer(Scorer):
     needs = frozenset({"query"})
 
     def __call__(self, state: TokenState) -> TokenState:
-        if state.query is None:
-            raise MissingInputError(
-                "query scorer: the state has no query; pass query='...' with a query_encoder "
-                "(e.g. `query_encoder: {use: toy_text}`) or query=<tensor [B, T, D]>"
-            )
-        if state.query.shape[-1] != state.D:
-            raise InputError(
-                f"query scorer: query width {state.query.shape[-1]} differs from the visual token width "
-                f"{state.D}; encode the query into the tokens' space (toy_text matches it by default)"
-            )
-        empty = ~state.query_mask.any(1)
-        if bool(empty.any()):
-            raise InputError(f"query scorer: images {empty.nonzero().flatten().tolist()} have no real query token")
-        scores = query_scores(state.tokens, state.query, state.query_mask, self.params.reduce)
+        query, query_mask = state.require_query("query scorer")
+        scores = ops.query_similarity(state.tokens, query, query_mask, self.params.reduce)
         return state.with_per_token(**{"scores:query": masked_scores(state, scores)})
 
 

@@ -35,36 +35,11 @@ from typing import Any, Literal, Sequence
 import torch
 from pydantic import Field, model_validator
 
+from arrcoc import ops
 from arrcoc.errors import InputError, ParamsError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Params, Scorer
 from arrcoc.state import TokenState
-
-
-def rank_normalize(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Average rank of each real score in its row, mapped to [0, 1]; ``[B, N]`` -> float32 ``[B, N]``."""
-    x = scores.float().masked_fill(~mask, float("inf")).contiguous()
-    ordered = torch.sort(x, dim=1).values.contiguous()
-    below = torch.searchsorted(ordered, x, right=False)  # real scores strictly smaller
-    upto = torch.searchsorted(ordered, x, right=True)  # real scores smaller or equal
-    n = mask.sum(1, keepdim=True).float()
-    rank0 = (below + upto - 1).float() / 2.0  # 0-based average rank
-    out = torch.where(n > 1, rank0 / (n - 1).clamp_min(1.0), torch.full_like(rank0, 0.5))
-    return out.masked_fill(~mask, 0.0)
-
-
-def zscore_normalize(scores: torch.Tensor, mask: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``(s - mean) / std`` per row over the real entries (population std; 0 where std is 0)."""
-    x = scores.float().masked_fill(~mask, 0.0)
-    n = mask.sum(1, keepdim=True).float().clamp_min(1.0)
-    mean = x.sum(1, keepdim=True) / n
-    centred = (x - mean) * mask
-    std = (centred.square().sum(1, keepdim=True) / n).sqrt()
-    out = torch.where(std > eps, centred / std.clamp_min(eps), torch.zeros_like(centred))
-    return out.masked_fill(~mask, 0.0)
-
-
-NORMALIZERS = {"rank": rank_normalize, "zscore": zscore_normalize}
 
 
 def combine_scores(
@@ -74,7 +49,7 @@ def combine_scores(
     total = sum(weights)
     out = torch.zeros(mask.shape, device=mask.device)
     for s, w in zip(scores, weights):
-        out = out + (w / total) * NORMALIZERS[normalize](s, mask)
+        out = out + (w / total) * ops.normalize_scores(s, mask, normalize)
     return out.masked_fill(~mask, float("-inf"))
 
 

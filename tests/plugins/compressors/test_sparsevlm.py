@@ -95,7 +95,7 @@ def test_importance_and_selection_match_reference(norm):
                                          state.query_mask)[b]
             assert torch.allclose(got.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-5)
         else:
-            text = S.text_relevance(state.tokens, state.query, state.query_mask)[b].tolist()
+            text = ops.query_similarity(state.tokens, state.query, state.query_mask)[b].tolist()
             sal = state.per_token["cls_attn"][b].tolist()
 
             def rank(v):
@@ -116,8 +116,8 @@ def test_masked_query_tokens_are_ignored():
     state = make_state()
     q = state.query.clone()
     q[0, -1] = state.tokens[0, 7] * 100  # padded query token identical to token 7: must not matter
-    a = S.text_relevance(state.tokens, state.query, state.query_mask)
-    b = S.text_relevance(state.tokens, q, state.query_mask)
+    a = ops.query_similarity(state.tokens, state.query, state.query_mask)
+    b = ops.query_similarity(state.tokens, q, state.query_mask)
     assert torch.equal(a, b)
 
 
@@ -233,7 +233,7 @@ def test_missing_inputs_called_directly():
         plugin(make_state().replace(per_token={}))
     wide = make_state()
     wide = wide.replace(query=torch.randn(2, 3, 7), query_mask=torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(InputError, match="query width 7 must equal the visual token width 16"):
+    with pytest.raises(InputError, match="query width 7 differs from the visual token width 16"):
         plugin(wide)
 
 

@@ -5,9 +5,17 @@ import torch
 
 import arrcoc
 from arrcoc import ops
-from arrcoc.errors import InputError, ParamsError, UnknownPluginError
+from arrcoc.errors import InputError, ParamsError
 from arrcoc.state import TokenState
-from arrcoc_plugins.scorers.relevance import rank_normalize, zscore_normalize
+from arrcoc.ops import normalize_scores
+
+
+def rank_normalize(scores, mask):
+    return normalize_scores(scores, mask, "rank")
+
+
+def zscore_normalize(scores, mask):
+    return normalize_scores(scores, mask, "zscore")
 
 
 def ref_rank(values):
