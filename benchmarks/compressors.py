@@ -24,14 +24,14 @@ import argparse
 import csv
 import json
 import math
-import statistics
 import sys
-import time
 import warnings
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from _timing import time_ms
 
 import arrcoc
 from arrcoc.errors import ArrcocError, ArrcocWarning
@@ -66,22 +66,6 @@ def synthetic_state(B: int, N: int, D: int, device: torch.device, seed: int = 0)
     return state.replace(query=query, query_mask=torch.ones(B, 8, dtype=torch.bool, device=device))
 
 
-def timed(fn, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def build(cls):
     """The plugin with its defaults, or with ``keep: 0.25`` when its defaults name no budget."""
     try:
@@ -103,7 +87,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for B in args.batch:
                 state = synthetic_state(B, N, args.dim, device)
                 scores = state.per_token["cls_attn"]
-                floor = timed(lambda: torch.topk(scores, N // 4, dim=1), args.repeats, args.warmup, device)
+                floor = time_ms(lambda: torch.topk(scores, N // 4, dim=1), args.repeats, device, warmup=args.warmup)
                 flat = state.tokens.reshape(B * N, -1)
                 offsets = torch.arange(B, device=device)[:, None] * N
 
@@ -111,7 +95,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     index = torch.topk(scores, N // 4, dim=1).indices
                     return flat.index_select(0, (index + offsets).reshape(-1))
 
-                gather_floor = timed(select, args.repeats, args.warmup, device)
+                gather_floor = time_ms(select, args.repeats, device, warmup=args.warmup)
                 for info in infos:
                     row = {"device": device.type, "N": N, "B": B, "method": info.name, "params": "", "ms": None,
                            "topk_ms": floor, "gather_ms": gather_floor, "ratio": None, "ratio_gather": None, "tokens_out": None, "note": ""}
@@ -122,7 +106,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                             warnings.simplefilter("ignore", ArrcocWarning)
                             with torch.inference_mode():
                                 out = plugin(state)
-                                row["ms"] = timed(lambda: plugin(state), args.repeats, args.warmup, device)
+                                row["ms"] = time_ms(lambda: plugin(state), args.repeats, device, warmup=args.warmup)
                         row["ratio"] = row["ms"] / floor
                         row["ratio_gather"] = row["ms"] / gather_floor
                         row["tokens_out"] = round(float(out.counts.float().mean()), 1)

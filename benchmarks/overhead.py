@@ -13,30 +13,14 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from _timing import time_ms
+
 import arrcoc
-
-
-def timed(fn, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -74,8 +58,8 @@ def main() -> None:
     # Interleave the two measurements so that drift in machine load hits both alike.
     t_bare, t_pipe = [], []
     for _ in range(3):
-        t_bare.append(timed(bare_plain, args.repeats, args.warmup, device))
-        t_pipe.append(timed(lambda: bare_pipe(pixels), args.repeats, args.warmup, device))
+        t_bare.append(time_ms(bare_plain, args.repeats, device, warmup=args.warmup) / 1e3)
+        t_pipe.append(time_ms(lambda: bare_pipe(pixels), args.repeats, device, warmup=args.warmup) / 1e3)
     tb, tp = min(t_bare), min(t_pipe)
     table = Table(title=f"framework overhead: {args.model}, batch {args.batch}, {device} "
                         f"({torch.get_num_threads()} threads)")
@@ -96,7 +80,7 @@ def main() -> None:
         spec = {"name": f"tome_r{r}", "encoder": {**encoder, "in_blocks": {"use": "tome", "r": r}}}
         pipe = arrcoc.load_pipeline(spec, device=device)
         out = pipe(pixels)
-        t = timed(lambda: pipe(pixels), args.repeats, args.warmup, device)
+        t = time_ms(lambda: pipe(pixels), args.repeats, device, warmup=args.warmup) / 1e3
         base = base or t
         table.add_row(str(r), str(out.token_counts()[0]), f"{t * 1e3:.1f}", f"{args.batch / t:.1f}", f"{base / t:.2f}x")
     console.print(table)

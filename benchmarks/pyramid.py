@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from _timing import time_ms
 
 from arrcoc_plugins.pyramids import cupy_mipmap, torch_mipmap
 
@@ -64,22 +65,6 @@ def peak_bandwidth_gbs(device: torch.device) -> tuple[float | None, str]:
         if name.lower() in props.name.lower():
             return float(gbs), f"table of known GPUs ({name})"
     return None, "unknown"
-
-
-def timed(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
-    """Minimum milliseconds of ``fn()`` over ``repeats`` runs."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def build_bytes(levels: tuple[torch.Tensor, ...]) -> int:
@@ -139,9 +124,9 @@ def main() -> None:
                 uv = torch.rand(batch, args.samples, 2, generator=g).to(device)
                 lod = (torch.rand(batch, args.samples, generator=g) * (len(levels) - 1)).to(device)
 
-                t_clone = timed(features.clone, repeats, device)
-                t_build = timed(lambda: torch_mipmap.build_mipmap(features), repeats, device)
-                t_sample = timed(lambda: torch_mipmap.sample_mipmap(levels, uv, lod), repeats, device)
+                t_clone = time_ms(features.clone, repeats, device, stat="min")
+                t_build = time_ms(lambda: torch_mipmap.build_mipmap(features), repeats, device, stat="min")
+                t_sample = time_ms(lambda: torch_mipmap.sample_mipmap(levels, uv, lod), repeats, device, stat="min")
                 row = [label, str(batch), layout, f"{megabytes:.1f}", str(len(levels)), f"{t_clone:.2f}",
                        f"{t_build:.2f}", f"{t_build / t_clone:.2f}x", f"{t_sample:.2f}"]
                 if on_gpu:
@@ -149,8 +134,8 @@ def main() -> None:
                     row.append(f"{moved / t_build / 1e6:.0f}" + (f" ({moved / t_build / 1e6 / peak:.0%})" if peak else ""))
                     if use_cupy:
                         cupy_levels = cupy_mipmap.build_mipmap(features)
-                        t_cbuild = timed(lambda: cupy_mipmap.build_mipmap(features), repeats, device)
-                        t_csample = timed(lambda: cupy_mipmap.sample_mipmap(cupy_levels, uv, lod), repeats, device)
+                        t_cbuild = time_ms(lambda: cupy_mipmap.build_mipmap(features), repeats, device, stat="min")
+                        t_csample = time_ms(lambda: cupy_mipmap.sample_mipmap(cupy_levels, uv, lod), repeats, device, stat="min")
                         gbs = moved / t_cbuild / 1e6
                         row += [f"{t_cbuild:.2f}", f"{t_csample:.2f}",
                                 f"{gbs:.0f}" + (f" ({gbs / peak:.0%})" if peak else "")]
