@@ -88,6 +88,16 @@ def run(pipeline: str, images: tuple[str, ...], query: str | None, device: str, 
         console.print(f"figure written to {out}")
 
 
+def _default_needs(info: Any) -> frozenset[str]:
+    """What a plugin needs with its default params (stages only: building an encoder loads a model)."""
+    if info.kind in ("encoder", "query_encoder"):
+        return info.cls.needs
+    try:
+        return info.cls().requirements()
+    except Exception:  # a plugin with required params: show the class-level flags
+        return info.cls.needs
+
+
 def _counts(counts: tuple[int, ...]) -> str:
     return str(counts[0]) if len(set(counts)) == 1 else ",".join(map(str, counts))
 
@@ -118,7 +128,7 @@ def list_(kind: str | None, pattern: str | None) -> None:
     for column in ("kind", "name", "stage", "needs", "provided by", "summary"):
         table.add_column(column)
     for info in registry.list(kind, pattern):
-        table.add_row(info.kind, f"[cyan]{info.name}[/]", info.cls.stage, ", ".join(sorted(info.cls.needs)),
+        table.add_row(info.kind, f"[cyan]{info.name}[/]", info.cls.stage, ", ".join(sorted(_default_needs(info))),
                       info.provider, info.summary)
     console.print(table)
     if kind is None:
