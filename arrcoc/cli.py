@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import ArrcocError
@@ -23,7 +24,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ArrcocError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             sys.exit(2)
 
 
@@ -83,7 +84,7 @@ def run(pipeline: str, images: tuple[str, ...], query: str | None, device: str, 
     )
     for record in state.trace:
         for note in record.warnings:
-            console.print(f"[yellow]warning[/] {record.stage}: {note}")
+            console.print(f"[yellow]warning[/] {record.stage}: {escape(note)}")
     if out is not None:
         console.print(f"figure written to {out}")
 
@@ -128,8 +129,8 @@ def list_(kind: str | None, pattern: str | None) -> None:
     for column in ("kind", "name", "stage", "needs", "provided by", "summary"):
         table.add_column(column)
     for info in registry.list(kind, pattern):
-        table.add_row(info.kind, f"[cyan]{info.name}[/]", info.cls.stage, ", ".join(sorted(_default_needs(info))),
-                      info.provider, info.summary)
+        table.add_row(info.kind, f"[cyan]{escape(info.name)}[/]", info.cls.stage,
+                      ", ".join(sorted(_default_needs(info))), escape(info.provider), escape(info.summary))
     console.print(table)
     if kind is None:
         pipelines = Table(title="pipelines")
@@ -139,7 +140,7 @@ def list_(kind: str | None, pattern: str | None) -> None:
             pipelines.add_row(name, str(path))
         console.print(pipelines)
     for name, error in sorted(registry.failures.items()):
-        console.print(f"[red]failed to load[/] {name}: {error}", highlight=False)
+        console.print(f"[red]failed to load[/] {escape(name)}: {escape(error)}", highlight=False)
 
 
 # -------------------------------------------------------------------- show
@@ -157,14 +158,14 @@ def show(name: str, kind: str | None) -> None:
     if not matches:
         pipelines = available_pipelines()
         if name in pipelines:
-            console.print(f"[bold]{name}[/] ({pipelines[name]})")
+            console.print(f"[bold]{escape(name)}[/] ({escape(str(pipelines[name]))})")
             console.print(pipelines[name].read_text(encoding="utf-8"), highlight=False, markup=False)
             return
         names = sorted({i.name for i in registry.list()} | set(pipelines))
         raise UnknownPluginError(f"no plugin or pipeline named {name!r}{did_you_mean(name, names)}")
     for info in matches:
         doc = (info.cls.__doc__ or "").strip()
-        console.print(f"[bold cyan]{info.name}[/] ({info.kind}, stage {info.cls.stage}, from {info.provider})")
+        console.print(f"[bold cyan]{escape(info.name)}[/] ({info.kind}, stage {info.cls.stage}, from {escape(info.provider)})")
         if doc:
             console.print(doc, highlight=False, markup=False)
         if info.cls.needs:
@@ -174,7 +175,8 @@ def show(name: str, kind: str | None) -> None:
             table.add_column(column)
         for field_name, field in info.cls.Params.model_fields.items():
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            table.add_row(field_name, _type_name(field.annotation), default, field.description or "")
+            # Cells are rich markup: escape so that `list[int]` or `[unmerged A, all B]` are shown as written.
+            table.add_row(field_name, escape(_type_name(field.annotation)), escape(default), escape(field.description or ""))
         console.print(table)
 
 
@@ -197,10 +199,10 @@ def validate(files: tuple[str, ...]) -> None:
             spec = load_yaml(file)
         except ArrcocError as exc:
             failed += 1
-            err_console.print(f"[red]invalid[/] {exc}", highlight=False)
+            err_console.print(f"[red]invalid[/] {escape(str(exc))}", highlight=False)
             continue
         stages = " -> ".join(stage.use for _, _, stage in spec.stages())
-        console.print(f"[green]ok[/] {file}: {spec.name} ({stages})", highlight=False)
+        console.print(f"[green]ok[/] {escape(f'{file}: {spec.name} ({stages})')}", highlight=False)
     if failed:
         sys.exit(1)
 

@@ -64,12 +64,14 @@ def load_images(images: Any, size: tuple[int, int] | None = None) -> torch.Tenso
     """Paths, PIL images or tensors -> ``[B, 3, H, W]`` float32 pixels in [0, 1].
 
     Files and PIL images are resized (bicubic) to ``size`` ``(H, W)`` when it
-    is given; tensors are returned as they are (the encoder resizes them).
+    is given; a batch tensor keeps its size (the encoder resizes it) and is
+    converted to float32 like the rest (the model's dtype is the encoder's
+    business: CPU resizing has no float16 / bfloat16 kernels).
     """
     from PIL import Image
 
     if isinstance(images, torch.Tensor):
-        return check_pixels(images)
+        return check_pixels(images).float()
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     if not isinstance(images, Sequence) or len(images) == 0:

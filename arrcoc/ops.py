@@ -12,6 +12,7 @@ Everything is batched and vectorised; ties are broken by index.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Mapping, NamedTuple
 
 import torch
@@ -89,7 +90,7 @@ def topk_per_row(
     if torch.isnan(scores[mask]).any():
         raise StateError("topk_per_row: scores contain NaN")
     counts = mask.sum(1)
-    k_rows = torch.as_tensor(k, device=scores.device, dtype=torch.int64).expand(B)
+    k_rows = _per_row_count(k, B, scores.device, "topk_per_row: k")
     if bool((k_rows > counts).any()) or bool((k_rows < 0).any()):
         raise BudgetError(
             f"topk_per_row: asked for {k_rows.tolist()} tokens, rows have {counts.tolist()}"
@@ -104,6 +105,18 @@ def topk_per_row(
     if order == "position":
         index = torch.sort(index.masked_fill(~valid, N), dim=1).values.masked_fill(~valid, 0)
     return index, valid
+
+
+def _per_row_count(k: int | torch.Tensor, B: int, device: torch.device, what: str) -> torch.Tensor:
+    """An int or an integer ``[B]`` (or scalar) tensor -> int64 ``[B]`` on ``device``; anything else is an error."""
+    integral = isinstance(k, numbers.Integral) and not isinstance(k, bool)
+    if isinstance(k, torch.Tensor):
+        integral = not k.is_floating_point() and not k.is_complex() and k.dtype != torch.bool and k.ndim <= 1
+        integral = integral and (k.ndim == 0 or k.shape[0] == B)
+    if not integral:
+        got = f"a tensor of shape {list(k.shape)} dtype {k.dtype}" if isinstance(k, torch.Tensor) else repr(k)
+        raise StateError(f"{what}: expected an int or an integer tensor [B={B}], got {got}")
+    return torch.as_tensor(k, device=device, dtype=torch.int64).expand(B)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -135,12 +148,19 @@ def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank"
 
     ``minmax``: ``(s - min) / (max - min)`` in [0, 1] (a constant row gives 0);
     ``rank``: average rank (ties share it) over ``n - 1``, in [0, 1] (0.5 for a
-    single token); ``zscore``: ``(s - mean) / std`` (population std; 0 where the
-    std is 0); ``none``: unchanged.
+    single token; ``±inf`` rank like any value); ``zscore``: ``(s - mean) / std``
+    (population std; 0 where the std is 0); ``none``: unchanged.  NaN scores
+    (and, for ``minmax`` / ``zscore``, infinite ones) of real tokens are a
+    :class:`~arrcoc.errors.StateError`; padded entries are not looked at.
     """
+    if how not in ("minmax", "rank", "zscore", "none"):
+        raise StateError(f"normalize_scores: how must be 'minmax', 'rank', 'zscore' or 'none', got {how!r}")
     s = scores.float()
     if how == "none":
         return s.masked_fill(~mask, 0.0)
+    real = s[mask]
+    if bool(torch.isnan(real).any()) or (how != "rank" and not bool(torch.isfinite(real).all())):
+        raise StateError(f"normalize_scores: scores of real tokens contain NaN{'' if how == 'rank' else ' or inf'} (how={how!r})")
     n = mask.sum(1, keepdim=True).float()
     if how == "minmax":
         lo = s.masked_fill(~mask, float("inf")).amin(1, keepdim=True)
@@ -151,17 +171,16 @@ def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank"
         x = s.masked_fill(~mask, float("inf")).contiguous()
         ordered = torch.sort(x, dim=1).values.contiguous()
         below = torch.searchsorted(ordered, x, right=False)  # real scores strictly smaller
-        upto = torch.searchsorted(ordered, x, right=True)  # real scores smaller or equal
+        # real scores smaller or equal (a real +inf would also count the padding's +inf: clamp to n)
+        upto = torch.minimum(torch.searchsorted(ordered, x, right=True), n.long())
         rank0 = (below + upto - 1).float() / 2.0  # 0-based average rank
         out = torch.where(n > 1, rank0 / (n - 1).clamp_min(1.0), torch.full_like(rank0, 0.5))
-    elif how == "zscore":
+    else:  # zscore
         x = s.masked_fill(~mask, 0.0)
         mean = x.sum(1, keepdim=True) / n.clamp_min(1.0)
         centred = (x - mean) * mask
         std = (centred.square().sum(1, keepdim=True) / n.clamp_min(1.0)).sqrt()
         out = torch.where(std > 1e-12, centred / std.clamp_min(1e-12), torch.zeros_like(centred))
-    else:
-        raise StateError(f"normalize_scores: how must be 'minmax', 'rank', 'zscore' or 'none', got {how!r}")
     return out.masked_fill(~mask, 0.0)
 
 
@@ -204,7 +223,7 @@ def bipartite_match(
     B, N, _ = metric.shape
     device = metric.device
     counts = mask.sum(1) if mask is not None else torch.full((B,), N, device=device)
-    r_req = torch.as_tensor(r, device=device, dtype=torch.int64).expand(B)
+    r_req = _per_row_count(r, B, device, "bipartite_match: r")
     if bool((r_req < 0).any()):
         raise BudgetError(f"bipartite_match: r must be >= 0, got {r_req.tolist()}")
     r_used = torch.minimum(r_req, torch.div(counts, 2, rounding_mode="floor"))
@@ -446,6 +465,8 @@ def unmerge(state: TokenState, tokens: torch.Tensor | None = None) -> tuple[torc
             f"unmerge: expected values [B={state.B}, N={state.N}, ...], got {list(values.shape)}"
         )
     present = state.origin >= 0
+    if state.N == 0:  # every patch was dropped: nothing to gather from
+        return values.new_zeros(*present.shape, *values.shape[2:]), present
     return _gather(values, state.origin.clamp(min=0), present), present
 
 

@@ -50,6 +50,7 @@ class Registry:
         self._plugins: dict[tuple[str, str], PluginInfo] = {}
         self.failures: dict[str, str] = {}
         self._current_provider = "?"
+        self._before: set[tuple[str, str]] = set()
         self.pm.hook.arrcoc_register_plugins.call_historic(kwargs={"register": self._register_class})
         if os.environ.get("ARRCOC_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(print)
@@ -78,6 +79,7 @@ class Registry:
         """Register a plugin module/object (its hooks run at once, historic)."""
         name = name or getattr(plugin, "__name__", None) or repr(plugin)
         self._current_provider = name
+        self._before = set(self._plugins)
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
@@ -97,11 +99,11 @@ class Registry:
             self._current_provider = "?"
 
     def _drop(self, plugin: Any) -> None:
-        if self.pm.is_registered(plugin):
-            self.pm.unregister(plugin)
-        for key, info in list(self._plugins.items()):
-            if info.provider == self._current_provider:
-                del self._plugins[key]
+        """Undo the failed registration only: the object or its name may already be registered."""
+        if self.pm.get_plugin(self._current_provider) is plugin:
+            self.pm.unregister(name=self._current_provider)
+        for key in set(self._plugins) - self._before:
+            del self._plugins[key]
 
     def unregister(self, name: str) -> None:
         """Remove a registered module and every class it announced."""

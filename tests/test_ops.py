@@ -524,3 +524,119 @@ def test_ops_keep_the_dtype_and_match_float32(dtype):
     assert {(int(s), int(d)) for s, d in zip(matching.src[0], matching.dst[0])} == {(2 * i, 2 * i + 1) for i in range(6)}
     values, _ = ops.unmerge(m_low)
     assert values.dtype == dtype
+
+
+# ------------------------------------------------------------- bad counts
+def test_topk_and_bipartite_reject_non_integer_or_misshapen_counts():
+    scores = torch.rand(2, 5)
+    for k in (2.5, torch.tensor([1.0, 2.0]), torch.tensor([1, 2, 3]), torch.tensor([[1, 2]]), True):
+        with pytest.raises(StateError, match=r"topk_per_row: k: expected an int or an integer tensor \[B=2\]"):
+            ops.topk_per_row(scores, k)
+    with pytest.raises(StateError, match=r"bipartite_match: r: expected an int or an integer tensor \[B=2\]"):
+        ops.bipartite_match(torch.randn(2, 6, 4), 1.5)
+    # ints, numpy ints, scalar and [B] integer tensors are all fine
+    import numpy as np
+
+    for k in (2, np.int64(2), torch.tensor(2), torch.tensor([2, 2], dtype=torch.int32)):
+        index, valid = ops.topk_per_row(scores, k)
+        assert index.shape == (2, 2) and bool(valid.all())
+
+
+# --------------------------------------------------------- no tokens left
+def test_unmerge_and_patches_to_tokens_of_a_state_with_no_tokens():
+    state = make_state(B=2)
+    empty = ops.keep(state, torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.bool)).check()
+    assert empty.N == 0
+    values, present = ops.unmerge(empty)
+    assert values.shape == (2, N, D) and (values == 0).all() and not present.any()
+    feat, _ = ops.unmerge(empty, empty.per_token["feat"])
+    assert feat.shape == (2, N, 3, 2) and feat.dtype == state.per_token["feat"].dtype
+    assert ops.patches_to_tokens(empty, torch.ones(2, N)).shape == (2, 0)
+
+
+# ---------------------------------------------------------- patches_to_tokens
+def test_patches_to_tokens_sums_or_averages_the_patches_of_each_token():
+    state = make_state(B=2)
+    merged = ops.merge(state, torch.tensor([[0, 2], [5, 7]]), torch.tensor([[1, 1], [6, 6]]))
+    kept = ops.keep(merged, torch.tensor([[0, 4, 5], [3, 4, 5]]))
+    values = torch.arange(2 * N, dtype=torch.float32).view(2, N)
+    total = ops.patches_to_tokens(kept, values)
+    mean = ops.patches_to_tokens(kept, values, reduce="mean")
+    for b in range(2):
+        for t in range(kept.N):
+            patches = [p for p in range(N) if int(kept.origin[b, p]) == t]
+            assert float(total[b, t]) == sum(float(values[b, p]) for p in patches)
+            assert float(mean[b, t]) == pytest.approx(sum(float(values[b, p]) for p in patches) / len(patches))
+    assert float(total[0, 0]) == float(values[0, :3].sum())  # slot 0 of image 0 holds patches 0, 1, 2
+    # the inverse of unmerge for a per-token score: each patch gets its token's value back
+    back, present = ops.unmerge(kept, mean)
+    torch.testing.assert_close(ops.patches_to_tokens(kept, back.masked_fill(~present, 0.0), "mean"), mean)
+    ragged_state = ragged(make_state(B=2), [15, 6])
+    out = ops.patches_to_tokens(ragged_state, torch.ones(2, N))
+    assert out[1, 6:].eq(float("-inf")).all() and out[1, :6].eq(1.0).all()
+    with pytest.raises(StateError, match=r"patches_to_tokens: expected values \[B=2, N0=15\], got \[2, 3\]"):
+        ops.patches_to_tokens(kept, torch.zeros(2, 3))
+    with pytest.raises(StateError, match=r"reduce must be 'sum' or 'mean', got 'max'"):
+        ops.patches_to_tokens(kept, values, reduce="max")
+
+
+# ------------------------------------------------------------ normalize_scores
+def ref_normalize(row: list[float], how: str) -> list[float]:
+    n = len(row)
+    if how == "minmax":
+        lo, hi = min(row), max(row)
+        return [(v - lo) / (hi - lo) if hi > lo else 0.0 for v in row]
+    if how == "rank":
+        if n == 1:
+            return [0.5]
+        return [(sum(u < v for u in row) + sum(u <= v for u in row) - 1) / 2 / (n - 1) for v in row]
+    mean = sum(row) / n
+    std = (sum((v - mean) ** 2 for v in row) / n) ** 0.5
+    return [(v - mean) / std if std > 1e-12 else 0.0 for v in row]
+
+
+@pytest.mark.parametrize("how", ["minmax", "rank", "zscore"])
+def test_normalize_scores_equals_per_image_reference(how):
+    scores = torch.tensor([[0.3, 0.1, 0.3, 0.9, 0.5], [2.0, -1.0, 7.0, 0.0, 0.0], [4.0, 4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False], [True, False, False, False, False]])
+    scores[1, 3:] = 1e9  # padding is never looked at
+    out = ops.normalize_scores(scores, mask, how)
+    assert out.dtype == torch.float32 and (out[~mask] == 0).all()
+    for b, n in enumerate(mask.sum(1).tolist()):
+        torch.testing.assert_close(out[b, :n], torch.tensor(ref_normalize(scores[b, :n].tolist(), how)))
+    torch.testing.assert_close(ops.normalize_scores(scores, mask, "none"), scores.masked_fill(~mask, 0.0))
+
+
+def test_normalize_scores_infinite_and_nan_scores():
+    mask = torch.tensor([[True, True, True, False]])
+    # rank: infinite real scores rank like any value, even next to padding
+    out = ops.normalize_scores(torch.tensor([[1.0, float("inf"), float("-inf"), 0.0]]), mask, "rank")
+    assert out.tolist() == [[0.5, 1.0, 0.0, 0.0]]
+    for how in ("minmax", "zscore"):
+        with pytest.raises(StateError, match=rf"normalize_scores: scores of real tokens contain NaN or inf \(how='{how}'\)"):
+            ops.normalize_scores(torch.tensor([[1.0, float("-inf"), 3.0, 0.0]]), mask, how)
+    with pytest.raises(StateError, match=r"contain NaN \(how='rank'\)"):
+        ops.normalize_scores(torch.tensor([[1.0, float("nan"), 3.0, 0.0]]), mask, "rank")
+    # NaN in padding is not looked at
+    assert ops.normalize_scores(torch.tensor([[1.0, 2.0, 3.0, float("nan")]]), mask, "minmax").tolist() == [[0.0, 0.5, 1.0, 0.0]]
+    with pytest.raises(StateError, match=r"how must be 'minmax', 'rank', 'zscore' or 'none', got 'max'"):
+        ops.normalize_scores(torch.zeros(1, 4), mask, "max")
+
+
+# ------------------------------------------------------------ query_similarity
+def test_query_similarity_reduces_over_real_query_tokens_only():
+    g = torch.Generator().manual_seed(1)
+    tokens, query = torch.randn(2, 4, 6, generator=g), torch.randn(2, 3, 6, generator=g)
+    qmask = torch.tensor([[True, True, False], [True, False, False]])
+    query[0, 2] = tokens[0, 0] * 5  # a padded query token identical to token 0: must not count
+    sim = F.cosine_similarity(tokens[:, :, None], query[:, None], dim=-1)  # [B, N, T]
+    best = ops.query_similarity(tokens, query, qmask)
+    mean = ops.query_similarity(tokens, query, qmask, reduce="mean")
+    torch.testing.assert_close(best[0], sim[0, :, :2].amax(-1))
+    torch.testing.assert_close(best[1], sim[1, :, 0])
+    torch.testing.assert_close(mean[0], sim[0, :, :2].mean(-1))
+    torch.testing.assert_close(mean[1], sim[1, :, 0])
+    torch.testing.assert_close(ops.query_similarity(tokens, query), sim.amax(-1))
+    assert ops.query_similarity(tokens.half(), query.half(), qmask).dtype == torch.float32
+    with pytest.raises(StateError, match=r"reduce must be 'max' or 'mean', got 'sum'"):
+        ops.query_similarity(tokens, query, qmask, reduce="sum")

@@ -222,6 +222,17 @@ def test_other_sizes_are_resized(pipe, tmp_path):
     assert mixed.images.shape == (2, 3, 64, 64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_pixel_tensors_of_any_float_dtype_are_float32_pixels(pipe, dtype):
+    images = pixels(1, 40, 72)  # another size: the encoder resizes it (no half-precision resize on CPU)
+    assert load_images(images.to(dtype)).dtype == torch.float32
+    state = pipe(images.to(dtype))
+    assert state.images.dtype == torch.float32
+    torch.testing.assert_close(state.images, images.to(dtype).float())
+    if dtype == torch.float64:  # exact pixels: the same tokens as float32 ones
+        assert torch.equal(state.tokens, pipe(images).tokens)
+
+
 def test_rgba_and_grey_images_are_converted_to_rgb(pipe):
     grey = Image.fromarray(np.full((64, 64), 128, dtype=np.uint8), mode="L")
     rgba = Image.fromarray(np.full((64, 64, 4), 128, dtype=np.uint8), mode="RGBA")

@@ -263,6 +263,19 @@ def test_registering_one_class_twice_is_not_a_conflict(registry):
     assert registry.get("compressor", "bloom") is Bloom
 
 
+def test_a_failed_second_registration_leaves_the_first_one_intact(registry):
+    first = registry.pm.get_plugin("testplugins")
+    # the same object under a second name: pluggy refuses; the first registration must survive
+    registry.register(first, name="again")
+    assert "already registered" in registry.failures["again"]
+    assert registry.pm.get_plugin("testplugins") is first and registry.pm.is_registered(first)
+    # another object under a taken name: refused, and the first provider keeps its classes
+    registry.register(Provider(Bloom), name="testplugins")
+    assert "already registered" in registry.failures["testplugins"]
+    assert registry.pm.get_plugin("testplugins") is first
+    assert registry.get("compressor", "first_k") is First and registry.get("encoder", "pool") is PoolEncoder
+
+
 @pytest.mark.parametrize(
     ("cls", "expected"),
     [

@@ -278,8 +278,11 @@ class Homunculus(Allocator):
         if rel.shape != state.mask.shape:
             raise InputError(f"homunculus: per_token[{p.score!r}] must be [B, N]={list(state.mask.shape)}, got {list(rel.shape)}")
         real = rel.float()[state.mask]
-        if bool(torch.isnan(real).any()):
-            raise InputError(f"homunculus: per_token[{p.score!r}] has {int(torch.isnan(real).sum())} NaN values on real tokens")
+        if not bool(torch.isfinite(real).all()):
+            raise InputError(
+                f"homunculus: per_token[{p.score!r}] has {int(torch.isnan(real).sum())} NaN and "
+                f"{int(torch.isinf(real).sum())} infinite values on real tokens; expected finite relevance"
+            )
         H0, W0 = state.grid
         rh, rw = p.region
         if H0 % rh or W0 % rw:

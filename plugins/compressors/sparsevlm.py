@@ -33,7 +33,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from arrcoc import ops
 from arrcoc.errors import MissingInputError, StateError, record_warning
@@ -229,6 +229,9 @@ def dpc_knn(x: torch.Tensor, cluster_num: torch.Tensor | int, mask: torch.Tensor
     c = torch.as_tensor(cluster_num, dtype=torch.int64, device=x.device).expand(B)
     if bool((c > n).any()) or bool(((c < 1) & (n > 0)).any()):
         raise StateError(f"dpc_knn: cluster counts {c.tolist()} must lie in [1, n] for rows of {n.tolist()} tokens")
+    if N == 0:  # no row has a token (e.g. nothing was deleted, so nothing is recycled): no clusters
+        empty = torch.zeros(B, 0, dtype=torch.int64, device=x.device)
+        return empty, empty.bool(), empty.clone()
     xf = x.float()
     dist = torch.cdist(xf, xf, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(C)
     pair = mask[:, :, None] & mask[:, None, :]
@@ -351,6 +354,12 @@ class SparseVLMParams(Params):
     )
     recycle_ratio: float = Field(0.3, gt=0, le=1, description="Share of the deleted tokens recycled (+1).")
     cluster_divisor: int = Field(10, ge=1, description="Recycled tokens per cluster: clusters = m // divisor + 1.")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "SparseVLMParams":
+        if self.w_text == 0 and self.w_sal == 0:
+            raise ValueError("w_text and w_sal are both 0: every token would score the same; give one a weight > 0")
+        return self
 
 
 class SparseVLM(Compressor):

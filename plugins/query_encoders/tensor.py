@@ -38,7 +38,14 @@ class TensorQuery(QueryEncoder):
 
     def __init__(self, params=None, /, **kwargs) -> None:
         super().__init__(params, **kwargs)
-        table = torch.load(Path(self.params.file).expanduser(), map_location="cpu", weights_only=True)
+        try:
+            table = torch.load(Path(self.params.file).expanduser(), map_location="cpu", weights_only=True)
+        except Exception as exc:  # not a torch.save file, or one holding more than tensors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputError(
+                f"tensor: cannot read {self.params.file!r} as a torch.save'd dict {{str: tensor}} "
+                f"({type(exc).__name__}: {first})"
+            ) from None
         if not isinstance(table, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) and v.ndim in (1, 2) and v.is_floating_point()
             for k, v in table.items()

@@ -209,6 +209,10 @@ def test_bad_inputs():
     nan[1, 7] = float("nan")
     with pytest.raises(InputError, match="1 NaN"):
         run(state.with_per_token(relevance=nan))
+    inf = state.per_token["relevance"].clone()
+    inf[0, 3] = float("inf")  # used to pass and turn the sampled relevance (and the ranking near it) into NaN
+    with pytest.raises(InputError, match="0 NaN and 1 infinite"):
+        run(state.with_per_token(relevance=inf))
     tiny = make_state(B=1, H=2, W=2)
     with pytest.raises(InputError, match=r"1x1 grid of 2x2 regions; nothing to rank"):
         run(tiny)

@@ -221,6 +221,8 @@ def test_bad_budgets():
         arrcoc.create("compressor", "sparsevlm", keep=1.5)
     with pytest.raises(ParamsError, match="count must be >= 1"):
         arrcoc.create("compressor", "sparsevlm", keep=0)
+    with pytest.raises(ParamsError, match="w_text and w_sal are both 0"):  # used to keep the first k tokens silently
+        arrcoc.create("compressor", "sparsevlm", w_text=0.0, w_sal=0.0)
     with pytest.raises(BudgetError, match="asked to keep 31 tokens, but an image has only 30"):
         arrcoc.create("compressor", "sparsevlm", keep=31)(make_state())
 
@@ -318,3 +320,13 @@ def test_sparsevlm_prune_ragged_equals_per_image():
         assert torch.allclose(out[b, :m], one[0, :m], atol=1e-6)
         d = n - int(keep[b])
         assert m == int(keep[b]) + (int(d * 0.3) + 1) // 10 + 1
+
+
+def test_recycling_with_nothing_deleted_keeps_everything():
+    # keep = every token: nothing is deleted, so nothing is recycled (used to crash in dpc_knn on an empty set)
+    state = make_state()
+    out = arrcoc.create("compressor", "sparsevlm", keep=1.0, recycle=True)(state).check()
+    assert out.counts.tolist() == [30, 30] and torch.equal(out.tokens, state.tokens)
+    hidden, scores = torch.randn(2, 6, 4), torch.rand(2, 6)
+    vis, vis_mask, _, _ = S.sparsevlm_prune(hidden, scores, 6)
+    assert vis_mask.sum(1).tolist() == [6, 6] and torch.equal(vis, hidden)

@@ -121,6 +121,10 @@ def test_tensor_query_errors(table, tmp_path):
     torch.save({"cat": torch.ones(2, 2, 2)}, bad)
     with pytest.raises(InputError, match=r"must hold a dict \{str: float tensor \[T, D\] or \[D\]\}"):
         arrcoc.create("query_encoder", "tensor", file=str(bad))
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a torch file")
+    with pytest.raises(InputError, match=r"tensor: cannot read '.*junk\.pt' as a torch\.save'd dict \{str: tensor\}"):
+        arrcoc.create("query_encoder", "tensor", file=str(junk))
     mixed = tmp_path / "mixed.pt"
     torch.save({"a": torch.ones(4), "b": torch.ones(1, 5)}, mixed)
     qe = arrcoc.create("query_encoder", "tensor", file=str(mixed))

@@ -1,0 +1,80 @@
+"""The ``arrcoc`` command, run in-process with click's runner.
+
+Text that comes from plugins, params and errors is printed through rich, whose
+markup would swallow anything that looks like a tag (``list[int]``,
+``[unmerged A, all B]``): it must come out as written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from rich.console import Console
+
+from arrcoc import cli
+
+
+@pytest.fixture
+def run(monkeypatch):
+    # wide consoles: no wrapping inside table cells
+    monkeypatch.setattr(cli, "console", Console(width=2000))
+    monkeypatch.setattr(cli, "err_console", Console(width=2000, stderr=True))
+
+    def invoke(*args: str):
+        return CliRunner().invoke(cli.main, list(args))
+
+    return invoke
+
+
+def test_show_prints_types_defaults_and_descriptions_as_written(run):
+    result = run("show", "tome")
+    assert result.exit_code == 0, result.output
+    assert "int | list[int]" in result.output  # not "int | list"
+    assert "tome.merge's [unmerged A, all B]" in result.output
+    result = run("show", "timm_vit")
+    assert result.exit_code == 0, result.output
+    assert "list[int]" in result.output and "(per_token 'cls_attn')" in result.output
+
+
+def test_list_filters_and_unknown_kind_is_one_error_line(run):
+    result = run("list", "compressor", "--filter", "to*")
+    assert result.exit_code == 0 and "tome" in result.output and "visionzip" not in result.output
+    result = run("list", "compresor")
+    assert result.exit_code == 2
+    assert "error: unknown plugin kind 'compresor' (did you mean 'compressor'?)" in result.output
+
+
+def test_errors_are_printed_as_written(run):
+    result = run("run", "nope[abc]", "--image", "x.png")
+    assert result.exit_code == 2
+    assert "unknown pipeline 'nope[abc]'" in result.output and "Traceback" not in result.output
+
+
+def test_validate_reports_each_file(run, tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("name: g\nencoder: {use: timm_vit}\ncompress:\n  - {use: tome, r: 4}\n")
+    bad.write_text("encoder: {use: timm_vit}\ncompress:\n  - {use: tomee}\n")
+    result = run("validate", str(good), str(bad))
+    assert result.exit_code == 1
+    assert f"ok {good}: g (timm_vit -> tome)" in result.output
+    assert f"invalid {bad}:3: compress[0]: unknown compressor 'tomee' (did you mean 'tome'?)" in result.output
+
+
+def test_run_json_trace(run, tmp_path):
+    spec = tmp_path / "small.yaml"
+    spec.write_text(
+        "name: small\nencoder:\n  use: timm_vit\n  model: vit_tiny_patch16_224\n"
+        "  model_kwargs: {depth: 2, img_size: 64}\n  layer: -1\ncompress:\n  - {use: tome, r: 4, metric: tokens}\n"
+    )
+    image = tmp_path / "a.png"
+    Image.fromarray((torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()).save(image)
+    result = run("run", str(spec), "--image", str(image), "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output[result.output.index("{"):])
+    assert payload["pipeline"] == "small" and payload["tokens_shape"] == [1, 12, 192]
+    assert [(r["stage"], r["tokens_in"], r["tokens_out"]) for r in payload["trace"]] == [
+        ("encoder", [17], [17]), ("compress[0]", [17], [13])]
