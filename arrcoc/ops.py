@@ -24,10 +24,12 @@ __all__ = [
     "Matching",
     "bipartite_match",
     "cosine",
+    "gather_rows",
     "keep",
     "keep_topk",
     "merge",
     "normalize_scores",
+    "pack",
     "query_similarity",
     "patches_to_tokens",
     "resolve_keep",
@@ -269,7 +271,7 @@ def _flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
     return (index + torch.arange(index.shape[0], device=index.device)[:, None] * n).reshape(-1)
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, k]]`` for ``x`` ``[B, N, ...]``; invalid slots are zero.
 
     One ``index_select`` over flattened rows: several times faster than
@@ -315,12 +317,12 @@ def keep(state: TokenState, index: torch.Tensor, valid: torch.Tensor | None = No
 
     return dataclasses.replace(
         state,
-        tokens=_gather(state.tokens, safe, valid),
+        tokens=gather_rows(state.tokens, safe, valid),
         mask=valid.clone(),
-        size=_gather(state.size, safe, valid),
-        positions=_gather(state.positions, safe, valid),
+        size=gather_rows(state.size, safe, valid),
+        positions=gather_rows(state.positions, safe, valid),
         origin=origin,
-        per_token={k: _gather(v, safe, valid) for k, v in state.per_token.items()},
+        per_token={k: gather_rows(v, safe, valid) for k, v in state.per_token.items()},
     )
 
 
@@ -424,7 +426,7 @@ def merge(
         per_token_updates[name] = summed(value) if how == "sum" else averaged(value, w)
 
     origin = torch.where(state.origin >= 0, target.gather(1, state.origin.clamp(min=0)), state.origin)
-    index, keep_valid = _pack(state.mask & ~is_src)
+    index, keep_valid = pack(state.mask & ~is_src)
     kept = keep(dataclasses.replace(state, origin=origin), index, keep_valid)
     # Where each destination landed among the survivors (flat row of the output).
     K = index.shape[1]
@@ -444,12 +446,17 @@ def merge(
     return kept
 
 
-def _pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the True entries of ``select`` ``[B, N]``, in order, packed."""
+def pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of ``select`` ``[B, N]``, in order, packed to the front.
+
+    Returns ``(index [B, K], valid [B, K])`` with ``K`` the largest count;
+    padding indices are 0.  The ragged-batch form of ``nonzero`` that every op
+    here takes (e.g. ``keep(state, *pack(chosen))``).
+    """
     order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices
     valid = select.gather(1, order)
     K = int(valid.sum(1).max()) if select.shape[0] else 0
-    return order[:, :K], valid[:, :K]
+    return order[:, :K].masked_fill(~valid[:, :K], 0), valid[:, :K]
 
 
 def unmerge(state: TokenState, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,7 +474,7 @@ def unmerge(state: TokenState, tokens: torch.Tensor | None = None) -> tuple[torc
     present = state.origin >= 0
     if state.N == 0:  # every patch was dropped: nothing to gather from
         return values.new_zeros(*present.shape, *values.shape[2:]), present
-    return _gather(values, state.origin.clamp(min=0), present), present
+    return gather_rows(values, state.origin.clamp(min=0), present), present
 
 
 def patches_to_tokens(state: TokenState, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:

@@ -290,9 +290,7 @@ def merge_into_kept(
     # Sources: every pruned token but the host; destination: its absorbing kept token, else the host.
     src_mask = pruned & ~is_host
     dst_all = torch.where(absorbed_by >= 0, safe.gather(1, absorbed_by.clamp(min=0)), host.expand(B, N))
-    order = torch.sort((~src_mask).to(torch.int8), dim=1, stable=True).indices
-    n_src = int(src_mask.sum(1).max()) if B else 0
-    src, src_valid = order[:, :n_src], src_mask.gather(1, order[:, :n_src])
+    src, src_valid = ops.pack(src_mask)
     merged = ops.merge(state, src, dst_all.gather(1, src), src_valid)
     # Survivors are packed in their original order: map old index -> new slot, then reorder.
     new_slot = torch.cumsum((kept | is_host).to(torch.int64), 1) - 1
@@ -300,8 +298,7 @@ def merge_into_kept(
     out_valid = torch.cat([valid, has_extra[:, None]], 1)
     out = ops.keep(merged, out_index.masked_fill(~out_valid, 0), out_valid)
     values = torch.cat([kept_values, extra[:, None]], 1)
-    pack = torch.sort((~out_valid).to(torch.int8), dim=1, stable=True).indices[:, : out.N]
-    values = values.gather(1, pack[..., None].expand(-1, -1, values.shape[-1])) * out.mask[..., None]
+    values = ops.gather_rows(values, *ops.pack(out_valid))  # the same packing ``keep`` applied
     return dataclasses.replace(out, tokens=values.to(state.dtype))
 
 

@@ -53,20 +53,6 @@ SPARSE_TOKEN_TABLE: dict[int, tuple[int, int, int]] = {
 
 
 # ------------------------------------------------------------------ helpers
-def _take(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``x[b, index[b, k]]`` for ``x`` ``[B, N, C]``; zero where not ``valid``."""
-    out = x.gather(1, index.masked_fill(~valid, 0)[:, :, None].expand(-1, -1, x.shape[-1]))
-    return out.masked_fill(~valid[:, :, None], 0)
-
-
-def _pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the True entries of ``select`` ``[B, N]`` in order, packed to the front."""
-    order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices
-    valid = select.gather(1, order)
-    K = int(valid.sum(1).max()) if select.shape[0] else 0
-    return order[:, :K].masked_fill(~valid[:, :K], 0), valid[:, :K]
-
-
 def _real(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
@@ -291,16 +277,16 @@ def sparsevlm_prune(
     """
     mask = _real(mask, hidden)
     index, valid = ops.topk_per_row(scores.float(), keep, mask, order="position")
-    kept = _take(hidden, index, valid)
+    kept = ops.gather_rows(hidden, index, valid)
     if not recycle:
         return kept, valid, index, valid
     rec_index, rec_valid, clusters = recycle_plan(scores, index, valid, mask, ratio, divisor)
-    members = _take(hidden, rec_index, rec_valid)
+    members = ops.gather_rows(hidden, rec_index, rec_valid)
     merged, merged_valid = cluster_and_merge(members, clusters, rec_valid)
     out = torch.cat([kept, merged], 1)
     out_valid = torch.cat([valid, merged_valid], 1)
-    order, packed = _pack(out_valid)
-    out = _take(out, order, packed)
+    order, packed = ops.pack(out_valid)
+    out = ops.gather_rows(out, order, packed)
     return out, packed, index, valid
 
 
@@ -317,13 +303,13 @@ def recycle_state(state: TokenState, scores: torch.Tensor, index: torch.Tensor, 
     cluster tokens in centre order — the official layout.
     """
     rec_index, rec_valid, clusters = recycle_plan(scores, index, valid, state.mask, ratio, divisor)
-    members = _take(state.tokens, rec_index, rec_valid)
+    members = ops.gather_rows(state.tokens, rec_index, rec_valid)
     centres, centre_valid, assign = dpc_knn(members, clusters, rec_valid)  # indices into the member list
     B, M = rec_index.shape
     # Member order: centres first (in centre order), then the rest (in score order).
     sink = torch.where(centre_valid, centres, torch.full_like(centres, M))
     is_centre = torch.zeros(B, M + 1, dtype=torch.bool, device=state.device).scatter(1, sink, True)[:, :M]
-    rest, rest_valid = _pack(rec_valid & ~is_centre)
+    rest, rest_valid = ops.pack(rec_valid & ~is_centre)
     member_order = torch.cat([centres, rest], 1)
     member_valid = torch.cat([centre_valid, rest_valid], 1)
     ordered = rec_index.gather(1, member_order)

@@ -90,10 +90,8 @@ def visionzip_select(
     p = torch.cumsum(rest.to(torch.int64), 1) - 1  # position in the list of remaining tokens
     step = torch.div(M, contextual.clamp(min=1), rounding_mode="floor").clamp(min=1)
     is_target = rest & (p % step[:, None] == 0) & (torch.div(p, step[:, None], rounding_mode="floor") < contextual[:, None])
-    Kc = int(contextual.max()) if B else 0
-    order = torch.sort((~is_target).to(torch.int8), dim=1, stable=True).indices[:, :Kc]
-    target_valid = torch.arange(Kc, device=device)[None, :] < contextual[:, None]
-    target_index = order.masked_fill(~target_valid, 0)
+    target_index, target_valid = ops.pack(is_target)
+    Kc = target_index.shape[1]
     unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     targets = unit.gather(1, target_index[..., None].expand(B, Kc, unit.shape[-1]))
     sim = (unit @ targets.transpose(1, 2)).masked_fill(~target_valid[:, None, :], float("-inf"))  # [B, N, Kc]
@@ -204,9 +202,7 @@ class VisionZip(Compressor):
         values = contextual_values(state.tokens, target_index, target_valid, assign)
         # Provenance: each assigned token merges into its target.
         src_mask = assign >= 0
-        order = torch.sort((~src_mask).to(torch.int8), dim=1, stable=True).indices
-        n_src = int(src_mask.sum(1).max()) if state.B else 0
-        src, src_valid = order[:, :n_src], src_mask.gather(1, order[:, :n_src])
+        src, src_valid = ops.pack(src_mask)
         dst = target_index.gather(1, assign.clamp(min=0).gather(1, src))
         merged = ops.merge(state, src, dst, src_valid)
         # Survivors (dominant + targets) are packed in original order; put dominant first.
@@ -217,8 +213,7 @@ class VisionZip(Compressor):
         out = ops.keep(merged, out_index.masked_fill(~out_valid, 0), out_valid)
         kept_values = state.tokens.float().gather(1, dom_index[..., None].expand(-1, -1, state.D))
         all_values = torch.cat([kept_values, values], 1)
-        pack = torch.sort((~out_valid).to(torch.int8), dim=1, stable=True).indices[:, : out.N]
-        all_values = all_values.gather(1, pack[..., None].expand(-1, -1, state.D)) * out.mask[..., None]
+        all_values = ops.gather_rows(all_values, *ops.pack(out_valid))  # the same packing ``keep`` applied
         return dataclasses.replace(out, tokens=all_values.to(state.dtype))
 
 
