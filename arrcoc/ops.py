@@ -17,12 +17,13 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-from .errors import BudgetError, StateError
+from .errors import BudgetError, InputError, StateError
 from .state import TokenState
 
 __all__ = [
     "Matching",
     "bipartite_match",
+    "check_scores",
     "cosine",
     "gather_rows",
     "keep",
@@ -143,6 +144,20 @@ def query_similarity(
     if reduce == "max":
         return sim.masked_fill(~real, float("-inf")).amax(-1)
     return (sim * real).sum(-1) / real.sum(-1).clamp_min(1)
+
+
+def check_scores(scores: torch.Tensor, mask: torch.Tensor, where: str) -> torch.Tensor:
+    """``scores`` as float32 ``[B, N]`` after checking its shape and that every real token's score is finite."""
+    if tuple(scores.shape) != tuple(mask.shape):
+        raise InputError(f"{where} must be [B, N]={list(mask.shape)}, got {list(scores.shape)}")
+    scores = scores.float()
+    real = scores[mask]
+    if not bool(torch.isfinite(real).all()):
+        raise InputError(
+            f"{where} has {int(torch.isnan(real).sum())} NaN and {int(torch.isinf(real).sum())} infinite "
+            "values on real tokens; expected finite scores"
+        )
+    return scores
 
 
 def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank") -> torch.Tensor:

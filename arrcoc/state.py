@@ -216,6 +216,36 @@ class TokenState:
             raise InputError(f"{where}: images {empty.nonzero().flatten().tolist()} have no real query token")
         return self.query, self.query_mask
 
+    def image(self, b: int) -> "TokenState":
+        """Image ``b`` alone: a batch of one, trimmed to its real tokens.
+
+        Handy to check that a stage treats a ragged batch like separate runs.
+        ``pyramid``, ``allocation``, ``meta`` and ``trace`` are kept as they are.
+        """
+        if not -self.B <= b < self.B:
+            raise StateError(f"TokenState.image: index {b} out of range for a batch of {self.B}")
+        b = b % self.B
+        n = int(self.counts[b])
+
+        def one(x: torch.Tensor | None, tokens_axis: bool = True) -> torch.Tensor | None:
+            if x is None:
+                return None
+            return x[b : b + 1, :n] if tokens_axis else x[b : b + 1]
+
+        return dataclasses.replace(
+            self,
+            tokens=one(self.tokens),
+            mask=one(self.mask),
+            size=one(self.size),
+            positions=one(self.positions),
+            origin=one(self.origin, False),
+            cls=one(self.cls, False),
+            per_token={k: one(v) for k, v in self.per_token.items()},
+            query=one(self.query, False),
+            query_mask=one(self.query_mask, False),
+            images=one(self.images, False),
+        )
+
     def replace(self, **changes: Any) -> "TokenState":
         """``dataclasses.replace`` (validated). Use :mod:`arrcoc.ops` to move tokens."""
         return dataclasses.replace(self, **changes)

@@ -224,3 +224,20 @@ def test_token_counts_include_the_class_token():
     assert state.token_counts() == (5, 3)
     no_cls = state.replace(cls=None)
     assert no_cls.token_counts() == (4, 2)
+
+
+def test_image_is_one_trimmed_row_of_a_ragged_batch():
+    state = TokenState.from_patches(torch.randn(2, 6, 4), (2, 3), cls_token=torch.randn(2, 4),
+                                    per_token={"score": torch.arange(12.0).view(2, 6)})
+    index = torch.tensor([[0, 2, 4], [1, 5, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    ragged = ops.keep(state, index, valid)
+    second = ragged.image(1).check()
+    assert second.B == 1 and second.N == 2 and second.token_counts() == (3,)
+    assert torch.equal(second.tokens[0], state.tokens[1, [1, 5]])
+    assert torch.equal(second.per_token["score"][0], torch.tensor([7.0, 11.0]))
+    assert torch.equal(second.cls[0], state.cls[1])
+    assert second.origin[0].tolist() == [-1, 0, -1, -1, -1, 1]
+    assert torch.equal(ragged.image(-2).tokens, ragged.image(0).tokens)
+    with pytest.raises(StateError, match="index 2 out of range for a batch of 2"):
+        ragged.image(2)

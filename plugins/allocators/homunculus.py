@@ -275,14 +275,7 @@ class Homunculus(Allocator):
                 f"homunculus: needs per_token[{p.score!r}] (have {sorted(state.per_token)}); add a scorer before "
                 "allocate, e.g. `score: [{use: relevance, weights: {query: 0.7, saliency: 0.3}}]`"
             )
-        if rel.shape != state.mask.shape:
-            raise InputError(f"homunculus: per_token[{p.score!r}] must be [B, N]={list(state.mask.shape)}, got {list(rel.shape)}")
-        real = rel.float()[state.mask]
-        if not bool(torch.isfinite(real).all()):
-            raise InputError(
-                f"homunculus: per_token[{p.score!r}] has {int(torch.isnan(real).sum())} NaN and "
-                f"{int(torch.isinf(real).sum())} infinite values on real tokens; expected finite relevance"
-            )
+        rel = ops.check_scores(rel, state.mask, f"homunculus: per_token[{p.score!r}]")
         H0, W0 = state.grid
         rh, rw = p.region
         if H0 % rh or W0 % rw:

@@ -36,7 +36,7 @@ import torch
 from pydantic import Field, model_validator
 
 from arrcoc import ops
-from arrcoc.errors import InputError, ParamsError
+from arrcoc.errors import ParamsError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Params, Scorer
 from arrcoc.state import TokenState
@@ -121,15 +121,7 @@ class Relevance(Scorer):
             if key not in state.per_token:
                 raise ParamsError(f"relevance: scorer {name!r} did not write per_token[{key!r}]")
             value = state.per_token[key]
-            if value.shape != state.mask.shape:
-                raise InputError(f"relevance: per_token[{key!r}] must be [B, N]={list(state.mask.shape)}, got {list(value.shape)}")
-            real = value.float()[state.mask]
-            if not bool(torch.isfinite(real).all()):
-                raise InputError(
-                    f"relevance: per_token[{key!r}] has {int(torch.isnan(real).sum())} NaN and "
-                    f"{int(torch.isinf(real).sum())} infinite scores on real tokens; expected finite scores"
-                )
-            scores.append(value)
+            scores.append(ops.check_scores(value, state.mask, f"relevance: per_token[{key!r}]"))
         weights = [float(self.params.weights[n]) for n in self.parts]
         relevance = combine_scores(scores, weights, state.mask, self.params.normalize)
         return state.with_per_token(relevance=relevance)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import yaml
@@ -99,16 +98,6 @@ def test_one_by_three_crops_and_count_budget():
     assert bool((counts[:, 1:].sum(1) <= 30).all()) and bool((counts[:, 1:].sum(1) >= 28).all())  # floors
 
 
-def row(state, b):
-    n = int(state.counts[b])
-    return dataclasses.replace(
-        state, tokens=state.tokens[b : b + 1, :n], mask=state.mask[b : b + 1, :n], size=state.size[b : b + 1, :n],
-        positions=state.positions[b : b + 1, :n], origin=state.origin[b : b + 1],
-        cls=None if state.cls is None else state.cls[b : b + 1],
-        per_token={k: v[b : b + 1, :n] for k, v in state.per_token.items()},
-    )
-
-
 def test_ragged_batch_equals_per_image_runs_and_padding_is_never_kept():
     state = make_state()
     g = torch.Generator().manual_seed(1)
@@ -118,7 +107,7 @@ def test_ragged_batch_equals_per_image_runs_and_padding_is_never_kept():
     out = HiRED(keep=0.25)(state).check()
     assert out.counts.tolist() == [16, 10, 5]
     for b in range(3):
-        one = HiRED(keep=0.25)(row(state, b)).check()
+        one = HiRED(keep=0.25)(state.image(b)).check()
         n = int(one.counts[0])
         assert torch.equal(out.tokens[b, :n], one.tokens[0]) and torch.equal(out.origin[b], one.origin[0])
     assert out.size.sum(1).tolist() == [16.0, 10.0, 5.0]

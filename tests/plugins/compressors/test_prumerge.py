@@ -125,16 +125,6 @@ def test_edge_cases_are_handled_with_warnings():
     torch.testing.assert_close(out.tokens[0, 0], x[kept[0]] + total - a[kept[0]] * x[kept[0]])
 
 
-def row(state, b):
-    n = int(state.counts[b])
-    return dataclasses.replace(
-        state, tokens=state.tokens[b : b + 1, :n], mask=state.mask[b : b + 1, :n], size=state.size[b : b + 1, :n],
-        positions=state.positions[b : b + 1, :n], origin=state.origin[b : b + 1],
-        cls=None if state.cls is None else state.cls[b : b + 1],
-        per_token={k: v[b : b + 1, :n] for k, v in state.per_token.items()},
-    )
-
-
 @pytest.mark.parametrize("cls", [PruMerge, PruMergePlus])
 def test_ragged_batch_equals_per_image_runs_and_padding_is_never_used(cls):
     state = make_state()
@@ -145,7 +135,7 @@ def test_ragged_batch_equals_per_image_runs_and_padding_is_never_used(cls):
     state = state.with_per_token(cls_attn=state.per_token["cls_attn"].masked_fill(~state.mask, 5.0))
     out = cls()(state).check()
     for b in range(3):
-        one = cls()(row(state, b)).check()
+        one = cls()(state.image(b)).check()
         n = int(one.counts[0])
         assert int(out.counts[b]) == n
         torch.testing.assert_close(out.tokens[b, :n], one.tokens[0])

@@ -93,16 +93,6 @@ def test_keep_presets_split_like_readme():
     assert [t.tolist() for t in VisionZip(keep=0.25).budgets(big)] == [[144 - 23 - 1], [23]]
 
 
-def row(state: TokenState, b: int) -> TokenState:
-    n = int(state.counts[b])
-    return dataclasses.replace(
-        state, tokens=state.tokens[b : b + 1, :n], mask=state.mask[b : b + 1, :n], size=state.size[b : b + 1, :n],
-        positions=state.positions[b : b + 1, :n], origin=state.origin[b : b + 1],
-        cls=None if state.cls is None else state.cls[b : b + 1],
-        per_token={k: v[b : b + 1, :n] for k, v in state.per_token.items()},
-    )
-
-
 def ragged(state: TokenState, counts=(64, 50, 37), seed=1) -> TokenState:
     g = torch.Generator().manual_seed(seed)
     index = torch.stack([torch.randperm(N0, generator=g) for _ in counts])
@@ -117,7 +107,7 @@ def test_ragged_batch_equals_per_image_runs(params):
     out = plugin(state).check()
     assert len(set(out.counts.tolist())) == (1 if "dominant" in params else 3)
     for b in range(state.B):
-        one = plugin(row(state, b)).check()
+        one = plugin(state.image(b)).check()
         n = int(one.counts[0])
         assert int(out.counts[b]) == n
         torch.testing.assert_close(out.tokens[b, :n], one.tokens[0])
