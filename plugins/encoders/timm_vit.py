@@ -129,6 +129,14 @@ class TimmViT(Encoder):
                     f"{self.last} (layer={p.layer}); at most the next block ({self.last + 1}) can be read"
                 )
         self.in_blocks = p.in_blocks.build("compressor") if isinstance(p.in_blocks, PluginRef) else None
+        if self.in_blocks is not None:
+            # Inside a block only the block's own keys exist (per_token "block_keys", read as "keys").
+            missing = sorted(self.in_blocks.requirements() - {"keys"})
+            if missing:
+                raise ModelError(
+                    f"timm_vit: in_blocks {self.in_blocks.name!r} needs {missing}, which is not available inside "
+                    "the blocks (only each block's keys are); run it after the encoder, under `compress:`"
+                )
         self.provides = frozenset(
             {"keys", "cls_attention", "cls", "attention_maps"} if self.prefix == 1 else {"keys", "attention_maps"}
         )

@@ -306,3 +306,9 @@ def test_cls_attention_on_a_model_without_class_token_is_a_missing_input(registr
     assert pipeline.encoder.outputs == frozenset({"cls_attention"})
     state = pipeline(torch.rand(1, 3, 32, 32))
     assert state.per_token["cls_attn"].shape == (1, 4)
+
+
+def test_in_blocks_compressor_needing_more_than_keys_is_refused_when_built():
+    with pytest.raises(ModelError, match=r"in_blocks 'prumerge' needs \['cls_attention'\], which is not available"):
+        arrcoc.create("encoder", "timm_vit", model="vit_tiny_patch16_224", model_kwargs={"depth": 2},
+                      in_blocks={"use": "prumerge"})
