@@ -174,13 +174,24 @@ def show(name: str, kind: str | None) -> None:
         for column in ("param", "type", "default", "description"):
             table.add_column(column)
         for field_name, field in info.cls.Params.model_fields.items():
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            value = None if field.is_required() else field.get_default(call_default_factory=True)
+            value = value.as_yaml_dict() if hasattr(value, "as_yaml_dict") else value  # nested plugin: as in YAML
+            default = "required" if field.is_required() else repr(value)
             # Cells are rich markup: escape so that `list[int]` or `[unmerged A, all B]` are shown as written.
             table.add_row(field_name, escape(_type_name(field.annotation)), escape(default), escape(field.description or ""))
         console.print(table)
 
 
 def _type_name(annotation: Any) -> str:
+    import typing
+
+    from .plugin import PluginRef
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    nested = [typing.get_args(a)[0] for a in args if typing.get_origin(a) is typing.Annotated]
+    if annotation is PluginRef or PluginRef in nested:
+        optional = type(None) in typing.get_args(annotation)
+        return "{use: <plugin>, ...}" + (" | None" if optional else "")
     plain = isinstance(annotation, type) and not getattr(annotation, "__args__", None)
     text = annotation.__name__ if plain else str(annotation)
     return text.replace("typing.", "").replace("typing_extensions.", "").replace("NoneType", "None")
