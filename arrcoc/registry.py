@@ -11,13 +11,14 @@ empty value loads none); ``ARRCOC_TRACE_PLUGINS=1`` prints every hook call.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import threading
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pluggy
 
@@ -195,6 +196,16 @@ def set_registry(registry: Registry | None) -> Registry | None:
     with _lock:
         previous, _registry = _registry, registry
         return previous
+
+
+@contextlib.contextmanager
+def using_registry(registry: Registry) -> Iterator[Registry]:
+    """Make ``registry`` the process-wide one inside the block (tests, sandboxes)."""
+    previous = set_registry(registry)
+    try:
+        yield registry
+    finally:
+        set_registry(previous)
 
 
 def create(kind: str, name: str, /, **params: Any) -> Plugin:

@@ -18,7 +18,7 @@ from arrcoc.errors import ArrcocWarning, InputError, MissingInputError, StateErr
 from arrcoc.hookspecs import hookimpl
 from arrcoc.images import load_images
 from arrcoc.plugin import Compressor, Scorer
-from arrcoc.registry import Registry, set_registry
+from arrcoc.registry import Registry, using_registry
 from arrcoc.state import TokenState
 
 
@@ -88,11 +88,8 @@ def registry():
         reg.register(module, name=name)
     reg.register(Provider(QueryDot, NeedsFoo, MakesFoo, ReturnsNone), name="testplugins")
     assert reg.failures == {}
-    previous = set_registry(reg)
-    try:
+    with using_registry(reg):
         yield reg
-    finally:
-        set_registry(previous)
 
 
 ENCODER = {

@@ -19,7 +19,7 @@ from arrcoc import ops
 from arrcoc.errors import ParamsError, UnknownPluginError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Encoder, Keep, Params, Scorer
-from arrcoc.registry import Registry, set_registry
+from arrcoc.registry import Registry, using_registry
 from arrcoc.state import TokenState
 
 
@@ -111,11 +111,8 @@ def registry():
     reg.register(tome, name="tome")
     reg.register(Provider(First, Bloom, Salience, PoolEncoder), name="testplugins")
     assert reg.failures == {}
-    previous = set_registry(reg)
-    try:
+    with using_registry(reg):
         yield reg
-    finally:
-        set_registry(previous)
 
 
 # ------------------------------------------------------------- registration

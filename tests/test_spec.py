@@ -16,7 +16,7 @@ import arrcoc
 from arrcoc.errors import ParamsError, SpecError, UnknownPipelineError, UnknownPluginError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Scorer
-from arrcoc.registry import Registry, set_registry
+from arrcoc.registry import Registry, using_registry
 from arrcoc.spec import PipelineSpec, available_pipelines, json_schema, parse_yaml_text, resolve_spec
 
 
@@ -64,11 +64,8 @@ def registry():
         reg.register(module, name=name)
     reg.register(Provider(Norm, LateDrop), name="testplugins")
     assert reg.failures == {}
-    previous = set_registry(reg)
-    try:
+    with using_registry(reg):
         yield reg
-    finally:
-        set_registry(previous)
 
 
 GOOD = """\

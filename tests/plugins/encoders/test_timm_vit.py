@@ -14,7 +14,7 @@ import arrcoc
 from arrcoc.errors import MissingInputError, ModelError, ParamsError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Params
-from arrcoc.registry import Registry, set_registry
+from arrcoc.registry import Registry, using_registry
 
 TINY = "vit_tiny_patch16_224"
 
@@ -285,11 +285,8 @@ class _TestPlugins:
 def registry_with_test_plugin():
     registry = Registry()
     registry.register(_TestPlugins(), name="needs_cls_test")
-    previous = set_registry(registry)
-    try:
+    with using_registry(registry):
         yield registry
-    finally:
-        set_registry(previous)
 
 
 def test_cls_attention_on_a_model_without_class_token_is_a_missing_input(registry_with_test_plugin):
