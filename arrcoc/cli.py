@@ -1,4 +1,4 @@
-"""The ``arrcoc`` command: run | list | show | validate | schema."""
+"""The ``arrcoc`` command: run | bench | list | show | validate | schema."""
 
 from __future__ import annotations
 
@@ -109,6 +109,51 @@ class _nullcontext:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+# ------------------------------------------------------------------- bench
+@main.command()
+@click.argument("pipeline")
+@click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for a batch).")
+@click.option("--query", default=None, help="Question / text query for query-guided stages.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Repeat the images up to this batch size.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+def bench(pipeline: str, images: tuple[str, ...], query: str | None, device: str, batch: int | None,
+          repeats: int, warmup: int) -> None:
+    """Time PIPELINE stage by stage: median and best ms over --repeats runs, after --warmup runs."""
+    import statistics
+
+    from rich.progress import Progress
+
+    from .images import load_images
+    from .pipeline import load_pipeline
+
+    with err_console.status(f"building pipeline {pipeline!r}", spinner="dots"):
+        pipe = load_pipeline(pipeline, device=device)
+    pixels = load_images(list(images), getattr(pipe.encoder, "input_size", None))
+    if batch is not None:
+        pixels = pixels.repeat((batch + len(pixels) - 1) // len(pixels), 1, 1, 1)[:batch]
+    traces = []
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("running", total=warmup + repeats)
+        for i in range(warmup + repeats):
+            state = pipe(pixels, query=query)
+            if i >= warmup:
+                traces.append(state.trace)
+            progress.advance(task)
+    table = Table(title=f"{pipe.spec.name} on {pipe.device}: batch {len(pixels)}, {repeats} runs")
+    for column in ("stage", "plugin", "tokens in", "tokens out", "median ms", "best ms"):
+        table.add_column(column, justify="left" if column in ("stage", "plugin") else "right")
+    for records in zip(*traces):
+        first, times = records[0], [r.ms for r in records]
+        table.add_row(escape(first.stage), escape(first.plugin), _counts(first.tokens_in), _counts(first.tokens_out),
+                      f"{statistics.median(times):.2f}", f"{min(times):.2f}")
+    totals = [sum(r.ms for r in trace) for trace in traces]
+    console.print(table)
+    console.print(f"total {statistics.median(totals):.1f} ms median per batch, "
+                  f"{len(pixels) / statistics.median(totals) * 1e3:.1f} images/s")
 
 
 # -------------------------------------------------------------------- list

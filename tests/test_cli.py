@@ -78,3 +78,19 @@ def test_run_json_trace(run, tmp_path):
     assert payload["pipeline"] == "small" and payload["tokens_shape"] == [1, 12, 192]
     assert [(r["stage"], r["tokens_in"], r["tokens_out"]) for r in payload["trace"]] == [
         ("encoder", [17], [17]), ("compress[0]", [17], [13])]
+
+
+def test_bench_times_every_stage(run, tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(
+        "name: tiny\nencoder: {use: timm_vit, model: vit_tiny_patch16_224, model_kwargs: {depth: 2, img_size: 64}}\n"
+        "compress:\n  - {use: tome, r: 4}\n"
+    )
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (200, 30, 40)).save(image)
+    result = run("bench", str(spec), "--image", str(image), "--batch", "3", "--repeats", "2", "--warmup", "0",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "tiny on cpu: batch 3, 2 runs" in result.output
+    assert "compress[0]" in result.output and "17" in result.output and "13" in result.output  # 16+1 -> 12+1
+    assert "images/s" in result.output
