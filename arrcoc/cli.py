@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import ArrcocError
+from .errors import ArrcocError, ArrcocWarning
 
 console = Console()
 err_console = Console(stderr=True)
@@ -22,7 +23,10 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                # ArrcocWarnings are in the trace, and `run` prints them from there: no second copy on stderr.
+                warnings.simplefilter("ignore", ArrcocWarning)
+                return super().invoke(ctx)
         except ArrcocError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             sys.exit(2)

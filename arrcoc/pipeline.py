@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import InputError, MissingInputError, StateError, collect_warnings
+from .errors import InputError, MissingInputError, StateError, collect_warnings, record_warning
 from .images import load_images
 from .plugin import Encoder, Plugin, QueryEncoder, Stage
 from .registry import Registry, get_registry
@@ -80,9 +80,9 @@ class Pipeline:
         with collect_warnings() as notes:
             model_input = self.encoder.preprocess(pixels)
             state = self.encoder.encode(model_input)
-        tokens_in = getattr(self.encoder, "input_tokens", lambda: None)()
-        state = dataclasses.replace(state, images=pixels)
-        state = self._attach_query(state, query)
+            tokens_in = getattr(self.encoder, "input_tokens", lambda: None)()
+            state = dataclasses.replace(state, images=pixels)
+            state = self._attach_query(state, query)
         record = StageRecord(
             "encoder", self.encoder.name, (tokens_in,) * B if tokens_in else state.token_counts(),
             state.token_counts(), (self._clock() - start) * 1e3, tuple(notes),
@@ -124,6 +124,12 @@ class Pipeline:
             for i, text in enumerate(texts):
                 if not text.strip():
                     raise InputError(f"query[{i}]: empty query string; pass a question, or query=None")
+            if self.query_encoder is None and not self._uses_query():
+                record_warning(
+                    f"query {texts[0]!r} ignored: no stage of pipeline {self.spec.name!r} uses a query "
+                    "(and it has no query_encoder)"
+                )
+                return state
             if self.query_encoder is None:
                 raise MissingInputError(
                     f"{self.spec.source}: query strings need a `query_encoder:` section "
@@ -136,6 +142,9 @@ class Pipeline:
         else:
             raise InputError(f"query: expected a string, a list of strings or a tensor, got {type(query).__name__}")
         return dataclasses.replace(state, query=emb, query_mask=mask)
+
+    def _uses_query(self) -> bool:
+        return any("query" in plugin.requirements() for _, plugin in [*self.stages, *self.llm])
 
     def __repr__(self) -> str:
         stages = " -> ".join([self.encoder.name, *(p.name for _, p in self.stages)])

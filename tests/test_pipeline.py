@@ -318,9 +318,18 @@ def test_bad_queries(query_pipe, query, error, expected):
         query_pipe(pixels(), query=query)
 
 
-def test_query_strings_without_a_query_encoder(pipe):
+def test_query_strings_without_a_query_encoder():
+    pipe = arrcoc.load_pipeline({"encoder": ENCODER, "score": ["query_dot"]}, device="cpu")
     with pytest.raises(MissingInputError, match=r"<dict>: query strings need a `query_encoder:` section"):
         pipe(pixels(1), query="where is the cat?")
+
+
+def test_a_query_no_stage_uses_is_ignored_with_a_recorded_warning(pipe):
+    with pytest.warns(ArrcocWarning, match="query 'where is the cat\\?' ignored: no stage of pipeline 'small' uses a query"):
+        state = pipe(pixels(1), query="where is the cat?")
+    assert state.query is None
+    assert state.trace[0].warnings == ("query 'where is the cat?' ignored: no stage of pipeline 'small' uses a query "
+                                       "(and it has no query_encoder)",)
 
 
 def test_a_stage_needing_a_query_names_itself():
