@@ -86,6 +86,7 @@ def test_toy_text_dim_defaults_to_the_pipelines_token_width():
     with pytest.raises(InputError, match=r"query\[0\]: empty query string"):
         arrcoc.run_pipeline(spec, image, query="  ", device="cpu")
     del spec["query_encoder"]
+    spec["score"] = [{"use": "query"}]  # a stage that uses the query, and nothing to encode it
     with pytest.raises(MissingInputError, match=r"query strings need a `query_encoder:` section"):
         arrcoc.run_pipeline(spec, image, query="cup", device="cpu")
 
