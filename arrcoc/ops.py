@@ -23,6 +23,7 @@ from .state import TokenState
 __all__ = [
     "Matching",
     "bipartite_match",
+    "bipartite_merges",
     "check_scores",
     "cosine",
     "gather_rows",
@@ -265,6 +266,51 @@ def bipartite_match(
     return Matching(src, dst, valid), r_used
 
 
+def bipartite_merges(
+    metric: torch.Tensor, r: int | torch.Tensor, mask: torch.Tensor | None = None, *, class_token: bool = False
+) -> tuple[Matching, torch.Tensor, torch.Tensor]:
+    """:func:`bipartite_match` for ``r`` merges, plus the sort key ``[B, N]``
+    of the order ToMe's merge returns the tokens in (pass it to :func:`merge`
+    as ``order``).
+
+    The official ``tome.merge`` output is ``cat([unmerged A, all B])``: the
+    unmerged A tokens in index order with a class token, in decreasing order
+    of their best edge without one, then every B token; an image with nothing
+    to merge keeps its order (``do_nothing``).  The next matching alternates
+    A/B over *that* order, so iterated merging depends on it.
+
+    Returns ``(Matching of the r merges, r_used [B], order key [B, N])``.
+    """
+    B, N = metric.shape[:2]
+    if mask is None:
+        mask = torch.ones(B, N, dtype=torch.bool, device=metric.device)
+    # Every A token's best edge, best first (the official ``edge_idx``); the
+    # first ``r_used`` of them merge.  Capped at n // 2, the list leaves out
+    # at most one A token (odd n): the last-ranked one.
+    ranked, _ = bipartite_match(metric, N, mask, class_token=class_token)
+    r_req = _per_row_count(r, B, metric.device, "bipartite_merges: r")
+    if bool((r_req < 0).any()):
+        raise BudgetError(f"bipartite_merges: r must be >= 0, got {r_req.tolist()}")
+    r_used = torch.minimum(r_req, mask.sum(1) // 2)
+    R = int(r_used.max()) if B else 0
+    first = torch.arange(ranked.src.shape[1], device=metric.device)[None, :] < r_used[:, None]
+    merges = Matching(ranked.src[:, :R], ranked.dst[:, :R], (ranked.valid & first)[:, :R])
+    return merges, r_used, _bipartite_order_key(ranked, r_used, mask, class_token)
+
+
+def _bipartite_order_key(ranked: Matching, r_used: torch.Tensor, mask: torch.Tensor, class_token: bool) -> torch.Tensor:
+    B, N = mask.shape
+    index = torch.arange(N, device=mask.device).expand(B, N)
+    is_a = (index % 2) == (1 if class_token else 0)
+    key = torch.where(is_a, index, index + N)
+    if not class_token:  # A tokens by edge rank; an unranked one (odd count) last among A
+        rank = torch.full((B, N + 1), N - 1, dtype=torch.int64, device=mask.device)
+        sink = torch.where(ranked.valid, ranked.src, torch.full_like(ranked.src, N))
+        rank.scatter_(1, sink, torch.arange(sink.shape[1], device=mask.device).expand_as(sink).contiguous())
+        key = torch.where(is_a, rank[:, :N], key)
+    return torch.where(r_used[:, None] > 0, key, index)
+
+
 # ------------------------------------------------------------- moving tokens
 def _check_index(state: TokenState, index: torch.Tensor, valid: torch.Tensor, what: str) -> torch.Tensor:
     if index.ndim != 2 or index.shape[0] != state.B or index.dtype != torch.int64:
@@ -357,6 +403,7 @@ def merge(
     *,
     weights: torch.Tensor | None = None,
     reduce: Mapping[str, str] | None = None,
+    order: torch.Tensor | None = None,
 ) -> TokenState:
     """Merge token ``src[b, i]`` into ``dst[b, i]`` and remove the sources.
 
@@ -369,7 +416,10 @@ def merge(
     unless ``reduce[name]`` is ``"sum"`` (e.g. attention mass) or ``"dst"``
     (keep the destination's value); other dtypes keep the destination's.
 
-    Sources must be unique and must not also be destinations.
+    Survivors keep their original order, or, given ``order`` (a ``[B, N]``
+    sort key of the tokens before merging, e.g. :func:`bipartite_order_key`),
+    come out sorted by it.  Sources must be unique and must not also be
+    destinations.
     """
     if valid is None:
         valid = torch.ones_like(src, dtype=torch.bool)
@@ -442,6 +492,11 @@ def merge(
 
     origin = torch.where(state.origin >= 0, target.gather(1, state.origin.clamp(min=0)), state.origin)
     index, keep_valid = pack(state.mask & ~is_src)
+    if order is not None:
+        if order.shape != (B, N):
+            raise StateError(f"merge: order must be a sort key [B={B}, N={N}], got {list(order.shape)}")
+        keys = order.gather(1, index).masked_fill(~keep_valid, torch.iinfo(torch.int64).max)
+        index = index.gather(1, torch.sort(keys, dim=1, stable=True).indices)
     kept = keep(dataclasses.replace(state, origin=origin), index, keep_valid)
     # Where each destination landed among the survivors (flat row of the output).
     K = index.shape[1]

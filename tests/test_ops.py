@@ -640,3 +640,13 @@ def test_query_similarity_reduces_over_real_query_tokens_only():
     assert ops.query_similarity(tokens.half(), query.half(), qmask).dtype == torch.float32
     with pytest.raises(StateError, match=r"reduce must be 'max' or 'mean', got 'sum'"):
         ops.query_similarity(tokens, query, qmask, reduce="sum")
+
+
+def test_merge_order_key_sorts_the_survivors_and_is_checked():
+    state = TokenState.from_patches(torch.arange(12.0).view(1, 4, 3), (2, 2))
+    src, dst = torch.tensor([[1]]), torch.tensor([[0]])
+    out = ops.merge(state, src, dst, order=torch.tensor([[5, 0, 1, 0]]))  # survivors 0, 2, 3 keyed 5, 1, 0
+    assert out.tokens[:, :, 0].tolist() == [[9.0, 6.0, 1.5]]
+    assert out.origin.tolist() == [[2, 2, 1, 0]]
+    with pytest.raises(StateError, match=r"merge: order must be a sort key \[B=1, N=4\], got \[1, 3\]"):
+        ops.merge(state, src, dst, order=torch.zeros(1, 3, dtype=torch.int64))

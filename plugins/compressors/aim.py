@@ -46,43 +46,6 @@ from arrcoc.state import TokenState
 
 
 # ----------------------------------------------------------- before the LLM
-def aim_matching(metric: torch.Tensor, r: torch.Tensor, mask: torch.Tensor
-                 ) -> tuple[ops.Matching, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ToMe bipartite matching (no class token) plus the official output order.
-
-    Calls :func:`arrcoc.ops.bipartite_match` with the largest ``r`` so that
-    its edge list is the whole A set sorted by decreasing similarity
-    (``node_max.argsort(descending=True)``); the first ``r`` edges merge, the
-    rest are the unmerged A tokens in that order.
-
-    Returns ``(matching of the r merges, r_used [B], order [B, n - r] token
-    indices in the official output order [unmerged A, all B], order_valid)``.
-    """
-    B, N, _ = metric.shape
-    counts = mask.sum(1)
-    full, _ = ops.bipartite_match(metric, torch.div(counts, 2, rounding_mode="floor"), mask)
-    r_used = torch.minimum(r, torch.div(counts, 2, rounding_mode="floor"))
-    R = int(r_used.max()) if B else 0
-    slots = torch.arange(full.src.shape[1], device=metric.device)[None, :]
-    merges = ops.Matching(full.src[:, :R], full.dst[:, :R], slots[:, :R] < r_used[:, None])
-    # Unmerged A tokens: the rest of the edge list, then (odd n) the one A token
-    # bipartite_match leaves out when it caps r at n // 2 — it has the lowest similarity.
-    listed = full.valid & (slots >= r_used[:, None])
-    a_all = torch.arange(0, N, 2, device=metric.device)
-    in_list = torch.zeros(B, N + 1, dtype=torch.bool, device=metric.device)
-    in_list.scatter_(1, torch.where(full.valid, full.src, torch.full_like(full.src, N)), True)
-    left_out = (~in_list[:, a_all]) & (a_all[None, :] < counts[:, None])  # [B, |A|]: at most one per row
-    b_all = torch.arange(1, N, 2, device=metric.device)
-    b_real = b_all[None, :] < counts[:, None]
-    cand = torch.cat([full.src, a_all.expand(B, -1), b_all.expand(B, -1)], 1)
-    cand_valid = torch.cat([listed, left_out, b_real], 1)
-    order_idx = torch.sort((~cand_valid).to(torch.int8), dim=1, stable=True).indices
-    K = int((counts - r_used).max()) if B else 0
-    order = cand.gather(1, order_idx)[:, :K]
-    order_valid = cand_valid.gather(1, order_idx)[:, :K]
-    return merges, r_used, order.masked_fill(~order_valid, 0), order_valid
-
-
 def seed_pair_merge(t_i: torch.Tensor, t_j: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
     """The project seed's pair merge ``(s * t_i + (1 - s) * t_j) / 2``.
 
@@ -109,14 +72,13 @@ def aim_merge_round(
     k = ops.resolve_keep(keep, counts, where="aim_merge: keep")
     r = counts - k
     metric = state.tokens if metric is None else metric
-    merges, r_used, out_order, out_valid = aim_matching(metric, r, state.mask)
+    merges, r_used, order_key = ops.bipartite_merges(metric, r, state.mask)  # ToMe matching, no class token
     if bool((r_used < r).any()):
         record_warning(
             f"aim_merge: keep={keep} needs {sorted(set(r.tolist()))} merges but bipartite matching merges at most "
             f"half the tokens; used {sorted(set(r_used.tolist()))}"
         )
     src, dst, valid = merges
-    B, N = state.mask.shape
     extra: dict[str, torch.Tensor] = {}
     if weighting == "mean":
         weights = torch.ones_like(state.size)
@@ -126,32 +88,21 @@ def aim_merge_round(
         weights, extra[_SCALE] = _seed_weights(state, metric, src, dst, valid)
     else:
         raise StateError(f"aim_merge: weighting must be 'mean', 'size' or 'seed', got {weighting!r}")
-    if order == "official":
-        # Each token's rank in the official output [unmerged A, all B]; it rides along the merge
-        # (integer per_token fields keep the destination's value) and orders the survivors after it.
-        sink = torch.where(out_valid, out_order, torch.full_like(out_order, N))
-        rank = torch.full((B, N + 1), N, dtype=torch.int64, device=state.device)
-        rank.scatter_(1, sink, torch.arange(out_order.shape[1], device=state.device).expand_as(out_order).contiguous())
-        extra[_RANK] = rank[:, :N]
-    elif order != "spatial":
+    if order not in ("official", "spatial"):
         raise StateError(f"aim_merge: order must be 'official' or 'spatial', got {order!r}")
     if extra:
         state = state.with_per_token(**extra)
     merged = ops.merge(state, src.masked_fill(~valid, 0), dst.masked_fill(~valid, 0), valid, weights=weights,
-                       reduce={_SCALE: "dst"} if _SCALE in extra else None)
+                       reduce={_SCALE: "dst"} if _SCALE in extra else None,
+                       order=order_key if order == "official" else None)
     if _SCALE in extra:  # the seed's "/ 2" on every destination that received a source
         scale = merged.per_token[_SCALE]
-        merged = merged.replace(tokens=(merged.tokens.float() * scale[:, :, None]).to(merged.dtype))
-    if _RANK in extra:
-        rank = merged.per_token[_RANK].masked_fill(~merged.mask, N)
-        perm = torch.sort(rank, dim=1, stable=True).indices
-        merged = ops.keep(merged, perm, merged.mask.clone())
-    if extra:
-        merged = merged.replace(per_token={k: v for k, v in merged.per_token.items() if k not in extra})
+        merged = merged.replace(tokens=(merged.tokens.float() * scale[:, :, None]).to(merged.dtype),
+                                per_token={k: v for k, v in merged.per_token.items() if k != _SCALE})
     return merged
 
 
-_SCALE, _RANK = "_aim_scale", "_aim_rank"
+_SCALE = "_aim_scale"
 
 
 def _seed_weights(state: TokenState, metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
@@ -163,9 +114,10 @@ def _seed_weights(state: TokenState, metric: torch.Tensor, src: torch.Tensor, ds
     seed's formula for one source) and is scaled by 1/2 after the merge.
     """
     B, N = state.mask.shape
-    m = ops.cosine(metric.float(), metric.float())  # [B, N, N]
-    s = m.gather(1, src.masked_fill(~valid, 0)[:, :, None].expand(-1, -1, N))
-    s = s.gather(2, dst.masked_fill(~valid, 0)[:, :, None]).squeeze(2).clamp(0, 1).masked_fill(~valid, 0)
+    # Cosine of each merging pair only (not the whole [N, N] matrix).
+    unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    pair = (ops.gather_rows(unit, src.masked_fill(~valid, 0), valid) * ops.gather_rows(unit, dst.masked_fill(~valid, 0), valid))
+    s = pair.sum(-1).clamp(0, 1)
     src_sink = torch.where(valid, src, torch.full_like(src, N))
     dst_sink = torch.where(valid, dst, torch.full_like(dst, N))
     total = torch.zeros(B, N + 1, device=state.device).scatter_add(1, dst_sink, s)[:, :N]

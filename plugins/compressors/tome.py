@@ -71,42 +71,15 @@ def tome_merge(
     """
     if order not in ("official", "spatial"):
         raise ParamsError(f"tome_merge: order must be 'official' or 'spatial', got {order!r}")
-    B, N = state.mask.shape
-    r_req = torch.as_tensor(r, device=state.device, dtype=torch.int64).expand(B)
+    r_req = torch.as_tensor(r, device=state.device, dtype=torch.int64).expand(state.B)
     if bool((r_req < 0).any()):
         raise BudgetError(f"tome_merge: r must be >= 0, got {r_req.tolist()}")
-    r_used = torch.minimum(r_req, state.counts // 2)
-    R = int(r_used.max()) if B else 0
-    if R == 0:
+    (src, dst, valid), r_used, key = ops.bipartite_merges(metric, r_req, state.mask, class_token=class_token)
+    if src.shape[1] == 0:  # nothing to merge in any image
         return state, r_used
-    # Rank every A token by its best edge (official ``edge_idx``); bipartite_match
-    # clamps to n // 2, which leaves out at most one A token: the last-ranked one.
-    ranked, _ = ops.bipartite_match(metric, N, state.mask, class_token=class_token)
-    merges = ranked.valid & (torch.arange(ranked.src.shape[1], device=state.device)[None, :] < r_used[:, None])
-    src, dst, valid = ranked.src[:, :R], ranked.dst[:, :R], merges[:, :R]
     weights = None if size_weighted else torch.ones_like(state.size)
-    merged = ops.merge(state, src, dst, valid, weights=weights)
-    if order == "spatial":
-        return merged, r_used
-
-    # Sort key of each token before merging: unmerged A first, then B (index order).
-    index = torch.arange(N, device=state.device).expand(B, N)
-    is_a = (index % 2) == (1 if class_token else 0)
-    key = torch.where(is_a, index, index + N)
-    if not class_token:  # unmerged A tokens in edge order; an unranked one (odd count) last among A
-        rank = torch.full((B, N + 1), N - 1, dtype=torch.int64, device=state.device)
-        sink = torch.where(ranked.valid, ranked.src, torch.full_like(ranked.src, N))
-        rank.scatter_(1, sink, torch.arange(sink.shape[1], device=state.device).expand_as(sink).contiguous())
-        key = torch.where(is_a, rank[:, :N], key)
-    key = torch.where(r_used[:, None] > 0, key, index)  # nothing merged: order unchanged
-    # The survivors sit in merged's rows in original order; sort them by key.
-    is_src = torch.zeros(B, N + 1, dtype=torch.bool, device=state.device)
-    is_src.scatter_(1, torch.where(valid, src, torch.full_like(src, N)), True)
-    survivors = state.mask & ~is_src[:, :N]
-    packed = torch.sort((~survivors).to(torch.int8), dim=1, stable=True).indices[:, : merged.N]
-    keys = key.gather(1, packed).masked_fill(~merged.mask, 3 * N)
-    perm = torch.sort(keys, dim=1, stable=True).indices
-    return ops.keep(merged, perm, merged.mask), r_used
+    key = key if order == "official" else None
+    return ops.merge(state, src, dst, valid, weights=weights, order=key), r_used
 
 
 class ToMeParams(Params):

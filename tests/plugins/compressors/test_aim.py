@@ -252,3 +252,10 @@ def test_layer_adaptive_importance():
     assert torch.allclose(A.aim_layer_adaptive_importance(t, v, 28, 28), t)
     with pytest.raises(arrcoc.StateError, match="0 <= layer <= num_layers"):
         A.aim_layer_adaptive_importance(t, v, 30, 28)
+
+
+def test_a_round_with_nothing_to_merge_keeps_the_order():
+    # official bipartite_soft_matching returns do_nothing for r <= 0: no reordering either
+    state = make_state()
+    out = arrcoc.create("compressor", "aim_merge", keep=1.0)(state)
+    assert torch.equal(out.tokens, state.tokens) and torch.equal(out.origin, state.origin)
