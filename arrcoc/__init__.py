@@ -24,16 +24,27 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .pipeline import Pipeline, load_pipeline, run_pipeline
-from .plugin import Allocator, Compressor, Encoder, Keep, Params, Plugin, PluginRef, QueryEncoder, Scorer
+from .plugin import (
+    Allocator, Compressor, Encoder, Keep, LLMCompressor, Params, Plugin, PluginRef, QueryEncoder, Scorer,
+)
 from .registry import create, get_registry, list_plugins
 from .spec import PipelineSpec, available_pipelines, resolve_spec
 from .state import StageRecord, TokenState
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ``arrcoc.hf`` imports transformers: only when it is used.
+    if name == "hf":
+        from .integrations import hf
+
+        return hf
+    raise AttributeError(f"module 'arrcoc' has no attribute {name!r}")
+
 __all__ = [
     "Allocator", "ArrcocError", "ArrcocWarning", "BudgetError", "Compressor", "Encoder", "InputError",
-    "Keep", "MissingInputError", "Params", "ParamsError", "Pipeline", "PipelineSpec", "Plugin",
+    "Keep", "LLMCompressor", "MissingInputError", "Params", "ParamsError", "Pipeline", "PipelineSpec", "Plugin",
     "PluginLoadError", "PluginRef", "QueryEncoder", "Scorer", "SpecError", "StageRecord", "StateError",
     "TokenState", "UnknownPipelineError", "UnknownPluginError", "available_pipelines", "create",
     "get_registry", "hookimpl", "list_plugins", "load_pipeline", "ops", "resolve_spec", "run_pipeline",

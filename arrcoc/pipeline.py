@@ -10,7 +10,7 @@ import torch
 
 from .errors import InputError, MissingInputError, StateError, collect_warnings, record_warning
 from .images import load_images
-from .plugin import Encoder, Plugin, QueryEncoder, Stage
+from .plugin import LLM_SIGNALS, Encoder, Plugin, QueryEncoder, Stage
 from .registry import Registry, get_registry
 from .spec import SECTIONS, PipelineSpec, resolve_spec
 from .state import StageRecord, TokenState
@@ -32,12 +32,16 @@ class Pipeline:
     """
 
     def __init__(self, spec: PipelineSpec, device: str | torch.device | None = None,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None, encoder: Encoder | None = None) -> None:
+        """``encoder`` replaces the spec's encoder (a model integration passes the model's own tower)."""
         self.spec = spec
         self.registry = registry or get_registry()
         self.device = _resolve_device(device)
         built: dict[str, Plugin] = {}
         for label, section, stage in spec.stages():
+            if label == "encoder" and encoder is not None:
+                built[label] = encoder
+                continue
             built[label] = self.registry.create(SECTIONS[section][0], stage.use, **stage.params)
         self.encoder: Encoder = built.pop("encoder").to(self.device)  # type: ignore[assignment]
         self.query_encoder: QueryEncoder | None = built.pop("query_encoder", None)  # type: ignore[assignment]
@@ -53,6 +57,8 @@ class Pipeline:
             for need in sorted(plugin.requirements()):
                 if need == "query":
                     continue  # a query may come as a tensor at run time; checked then
+                if plugin.stage == "llm" and need in LLM_SIGNALS:
+                    continue  # computed inside the LLM by a model integration
                 if need not in available:
                     hint = self.encoder.how_to_provide(need) if hasattr(self.encoder, "how_to_provide") else ""
                     raise MissingInputError(
@@ -90,7 +96,12 @@ class Pipeline:
         state = dataclasses.replace(state, trace=(record,))
         hook.arrcoc_stage_finished(stage="encoder", plugin=self.encoder, state=state, record=record)
 
-        for label, plugin in self.stages:
+        return self.run_stages(state, self.stages)
+
+    def run_stages(self, state: TokenState, stages: Sequence[tuple[str, Stage]]) -> TokenState:
+        """Run ``(label, stage)`` pairs on ``state``: hooks, warnings and one trace record each."""
+        hook = self.registry.hook
+        for label, plugin in stages:
             if "query" in plugin.requirements() and state.query is None:
                 raise MissingInputError(
                     f"{label} ({plugin.name}) needs a query: pass query='...' (with a query_encoder in the "

@@ -189,6 +189,46 @@ class Compressor(Stage):
         return self(state)
 
 
+#: What a model integration computes inside an LLM for ``llm:`` stages (see docs/hf.md), from the
+#: attention of the layer before the one a stage acts at:
+#: ``attn_from_last`` per_token ``[B, N]``, head-mean attention each visual token receives from the last token;
+#: ``attn_from_text`` per_token ``[B, N, T]``, the same from each text token after the image (``meta["text_mask"]``
+#: ``[B, T]``), with the text and visual hidden states at the LLM input as ``query`` and per_token ``llm_input``;
+#: ``attn_logits`` ``meta["attn_logits"]`` ``[B, heads, L, L]`` masked pre-softmax logits of the whole sequence,
+#: with ``meta["visual_columns"]`` ``[B, N]`` (sequence index of each visual token) and ``meta["sequence_mask"]``.
+LLM_SIGNALS = frozenset({"attn_from_last", "attn_from_text", "attn_logits"})
+
+
+class LLMCompressor(Compressor):
+    """A compressor that runs between the decoder layers of an LLM (the ``llm:`` section).
+
+    A model integration (:mod:`arrcoc.integrations.hf`) calls it during
+    prefill at the input of each decoder layer in :meth:`llm_layers`, with a
+    state whose ``tokens`` are the visual hidden states there, whose
+    ``per_token["llm_slot"]`` (int64) numbers the input tokens (survivors keep
+    theirs; a merged token keeps its destination's), and which carries the
+    :data:`LLM_SIGNALS` named in ``needs`` (from layer ``- 1``'s attention);
+    ``meta["layer"]`` and ``meta["num_layers"]`` say where it runs.  It returns
+    the visual tokens that go on.  Text tokens are never touched.
+    """
+
+    stage = "llm"
+
+    @abstractmethod
+    def llm_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers (0-based) at whose input this stage acts, for an LLM of ``num_layers``."""
+
+    @property
+    def removes(self) -> bool:
+        """Dropped tokens leave the sequence (and the KV cache); False: they stay, masked as keys."""
+        return getattr(self.params, "mode", "remove") == "remove"
+
+    @property
+    def position_rule(self) -> str:
+        """``original``: kept tokens keep their position ids; ``compact``: renumbered contiguously."""
+        return getattr(self.params, "positions", "original")
+
+
 class Scorer(Stage):
     kind = "scorer"
 

@@ -35,7 +35,7 @@ from pydantic import Field
 from arrcoc import ops
 from arrcoc.errors import MissingInputError, StateError
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Keep, Params
+from arrcoc.plugin import Keep, LLMCompressor, Params
 from arrcoc.state import TokenState
 
 FIELD = "attn_from_last"
@@ -79,14 +79,20 @@ class FastVParams(Params):
     rounding: Literal["floor", "round"] = Field(
         "floor", description="Ratio -> count: arrcoc's floor, or the official round(N * (1 - R))."
     )
+    positions: Literal["original", "compact"] = Field(
+        "original", description="Position ids of kept tokens: original (official) or renumbered contiguously."
+    )
 
 
-class FastV(Compressor):
+class FastV(LLMCompressor):
     """FastV: keep the visual tokens the last token attends to most at layer K-1 (Chen et al. 2024)."""
 
     name = "fastv"
     Params = FastVParams
-    stage = "llm"
+    needs = frozenset({FIELD})
+
+    def llm_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (self.params.layer,)
 
     def __call__(self, state: TokenState) -> TokenState:
         attn = state.per_token.get(FIELD)

@@ -1,0 +1,21 @@
+"""Run arrcoc pipelines inside Hugging Face VLMs (``pip install 'arrcoc[hf]'``; transformers 5.x).
+
+``arrcoc.hf.apply(model, pipeline)`` is the entry point; one adapter file per
+model family (``llava.py``) implements :class:`Adapter`.  See docs/hf.md.
+"""
+
+from __future__ import annotations
+
+try:
+    import transformers as _transformers
+except ImportError as exc:  # pragma: no cover - the hf extra is missing
+    from arrcoc.errors import ModelError
+
+    raise ModelError("arrcoc.hf needs transformers: pip install 'arrcoc[hf]'") from exc
+
+from . import llava  # noqa: F401  (registers the LLaVA adapter)
+from .adapter import Adapter, adapter_for, register_adapter, supported_models
+from .apply import Run, apply
+from .report import Report, layer_flops
+
+__all__ = ["Adapter", "Report", "Run", "adapter_for", "apply", "layer_flops", "register_adapter", "supported_models"]

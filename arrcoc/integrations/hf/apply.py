@@ -1,0 +1,257 @@
+"""``arrcoc.hf.apply(model, pipeline)``: run a pipeline inside a Hugging Face VLM.
+
+::
+
+    with arrcoc.hf.apply(model, "fastv") as run:
+        out = model.generate(**inputs, max_new_tokens=32)
+    print(run.report)
+
+Inside the context:
+
+* **pre-LLM stages** (``compress``, ``score``, ``allocate``) run on the
+  model's own image features (:class:`~arrcoc_plugins.encoders.hf_vision.HFVision`
+  around the live tower), per image in a ragged batch; the prompt handed to
+  the LLM carries as many placeholders per image as tokens were kept
+  (left-padded), and ``generate`` returns the caller's prompt followed by
+  the new tokens, as without arrcoc.  Stages declared ``stage = "vision"``
+  run before the projector, the others after it (``projector="auto"``);
+  ``"before"`` / ``"after"`` project before / after every stage.
+  Query-aware stages get the prompt's text after the image, embedded by the
+  LLM's input embeddings, as the query (after the projector it lives in the
+  same space as the visual tokens).
+* **in-LLM stages** (``llm:``) run between decoder layers (:mod:`.engine`);
+  the text model's attention becomes ``arrcoc_<sdpa|eager>``, which records
+  only the rows a stage needs and calls the original kernel.
+
+Leaving the context removes every hook, restores the attention
+implementation and ``generate``: the model computes exactly as before.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from arrcoc.errors import InputError, ModelError
+from arrcoc.pipeline import Pipeline
+from arrcoc.plugin import LLMCompressor
+from arrcoc.spec import PipelineSpec, resolve_spec
+from arrcoc.state import TokenState
+
+from .adapter import Adapter, adapter_for
+from .attention import scoring_implementation
+from .engine import LLMEngine
+from .prompt import image_slots, pack_end, shrink_prompts
+from .report import Report, layer_flops
+
+PROJECTOR_CHOICES = ("auto", "before", "after")
+#: Encoder settings of a pipeline file that carry over to the model's own tower.
+_ENCODER_OPTIONS = ("attention_layer", "extra_attention_layers", "cls_attention_heads")
+
+
+class Run:
+    """One pipeline applied to one model; ``report`` describes the last call."""
+
+    def __init__(self, model: Any, spec: PipelineSpec, projector: str = "auto") -> None:
+        from arrcoc_plugins.encoders.hf_vision import HFVision
+
+        if projector not in PROJECTOR_CHOICES:
+            raise InputError(f"arrcoc.hf.apply: projector must be one of {PROJECTOR_CHOICES}, got {projector!r}")
+        self.model = model
+        self.adapter: Adapter = adapter_for(model)
+        self.spec = spec
+        if spec.encoder.params.get("in_blocks"):
+            raise ModelError(
+                f"{spec.source}: encoder.in_blocks (compression inside the ViT blocks) cannot run inside a "
+                f"{self.adapter.family} model's tower; move the compressor to `compress:`"
+            )
+        options = {k: v for k, v in spec.encoder.params.items() if k in _ENCODER_OPTIONS}
+        self.encoder = HFVision.for_model(model, project=False, **options)
+        device = next(model.parameters()).device
+        self.pipeline = Pipeline(spec, device=device, encoder=self.encoder)
+        self.vision_stages, self.projector_stages = _split(self.pipeline.stages, projector)
+        llm = []
+        for label, plugin in self.pipeline.llm:
+            if not isinstance(plugin, LLMCompressor):
+                raise ModelError(f"{label} ({plugin.name}): not an LLMCompressor; it cannot run between decoder layers")
+            llm.append((label, plugin))
+        self.engine = LLMEngine(self.adapter, llm)
+        self.report = Report()
+        self.state: TokenState | None = None  # the pre-LLM output of the last call
+        self._handles: list[Any] = []
+        self._attn: str | None = None
+        self._had_generate = "generate" in vars(model)
+        self._generate = model.generate
+        self._pre: dict[str, Any] = {}
+
+    # ----------------------------------------------------------- lifecycle
+    def _enter(self) -> "Run":
+        model = self.model
+        if self.engine.recorder.requests:
+            cfg = self.adapter.text_config
+            self._attn = cfg._attn_implementation
+            model.set_attn_implementation({"text_config": scoring_implementation(self._attn)})
+        self._handles.append(model.register_forward_pre_hook(self._pre_llm_hook, with_kwargs=True, prepend=True))
+        self.engine.install()
+        self._handles.append(model.register_forward_hook(self._post_hook, with_kwargs=True))
+        model.generate = self._wrapped_generate
+        return self
+
+    def _exit(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.engine.remove()
+        if self._attn is not None:
+            self.model.set_attn_implementation({"text_config": self._attn})
+        if self._had_generate:
+            self.model.generate = self._generate
+        else:
+            vars(self.model).pop("generate", None)
+
+    # ------------------------------------------------------------ pre-LLM
+    @property
+    def has_pre_llm(self) -> bool:
+        return bool(self.vision_stages or self.projector_stages)
+
+    def _pre_llm_hook(self, module: Any, args: tuple, kwargs: dict):
+        if not self.has_pre_llm or kwargs.get("pixel_values") is None:
+            self._pre = {}
+            return None
+        if args:
+            kwargs = dict(kwargs, input_ids=args[0])
+            args = ()
+        return args, self._compress(kwargs)
+
+    def _compress(self, kwargs: dict) -> dict:
+        """Encode, run the pre-LLM stages, shrink the prompts; kwargs for the model's own forward."""
+        kwargs = dict(kwargs)
+        pixels = kwargs.pop("pixel_values")
+        ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if ids is None:
+            raise InputError("arrcoc.hf: pre-LLM stages need input_ids (to rebuild the prompt), got inputs_embeds")
+        start = _clock(pixels)
+        with torch.inference_mode(torch.is_inference_mode_enabled()):
+            state = self.encoder.encode(pixels)
+            vision_ms = (_clock(pixels) - start) * 1e3
+            N0 = state.N
+            _, image_of, _ = image_slots(ids, self.adapter.image_token_id, state.B, N0)
+            if any("query" in p.requirements() for _, p in [*self.vision_stages, *self.projector_stages]):
+                state = self._attach_prompt_query(state, ids, attention_mask, image_of)
+            state = self.pipeline.run_stages(state, self.vision_stages)
+            state = self.encoder.project(state)
+            state = self.pipeline.run_stages(state, self.projector_stages)
+        counts = state.counts
+        features = [state.tokens[i, : int(counts[i])] for i in range(state.B)]
+        new_ids, new_mask = shrink_prompts(ids, attention_mask, self.adapter.image_token_id,
+                                           self.adapter.pad_token_id, N0, counts)
+        kwargs.update(input_ids=new_ids, attention_mask=new_mask, **self.adapter.feature_kwargs(features))
+        kwargs.pop("position_ids", None)
+        self.state = state
+        self.engine.visual_state = state if state.B == ids.shape[0] else None
+        self._pre = {"vision_ms": vision_ms, "records": list(state.trace)}
+        return kwargs
+
+    def _attach_prompt_query(self, state: TokenState, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                             image_of: torch.Tensor) -> TokenState:
+        """Each image's query: the LLM input embeddings of its prompt's text after the last image token."""
+        B, L = ids.shape
+        is_image = ids == self.adapter.image_token_id
+        real = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
+        pos = torch.arange(L, device=ids.device).expand(B, L)
+        last = torch.where(is_image, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
+        text = real & ~is_image & (pos > last)
+        index, valid = pack_end(text)
+        emb = self.adapter.embed(ids.gather(1, index)) * valid[..., None]
+        row_of_image = torch.zeros(state.B, dtype=torch.long, device=ids.device)
+        rows = torch.arange(B, device=ids.device)[:, None].expand(B, L)
+        row_of_image[image_of[is_image]] = rows[is_image]
+        if bool((~valid.any(1))[row_of_image].any()):
+            raise InputError("arrcoc.hf: a query-aware stage needs text after the image in every prompt")
+        return state.replace(query=emb[row_of_image].to(state.dtype), query_mask=valid[row_of_image])
+
+    # ---------------------------------------------------------- generate
+    def _wrapped_generate(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            kwargs = dict(kwargs, input_ids=args[0])
+        original = kwargs.get("input_ids")
+        if self.has_pre_llm and kwargs.get("pixel_values") is not None:
+            kwargs = self._compress(kwargs)
+        else:
+            self._pre = {}
+        out = self._generate(**kwargs)
+        self._finish(new_tokens=True)
+        if original is None or "input_ids" not in kwargs or kwargs["input_ids"] is original:
+            return out
+        # The caller's prompt, then the new tokens: exactly the layout of generate without arrcoc.
+        cut = kwargs["input_ids"].shape[1]
+        if isinstance(out, torch.Tensor):
+            return torch.cat([original, out[:, cut:]], 1)
+        out.sequences = torch.cat([original, out.sequences[:, cut:]], 1)
+        return out
+
+    def _post_hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        self._finish(new_tokens=False)
+
+    def _finish(self, new_tokens: bool) -> None:
+        t = self.engine.trace
+        cfg = self.adapter.text_config
+        pre = self._pre
+        records = pre.get("records", [])
+        stages_ms = sum(r.ms for r in records[1:]) if records else 0.0
+        vision_ms = pre.get("vision_ms", 0.0)
+        self.report = Report(
+            batch=len(t.layers[0].tokens) if t.layers else 0,
+            pre_llm=records[1:],
+            layer_tokens=[r.tokens for r in t.layers],
+            layer_visual=[r.visual for r in t.layers],
+            layer_flops=[sum(layer_flops(cfg, n) for n in r.tokens) for r in t.layers],
+            kv_cache_bytes=t.kv_bytes,
+            vision_ms=vision_ms,
+            stages_ms=stages_ms,
+            llm_prefill_ms=t.llm_prefill_ms,
+            prefill_ms=t.prefill_ms + vision_ms + stages_ms,
+            decode_ms=t.decode_ms,
+            new_tokens=t.decode_steps + 1 if new_tokens else 0,
+            llm_stage_ms=dict(t.stage_ms),
+        )
+
+    @property
+    def llm_states(self) -> dict[str, TokenState]:
+        """The visual tokens after each in-LLM stage of the last prefill, by ``"llm[i]@layer"``."""
+        return dict(self.engine.trace.states)
+
+
+def _split(stages: list, projector: str) -> tuple[list, list]:
+    """Stages before and after the projector."""
+    if projector == "before":
+        return [], list(stages)
+    if projector == "after":
+        return list(stages), []
+    first = next((i for i, (_, p) in enumerate(stages) if p.stage != "vision"), len(stages))
+    for label, plugin in stages[first:]:
+        if plugin.stage == "vision":
+            raise ModelError(
+                f"{label} ({plugin.name}) runs on vision features, but an earlier stage ({stages[first][0]}) runs "
+                "after the projector; reorder the stages or pass projector='before' / 'after'"
+            )
+    return list(stages[:first]), list(stages[first:])
+
+
+def _clock(like: Any) -> float:
+    if isinstance(like, torch.Tensor) and like.device.type == "cuda":
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
+
+
+@contextmanager
+def apply(model: Any, pipeline: Any, *, projector: str = "auto") -> Iterator[Run]:
+    """Run ``pipeline`` (a name, YAML path, dict or ``PipelineSpec``) inside ``model`` for the ``with`` block."""
+    run = Run(model, resolve_spec(pipeline), projector=projector)._enter()
+    try:
+        yield run
+    finally:
+        run._exit()

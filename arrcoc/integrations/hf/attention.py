@@ -1,0 +1,140 @@
+"""Attention rows without eager attention: a registered attention function.
+
+``transformers`` looks the attention function up by the name in
+``config._attn_implementation``.  :func:`scoring_implementation` registers
+``arrcoc_<base>`` (``base`` = ``sdpa`` or ``eager``) that computes the
+softmax of **only the query rows a stage asked for** (the last token, the
+text rows, or every row's logits for PageRank) and then calls the stock
+``base`` function for the layer's output, so every layer keeps its kernel.
+The mask function of ``base`` is registered under the same name (without it
+mask creation returns ``None`` for an unknown name and padding would be
+silently ignored; see shared HF.md).
+
+A :class:`Recorder` says, per decoder layer, which rows to record; the
+attention function finds the recorder of the module's model through
+:data:`_RECORDERS` (keyed by the attention module), so several models can be
+patched at once and an unpatched model pays nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from arrcoc.errors import ModelError
+
+#: Attention implementations a scoring function can wrap.
+SUPPORTED_BASES = ("sdpa", "eager")
+
+_RECORDERS: "weakref.WeakKeyDictionary[torch.nn.Module, Recorder]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Recorder:
+    """What to record at which layer, and what was recorded during one forward.
+
+    ``requests[layer]`` is a set of signals: ``"last"`` (the last query row),
+    ``"text"`` (the rows given by ``text_rows()``), ``"logits"`` (every
+    row's masked pre-softmax logits, for PageRank).  Results land in
+    ``results[layer][signal]``: head-mean probabilities ``[B, R, Lk]`` (fp32)
+    for rows, ``[B, H, L, L]`` logits (fp32) for ``"logits"``.
+    """
+
+    requests: dict[int, set[str]] = field(default_factory=dict)
+    text_rows: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    results: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    active: bool = False
+
+    def wants(self, layer: int) -> set[str]:
+        return self.requests.get(layer, set()) if self.active else set()
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _row_logits(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """Masked logits ``[B, H, R, Lk]`` (fp32) of query rows ``rows`` ``[B, R]``."""
+    B, H, Lq, D = query.shape
+    Lk = key.shape[2]
+    q = query.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], D)).float()
+    logits = (q @ key.float().transpose(-1, -2)) * scaling
+    if mask is None:  # sdpa's implicit causal mask: query i sits at key position Lk - Lq + i
+        allowed = torch.arange(Lk, device=query.device)[None, None, :] <= (rows + Lk - Lq)[:, :, None]
+        return logits.masked_fill(~allowed[:, None], float("-inf"))
+    m = mask.gather(2, rows[:, None, :, None].expand(mask.shape[0], mask.shape[1], rows.shape[1], Lk))
+    if m.dtype == torch.bool:
+        return logits.masked_fill(~m, float("-inf"))
+    return logits + m.float()
+
+
+def record(recorder: Recorder, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+           mask: torch.Tensor | None, scaling: float) -> None:
+    """Compute the signals ``recorder`` wants at ``module.layer_idx`` from post-RoPE ``query`` / ``key``."""
+    layer = int(module.layer_idx)
+    wanted = recorder.wants(layer)
+    key = _repeat_kv(key, query.shape[1] // key.shape[1])
+    B, _, Lq, _ = query.shape
+    out = recorder.results.setdefault(layer, {})
+    if "last" in wanted:
+        rows = torch.full((B, 1), Lq - 1, dtype=torch.long, device=query.device)
+        out["last"] = _row_logits(query, key, mask, rows, scaling).softmax(-1).mean(1)
+    if "text" in wanted:
+        rows, valid = recorder.text_rows()
+        probs = _row_logits(query, key, mask, rows, scaling).softmax(-1).nan_to_num(0.0).mean(1)
+        out["text"] = probs * valid[:, :, None]
+    if "logits" in wanted:
+        rows = torch.arange(Lq, device=query.device).expand(B, Lq)
+        out["logits"] = _row_logits(query, key, mask, rows, scaling)
+
+
+def _eager_of(module: torch.nn.Module) -> Callable:
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ModelError(f"{type(module).__name__}: no eager_attention_forward in {type(module).__module__}")
+    return fn
+
+
+def scoring_implementation(base: str) -> str:
+    """Register (once) and return the name of the scoring attention wrapping ``base``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base not in SUPPORTED_BASES:
+        raise ModelError(
+            f"arrcoc.hf: in-LLM stages need the attention implementation 'sdpa' or 'eager', the model uses "
+            f"{base!r}; load it with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))"
+        )
+    name = f"arrcoc_{base}"
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any):
+        recorder = _RECORDERS.get(module)
+        if recorder is not None and recorder.wants(int(module.layer_idx)):
+            scaling = kwargs.get("scaling")
+            record(recorder, module, query, key, attention_mask,
+                   float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
+        fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else _eager_of(module)
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def attach(recorder: Recorder, attention_modules: list[torch.nn.Module]) -> None:
+    for module in attention_modules:
+        _RECORDERS[module] = recorder
+
+
+def detach(attention_modules: list[torch.nn.Module]) -> None:
+    for module in attention_modules:
+        _RECORDERS.pop(module, None)

@@ -1,0 +1,429 @@
+"""In-LLM pruning: ``llm:`` stages between the decoder layers of an unmodified model.
+
+Forward pre-hooks (``with_kwargs=True``) on the top model and on every
+decoder layer; nothing in ``transformers`` is forked.
+
+Prefill.  The top model's pre-hook reads ``input_ids`` / ``attention_mask``
+and finds the image positions.  A stage acting at layer ``a`` gets its
+signals from layer ``a - 1``'s attention (:mod:`.attention` records only the
+rows it needs).  The pre-hook of layer ``a`` builds the stage's
+:class:`~arrcoc.state.TokenState` of visual hidden states, runs the stage,
+and either **removes** the dropped tokens (gathers hidden states, rotary
+``(cos, sin)``, position ids; left-pads ragged rows so the last token stays
+last; builds the 4-D mask with ``create_causal_mask(layer_idx=a)``) or
+**masks** them as keys.  Later layers get the same replaced kwargs, so every
+layer keeps running its own attention kernel, and the KV cache of layers
+``>= a`` holds only what they saw.
+
+Decode.  Layers ``>= a`` get a mask built from their segment's prefill key
+mask plus the new columns; positions continue from the unpruned length
+(``generate`` numbers new tokens from ``attention_mask``), which is FastV's
+rule and what SparseVLM v1.0 does after its compact prefill numbering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from arrcoc import ops
+from arrcoc.errors import InputError, ModelError, StateError
+from arrcoc.plugin import LLMCompressor
+from arrcoc.state import TokenState
+
+from .adapter import Adapter
+from .attention import Recorder, attach, detach
+from .prompt import pack_end
+
+#: per_token field numbering the visual tokens handed to a stage.
+SLOT = "llm_slot"
+_SIGNAL_ROWS = {"attn_from_last": "last", "attn_from_text": "text", "attn_logits": "logits"}
+
+
+@dataclass
+class Segment:
+    """The sequence as the layers from ``start`` on see it during prefill.
+
+    ``index`` ``[B, S]``: original sequence position of each entry (0 on
+    padding); ``real``: a token (not padding); ``keys``: attendable as a key
+    (real and not masked); ``visual``: a visual token; ``cos_sin``,
+    ``position_ids`` and ``mask`` are the decoder-layer kwargs for it.
+    """
+
+    start: int
+    index: torch.Tensor
+    real: torch.Tensor
+    keys: torch.Tensor
+    visual: torch.Tensor
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None
+    position_ids: torch.Tensor | None
+    mask: Any
+    hidden: torch.Tensor | None = None  # replacement hidden states at ``start`` (removal only)
+
+
+@dataclass
+class LayerRecord:
+    """What one decoder layer saw in prefill: real tokens and visual keys per sample."""
+
+    layer: int
+    tokens: list[int]
+    visual: list[int]
+
+
+@dataclass
+class ForwardTrace:
+    """Bookkeeping of one ``generate`` / forward call (reset at each prefill)."""
+
+    layers: list[LayerRecord] = field(default_factory=list)
+    states: dict[str, TokenState] = field(default_factory=dict)  # "label@layer" -> visual tokens after the stage
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    kv_bytes: int = 0
+    llm_prefill_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    decode_steps: int = 0
+
+
+class LLMEngine:
+    """Runs ``llm:`` stages inside one model; :meth:`install` / :meth:`remove` its hooks."""
+
+    def __init__(self, adapter: Adapter, stages: list[tuple[str, LLMCompressor]]) -> None:
+        self.adapter = adapter
+        self.layers = adapter.decoder_layers
+        self.num_layers = len(self.layers)
+        self.plan: dict[int, list[tuple[str, LLMCompressor]]] = {}
+        requests: dict[int, set[str]] = {}
+        for label, stage in stages:
+            for layer in stage.llm_layers(self.num_layers):
+                if not 1 <= layer < self.num_layers:
+                    raise ModelError(
+                        f"{label} ({stage.name}): acts at decoder layer {layer}, but the LLM has "
+                        f"{self.num_layers} layers (valid: 1..{self.num_layers - 1}; layer 0 has no earlier "
+                        "attention to score with)"
+                    )
+                self.plan.setdefault(layer, []).append((label, stage))
+                signals = {_SIGNAL_ROWS[s] for s in stage.requirements() if s in _SIGNAL_ROWS}
+                requests.setdefault(layer - 1, set()).update(signals)
+        self.recorder = Recorder(requests=requests, text_rows=self._text_rows)
+        self.handles: list[Any] = []
+        self.visual_state: TokenState | None = None  # the pre-LLM state of this batch's images, if any
+        self.trace = ForwardTrace()
+        self._segments: list[Segment] = []
+        self._prefill = False
+        self._decode_masks: dict[int, Any] = {}
+        self._layer_kwargs: dict[str, Any] = {}
+        self._top_start = 0.0
+        self._llm_start = 0.0
+        self._text_index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._input_hidden: torch.Tensor | None = None
+        self._carried: TokenState | None = None  # the visual tokens' bookkeeping, in sequence order
+
+    @property
+    def active(self) -> bool:
+        return bool(self.plan)
+
+    # ----------------------------------------------------------- hooks
+    def install(self) -> None:
+        model = self.adapter.model
+        self.handles.append(model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._top_post, with_kwargs=True))
+        lm = self.adapter.language_model
+        self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self.handles.append(lm.register_forward_hook(self._lm_post))
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
+        attach(self.recorder, [self.adapter.attention_module(layer) for layer in self.layers])
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        detach([self.adapter.attention_module(layer) for layer in self.layers])
+
+    # ---------------------------------------------------------- top level
+    def _top_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._top_start = _clock(ids)
+        self._prefill = cache is None or cache.get_seq_length() == 0
+        attention_mask = kwargs.get("attention_mask")
+        if not self._prefill:
+            self._decode_masks.clear()
+            self._decode_attention_mask = attention_mask
+            return None
+        self.trace = ForwardTrace()
+        self._segments = []
+        self._carried = None
+        if not self.active:
+            self._ids = ids
+            return None
+        if ids is None:
+            raise InputError("arrcoc.hf: llm stages need input_ids (to find the image positions), got inputs_embeds")
+        B, L = ids.shape
+        real = torch.ones(B, L, dtype=torch.bool, device=ids.device) if attention_mask is None else attention_mask.bool()
+        visual = (ids == self.adapter.image_token_id) & real
+        index = torch.arange(L, device=ids.device).expand(B, L)
+        self._segments = [Segment(0, index, real, real.clone(), visual, None, None, None)]
+        self._ids = ids
+        self.recorder.results.clear()
+        self.recorder.active = True
+        return None
+
+    def _top_post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.recorder.active = False
+        ms = (_clock(getattr(output, "logits", None)) - self._top_start) * 1e3
+        if not self._prefill:
+            self.trace.decode_ms += ms
+            self.trace.decode_steps += 1
+            return
+        self.trace.prefill_ms = ms
+        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        self.trace.kv_bytes = cache_bytes(cache)
+
+    def _lm_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._llm_start = _clock(kwargs.get("inputs_embeds"))
+
+    def _lm_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._prefill:
+            self.trace.llm_prefill_ms = (_clock(getattr(output, "last_hidden_state", None)) - self._llm_start) * 1e3
+
+    # ------------------------------------------------------- decoder layers
+    def _make_layer_pre(self, layer: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
+            if self._prefill:
+                return self._prefill_layer(layer, args, kwargs)
+            return self._decode_layer(layer, args, kwargs)
+
+        return hook
+
+    def _current(self) -> Segment | None:
+        return self._segments[-1] if self._segments else None
+
+    def _prefill_layer(self, layer: int, args: tuple, kwargs: dict):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not self.active:
+            self._record_layer(layer, hidden, None)
+            return None
+        if layer == 0:
+            self._input_hidden = hidden
+            self._layer_kwargs = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids", "attention_mask")}
+        for label, stage in self.plan.get(layer, []):
+            hidden = self._act(layer, label, stage, hidden, kwargs)
+        seg = self._current()
+        self._record_layer(layer, hidden, seg)
+        if seg is None or seg.start == 0:
+            return None
+        kwargs = dict(kwargs, attention_mask=seg.mask, position_embeddings=seg.cos_sin, position_ids=seg.position_ids)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _record_layer(self, layer: int, hidden: torch.Tensor, seg: Segment | None) -> None:
+        if seg is None:
+            n = hidden.shape[1]
+            tokens, visual = [n] * hidden.shape[0], [0] * hidden.shape[0]
+            ids = getattr(self, "_ids", None)
+            if ids is not None and ids.shape[1] == n:
+                visual = (ids == self.adapter.image_token_id).sum(1).tolist()
+        else:
+            tokens = seg.real.sum(1).tolist()
+            visual = (seg.visual & seg.keys).sum(1).tolist()
+        self.trace.layers.append(LayerRecord(layer, tokens, visual))
+
+    def _decode_layer(self, layer: int, args: tuple, kwargs: dict):
+        seg = None
+        for s in self._segments:
+            if s.start <= layer:
+                seg = s
+        if seg is None or seg.start == 0:
+            return None
+        if seg.start not in self._decode_masks:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            new = self._decode_attention_mask
+            if new is None:  # no padding anywhere: every column since the prompt is real
+                steps = cache.get_seq_length(0) + hidden.shape[1] - self._prefill_length()
+                new = torch.ones(hidden.shape[0], self._prefill_length() + steps, dtype=torch.long, device=hidden.device)
+            mask2d = torch.cat([seg.keys.long(), new[:, self._prefill_length():].long()], 1)
+            self._decode_masks[seg.start] = _causal_mask(self.adapter, hidden, mask2d, cache, seg.start)
+        return args, dict(kwargs, attention_mask=self._decode_masks[seg.start])
+
+    def _prefill_length(self) -> int:
+        return self._segments[0].index.shape[1]
+
+    # ---------------------------------------------------------------- act
+    def _text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the text after the last visual token in the current segment: ``(index [B, T], valid)``."""
+        seg = self._current()
+        S = seg.index.shape[1]
+        pos = torch.arange(S, device=seg.index.device).expand_as(seg.index)
+        last_visual = torch.where(seg.visual, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
+        after = seg.real & ~seg.visual & (pos > last_visual)
+        return ops.pack(after)
+
+    def _act(self, layer: int, label: str, stage: LLMCompressor, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        seg = self._current()
+        start = time.perf_counter()
+        vidx, vvalid = ops.pack(seg.visual & seg.keys)
+        state = self._visual_state(hidden, vidx, vvalid)
+        state = self._attach_signals(stage, layer, state, seg, vidx, vvalid)
+        state = state.with_meta(layer=layer, num_layers=self.num_layers)
+        try:
+            out = stage(state)
+        except StateError as exc:
+            raise StateError(f"{label} ({stage.name}) at decoder layer {layer}: {exc}") from exc
+        if not isinstance(out, TokenState) or SLOT not in out.per_token:
+            raise StateError(f"{label} ({stage.name}): must return a TokenState that keeps per_token[{SLOT!r}]")
+        slots = out.per_token[SLOT]
+        keep_fields = {k: v for k, v in out.per_token.items() if k not in _SIGNAL_ROWS and k not in (SLOT, "llm_input")}
+        record = dataclasses.replace(out, per_token=keep_fields, meta={}, query=None, query_mask=None)
+        self.trace.states[f"{label}@{layer}"] = record
+        self.trace.stage_ms[f"{label}@{layer}"] = (time.perf_counter() - start) * 1e3
+        if stage.removes:
+            new, visual_order = self._remove(seg, hidden, out.tokens, out.mask, slots, vidx, stage.position_rule, layer)
+            self._segments.append(new)
+            self._carried = ops.keep(record, *visual_order)
+            return new.hidden
+        if out.N and not torch.equal(out.tokens, ops.gather_rows(hidden, vidx.gather(1, slots.clamp(min=0)), out.mask)):
+            raise StateError(f"{label} ({stage.name}): mode 'mask' can only drop tokens, not change them")
+        keep = torch.zeros_like(seg.keys)
+        sink = torch.where(out.mask, vidx.gather(1, slots.clamp(min=0)), torch.full_like(slots, keep.shape[1]))
+        keep = torch.cat([keep, keep[:, :1]], 1).scatter(1, sink, True)[:, :-1]
+        keys = seg.keys & (~seg.visual | keep)
+        by_slot = torch.sort(slots.masked_fill(~out.mask, slots.shape[1] + vidx.shape[1]), dim=1).indices
+        self._carried = ops.keep(record, by_slot, out.mask.gather(1, by_slot))
+        mask = _causal_mask(self.adapter, hidden, keys.long(), kwargs.get("cache", kwargs.get("past_key_values")), layer)
+        cos_sin = seg.cos_sin or self._layer_kwargs.get("position_embeddings")
+        pos = seg.position_ids if seg.position_ids is not None else self._layer_kwargs.get("position_ids")
+        self._segments.append(dataclasses.replace(seg, start=layer, keys=keys, mask=mask, cos_sin=cos_sin,
+                                                  position_ids=pos, hidden=None))
+        return hidden
+
+    def _visual_state(self, hidden: torch.Tensor, vidx: torch.Tensor, vvalid: torch.Tensor) -> TokenState:
+        tokens = ops.gather_rows(hidden, vidx, vvalid)
+        B, N = vidx.shape
+        slot = torch.arange(N, device=hidden.device).expand(B, N).contiguous()
+        carried = self._carried
+        if carried is None:
+            carried = self._initial_visual(tokens, vvalid)
+        return carried.replace(tokens=tokens, cls=None, query=None, query_mask=None,
+                               per_token={**carried.per_token, SLOT: slot})
+
+    def _initial_visual(self, tokens: torch.Tensor, valid: torch.Tensor) -> TokenState:
+        """The visual tokens' bookkeeping at the first act: the pre-LLM state when it matches, else a 1 x N grid."""
+        pre = self.visual_state
+        if pre is not None and pre.B == tokens.shape[0] and pre.N == tokens.shape[1] and torch.equal(
+                pre.mask.cpu(), valid.cpu()):
+            return pre.replace(tokens=tokens, cls=None, per_token={}, query=None, query_mask=None)
+        B, N, D = tokens.shape
+        width = max(N, 1)
+        padded = tokens if N else tokens.new_zeros(B, 1, D)
+        state = TokenState.from_patches(padded, (1, width))
+        index = torch.arange(width, device=tokens.device).expand(B, width)
+        return ops.keep(state, index, valid if N else torch.zeros(B, 1, dtype=torch.bool, device=tokens.device))
+
+    def _attach_signals(self, stage: LLMCompressor, layer: int, state: TokenState, seg: Segment,
+                        vidx: torch.Tensor, vvalid: torch.Tensor) -> TokenState:
+        results = self.recorder.results.get(layer - 1, {})
+        needs = stage.requirements()
+        fields: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {}
+        if "attn_from_last" in needs:
+            fields["attn_from_last"] = ops.gather_rows(results["last"][:, 0, :, None], vidx, vvalid)[..., 0]
+        if "attn_from_text" in needs:
+            probs = results["text"]  # [B, T, S]
+            fields["attn_from_text"] = probs.transpose(1, 2).gather(
+                1, vidx[:, :, None].expand(-1, -1, probs.shape[1])) * vvalid[:, :, None]
+            t_index, t_valid = self._text_index_at_input()
+            text = ops.gather_rows(self._input_hidden, t_index, t_valid)
+            v0 = ops.gather_rows(self._input_hidden, seg.index.gather(1, vidx), vvalid)
+            fields["llm_input"] = v0
+            meta["text_mask"] = self._text_rows()[1]
+            state = state.replace(query=text.to(state.dtype), query_mask=t_valid)
+        if "attn_logits" in needs:
+            meta.update(attn_logits=results["logits"], visual_columns=vidx, sequence_mask=seg.keys)
+        return state.with_per_token(**fields).with_meta(**meta)
+
+    def _text_index_at_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self._segments[0]
+        S = first.index.shape[1]
+        pos = torch.arange(S, device=first.index.device).expand_as(first.index)
+        last_visual = torch.where(first.visual, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
+        return ops.pack(first.real & ~first.visual & (pos > last_visual))
+
+    def _remove(self, seg: Segment, hidden: torch.Tensor, vis_tokens: torch.Tensor, vis_mask: torch.Tensor,
+                slots: torch.Tensor, vidx: torch.Tensor, rule: str, layer: int) -> Segment:
+        """The sequence with the stage's visual tokens in place of the old ones; ragged rows left-padded."""
+        B, S = seg.index.shape
+        device = hidden.device
+        pos = torch.arange(S, device=device).expand(B, S)
+        # A visual token goes where its image's run starts; within a run, in the stage's output order.
+        run_start = torch.where(seg.visual & ~torch.cat([seg.visual[:, :1] & False, seg.visual[:, :-1]], 1), pos, 0)
+        run_start = run_start.cummax(1).values
+        src_pos = vidx.gather(1, slots.clamp(min=0))  # sequence position of each output token's source
+        M = S + 2
+        text = seg.real & ~seg.visual
+        key = torch.cat([pos * M, run_start.gather(1, src_pos) * M + 1 + torch.arange(
+            vis_tokens.shape[1], device=device)[None, :]], 1)
+        select = torch.cat([text, vis_mask], 1)
+        order, valid = pack_end(select, key)
+        source_hidden = torch.cat([hidden, vis_tokens.to(hidden.dtype)], 1)
+        new_hidden = ops.gather_rows(source_hidden, order, valid)
+        orig = torch.cat([seg.index, seg.index.gather(1, src_pos)], 1).gather(1, order).masked_fill(~valid, 0)
+        is_visual = torch.cat([torch.zeros_like(text), vis_mask], 1).gather(1, order) & valid
+        base_cos_sin = self._layer_kwargs.get("position_embeddings")
+        base_pos = self._layer_kwargs.get("position_ids")
+        if base_pos is None:
+            base_pos = torch.arange(self._prefill_length(), device=device)[None]
+        base_pos = base_pos.expand(B, -1)
+        if rule == "compact":
+            # Renumber the kept tokens contiguously from the row's first original position (SparseVLM v1.0).
+            first = base_pos.masked_fill(~self._segments[0].real, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
+            position_ids = torch.where(valid, first + valid.long().cumsum(1) - 1, torch.ones_like(orig))
+            cos_sin = self.adapter.rotary(new_hidden, position_ids)
+        elif rule == "original":
+            position_ids = base_pos.gather(1, orig).masked_fill(~valid, 1)
+            cos_sin = tuple(_gather_positions(t, orig, B) for t in base_cos_sin)
+        else:
+            raise StateError(f"arrcoc.hf: unknown position rule {rule!r} (expected 'original' or 'compact')")
+        mask = _causal_mask(self.adapter, new_hidden, valid.long(), None, layer)
+        # The stage's output tokens in the order they now stand in the sequence.
+        visual_order = ops.pack(is_visual)
+        from_output = (order - S).clamp(min=0)
+        visual_order = (from_output.gather(1, visual_order[0]), visual_order[1])
+        return Segment(layer, orig, valid, valid.clone(), is_visual, cos_sin, position_ids, mask, new_hidden), visual_order
+
+
+def _gather_positions(table: torch.Tensor, index: torch.Tensor, B: int) -> torch.Tensor:
+    """Rows ``index`` ``[B, S']`` of a rotary table ``[B or 1, S, D]``."""
+    table = table.expand(B, *table.shape[1:])
+    return table.gather(1, index[:, :, None].expand(-1, -1, table.shape[-1]))
+
+
+def _causal_mask(adapter: Adapter, hidden: torch.Tensor, mask2d: torch.Tensor, cache: Any, layer: int) -> Any:
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config=adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d,
+                              cache=cache, position_ids=None, layer_idx=layer)
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by a ``DynamicCache``'s keys and values (0 without a cache)."""
+    total = 0
+    for layer in getattr(cache, "layers", []) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _clock(like: Any) -> float:
+    if isinstance(like, torch.Tensor) and like.device.type == "cuda":
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()

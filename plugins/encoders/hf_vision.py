@@ -1,0 +1,197 @@
+"""``hf_vision``: the vision tower (and projector) of a Hugging Face VLM as the pipeline's encoder.
+
+The same encoder runs standalone (``arrcoc run`` with ``encoder: {use:
+hf_vision, model: path/to/llava}``, loaded with ``from_pretrained``) and
+inside a model (``arrcoc.hf.apply`` wraps the live model's tower), so one
+YAML file works in both places.  It hands on the features the model itself
+uses — ``hidden_states[vision_feature_layer]`` without the class token — and
+exposes the same per-token fields as ``timm_vit``:
+
+* ``cls_attn`` (and ``cls_attn@<i>``): the CLS row of a layer's attention,
+  computed from that layer's own ``layer_norm1`` / ``q_proj`` / ``k_proj`` on
+  its input hidden states — one row, no eager attention anywhere
+  (``cls_attention_heads: mean``: head-mean of per-head softmax; ``single``:
+  one head over the full width, as PruMerge);
+* ``keys``: the layer's keys (head-mean, or concatenated with ``single``);
+* ``cls``: the class token of the feature layer.
+
+Layer indices follow ``timm_vit``: attention "of layer i" is the attention
+computed inside encoder layer ``i`` (whose input is ``hidden_states[i]``);
+the default is the layer whose output is the feature layer (LLaVA-1.5: 22).
+``project: true`` applies the multimodal projector (tokens in the LLM's
+input space, where a query encoded by ``hf_text`` lives).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from arrcoc.errors import ModelError
+from arrcoc.hookspecs import hookimpl
+from arrcoc.plugin import Encoder, Params
+from arrcoc.state import TokenState
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: CLIP's normalisation, used when the model directory has no preprocessor_config.json.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class HFVisionParams(Params):
+    model: str | None = Field(
+        None, description="Model directory (or hub id) loaded with from_pretrained; set by arrcoc.hf.apply inside a model."
+    )
+    project: bool = Field(True, description="Apply the multimodal projector (tokens in the LLM's input space).")
+    attention_layer: int | None = Field(
+        None, description="Vision layer whose CLS attention ('cls_attn') and keys ('keys') are exposed; "
+        "default: the layer producing the feature layer (LLaVA-1.5: 22).",
+    )
+    extra_attention_layers: list[int] = Field(
+        default_factory=list, description="More layers whose CLS attention is exposed as 'cls_attn@<layer>'."
+    )
+    cls_attention_heads: Literal["mean", "single"] = Field(
+        "mean", description="'mean': head-mean of per-head softmax; 'single': one head over the full width (PruMerge)."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@lru_cache(maxsize=4)
+def load_vlm(path: str, dtype: str) -> torch.nn.Module:
+    """``from_pretrained`` once per (path, dtype): encoder and query encoder share the model."""
+    try:
+        from transformers import AutoModelForImageTextToText
+    except ImportError as exc:  # pragma: no cover - the hf extra is missing
+        raise ModelError("hf_vision: needs transformers: pip install 'arrcoc[hf]'") from exc
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype])
+    except Exception as exc:
+        raise ModelError(f"hf_vision: cannot load {path!r} ({type(exc).__name__}: {exc})") from None
+    return model.eval()
+
+
+class HFVision(Encoder):
+    """A Hugging Face VLM's own vision tower (+ projector): features, CLS attention, keys."""
+
+    name = "hf_vision"
+    Params = HFVisionParams
+
+    def __init__(self, params: HFVisionParams | None = None, /, *, model: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        from arrcoc.integrations.hf.adapter import adapter_for
+
+        if model is None:
+            if self.params.model is None:
+                raise ModelError("hf_vision: set `model:` to a model directory (or use it through arrcoc.hf.apply)")
+            model = load_vlm(self.params.model, self.params.dtype)
+        self.adapter = adapter_for(model)
+        n = self.adapter.num_vision_layers
+        feature = self.adapter.feature_layer % (n + 1)  # hidden_states has n + 1 entries
+        self.feature_index = feature
+        self.attn_layer = feature - 1 if self.params.attention_layer is None else self._layer(self.params.attention_layer)
+        self.extra_layers = sorted({self._layer(i) for i in self.params.extra_attention_layers})
+        self.provides = frozenset({"cls_attention", "keys", "cls"} if self.adapter.has_cls else {"keys"})
+        self.outputs: frozenset[str] = frozenset()
+        self.mean, self.std = self._normalisation()
+
+    def _layer(self, layer: int) -> int:
+        n = self.adapter.num_vision_layers
+        if not -n <= layer < n:
+            raise ModelError(f"hf_vision: attention layer {layer} is out of range for a tower of {n} layers")
+        return layer % n
+
+    def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = CLIP_MEAN, CLIP_STD
+        if self.params.model is not None:
+            cfg = Path(self.params.model) / "preprocessor_config.json"
+            if cfg.is_file():
+                data = json.loads(cfg.read_text())
+                mean, std = data.get("image_mean", mean), data.get("image_std", std)
+        return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    @classmethod
+    def for_model(cls, model: Any, **params: Any) -> "HFVision":
+        """The encoder of a live model (used by ``arrcoc.hf.apply``); ``params`` as in YAML."""
+        return cls(cls.validate_params(params), model=model)
+
+    def how_to_provide(self, need: str) -> str:
+        if need == "cls_attention" and not self.adapter.has_cls:
+            return (f"; the {self.adapter.family} vision tower has no class token, so it has no CLS attention "
+                    "(use a method that needs none, e.g. tome, pool, random_keep, or an llm: stage)")
+        return ""
+
+    def configure(self, outputs: frozenset[str]) -> None:
+        self.outputs = outputs & self.provides
+
+    def to(self, device: torch.device | str) -> "HFVision":
+        if self.params.model is not None:
+            self.adapter.model.to(device)
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        cfg = self.adapter.model.config
+        return int(cfg.text_config.hidden_size if self.params.project else cfg.vision_config.hidden_size)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        size = int(self.adapter.model.config.vision_config.image_size)
+        return size, size
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        if tuple(pixels.shape[-2:]) != self.input_size:
+            pixels = F.interpolate(pixels, size=self.input_size, mode="bicubic", align_corners=False, antialias=True)
+        return (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
+
+    def encode(self, pixels: torch.Tensor) -> TokenState:
+        """``pixel_values`` (normalised, the model's size) -> the state of the model's image features."""
+        hidden = self.adapter.vision_hidden_states(pixels)
+        P = 1 if self.adapter.has_cls else 0
+        x = hidden[self.feature_index]
+        per_token: dict[str, torch.Tensor] = {}
+        if "cls_attention" in self.outputs or "keys" in self.outputs:
+            layers = [self.attn_layer] + ([l for l in self.extra_layers] if "cls_attention" in self.outputs else [])
+            for layer in dict.fromkeys(layers):
+                attn, keys = self._attention(layer, hidden[layer], P)
+                if "cls_attention" in self.outputs and attn is not None:
+                    if layer == self.attn_layer:
+                        per_token["cls_attn"] = attn
+                    if layer in self.extra_layers:
+                        per_token[f"cls_attn@{layer}"] = attn
+                if layer == self.attn_layer and "keys" in self.outputs:
+                    per_token["keys"] = keys
+        tokens, cls_token = x[:, P:], (x[:, 0] if P else None)
+        grid = self.adapter.grid(pixels)
+        if grid[0] * grid[1] != tokens.shape[1]:
+            raise ModelError(f"hf_vision: {tokens.shape[1]} patch tokens do not fill the {grid[0]}x{grid[1]} grid")
+        state = TokenState.from_patches(tokens, grid, cls_token=cls_token, per_token=per_token)
+        return self.project(state) if self.params.project else state
+
+    def project(self, state: TokenState) -> TokenState:
+        """The state with tokens (and class token) through the model's projector."""
+        cls_token = None if state.cls is None else self.adapter.project(state.cls[:, None])[:, 0]
+        return state.replace(tokens=self.adapter.project(state.tokens), cls=cls_token)
+
+    def _attention(self, layer: int, hidden: torch.Tensor, P: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        q, k, scale = self.adapter.vision_qk(layer, hidden)  # [B, heads, N, hd]
+        if self.params.cls_attention_heads == "single":
+            B, H, N, hd = q.shape
+            qf, kf = q.transpose(1, 2).reshape(B, N, H * hd), k.transpose(1, 2).reshape(B, N, H * hd)
+            attn = None
+            if P:
+                attn = ((qf[:, :1].float() @ kf.float().transpose(1, 2)) * (H * hd) ** -0.5).softmax(-1)[:, 0, P:]
+            return attn, kf[:, P:]
+        attn = None
+        if P:
+            attn = ((q[:, :, :1].float() @ k.float().transpose(-1, -2)) * scale).softmax(-1)[:, :, 0, P:].mean(1)
+        return attn, k.mean(1)[:, P:]
+
+
+@hookimpl
+def arrcoc_register_plugins(register):
+    register(HFVision)
