@@ -193,9 +193,11 @@ class Compressor(Stage):
 #: attention of the layer before the one a stage acts at:
 #: ``attn_from_last`` per_token ``[B, N]``, head-mean attention each visual token receives from the last token;
 #: ``attn_from_text`` per_token ``[B, N, T]``, the same from each text token after the image (``meta["text_mask"]``
-#: ``[B, T]``), with the text and visual hidden states at the LLM input as ``query`` and per_token ``llm_input``;
+#: ``[B, T]``), with the text hidden states at the LLM input as ``query`` and those of every visual token (before
+#: any pruning) as ``meta["input_visual"]`` ``[B, N0, D]`` / ``meta["input_visual_mask"]``;
 #: ``attn_logits`` ``meta["attn_logits"]`` ``[B, heads, L, L]`` masked pre-softmax logits of the whole sequence,
 #: with ``meta["visual_columns"]`` ``[B, N]`` (sequence index of each visual token) and ``meta["sequence_mask"]``.
+#: Always: ``meta["input_visual_counts"]`` ``[B]``, the visual tokens at the LLM input.
 LLM_SIGNALS = frozenset({"attn_from_last", "attn_from_text", "attn_logits"})
 
 

@@ -41,7 +41,7 @@ from pydantic import Field, field_validator
 from arrcoc import ops
 from arrcoc.errors import BudgetError, MissingInputError, StateError, record_warning
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Keep, Params
+from arrcoc.plugin import Compressor, Keep, LLMCompressor, Params
 from arrcoc.state import TokenState
 
 
@@ -238,6 +238,7 @@ class AIMMerge(Compressor):
     """AIM before the LLM: iterative bipartite merging of the features (Zhong et al. 2025)."""
 
     name = "aim_merge"
+    stage = "projector"  # in a VLM: after the projector, where the query embeddings live
     Params = AIMMergeParams
 
     def requirements(self) -> frozenset[str]:
@@ -262,6 +263,49 @@ class AIMMerge(Compressor):
         return state
 
 
+class AIMPruneParams(Params):
+    start_layer: int = Field(14, ge=1, description="First layer whose attention prunes (official 14 of 28).")
+    step: float = Field(0.125, gt=0, le=1, description="Share of the visual tokens dropped per layer from start_layer.")
+    tau: float = Field(0.1, gt=0, description="PageRank temperature: softmax(logits / tau).")
+    iters: int = Field(5, ge=1, description="PageRank iterations.")
+    mode: Literal["mask", "remove"] = Field(
+        "mask", description="mask: pruned tokens stay, masked as keys (official); remove: they leave (saves time).")
+    positions: Literal["original", "compact"] = Field("original", description="Position ids of kept tokens.")
+
+
+class AIMPrune(LLMCompressor):
+    """AIM in the LLM: PageRank importance of each layer's attention, linear retention schedule (Zhong et al. 2025)."""
+
+    name = "aim_prune"
+    Params = AIMPruneParams
+    needs = frozenset({"attn_logits"})
+
+    def schedule(self, num_layers: int) -> list[float]:
+        p = self.params
+        return aim_retention_schedule(num_layers, p.start_layer, p.step)
+
+    def llm_layers(self, num_layers: int) -> tuple[int, ...]:
+        # Layer l's attention ranks the tokens kept after it (retain_rate[l]): act at the input of l + 1.
+        rates = [1.0, *self.schedule(num_layers)]
+        return tuple(l + 1 for l in range(num_layers - 1) if rates[l + 1] < rates[l])
+
+    def __call__(self, state: TokenState) -> TokenState:
+        p = self.params
+        logits = state.meta.get("attn_logits")
+        if logits is None:
+            raise MissingInputError("aim_prune: runs inside an LLM (arrcoc.hf.apply), which provides meta['attn_logits']")
+        layer, num_layers = int(state.meta["layer"]), int(state.meta["num_layers"])
+        rate = self.schedule(num_layers)[layer - 1]
+        importance = aim_importance(logits, state.meta["sequence_mask"], tau=p.tau, iters=p.iters)
+        visual = importance.gather(1, state.meta["visual_columns"])
+        n0 = state.meta["input_visual_counts"].to(state.device)
+        # Official keep_num: int(original visual count * rate), of the visual tokens still alive.
+        k = torch.minimum(torch.floor(n0.double() * rate + 1e-9).to(torch.int64), state.counts)
+        index, valid = ops.topk_per_row(visual, k, state.mask, order="position")
+        return ops.keep(state, index, valid)
+
+
 @hookimpl
 def arrcoc_register_plugins(register):
     register(AIMMerge)
+    register(AIMPrune)

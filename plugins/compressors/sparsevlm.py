@@ -38,7 +38,7 @@ from pydantic import Field, model_validator
 from arrcoc import ops
 from arrcoc.errors import MissingInputError, StateError, record_warning
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Keep, Params
+from arrcoc.plugin import Compressor, Keep, LLMCompressor, Params
 from arrcoc.state import TokenState
 
 #: Decoder layers where LLaVA-1.5-7B prunes (``layer_dict`` in ``score.py``).
@@ -352,6 +352,7 @@ class SparseVLM(Compressor):
     """SparseVLM, pre-LLM: keep tokens by query relevance + CLS saliency, optional recycling (Zhang et al. 2025)."""
 
     name = "sparsevlm"
+    stage = "projector"  # in a VLM: after the projector, where the query embeddings live
     Params = SparseVLMParams
 
     def requirements(self) -> frozenset[str]:
@@ -383,6 +384,70 @@ class SparseVLM(Compressor):
         return recycle_state(state, scores, index, valid, p.recycle_ratio, p.cluster_divisor)
 
 
+
+
+# ------------------------------------------------------------ in the LLM
+class SparseVLMLLMParams(Params):
+    budget: Literal[192, 128, 96, 64] = Field(
+        192, description="Retained budget whose official per-layer table is used (192 -> [300, 200, 110], ...).")
+    layers: list[int] = Field(
+        default_factory=lambda: list(PRUNING_LAYERS),
+        description="Decoder layers whose attention scores the visual tokens; tokens leave after each "
+        "(official [2, 6, 15] for LLaVA-1.5-7B). The i-th uses the i-th table entry.",
+    )
+    count: Literal["table", "adaptive"] = Field("table", description="Official tables, or the paper's rank rule.")
+    scale: float = Field(1.0, gt=0, description="lambda of the rank rule (count: adaptive).")
+    recycle: bool = Field(True, description="Official v1.0 recycling: DPC-KNN cluster tokens of the best deleted.")
+    recycle_ratio: float = Field(0.3, gt=0, le=1, description="Share of the deleted tokens recycled (+1).")
+    cluster_divisor: int = Field(10, ge=1, description="Recycled tokens per cluster: clusters = m // divisor + 1.")
+    positions: Literal["compact", "original"] = Field(
+        "compact", description="compact: kept tokens renumbered contiguously (v1.0); original: kept ids (v2.0).")
+
+    @model_validator(mode="after")
+    def _layers(self) -> "SparseVLMLLMParams":
+        if not self.layers or len(self.layers) > len(PRUNING_LAYERS) or sorted(set(self.layers)) != self.layers:
+            raise ValueError(f"layers: 1 to {len(PRUNING_LAYERS)} increasing layer indices, got {self.layers}")
+        return self
+
+
+class SparseVLMLLM(LLMCompressor):
+    """SparseVLM in the LLM (official v1.0): text raters' attention, per-layer tables, recycling."""
+
+    name = "sparsevlm_llm"
+    Params = SparseVLMLLMParams
+    needs = frozenset({"attn_from_text"})
+    adaptive = True
+
+    def llm_layers(self, num_layers: int) -> tuple[int, ...]:
+        # Official: a pruning layer's own attention scores; its output is pruned (= the next layer's input).
+        return tuple(layer + 1 for layer in self.params.layers)
+
+    def __call__(self, state: TokenState) -> TokenState:
+        p = self.params
+        attn = state.per_token.get("attn_from_text")
+        if attn is None or state.query is None or "input_visual" not in state.meta:
+            raise MissingInputError(
+                "sparsevlm_llm: runs inside an LLM (arrcoc.hf.apply): it needs per_token['attn_from_text'], the "
+                "text hidden states (query) and meta['input_visual'] from the model integration"
+            )
+        step = p.layers.index(int(state.meta["layer"]) - 1)
+        # Raters once over the LLM-input states of every visual token (official: before the first layer).
+        raters = select_text_raters(state.meta["input_visual"], state.query, state.meta["input_visual_mask"],
+                                    state.query_mask)
+        rows = attn.transpose(1, 2)  # [B, T, N]
+        scores = rater_scores(rows, raters, state.mask)
+        if p.count == "table":
+            k = table_keep_count(p.budget, PRUNING_LAYERS[step], state.counts)
+        else:
+            k = adaptive_keep_count(rows, raters, state.mask, p.scale)
+        k = torch.minimum(k.to(state.device), state.counts)
+        index, valid = ops.topk_per_row(scores, k, state.mask, order="position")
+        if not p.recycle or not bool((k < state.counts).any()):
+            return ops.keep(state, index, valid)
+        return recycle_state(state, scores, index, valid, p.recycle_ratio, p.cluster_divisor)
+
+
 @hookimpl
 def arrcoc_register_plugins(register):
     register(SparseVLM)
+    register(SparseVLMLLM)

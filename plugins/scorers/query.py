@@ -35,6 +35,7 @@ class QueryScorer(Scorer):
     """Cosine between each token and the query (max or mean over query tokens)."""
 
     name = "query"
+    stage = "projector"  # in a VLM: after the projector, where the query embeddings live
     Params = QueryParams
     needs = frozenset({"query"})
 

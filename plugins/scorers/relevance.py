@@ -95,6 +95,7 @@ class Relevance(Scorer):
     """Weighted, normalised combination of scorers (default 0.7 query + 0.3 saliency)."""
 
     name = "relevance"
+    stage = "projector"  # in a VLM: after the projector, where the query embeddings live
     Params = RelevanceParams
 
     def __init__(self, params: RelevanceParams | None = None, /, **kwargs: Any) -> None:

@@ -280,7 +280,7 @@ class LLMEngine:
         if not isinstance(out, TokenState) or SLOT not in out.per_token:
             raise StateError(f"{label} ({stage.name}): must return a TokenState that keeps per_token[{SLOT!r}]")
         slots = out.per_token[SLOT]
-        keep_fields = {k: v for k, v in out.per_token.items() if k not in _SIGNAL_ROWS and k not in (SLOT, "llm_input")}
+        keep_fields = {k: v for k, v in out.per_token.items() if k not in _SIGNAL_ROWS and k != SLOT}
         record = dataclasses.replace(out, per_token=keep_fields, meta={}, query=None, query_mask=None)
         self.trace.states[f"{label}@{layer}"] = record
         self.trace.stage_ms[f"{label}@{layer}"] = (time.perf_counter() - start) * 1e3
@@ -339,14 +339,18 @@ class LLMEngine:
             probs = results["text"]  # [B, T, S]
             fields["attn_from_text"] = probs.transpose(1, 2).gather(
                 1, vidx[:, :, None].expand(-1, -1, probs.shape[1])) * vvalid[:, :, None]
+            first = self._segments[0]
             t_index, t_valid = self._text_index_at_input()
-            text = ops.gather_rows(self._input_hidden, t_index, t_valid)
-            v0 = ops.gather_rows(self._input_hidden, seg.index.gather(1, vidx), vvalid)
-            fields["llm_input"] = v0
+            v_index, v_valid = ops.pack(first.visual)
             meta["text_mask"] = self._text_rows()[1]
-            state = state.replace(query=text.to(state.dtype), query_mask=t_valid)
+            # The LLM-input hidden states of the text and of every visual token (before any pruning).
+            meta["input_visual"] = ops.gather_rows(self._input_hidden, v_index, v_valid)
+            meta["input_visual_mask"] = v_valid
+            state = state.replace(query=ops.gather_rows(self._input_hidden, t_index, t_valid).to(state.dtype),
+                                  query_mask=t_valid)
         if "attn_logits" in needs:
             meta.update(attn_logits=results["logits"], visual_columns=vidx, sequence_mask=seg.keys)
+        meta["input_visual_counts"] = self._segments[0].visual.sum(1)
         return state.with_per_token(**fields).with_meta(**meta)
 
     def _text_index_at_input(self) -> tuple[torch.Tensor, torch.Tensor]:
