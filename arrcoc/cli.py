@@ -1,4 +1,4 @@
-"""The ``arrcoc`` command: run | bench | list | show | validate | schema."""
+"""The ``arrcoc`` command: run | generate | bench | list | show | validate | schema."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import ArrcocError, ArrcocWarning
+from .errors import ArrcocError, ArrcocWarning, InputError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -161,6 +161,55 @@ def bench(pipeline: str, images: tuple[str, ...], query: str | None, device: str
 
 
 # -------------------------------------------------------------------- list
+# ---------------------------------------------------------------- generate
+@main.command()
+@click.argument("model_dir")
+@click.option("--pipeline", required=True, help="Built-in pipeline name or YAML file run inside the model.")
+@click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for a batch).")
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="Question; one for all images or one per image. Wrapped as 'USER: <image>\\n... ASSISTANT:' "
+              "unless it already holds '<image>'.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--projector", type=click.Choice(["auto", "before", "after"]), default="auto", show_default=True,
+              help="Where pre-LLM stages run relative to the projector.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--json", "as_json", is_flag=True, help="Print answers and report as JSON.")
+def generate(model_dir: str, pipeline: str, images: tuple[str, ...], prompts: tuple[str, ...], max_new_tokens: int,
+             projector: str, device: str, as_json: bool) -> None:
+    """Answer PROMPT about IMAGE with the Hugging Face VLM in MODEL_DIR, PIPELINE applied inside it."""
+    import torch
+
+    from . import hf
+    from .images import load_images
+    from .pipeline import _resolve_device
+
+    texts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
+    if len(texts) != len(images):
+        raise InputError(f"--prompt: got {len(prompts)} prompts for {len(images)} images; pass one, or one per image")
+    texts = [t if "<image>" in t else f"USER: <image>\n{t} ASSISTANT:" for t in texts]
+    with err_console.status(f"loading {model_dir}", spinner="dots") if not as_json else _nullcontext():
+        model, processor = hf.load(model_dir, device=_resolve_device(device))
+    pil = [_to_pil(load_images([image], None)[0]) for image in images]  # sizes may differ: one at a time
+    inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    with err_console.status("generating", spinner="dots") if not as_json else _nullcontext():
+        with torch.inference_mode(), hf.apply(model, pipeline, projector=projector) as run:
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    if as_json:
+        click.echo(json.dumps({"answers": answers, "report": run.report.as_dict()}, default=str))
+        return
+    for image, answer in zip(images, answers):
+        console.print(f"[bold]{escape(image)}[/]: {escape(answer.strip())}", highlight=False)
+    console.print(run.report.table())
+
+
+def _to_pil(pixels: Any) -> Any:
+    from PIL import Image
+
+    array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
 @main.command("list")
 @click.argument("kind", required=False)
 @click.option("--filter", "pattern", default=None, help="Wildcard on plugin names, e.g. '*zip*'.")

@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - the hf extra is missing
 
 from . import llava  # noqa: F401  (registers the LLaVA adapter)
 from .adapter import Adapter, adapter_for, register_adapter, supported_models
-from .apply import Run, apply
+from .apply import Run, apply, load
 from .report import Report, layer_flops
 
-__all__ = ["Adapter", "Report", "Run", "adapter_for", "apply", "layer_flops", "register_adapter", "supported_models"]
+__all__ = ["Adapter", "Report", "Run", "adapter_for", "apply", "layer_flops", "load", "register_adapter", "supported_models"]

@@ -255,3 +255,18 @@ def apply(model: Any, pipeline: Any, *, projector: str = "auto") -> Iterator[Run
         yield run
     finally:
         run._exit()
+
+
+def load(path: str, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, processor)`` from a local directory or hub id, through the ordinary ``from_pretrained``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto").eval()
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception as exc:
+        raise ModelError(f"arrcoc.hf.load: cannot load {path!r} ({type(exc).__name__}: {exc})") from None
+    adapter_for(model)  # a clear error for an unsupported family, before any work
+    if getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer.padding_side = "left"  # generation needs the last token last
+    return (model.to(device) if device is not None else model), processor

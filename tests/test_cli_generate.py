@@ -1,0 +1,73 @@
+"""`arrcoc generate MODEL_DIR`: a tiny LLaVA saved with its processor, loaded through from_pretrained."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+from click.testing import CliRunner
+
+from arrcoc.cli import main
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "what", "colour", "is", "the", "ball",
+         "?", "\n"] + [f"w{i}" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    out = tmp_path_factory.mktemp("tiny_llava")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}),
+        tokenizer=fast, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=56, patch_size=14)
+    tc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=len(WORDS), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=4)).save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
+def test_generate_prints_answer_and_report(model_dir, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    result = CliRunner().invoke(main, ["generate", model_dir, "--pipeline", "fastv", "--image", str(image),
+                                       "--image", str(image), "--prompt", "what colour is the ball ?",
+                                       "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{\"answers\"")))
+    assert len(data["answers"]) == 2
+    report = data["report"]
+    # 4x4 = 16 image tokens; FastV (layer 2, keep 0.5) leaves 8 from layer 2 on.
+    assert report["layer_visual"] == [[16, 16], [16, 16], [8, 8]]
+    assert report["new_tokens"] == 3 and report["kv_cache_bytes"] > 0
+
+
+def test_generate_unsupported_model_is_a_clear_error(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=10)).save_pretrained(tmp_path / "llama")
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(image)
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "llama"), "--pipeline", "fastv",
+                                       "--image", str(image), "--prompt", "hi"])
+    assert result.exit_code == 2
+    assert "cannot load" in result.output or "no adapter" in result.output
