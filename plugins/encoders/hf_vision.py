@@ -81,10 +81,11 @@ class HFVision(Encoder):
     name = "hf_vision"
     Params = HFVisionParams
 
-    def __init__(self, params: HFVisionParams | None = None, /, *, model: Any = None, **kwargs: Any) -> None:
+    def __init__(self, params: HFVisionParams | None = None, /, *, live_model: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         from arrcoc.integrations.hf.adapter import adapter_for
 
+        model = live_model
         if model is None:
             if self.params.model is None:
                 raise ModelError("hf_vision: set `model:` to a model directory (or use it through arrcoc.hf.apply)")
@@ -117,7 +118,7 @@ class HFVision(Encoder):
     @classmethod
     def for_model(cls, model: Any, **params: Any) -> "HFVision":
         """The encoder of a live model (used by ``arrcoc.hf.apply``); ``params`` as in YAML."""
-        return cls(cls.validate_params(params), model=model)
+        return cls(cls.validate_params(params), live_model=model)
 
     def how_to_provide(self, need: str) -> str:
         if need == "cls_attention" and not self.adapter.has_cls:

@@ -1,0 +1,82 @@
+"""hf_vision: a HF VLM's tower as the encoder, standalone (from_pretrained) and around a live model."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+
+import arrcoc
+from arrcoc.errors import ModelError
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=56, patch_size=14)
+    tc = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=64, pad_token_id=0)
+    out = tmp_path_factory.mktemp("llava")
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=63)).save_pretrained(out)
+    return str(out)
+
+
+def _eager_tower(path):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def test_features_equal_the_models_own(llava_dir):
+    enc = arrcoc.create("encoder", "hf_vision", model=llava_dir)
+    model = _eager_tower(llava_dir)
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        state = enc.encode(pixels)
+        ref = torch.stack(list(model.model.get_image_features(pixel_values=pixels).pooler_output))
+    assert state.grid == (4, 4) and state.tokens.shape == (2, 16, 48)
+    torch.testing.assert_close(state.tokens, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_cls_attention_equals_eager_attention(llava_dir, layer):
+    enc = arrcoc.create("encoder", "hf_vision", model=llava_dir, attention_layer=layer, project=False)
+    enc.configure(frozenset({"cls_attention", "keys"}))
+    model = _eager_tower(llava_dir)
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        state = enc.encode(pixels)
+        out = model.model.vision_tower(pixels, output_attentions=True, return_dict=True)
+    ref = out.attentions[layer][:, :, 0, 1:].mean(1)  # CLS row over the patches, head-mean
+    torch.testing.assert_close(state.per_token["cls_attn"], ref, atol=1e-5, rtol=1e-5)
+    assert state.per_token["keys"].shape == (2, 16, 8)  # head-mean keys: head_dim 8
+
+
+def test_query_encoder_embeds_in_the_llm_space(llava_dir):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "red", "ball", "where", "is", "the"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>").save_pretrained(llava_dir)
+    qe = arrcoc.create("query_encoder", "hf_text", model=llava_dir)
+    emb, mask = qe.encode(["where is the red ball", "red"], dim=48, device=torch.device("cpu"), dtype=torch.float32)
+    model = _eager_tower(llava_dir)
+    table = model.get_input_embeddings().weight
+    assert mask.tolist() == [[True] * 5, [True] + [False] * 4]
+    torch.testing.assert_close(emb[0], table[[4, 5, 6, 2, 3]].detach())
+    with pytest.raises(arrcoc.InputError, match="project: true"):
+        qe.encode(["red"], dim=32, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_not_a_vlm_is_a_clear_error(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=10)).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="hf_vision: cannot load|no adapter"):
+        arrcoc.create("encoder", "hf_vision", model=str(tmp_path))
