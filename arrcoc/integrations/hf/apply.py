@@ -118,13 +118,21 @@ class Run:
         return bool(self.vision_stages or self.projector_stages)
 
     def _pre_llm_hook(self, module: Any, args: tuple, kwargs: dict):
-        if not self.has_pre_llm or kwargs.get("pixel_values") is None:
+        pixels = kwargs.get("pixel_values")
+        if not self.has_pre_llm or pixels is None:
             self._pre = {}
+            self._check_placeholders(kwargs.get("input_ids", args[0] if args else None), pixels)
             return None
         if args:
             kwargs = dict(kwargs, input_ids=args[0])
             args = ()
         return args, self._compress(kwargs)
+
+    def _check_placeholders(self, ids: torch.Tensor | None, pixels: torch.Tensor | None) -> None:
+        """Images and placeholders must match (the model itself would fail with a less helpful message)."""
+        if pixels is not None and ids is not None:
+            grid = self.adapter.grid(pixels)
+            image_slots(ids, self.adapter.image_token_id, pixels.shape[0], grid[0] * grid[1])
 
     def _compress(self, kwargs: dict) -> dict:
         """Encode, run the pre-LLM stages, shrink the prompts; kwargs for the model's own forward."""
@@ -149,7 +157,9 @@ class Run:
         new_ids, new_mask = shrink_prompts(ids, attention_mask, self.adapter.image_token_id,
                                            self.adapter.pad_token_id, N0, counts)
         kwargs.update(input_ids=new_ids, attention_mask=new_mask, **self.adapter.feature_kwargs(features))
-        kwargs.pop("position_ids", None)
+        if kwargs.get("position_ids") is not None:
+            # The caller's numbering of the long prompt does not fit the short one: number it as generate does.
+            kwargs["position_ids"] = (new_mask.cumsum(1) - 1).masked_fill(new_mask == 0, 1)
         self.state = state
         self.engine.visual_state = state if state.B == ids.shape[0] else None
         self._pre = {"vision_ms": vision_ms, "records": list(state.trace)}
@@ -182,6 +192,7 @@ class Run:
             kwargs = self._compress(kwargs)
         else:
             self._pre = {}
+            self._check_placeholders(original, kwargs.get("pixel_values"))
         out = self._generate(**kwargs)
         self._finish(new_tokens=True)
         if original is None or "input_ids" not in kwargs or kwargs["input_ids"] is original:

@@ -121,6 +121,8 @@ class LLMEngine:
         self._text_index: tuple[torch.Tensor, torch.Tensor] | None = None
         self._input_hidden: torch.Tensor | None = None
         self._carried: TokenState | None = None  # the visual tokens' bookkeeping, in sequence order
+        self._ids: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -158,8 +160,9 @@ class LLMEngine:
         self.trace = ForwardTrace()
         self._segments = []
         self._carried = None
+        self._ids = ids
+        self._real = None if attention_mask is None else attention_mask.bool()
         if not self.active:
-            self._ids = ids
             return None
         if ids is None:
             raise InputError("arrcoc.hf: llm stages need input_ids (to find the image positions), got inputs_embeds")
@@ -225,11 +228,12 @@ class LLMEngine:
 
     def _record_layer(self, layer: int, hidden: torch.Tensor, seg: Segment | None) -> None:
         if seg is None:
-            n = hidden.shape[1]
-            tokens, visual = [n] * hidden.shape[0], [0] * hidden.shape[0]
-            ids = getattr(self, "_ids", None)
-            if ids is not None and ids.shape[1] == n:
-                visual = (ids == self.adapter.image_token_id).sum(1).tolist()
+            B, n = hidden.shape[:2]
+            real = self._real if self._real is not None and self._real.shape == (B, n) else torch.ones(
+                B, n, dtype=torch.bool, device=hidden.device)
+            tokens, visual = real.sum(1).tolist(), [0] * B
+            if self._ids is not None and self._ids.shape == (B, n):
+                visual = ((self._ids == self.adapter.image_token_id) & real).sum(1).tolist()
         else:
             tokens = seg.real.sum(1).tolist()
             visual = (seg.visual & seg.keys).sum(1).tolist()
