@@ -91,12 +91,15 @@ class HFVision(Encoder):
                 raise ModelError("hf_vision: set `model:` to a model directory (or use it through arrcoc.hf.apply)")
             model = load_vlm(self.params.model, self.params.dtype)
         self.adapter = adapter_for(model)
-        n = self.adapter.num_vision_layers
-        feature = self.adapter.feature_layer % (n + 1)  # hidden_states has n + 1 entries
-        self.feature_index = feature
-        self.attn_layer = feature - 1 if self.params.attention_layer is None else self._layer(self.params.attention_layer)
+        if self.params.model is not None and self.adapter.image_input_names:
+            raise ModelError(
+                f"hf_vision: a standalone {self.adapter.family} tower needs its processor's inputs "
+                f"({', '.join(self.adapter.image_input_names)}); use it inside the model with arrcoc.hf.apply"
+            )
+        default = self.adapter.default_attention_layer
+        self.attn_layer = default if self.params.attention_layer is None else self._layer(self.params.attention_layer)
         self.extra_layers = sorted({self._layer(i) for i in self.params.extra_attention_layers})
-        self.provides = frozenset({"cls_attention", "keys", "cls"} if self.adapter.has_cls else {"keys"})
+        self.provides = frozenset({"cls_attention", "keys", "cls"} if self.adapter.has_cls else set())
         self.outputs: frozenset[str] = frozenset()
         self.mean, self.std = self._normalisation()
 
@@ -121,9 +124,10 @@ class HFVision(Encoder):
         return cls(cls.validate_params(params), live_model=model)
 
     def how_to_provide(self, need: str) -> str:
-        if need == "cls_attention" and not self.adapter.has_cls:
-            return (f"; the {self.adapter.family} vision tower has no class token, so it has no CLS attention "
-                    "(use a method that needs none, e.g. tome, pool, random_keep, or an llm: stage)")
+        if need in ("cls_attention", "keys", "cls") and not self.adapter.has_cls:
+            return (f"; the {self.adapter.family} vision tower has no class token, so arrcoc reads no CLS attention "
+                    "or keys from it (no replacement signal is offered): use a method that needs none (tome with "
+                    "metric: tokens, pool, random_keep, aim_merge, sparsevlm with w_sal: 0) or an llm: stage")
         return ""
 
     def configure(self, outputs: frozenset[str]) -> None:
@@ -137,11 +141,12 @@ class HFVision(Encoder):
     @property
     def embed_dim(self) -> int:
         cfg = self.adapter.model.config
-        return int(cfg.text_config.hidden_size if self.params.project else cfg.vision_config.hidden_size)
+        projected = self.params.project or self.adapter.projected
+        return int(cfg.text_config.hidden_size if projected else cfg.vision_config.hidden_size)
 
     @property
     def input_size(self) -> tuple[int, int]:
-        size = int(self.adapter.model.config.vision_config.image_size)
+        size = int(getattr(self.adapter.model.config.vision_config, "image_size", 224))
         return size, size
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -151,30 +156,31 @@ class HFVision(Encoder):
 
     def encode(self, pixels: torch.Tensor) -> TokenState:
         """``pixel_values`` (normalised, the model's size) -> the state of the model's image features."""
-        hidden = self.adapter.vision_hidden_states(pixels)
-        P = 1 if self.adapter.has_cls else 0
-        x = hidden[self.feature_index]
+        return self.encode_inputs(pixels, {})
+
+    def encode_inputs(self, pixels: torch.Tensor, image_inputs: dict[str, Any]) -> TokenState:
+        """The model's own image inputs (``pixel_values`` and e.g. ``image_grid_thw``) -> a ragged state."""
+        wants_attention = bool(self.outputs & {"cls_attention", "keys"})
+        out = self.adapter.encode_images(pixels, image_inputs, keep_hidden=wants_attention)
         per_token: dict[str, torch.Tensor] = {}
-        if "cls_attention" in self.outputs or "keys" in self.outputs:
-            layers = [self.attn_layer] + ([l for l in self.extra_layers] if "cls_attention" in self.outputs else [])
+        if wants_attention:
+            layers = [self.attn_layer] + (self.extra_layers if "cls_attention" in self.outputs else [])
             for layer in dict.fromkeys(layers):
-                attn, keys = self._attention(layer, hidden[layer], P)
-                if "cls_attention" in self.outputs and attn is not None:
+                attn, keys = self._attention(layer, out.hidden_states[layer], 1)
+                if "cls_attention" in self.outputs:
                     if layer == self.attn_layer:
                         per_token["cls_attn"] = attn
                     if layer in self.extra_layers:
                         per_token[f"cls_attn@{layer}"] = attn
                 if layer == self.attn_layer and "keys" in self.outputs:
                     per_token["keys"] = keys
-        tokens, cls_token = x[:, P:], (x[:, 0] if P else None)
-        grid = self.adapter.grid(pixels)
-        if grid[0] * grid[1] != tokens.shape[1]:
-            raise ModelError(f"hf_vision: {tokens.shape[1]} patch tokens do not fill the {grid[0]}x{grid[1]} grid")
-        state = TokenState.from_patches(tokens, grid, cls_token=cls_token, per_token=per_token)
+        state = ragged_state(out.features, out.grids, out.cls, per_token).with_meta(grids=list(out.grids))
         return self.project(state) if self.params.project else state
 
     def project(self, state: TokenState) -> TokenState:
         """The state with tokens (and class token) through the model's projector."""
+        if self.adapter.projected:
+            return state
         cls_token = None if state.cls is None else self.adapter.project(state.cls[:, None])[:, 0]
         return state.replace(tokens=self.adapter.project(state.tokens), cls=cls_token)
 
@@ -191,6 +197,36 @@ class HFVision(Encoder):
         if P:
             attn = ((q[:, :, :1].float() @ k.float().transpose(-1, -2)) * scale).softmax(-1)[:, :, 0, P:].mean(1)
         return attn, k.mean(1)[:, P:]
+
+
+def ragged_state(features: list[torch.Tensor], grids: list[tuple[int, int]], cls: torch.Tensor | None,
+                 per_token: dict[str, torch.Tensor]) -> TokenState:
+    """The state of images whose feature grids may differ (e.g. Qwen2-VL at native resolution).
+
+    One grid ``(max rows, max cols)`` holds every image; patches outside an
+    image's own grid have ``origin = -1``; ``positions`` are each token's
+    (row, col) on its own grid.  Equal grids give ``TokenState.from_patches``.
+    """
+    if len(set(grids)) == 1:
+        return TokenState.from_patches(torch.stack(features), grids[0], cls_token=cls, per_token=per_token)
+    B = len(features)
+    counts = [f.shape[0] for f in features]
+    N, D = max(counts), features[0].shape[-1]
+    device = features[0].device
+    H0, W0 = max(g[0] for g in grids), max(g[1] for g in grids)
+    tokens = features[0].new_zeros(B, N, D)
+    positions = torch.zeros(B, N, 2, dtype=torch.float32, device=device)
+    origin = torch.full((B, H0 * W0), -1, dtype=torch.int64, device=device)
+    for b, (f, (rows, cols)) in enumerate(zip(features, grids)):  # one loop per image, not per token
+        n = f.shape[0]
+        tokens[b, :n] = f
+        index = torch.arange(n, device=device)
+        r, c = torch.div(index, cols, rounding_mode="floor"), index % cols
+        positions[b, :n] = torch.stack([r, c], -1).float()
+        origin[b, r * W0 + c] = index
+    mask = torch.arange(N, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    return TokenState(tokens=tokens, mask=mask, size=mask.float(), positions=positions, origin=origin,
+                      grid=(H0, W0), cls=cls, per_token=per_token)
 
 
 @hookimpl

@@ -8,14 +8,17 @@ model class.  An adapter file per family (``llava.py``, ...) subclasses
 
 An adapter answers four questions:
 
-1. **Vision**: run the tower on ``pixel_values`` and return the hidden states
-   of every layer (:meth:`vision_hidden_states`), the feature layer and CLS
-   handling (:attr:`feature_layer`, :attr:`has_cls`), the patch grid
-   (:meth:`grid`), a layer's attention inputs (:meth:`vision_qk`) and the
-   projector (:meth:`project`).
+1. **Vision**: run the tower on a batch of images (:meth:`encode_images`:
+   per-image features and grids, class tokens, every layer's hidden
+   states when attention signals are wanted), a layer's attention inputs
+   (:meth:`vision_qk`, towers with a class token), the projector
+   (:meth:`project`; ``projected`` towers return LLM-space features), and
+   the placeholders per image (:meth:`tokens_per_image`).
 2. **Prompt**: the image placeholder id and the pad id; how image features
    are handed to the model's own ``forward`` / ``generate``
-   (:meth:`feature_kwargs`).
+   (:meth:`feature_kwargs`) and what else a shortened prompt needs
+   (:meth:`shortened_kwargs`: e.g. multimodal rotary positions computed
+   from the original prompt).
 3. **LLM**: the decoder layers, their attention modules, the text config,
    the input embeddings and the rotary embedding (:meth:`rotary`).
 4. **Names**: ``family`` for messages and reports.
@@ -24,7 +27,7 @@ An adapter answers four questions:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -33,51 +36,62 @@ from arrcoc.errors import ModelError
 _ADAPTERS: list[type["Adapter"]] = []
 
 
+class VisionOutput(NamedTuple):
+    """What :meth:`Adapter.encode_images` returns for a batch of images."""
+
+    features: list[torch.Tensor]          # per image [n_i, D]: vision space, or LLM space if ``projected``
+    grids: list[tuple[int, int]]          # per image (rows, cols) of its feature grid, rows * cols = n_i
+    cls: torch.Tensor | None              # [images, D_vision] class tokens, or None
+    hidden_states: tuple | None           # every layer's input [images, P + N, D_vision] (for attention signals)
+
+
 class Adapter(ABC):
     """Base of the per-family adapters; see the module docstring for the contract."""
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    #: Model keyword arguments that describe the images besides ``pixel_values`` (e.g. ``image_grid_thw``).
+    image_input_names: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`encode_images` already returns features in the LLM's input space (no separate projector).
+    projected: ClassVar[bool] = False
+    #: Whether the LLM uses multimodal rotary positions (a compact renumbering is then undefined).
+    multimodal_rope: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
 
     # ------------------------------------------------------------- vision
     @property
-    @abstractmethod
-    def vision_tower(self) -> torch.nn.Module:
-        """The vision tower module."""
-
-    @property
-    @abstractmethod
-    def feature_layer(self) -> int:
-        """Index into the tower's hidden states whose rows become the image features."""
-
-    @property
-    @abstractmethod
     def has_cls(self) -> bool:
-        """Whether the tower's sequence starts with a class token (dropped from the features)."""
+        """Whether the tower's sequence starts with a class token (then CLS attention can be read)."""
+        return False
 
     @property
     @abstractmethod
     def num_vision_layers(self) -> int:
         """Number of layers of the vision tower."""
 
-    @abstractmethod
-    def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``num_layers + 1`` hidden states; entry ``i`` is the input of layer ``i``."""
+    @property
+    def default_attention_layer(self) -> int:
+        """The vision layer whose attention signals are read by default."""
+        return self.num_vision_layers - 1
 
     @abstractmethod
+    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
+                      ) -> VisionOutput:
+        """Run the tower on a batch of images; ``keep_hidden`` asks for every layer's input hidden states."""
+
+    @abstractmethod
+    def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
+        """Image placeholders each image takes in the prompt (before any compression)."""
+
     def vision_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per-head ``(q, k, scale)`` ``[B, heads, N, head_dim]`` of vision layer ``layer`` on its input ``hidden``."""
+        raise ModelError(f"{self.family}: the vision tower's attention cannot be read per layer")
 
-    @abstractmethod
-    def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        """Patch grid ``(rows, cols)`` of ``pixel_values``."""
-
-    @abstractmethod
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """The multimodal projector: vision features -> LLM input space."""
+        """The multimodal projector: vision features -> LLM input space (identity when ``projected``)."""
+        return features
 
     # ------------------------------------------------------------- prompt
     @property
@@ -86,13 +100,24 @@ class Adapter(ABC):
         """Id of the image placeholder token in ``input_ids``."""
 
     @property
-    @abstractmethod
     def pad_token_id(self) -> int:
         """Id used to left-pad rebuilt prompts."""
+        pad = getattr(self.text_config, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
 
-    @abstractmethod
     def feature_kwargs(self, features: list[torch.Tensor]) -> dict[str, Any]:
         """Keyword arguments that hand per-image features ``[K_i, D]`` to the model instead of pixels."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
+
+    def shortened_kwargs(self, kwargs: dict[str, Any], index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+        """Model kwargs for a prompt shortened to columns ``index`` (``valid``) of the original ``kwargs``.
+
+        ``kwargs`` still holds the original ``input_ids`` / ``attention_mask``
+        and image inputs.  Default: nothing more to pass.
+        """
+        return {}
 
     # ---------------------------------------------------------------- LLM
     @property

@@ -44,7 +44,7 @@ from arrcoc.state import TokenState
 from .adapter import Adapter, adapter_for
 from .attention import scoring_implementation
 from .engine import LLMEngine
-from .prompt import image_slots, pack_end, shrink_prompts
+from .prompt import image_slots, pack_end, shrink_prompts, source_cells, source_columns
 from .report import Report, layer_flops
 
 PROJECTOR_CHOICES = ("auto", "before", "after")
@@ -121,32 +121,40 @@ class Run:
         pixels = kwargs.get("pixel_values")
         if not self.has_pre_llm or pixels is None:
             self._pre = {}
-            self._check_placeholders(kwargs.get("input_ids", args[0] if args else None), pixels)
+            self._check_placeholders(kwargs.get("input_ids", args[0] if args else None), kwargs)
             return None
         if args:
             kwargs = dict(kwargs, input_ids=args[0])
             args = ()
         return args, self._compress(kwargs)
 
-    def _check_placeholders(self, ids: torch.Tensor | None, pixels: torch.Tensor | None) -> None:
+    def _image_inputs(self, kwargs: dict) -> dict:
+        return {name: kwargs[name] for name in self.adapter.image_input_names if kwargs.get(name) is not None}
+
+    def _check_placeholders(self, ids: torch.Tensor | None, kwargs: dict) -> None:
         """Images and placeholders must match (the model itself would fail with a less helpful message)."""
+        pixels = kwargs.get("pixel_values")
         if pixels is not None and ids is not None:
-            grid = self.adapter.grid(pixels)
-            image_slots(ids, self.adapter.image_token_id, pixels.shape[0], grid[0] * grid[1])
+            counts = self.adapter.tokens_per_image(pixels, self._image_inputs(kwargs))
+            image_slots(ids, self.adapter.image_token_id, counts)
 
     def _compress(self, kwargs: dict) -> dict:
         """Encode, run the pre-LLM stages, shrink the prompts; kwargs for the model's own forward."""
+        original = dict(kwargs)
         kwargs = dict(kwargs)
         pixels = kwargs.pop("pixel_values")
+        image_inputs = self._image_inputs(kwargs)
+        for name in image_inputs:
+            kwargs.pop(name)
         ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if ids is None:
             raise InputError("arrcoc.hf: pre-LLM stages need input_ids (to rebuild the prompt), got inputs_embeds")
+        per_image = self.adapter.tokens_per_image(pixels, image_inputs)
+        _, image_of, _ = image_slots(ids, self.adapter.image_token_id, per_image)
         start = _clock(pixels)
         with torch.inference_mode(torch.is_inference_mode_enabled()):
-            state = self.encoder.encode(pixels)
+            state = self.encoder.encode_inputs(pixels, image_inputs)
             vision_ms = (_clock(pixels) - start) * 1e3
-            N0 = state.N
-            _, image_of, _ = image_slots(ids, self.adapter.image_token_id, state.B, N0)
             if any("query" in p.requirements() for _, p in [*self.vision_stages, *self.projector_stages]):
                 state = self._attach_prompt_query(state, ids, attention_mask, image_of)
             state = self.pipeline.run_stages(state, self.vision_stages)
@@ -154,12 +162,18 @@ class Run:
             state = self.pipeline.run_stages(state, self.projector_stages)
         counts = state.counts
         features = [state.tokens[i, : int(counts[i])] for i in range(state.B)]
-        new_ids, new_mask = shrink_prompts(ids, attention_mask, self.adapter.image_token_id,
-                                           self.adapter.pad_token_id, N0, counts)
+        new_ids, new_mask, index, valid = shrink_prompts(ids, attention_mask, self.adapter.image_token_id,
+                                                         self.adapter.pad_token_id, per_image, counts)
         kwargs.update(input_ids=new_ids, attention_mask=new_mask, **self.adapter.feature_kwargs(features))
         if kwargs.get("position_ids") is not None:
             # The caller's numbering of the long prompt does not fit the short one: number it as generate does.
             kwargs["position_ids"] = (new_mask.cumsum(1) - 1).masked_fill(new_mask == 0, 1)
+        if self.adapter.multimodal_rope:
+            # Each kept token takes the position of its own original cell, not of the j-th placeholder.
+            grids = state.meta.get("grids") or [state.grid] * state.B
+            cells = source_cells(state.positions, state.mask, grids)
+            index = source_columns(ids, self.adapter.image_token_id, per_image, index, valid, cells)
+        kwargs.update(self.adapter.shortened_kwargs({**original, **image_inputs}, index, valid))
         self.state = state
         self.engine.visual_state = state if state.B == ids.shape[0] else None
         self._pre = {"vision_ms": vision_ms, "records": list(state.trace)}
@@ -192,7 +206,7 @@ class Run:
             kwargs = self._compress(kwargs)
         else:
             self._pre = {}
-            self._check_placeholders(original, kwargs.get("pixel_values"))
+            self._check_placeholders(original, kwargs)
         out = self._generate(**kwargs)
         self._finish(new_tokens=True)
         if original is None or "input_ids" not in kwargs or kwargs["input_ids"] is original:

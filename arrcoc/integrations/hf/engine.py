@@ -389,6 +389,11 @@ class LLMEngine:
         if base_pos is None:
             base_pos = torch.arange(self._prefill_length(), device=device)[None]
         base_pos = base_pos.expand(B, -1)
+        if rule == "compact" and self.adapter.multimodal_rope:
+            raise ModelError(
+                f"arrcoc.hf: positions 'compact' renumbers 1-D positions; {self.adapter.family} uses multimodal "
+                "rotary positions, for which it is undefined: use positions: original"
+            )
         if rule == "compact":
             # Renumber the kept tokens contiguously from the row's first original position (SparseVLM v1.0).
             first = base_pos.masked_fill(~self._segments[0].real, torch.iinfo(torch.int64).max).amin(1, keepdim=True)

@@ -14,7 +14,7 @@ import torch
 
 from arrcoc.errors import ModelError
 
-from .adapter import Adapter, register_adapter
+from .adapter import Adapter, VisionOutput, register_adapter
 
 
 @register_adapter
@@ -30,17 +30,15 @@ class LlavaAdapter(Adapter):
                 f"llava: vision_feature_layer={cfg.vision_feature_layer!r} (several layers concatenated) is not "
                 "supported; arrcoc needs one feature layer"
             )
-        if cfg.vision_feature_select_strategy not in ("default", "full"):
-            raise ModelError(f"llava: unknown vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
-        self._encoder = self._find_encoder(self.vision_tower)
-
-    @staticmethod
-    def _find_encoder(tower: torch.nn.Module) -> torch.nn.Module:
-        inner = getattr(tower, "vision_model", tower)
-        encoder = getattr(inner, "encoder", None)
-        if encoder is None or not hasattr(encoder, "layers"):
-            raise ModelError(f"llava: vision tower {type(tower).__name__} has no encoder.layers")
-        return encoder
+        if cfg.vision_feature_select_strategy != "default" and self.has_cls:
+            raise ModelError(
+                f"llava: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} keeps the class "
+                "token among the features; arrcoc supports 'default' (LLaVA-1.5), which drops it"
+            )
+        inner = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        self._encoder = getattr(inner, "encoder", None)
+        if self._encoder is None or not hasattr(self._encoder, "layers"):
+            raise ModelError(f"llava: vision tower {type(self.vision_tower).__name__} has no encoder.layers")
 
     # ------------------------------------------------------------- vision
     @property
@@ -49,7 +47,8 @@ class LlavaAdapter(Adapter):
 
     @property
     def feature_layer(self) -> int:
-        return int(self.model.config.vision_feature_layer)
+        """Index into the tower's hidden states (``num_layers + 1`` entries) of the features."""
+        return int(self.model.config.vision_feature_layer) % (self.num_vision_layers + 1)
 
     @property
     def has_cls(self) -> bool:
@@ -58,32 +57,42 @@ class LlavaAdapter(Adapter):
         return hasattr(getattr(inner, "embeddings", None), "class_embedding")
 
     @property
-    def drops_cls(self) -> bool:
-        return self.model.config.vision_feature_select_strategy == "default"
-
-    @property
     def num_vision_layers(self) -> int:
         return len(self._encoder.layers)
 
-    def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    @property
+    def default_attention_layer(self) -> int:
+        # The layer whose output is the feature layer (LLaVA-1.5: 22 of 24), as timm_vit's `layer: -2`.
+        return self.feature_layer - 1
+
+    def _grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        patch = int(self.model.config.vision_config.patch_size)
+        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+    def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
+        rows, cols = self._grid(pixel_values)
+        return [rows * cols] * pixel_values.shape[0]
+
+    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
+                      ) -> VisionOutput:
         tower = self.vision_tower
         dtype = next(tower.parameters()).dtype
         out = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
-        return tuple(out.hidden_states)
+        hidden = tuple(out.hidden_states)
+        x = hidden[self.feature_layer]
+        P = 1 if self.has_cls else 0
+        grid = self._grid(pixel_values)
+        return VisionOutput(list(x[:, P:]), [grid] * x.shape[0], x[:, 0] if P else None,
+                            hidden if keep_hidden else None)
 
     def vision_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         block = self._encoder.layers[layer]
         attn = block.self_attn
         h = block.layer_norm1(hidden)
         B, N, _ = h.shape
-        heads = attn.num_heads
-        q = attn.q_proj(h).view(B, N, heads, -1).transpose(1, 2)
-        k = attn.k_proj(h).view(B, N, heads, -1).transpose(1, 2)
+        q = attn.q_proj(h).view(B, N, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(h).view(B, N, attn.num_heads, -1).transpose(1, 2)
         return q, k, float(attn.scale)
-
-    def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        patch = int(self.model.config.vision_config.patch_size)
-        return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
@@ -93,18 +102,7 @@ class LlavaAdapter(Adapter):
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
-    @property
-    def pad_token_id(self) -> int:
-        pad = getattr(self.text_config, "pad_token_id", None)
-        return 0 if pad is None else int(pad)
-
-    def feature_kwargs(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
-
     # ---------------------------------------------------------------- LLM
     @property
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
-

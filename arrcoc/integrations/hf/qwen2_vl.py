@@ -1,0 +1,85 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+
+Visual tokens are the ``PatchMerger``'s 2x2-merged patches, already in the
+LLM's space (the merger is the projector), on each image's own
+``(h / 2, w / 2)`` grid: images of different sizes make a ragged batch.
+Qwen2.5-VL's window attention is undone before ``pooler_output``, so the
+tokens are in raster order for both.
+
+Positions are multimodal (``[3, B, L]`` rotary ids, ``get_rope_index``).
+A prompt shortened before the LLM keeps each kept token's ORIGINAL
+positions: computed from the unshortened prompt, gathered per sample,
+left-padded, with the text row ``cumsum(mask) - 1`` prepended (the
+``[4, B, L']`` layout ``generate`` extends by ``last + 1`` per step).
+Inside the LLM the engine gathers ``(cos, sin)`` (``[B, L, head_dim]``)
+with the kept index.  A compact renumbering is undefined for 3-D
+positions and refused.  The tower has no class token: methods that need
+CLS attention are refused (no replacement signal is offered).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from arrcoc.errors import InputError
+
+from .adapter import Adapter, VisionOutput, register_adapter
+
+
+@register_adapter
+class Qwen2VLAdapter(Adapter):
+    family = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    image_input_names = ("image_grid_thw",)
+    projected = True
+    multimodal_rope = True
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.model.visual
+
+    @property
+    def num_vision_layers(self) -> int:
+        return len(self.visual.blocks)
+
+    def _grid_thw(self, image_inputs: dict[str, Any]) -> torch.Tensor:
+        grid = image_inputs.get("image_grid_thw")
+        if grid is None:
+            raise InputError(f"{self.family}: pixel_values come with image_grid_thw (build inputs with the processor)")
+        return torch.as_tensor(grid)
+
+    def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
+        merge = int(self.visual.spatial_merge_size)
+        return (self._grid_thw(image_inputs).prod(-1) // merge**2).tolist()
+
+    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
+                      ) -> VisionOutput:
+        grid_thw = self._grid_thw(image_inputs).to(pixel_values.device)
+        out = self.model.model.get_image_features(pixel_values, grid_thw)
+        merge = int(self.visual.spatial_merge_size)
+        grids = [(int(t) * int(h) // merge, int(w) // merge) for t, h, w in grid_thw.tolist()]
+        return VisionOutput(list(out.pooler_output), grids, None, None)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def shortened_kwargs(self, kwargs: dict[str, Any], index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        mm = kwargs.get("mm_token_type_ids")
+        if mm is None:
+            mm = (ids == self.image_token_id).int()
+        rope_kwargs = {k: kwargs[k] for k in ("second_per_grid_ts",) if k in kwargs}
+        positions, _ = self.model.model.get_rope_index(
+            ids, mm, image_grid_thw=self._grid_thw(kwargs), attention_mask=mask, **rope_kwargs)
+        positions = positions.gather(2, index[None].expand(positions.shape[0], -1, -1))
+        positions = positions.masked_fill(~valid[None], 1)
+        text = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)
+        return {"position_ids": torch.cat([text[None], positions], 0),
+                "mm_token_type_ids": mm.gather(1, index).masked_fill(~valid, 0)}
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model

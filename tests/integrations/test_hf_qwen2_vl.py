@@ -1,0 +1,181 @@
+"""arrcoc.hf on Qwen2-VL: ragged image sizes, multimodal rotary positions, pre-LLM and in-LLM pruning.
+
+The reference for dropping is the unmodified model on the FULL prompt with
+the dropped image tokens masked as keys (in every layer for pre-LLM
+dropping, from layer K on for FastV), positions computed by the model
+itself from the full prompt: removal with original positions must equal it.
+"""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+
+import arrcoc
+from arrcoc.errors import ModelError, MissingInputError
+
+IMAGE, START, END = 900, 902, 903
+GRIDS = [[1, 8, 12], [1, 6, 6], [1, 4, 8]]  # 24, 9 and 8 merged tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=None,
+                         pad_token_id=0, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                          "rope_theta": 10000.0}),
+        image_token_id=IMAGE, video_token_id=901, vision_start_token_id=START, vision_end_token_id=END)
+    return Qwen2VLForConditionalGeneration(cfg).double().eval()
+
+
+def inputs(images=(0, 1, 2), texts=((3, 5), (2, 8), (4, 2))):
+    grids = torch.tensor([GRIDS[i] for i in images])
+    pixels = torch.cat([torch.randn(int(torch.tensor(GRIDS[i]).prod()), 1176, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(i)) for i in images])
+    rows = []
+    for i, (pre, post) in zip(images, texts):
+        n = GRIDS[i][1] * GRIDS[i][2] // 4
+        rows.append([1, *range(10, 10 + pre), START, *[IMAGE] * n, END, *range(50, 50 + post)])
+    L = max(map(len, rows))
+    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    mask = (ids != 0).long()
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grids,
+            "mm_token_type_ids": (ids == IMAGE).int()}
+
+
+def spec(**sections):
+    return {"encoder": {"use": "timm_vit"}, **sections}
+
+
+def greedy(model, batch, n=6):
+    return model.generate(**batch, max_new_tokens=n, do_sample=False)
+
+
+def masked_reference(model, batch, dropped, from_layer=0):
+    """Last-position logits of the full prompt with ``dropped`` [B, L] keys masked from ``from_layer`` on."""
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    B, L = ids.shape
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    base = causal[None] & mask[:, None, :]
+    eye = torch.eye(L, dtype=torch.bool)[None]
+    plain = (base | eye)[:, None]  # padding rows see themselves: no NaN rows
+    pruned = ((base & ~dropped[:, None, :]) | eye)[:, None]
+    hooks = []
+    if from_layer > 0:
+        for i, layer in enumerate(model.model.language_model.layers):
+            if i >= from_layer:
+                hooks.append(layer.register_forward_pre_hook(
+                    lambda m, a, k: (a, {**k, "attention_mask": pruned}), with_kwargs=True))
+    try:
+        full = dict(batch)
+        # The model computes its own mrope positions from the full prompt; the 4-D mask is used as given.
+        positions, _ = model.model.get_rope_index(ids, batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                                  attention_mask=batch["attention_mask"])
+        text = (mask.long().cumsum(1) - 1).masked_fill(~mask, 1)
+        full.update(attention_mask=plain if from_layer > 0 else pruned,
+                    position_ids=torch.cat([text[None], positions], 0))
+        out = model(**full)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.logits[:, -1]
+
+
+def kept_raster(state, grids):
+    """Per image, the raster indices (on its own merged grid) of the tokens a state kept."""
+    out = []
+    for b, (t, h, w) in enumerate(grids.tolist()):
+        n = int(state.counts[b])
+        rc = state.positions[b, :n].round().long()
+        out.append(sorted((rc[:, 0] * (w // 2) + rc[:, 1]).tolist()))
+    return out
+
+
+def dropped_columns(batch, kept):
+    ids = batch["input_ids"]
+    dropped = torch.zeros_like(ids, dtype=torch.bool)
+    for b in range(ids.shape[0]):
+        cols = (ids[b] == IMAGE).nonzero().flatten()
+        keep = torch.zeros(len(cols), dtype=torch.bool)
+        keep[kept[b]] = True
+        dropped[b, cols[~keep]] = True
+    return dropped
+
+
+@pytest.mark.parametrize("stages", [{}, {"compress": [{"use": "random_keep", "keep": 1.0}]},
+                                    {"llm": [{"use": "fastv", "layer": 2, "keep": 1.0}]}],
+                         ids=["none", "pre_llm", "in_llm"])
+@pytest.mark.parametrize("images", [(0,), (0, 1, 2)], ids=["batch1", "batch3_sizes"])
+def test_keep_everything_is_the_unmodified_model(model, stages, images):
+    batch = inputs(images, ((3, 5), (2, 8), (4, 2))[: len(images)])
+    with torch.no_grad():
+        ref_logits, ref_tokens = model(**batch).logits[:, -1], greedy(model, batch)
+        with arrcoc.hf.apply(model, spec(**stages)):
+            logits, tokens = model(**batch).logits[:, -1], greedy(model, batch)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_pre_llm_dropping_equals_masking_with_original_positions(model):
+    batch = inputs()
+    with torch.no_grad(), arrcoc.hf.apply(model, spec(compress=[{"use": "random_keep", "keep": 0.5}])) as run:
+        logits = model(**batch).logits[:, -1]
+    kept = kept_raster(run.state, batch["image_grid_thw"])
+    assert [len(k) for k in kept] == [12, 4, 4]
+    with torch.no_grad():
+        ref = masked_reference(model, batch, dropped_columns(batch, kept))
+    torch.testing.assert_close(logits, ref, atol=1e-8, rtol=0)
+
+
+def test_fastv_equals_masking_from_layer_k(model):
+    batch = inputs()
+    with torch.no_grad(), arrcoc.hf.apply(model, spec(llm=[{"use": "fastv", "layer": 2, "keep": 0.5}])) as run:
+        logits = model(**batch).logits[:, -1]
+    assert run.report.layer_visual == [[24, 9, 8], [24, 9, 8], [12, 4, 4], [12, 4, 4]]
+    state = run.llm_states["llm[0]@2"]
+    kept = kept_raster(state, batch["image_grid_thw"])
+    with torch.no_grad():
+        ref = masked_reference(model, batch, dropped_columns(batch, kept), from_layer=2)
+    torch.testing.assert_close(logits, ref, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("stages", [{"compress": [{"use": "tome", "r": 3, "metric": "tokens"}]},
+                                    {"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]}], ids=["pre", "in"])
+def test_batched_equals_per_sample(model, stages):
+    batch = inputs()
+    with torch.no_grad(), arrcoc.hf.apply(model, spec(**stages)):
+        together = greedy(model, batch)
+        L = batch["input_ids"].shape[1]
+        for b, image in enumerate((0, 1, 2)):
+            one = inputs((image,), [((3, 5), (2, 8), (4, 2))[b]])
+            alone = greedy(model, one)
+            assert torch.equal(alone[0, one["input_ids"].shape[1]:], together[b, L:])
+
+
+def test_methods_that_need_a_class_token_are_refused(model):
+    with pytest.raises(MissingInputError, match="no class token"):
+        with arrcoc.hf.apply(model, spec(compress=[{"use": "hired", "keep": 0.5}])):
+            pass
+
+
+def test_compact_positions_are_refused_with_multimodal_rope(model):
+    batch = inputs()
+    with pytest.raises(ModelError, match="multimodal rotary"):
+        with torch.no_grad(), arrcoc.hf.apply(model, spec(llm=[{"use": "fastv", "layer": 2, "keep": 0.5,
+                                                                 "positions": "compact"}])):
+            model(**batch)
