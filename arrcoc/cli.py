@@ -249,7 +249,7 @@ def show(name: str, kind: str | None) -> None:
     """Show a plugin's parameters (defaults and docs), or a pipeline's YAML."""
     from .errors import UnknownPluginError, did_you_mean
     from .registry import get_registry
-    from .spec import available_pipelines
+    from .spec import available_pipelines, read_pipeline_text
 
     registry = get_registry()
     matches = [info for info in registry.list(kind) if info.name == name]
@@ -257,7 +257,7 @@ def show(name: str, kind: str | None) -> None:
         pipelines = available_pipelines()
         if name in pipelines:
             console.print(f"[bold]{escape(name)}[/] ({escape(str(pipelines[name]))})")
-            console.print(pipelines[name].read_text(encoding="utf-8"), highlight=False, markup=False)
+            console.print(read_pipeline_text(pipelines[name]), highlight=False, markup=False)
             return
         names = sorted({i.name for i in registry.list()} | set(pipelines))
         raise UnknownPluginError(f"no plugin or pipeline named {name!r}{did_you_mean(name, names)}")

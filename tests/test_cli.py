@@ -8,6 +8,7 @@ markup would swallow anything that looks like a tag (``list[int]``,
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -62,6 +63,21 @@ def test_validate_reports_each_file(run, tmp_path):
     assert result.exit_code == 1
     assert f"ok {good}: g (timm_vit -> tome)" in result.output
     assert f"invalid {bad}:3: compress[0]: unknown compressor 'tomee' (did you mean 'tome'?)" in result.output
+
+
+def test_validate_refuses_hostile_files_fast(run, tmp_path):
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+    ) + "encoder: {use: timm_vit, model_kwargs: {x: *i}}\n")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: café\nencoder: timm_vit\n".encode("latin-1"))
+    start = time.perf_counter()
+    result = run("validate", str(laughs), str(latin))
+    assert time.perf_counter() - start < 5.0
+    assert result.exit_code == 1, result.output
+    assert f"invalid {laughs}: the YAML expands to more than 10000 nodes" in result.output
+    assert f"invalid {latin}:1: a pipeline file must be UTF-8 text, but byte 0xe9 at offset 9" in result.output
 
 
 def test_run_json_trace(run, tmp_path):
