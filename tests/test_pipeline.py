@@ -248,7 +248,7 @@ def test_list_of_different_sizes_without_a_fixed_input_size():
     [
         (lambda tmp: tmp / "missing.png", r"images\[0\]: image file '.*missing\.png' does not exist"),
         (lambda tmp: tmp, r"images\[0\]: '.*' is not a file"),
-        (lambda tmp: _text_file(tmp), r"images\[0\]: '.*notes\.png' is not a readable image \(cannot identify"),
+        (lambda tmp: _text_file(tmp), r"images\[0\]: '.*notes\.png' is not a readable image \(UnidentifiedImageError: cannot identify"),
         (lambda tmp: torch.rand(64, 64), r"images: expected a float tensor \[B, 3, H, W\] \(or \[3, H, W\]\) of pixels in \[0, 1\], got shape \[64, 64\]"),
         (lambda tmp: torch.rand(1, 4, 64, 64), r"got shape \[1, 4, 64, 64\]"),
         (lambda tmp: torch.zeros(1, 3, 64, 64, dtype=torch.uint8), r"images: expected floating pixels in \[0, 1\], got dtype torch\.uint8"),
@@ -256,10 +256,10 @@ def test_list_of_different_sizes_without_a_fixed_input_size():
         (lambda tmp: torch.rand(1, 3, 64, 64) * 255, r"images: pixels must lie in \[0, 1\] \(arrcoc normalises them for the model\), got \[.*, 2\d\d\]"),
         (lambda tmp: torch.rand(1, 3, 64, 64) - 0.5, r"pixels must lie in \[0, 1\].*got \[-0\.\d+, "),
         (lambda tmp: torch.rand(0, 3, 64, 64), r"images: empty image batch \[0, 3, 64, 64\]"),
-        (lambda tmp: [], r"images: expected a path, a PIL image, a tensor or a non-empty list of them, got \[\]"),
-        (lambda tmp: [pixels(1)[0], 3], r"images\[1\]: expected a path, PIL image or tensor, got int"),
+        (lambda tmp: [], r"images: expected a path, image bytes, a PIL image, a tensor or a non-empty list of them, got an empty sequence"),
+        (lambda tmp: [pixels(1)[0], 3], r"images\[1\]: expected a path, image bytes, a PIL image or a tensor, got int"),
         (lambda tmp: [pixels(2)], r"images\[0\]: a list entry must be one image \[3, H, W\], got \[2, 3, 64, 64\]"),
-        (lambda tmp: {"image": 1}, r"images: expected a path, a PIL image, a tensor or a non-empty list of them"),
+        (lambda tmp: {"image": 1}, r"images: expected a path, image bytes, a PIL image, a tensor or a non-empty list of them, got dict"),
     ],
 )
 def test_bad_images_raise_input_error(pipe, tmp_path, make, expected):
