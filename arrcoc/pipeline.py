@@ -15,13 +15,43 @@ from .registry import Registry, get_registry
 from .spec import SECTIONS, PipelineSpec, resolve_spec
 from .state import StageRecord, TokenState
 
+#: Accelerators arrcoc can check for (``torch.<kind>.is_available()`` / ``device_count()``); mps is separate.
+_ACCELERATORS = {"cuda": "CUDA", "xpu": "XPU"}
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run a pipeline on, e.g. ``['cpu', 'cuda:0', 'cuda:1']``."""
+    found = ["cpu"]
+    for kind in _ACCELERATORS:
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            found += [f"{kind}:{i}" for i in range(backend.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"device: expected e.g. 'cpu', 'cuda', 'cuda:1' or 'auto', got {device!r} ({exc})") from None
+    # Checked now, before any model is built: torch would fail later, mid-run, with its own RuntimeError.
+    available = available_devices()
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type not in (*_ACCELERATORS, "mps"):
+        raise InputError(
+            f"device {str(resolved)!r}: arrcoc runs on cpu, cuda[:N], xpu[:N] or mps; available here: "
+            f"{', '.join(available)}"
+        )
+    name = "mps" if resolved.type == "mps" and resolved.index in (None, 0) else f"{resolved.type}:{resolved.index or 0}"
+    if name not in available:
+        hint = " (this torch build has no CUDA support)" if resolved.type == "cuda" and torch.version.cuda is None else ""
+        raise InputError(f"device {str(resolved)!r} is not available on this machine{hint}; available: {', '.join(available)}")
+    return resolved
 
 
 class Pipeline:

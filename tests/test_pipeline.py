@@ -394,3 +394,19 @@ def test_auto_device():
 def test_bad_device(device):
     with pytest.raises(InputError, match=r"device: expected e\.g\. 'cpu', 'cuda', 'cuda:1' or 'auto', got "):
         arrcoc.load_pipeline(SPEC, device=device)
+
+
+def test_a_device_this_machine_lacks_is_refused_when_the_pipeline_is_built():
+    available = arrcoc.pipeline.available_devices()
+    assert available[0] == "cpu" and available == ["cpu", *[f"cuda:{i}" for i in range(torch.cuda.device_count())],
+                                                    *(["mps"] if torch.backends.mps.is_available() else [])]
+    missing = [f"cuda:{torch.cuda.device_count()}", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"])
+    missing += [] if torch.backends.mps.is_available() else ["mps"]
+    for device in missing:
+        with pytest.raises(InputError) as info:
+            arrcoc.load_pipeline(SPEC, device=device)
+        message = str(info.value)
+        assert message.startswith(f"device {str(torch.device(device))!r} is not available on this machine")
+        assert message.endswith(f"; available: {', '.join(available)}")
+    with pytest.raises(InputError, match=r"^device 'meta': arrcoc runs on cpu, cuda\[:N\], xpu\[:N\] or mps; available here: cpu"):
+        arrcoc.load_pipeline(SPEC, device="meta")
