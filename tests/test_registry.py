@@ -9,6 +9,7 @@ from __future__ import annotations
 import types
 from typing import Literal
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,19 @@ def test_create_validates_params(registry):
     assert arrcoc.create("compressor", "tome", r=2).params.r == 2
 
 
+def test_numpy_scalars_are_python_numbers_wherever_numbers_are_accepted(registry):
+    count = registry.create("compressor", "first_k", keep=np.int64(3)).params.keep
+    ratio = registry.create("compressor", "first_k", keep=np.float32(0.25)).params.keep
+    assert (count, type(count)) == (3, int) and (ratio, type(ratio)) == (0.25, float)
+    r = arrcoc.create("compressor", "tome", r=[np.int32(2), np.int64(1)]).params.r
+    assert r == [2, 1] and all(type(v) is int for v in r)
+    spec = arrcoc.resolve_spec({"encoder": {"use": "pool", "patch": np.int64(8)},
+                                "compress": [{"use": "first_k", "keep": np.float64(0.5)},
+                                             {"use": "tome", "r": np.array([2, 1])[0]}]})
+    assert spec.compress[0].params == {"keep": 0.5} and type(spec.encoder.params["patch"]) is int
+    assert arrcoc.spec.parse_yaml_text(spec.to_yaml()).model_dump() == spec.model_dump()
+
+
 def test_create_with_a_misspelt_param_lists_valid_ones_and_suggests(registry):
     with pytest.raises(ParamsError) as info:
         registry.create("compressor", "first_k", kep=3)
@@ -179,6 +193,9 @@ def test_create_with_a_misspelt_param_lists_valid_ones_and_suggests(registry):
         ({"keep": 1.5}, r"\n  keep: a ratio must lie in \(0, 1\] \(use an int for a count\), got 1\.5$"),
         ({"keep": "half"}, r"\n  keep: expected a ratio in \(0, 1\] \(float\) or a count >= 1 \(int\), got 'half'$"),
         ({"keep": True}, r"\n  keep: expected a ratio .*, got True$"),
+        ({"keep": np.bool_(True)}, r"\n  keep: expected a ratio .*, got True$"),
+        ({"keep": np.float32(1.5)}, r"\n  keep: a ratio must lie in \(0, 1\] \(use an int for a count\), got 1\.5$"),
+        ({"keep": np.int64(0)}, r"\n  keep: a count must be >= 1, got 0$"),
         ({"order": "random"}, r"\n  order: Input should be 'position' or 'reverse' \(got 'random'\)$"),
     ],
 )
