@@ -198,6 +198,12 @@ class Stage(Plugin):
 class Compressor(Stage):
     kind = "compressor"
 
+    #: Params that give one entry per encoder block when the compressor runs inside an encoder
+    #: (``in_blocks``), e.g. ToMe's ``r: [8, 8, 4]``. ``None``: every list-valued param of a class that
+    #: overrides :meth:`in_block` (a per-layer schedule); ``frozenset()`` for a class whose lists are not
+    #: per block.
+    per_block_params: ClassVar[frozenset[str] | None] = None
+
     def in_block(self, state: TokenState, layer: int, num_layers: int) -> TokenState:
         """Run inside encoder block ``layer`` of ``num_layers`` (after attention).
 
@@ -206,6 +212,20 @@ class Compressor(Stage):
         schedule overrides it.
         """
         return self(state)
+
+    def block_schedules(self) -> dict[str, Sequence[Any]]:
+        """The per-block params (see ``per_block_params``) that are lists, by name.
+
+        An encoder running this compressor in its blocks refuses a schedule
+        with more entries than the blocks it runs: the extra ones would never
+        apply.
+        """
+        names = self.per_block_params
+        if names is None:
+            overridden = type(self).in_block is not Compressor.in_block
+            names = frozenset(type(self.params).model_fields) if overridden else frozenset()
+        values = {name: getattr(self.params, name, None) for name in sorted(names)}
+        return {name: value for name, value in values.items() if isinstance(value, (list, tuple))}
 
 
 #: What a model integration computes inside an LLM for ``llm:`` stages (see docs/hf.md), from the
