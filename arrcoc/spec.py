@@ -17,7 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .plugin import KINDS, PluginRef
-from .errors import ParamsError, SpecError, UnknownPipelineError, UnknownPluginError, did_you_mean
+from .errors import (
+    ParamsError, PluginLoadError, SpecError, UnknownPipelineError, UnknownPluginError, did_you_mean,
+)
 
 #: section -> (plugin kind, whether it holds a list of stages)
 SECTIONS: dict[str, tuple[str, bool]] = {
@@ -252,6 +254,8 @@ def validate_stages(spec: PipelineSpec, where: Callable[[Iterable[Any]], str] | 
                     f"it belongs under '{SECTION_OF_KIND[other[0]]}:', not '{section}:'"
                 ) from None
             raise UnknownPluginError(f"{where(path + ('use',))}: {label}: {exc}") from None
+        except PluginLoadError as exc:  # two providers claim the name
+            raise PluginLoadError(f"{where(path + ('use',))}: {label}: {exc}") from None
         if section == "llm" and cls.stage != "llm":
             raise SpecError(f"{where(path)}: {label}: {stage.use!r} runs at stage {cls.stage!r}; 'llm:' takes stage 'llm' plugins")
         if section == "compress" and cls.stage == "llm":
