@@ -421,7 +421,7 @@ def test_modest_anchors_and_merge_keys_still_work(registry, tmp_path):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("encoder: " + "[" * 3000 + "]" * 3000 + "\n", ": YAML nested too deeply to read (a pipeline needs a few levels)"),
+        ("encoder: " + "[" * 1000 + "]" * 1000 + "\n", ": YAML nested too deeply to read (a pipeline needs a few levels)"),
         ("encoder: " + "[" * 60 + "]" * 60 + "\n", f":1: YAML nested deeper than {MAX_YAML_DEPTH} levels"),
     ],
 )
