@@ -15,9 +15,11 @@ from .errors import (
     BudgetError,
     InputError,
     MissingInputError,
+    ModelError,
     ParamsError,
     PluginLoadError,
     SpecError,
+    StageError,
     StateError,
     UnknownPipelineError,
     UnknownPluginError,
@@ -44,8 +46,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "Allocator", "ArrcocError", "ArrcocWarning", "BudgetError", "Compressor", "Encoder", "InputError",
-    "Keep", "LLMCompressor", "MissingInputError", "Params", "ParamsError", "Pipeline", "PipelineSpec", "Plugin",
-    "PluginLoadError", "PluginRef", "QueryEncoder", "Scorer", "SpecError", "StageRecord", "StateError",
+    "Keep", "LLMCompressor", "MissingInputError", "ModelError", "Params", "ParamsError", "Pipeline", "PipelineSpec",
+    "Plugin", "PluginLoadError", "PluginRef", "QueryEncoder", "Scorer", "SpecError", "StageError", "StageRecord",
+    "StateError",
     "TokenState", "UnknownPipelineError", "UnknownPluginError", "available_pipelines", "create",
     "get_registry", "hookimpl", "list_plugins", "load_pipeline", "ops", "resolve_spec", "run_pipeline",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sys
 import warnings
@@ -239,6 +240,10 @@ def list_(kind: str | None, pattern: str | None) -> None:
         console.print(pipelines)
     for name, error in sorted(registry.failures.items()):
         console.print(f"[red]failed to load[/] {escape(name)}: {escape(error)}", highlight=False)
+    for conflict_kind, conflict_name in sorted(registry.conflicts):
+        if (kind is None or conflict_kind == kind) and (pattern is None or fnmatch.fnmatch(conflict_name, pattern)):
+            message = registry.conflict(conflict_kind, conflict_name) or ""
+            console.print(f"[red]conflict[/] {escape(message)}", highlight=False)
 
 
 # -------------------------------------------------------------------- show
@@ -247,17 +252,20 @@ def list_(kind: str | None, pattern: str | None) -> None:
 @click.option("--kind", default=None, help="Plugin kind, when NAME exists for several kinds.")
 def show(name: str, kind: str | None) -> None:
     """Show a plugin's parameters (defaults and docs), or a pipeline's YAML."""
-    from .errors import UnknownPluginError, did_you_mean
+    from .errors import PluginLoadError, UnknownPluginError, did_you_mean
     from .registry import get_registry
-    from .spec import available_pipelines
+    from .spec import available_pipelines, read_pipeline_text
 
     registry = get_registry()
     matches = [info for info in registry.list(kind) if info.name == name]
+    conflict = registry.conflict(kind, name)
+    if conflict is not None and not matches:
+        raise PluginLoadError(conflict)
     if not matches:
         pipelines = available_pipelines()
         if name in pipelines:
             console.print(f"[bold]{escape(name)}[/] ({escape(str(pipelines[name]))})")
-            console.print(pipelines[name].read_text(encoding="utf-8"), highlight=False, markup=False)
+            console.print(read_pipeline_text(pipelines[name]), highlight=False, markup=False)
             return
         names = sorted({i.name for i in registry.list()} | set(pipelines))
         raise UnknownPluginError(f"no plugin or pipeline named {name!r}{did_you_mean(name, names)}")
@@ -278,6 +286,8 @@ def show(name: str, kind: str | None) -> None:
             # Cells are rich markup: escape so that `list[int]` or `[unmerged A, all B]` are shown as written.
             table.add_row(field_name, escape(_type_name(field.annotation)), escape(default), escape(field.description or ""))
         console.print(table)
+    if conflict is not None:
+        console.print(f"[red]conflict[/] {escape(conflict)}", highlight=False)
 
 
 def _type_name(annotation: Any) -> str:

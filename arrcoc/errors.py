@@ -59,6 +59,11 @@ class BudgetError(ArrcocError, ValueError):
     """A token budget (keep ratio / count) cannot be met."""
 
 
+class StageError(ArrcocError, RuntimeError):
+    """A plugin failed unexpectedly while a stage was built or run (a bug in the plugin, or input it did not
+    foresee); the message names the stage and the original exception is its ``__cause__``."""
+
+
 class ArrcocWarning(UserWarning):
     """Something was adjusted (e.g. a merge count clamped) and recorded in the trace."""
 

@@ -2,26 +2,122 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
-from .errors import InputError, MissingInputError, StateError, collect_warnings, record_warning
+from .errors import (
+    ArrcocError, InputError, MissingInputError, StageError, StateError, collect_warnings, record_warning,
+)
 from .images import load_images
 from .plugin import LLM_SIGNALS, Encoder, Plugin, QueryEncoder, Stage
 from .registry import Registry, get_registry
 from .spec import SECTIONS, PipelineSpec, resolve_spec
 from .state import StageRecord, TokenState
 
+@contextlib.contextmanager
+def stage_errors(label: str, plugin: str) -> Iterator[None]:
+    """Errors raised inside the block name the stage: ``compress[1] (tome): ...``.
+
+    An :class:`ArrcocError` is raised again as the same class with the label
+    in front (once: a message that already starts with it, or with the
+    plugin's own ``tome: ``, is not labelled twice); any other exception
+    becomes a :class:`StageError`. The original is the ``__cause__`` either
+    way. Running out of memory keeps its type (callers catch it to retry
+    smaller) and gets the label as a note.
+    """
+    prefix = f"{label} ({plugin}): "
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(f"in {label} ({plugin})")
+        raise
+    except ArrcocError as exc:
+        message = str(exc)
+        if message.startswith(prefix):
+            raise
+        relabelled = type(exc).__new__(type(exc))
+        relabelled.__dict__.update(exc.__dict__)
+        relabelled.args = (prefix + message.removeprefix(f"{plugin}: "),)
+        raise relabelled from exc
+    except Exception as exc:
+        raise StageError(f"{prefix}{type(exc).__name__}: {exc}") from exc
+
+
+def check_stage_output(label: str, plugin: str, before: TokenState | None, out: Any) -> TokenState:
+    """What a stage returned is a consistent state, or the error names the stage that broke it.
+
+    Cheap checks of every stage's output, so that a broken (third-party)
+    stage is blamed instead of the next one: a :class:`TokenState` of the
+    same batch and grid, whose invariants hold (:meth:`TokenState.check`:
+    prefix masks, positive sizes, ``origin`` on real tokens) and whose real
+    tokens and class token are finite (every stage's input is: the pixels
+    are checked, and so is each stage's output).
+    """
+    if not isinstance(out, TokenState):
+        raise StateError(f"{label} ({plugin}) returned {type(out).__name__}, expected a TokenState")
+    if before is not None and (out.B, out.grid) != (before.B, before.grid):
+        raise StateError(
+            f"{label} ({plugin}) returned a state of {out.B} images on a {out.grid} patch grid from "
+            f"{before.B} images on {before.grid}; a stage keeps the batch and the grid"
+        )
+    try:
+        out.check()
+    except StateError as exc:
+        raise StateError(f"{label} ({plugin}) returned an inconsistent state: {exc}") from None
+    finite = (torch.isfinite(out.tokens).all(-1) | ~out.mask).all()
+    if out.cls is not None:
+        finite = finite & torch.isfinite(out.cls).all()
+    if not bool(finite):
+        rows = (~(torch.isfinite(out.tokens).all(-1) | ~out.mask)).any(1).nonzero().flatten().tolist()
+        raise StateError(
+            f"{label} ({plugin}) returned NaN or inf tokens (images {rows or 'class token'}) from finite input"
+        )
+    return out
+
+
+#: Accelerators arrcoc can check for (``torch.<kind>.is_available()`` / ``device_count()``); mps is separate.
+_ACCELERATORS = {"cuda": "CUDA", "xpu": "XPU"}
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run a pipeline on, e.g. ``['cpu', 'cuda:0', 'cuda:1']``."""
+    found = ["cpu"]
+    for kind in _ACCELERATORS:
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            found += [f"{kind}:{i}" for i in range(backend.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"device: expected e.g. 'cpu', 'cuda', 'cuda:1' or 'auto', got {device!r} ({exc})") from None
+    # Checked now, before any model is built: torch would fail later, mid-run, with its own RuntimeError.
+    available = available_devices()
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type not in (*_ACCELERATORS, "mps"):
+        raise InputError(
+            f"device {str(resolved)!r}: arrcoc runs on cpu, cuda[:N], xpu[:N] or mps; available here: "
+            f"{', '.join(available)}"
+        )
+    name = "mps" if resolved.type == "mps" and resolved.index in (None, 0) else f"{resolved.type}:{resolved.index or 0}"
+    if name not in available:
+        hint = " (this torch build has no CUDA support)" if resolved.type == "cuda" and torch.version.cuda is None else ""
+        raise InputError(f"device {str(resolved)!r} is not available on this machine{hint}; available: {', '.join(available)}")
+    return resolved
 
 
 class Pipeline:
@@ -42,7 +138,8 @@ class Pipeline:
             if label == "encoder" and encoder is not None:
                 built[label] = encoder
                 continue
-            built[label] = self.registry.create(SECTIONS[section][0], stage.use, **stage.params)
+            with stage_errors(label, stage.use):
+                built[label] = self.registry.create(SECTIONS[section][0], stage.use, **stage.params)
         self.encoder: Encoder = built.pop("encoder").to(self.device)  # type: ignore[assignment]
         self.query_encoder: QueryEncoder | None = built.pop("query_encoder", None)  # type: ignore[assignment]
         self.llm: list[tuple[str, Plugin]] = [(k, v) for k, v in built.items() if k.startswith("llm[")]
@@ -84,11 +181,12 @@ class Pipeline:
         hook.arrcoc_stage_started(stage="encoder", plugin=self.encoder, state=None)  # no state before the encoder
         start = self._clock()
         with collect_warnings() as notes:
-            model_input = self.encoder.preprocess(pixels)
-            state = self.encoder.encode(model_input)
-            tokens_in = getattr(self.encoder, "input_tokens", lambda: None)()
-            state = dataclasses.replace(state, images=pixels)
-            state = self._attach_query(state, query)
+            with stage_errors("encoder", self.encoder.name):
+                model_input = self.encoder.preprocess(pixels)
+                state = self.encoder.encode(model_input)
+                tokens_in = getattr(self.encoder, "input_tokens", lambda: None)()
+            state = check_stage_output("encoder", self.encoder.name, None, state)
+            state = self._attach_query(dataclasses.replace(state, images=pixels), query)
         record = StageRecord(
             "encoder", self.encoder.name, (tokens_in,) * B if tokens_in else state.token_counts(),
             state.token_counts(), (self._clock() - start) * 1e3, tuple(notes),
@@ -109,12 +207,11 @@ class Pipeline:
                 )
             hook.arrcoc_stage_started(stage=label, plugin=plugin, state=state)
             start = self._clock()
-            with collect_warnings() as notes:
+            with collect_warnings() as notes, stage_errors(label, plugin.name):
                 out = plugin(state)
-            if not isinstance(out, TokenState):
-                raise StateError(f"{label} ({plugin.name}) returned {type(out).__name__}, expected a TokenState")
-            record = StageRecord(label, plugin.name, state.token_counts(), out.token_counts(),
-                                 (self._clock() - start) * 1e3, tuple(notes))
+            ms = (self._clock() - start) * 1e3
+            out = check_stage_output(label, plugin.name, state, out)
+            record = StageRecord(label, plugin.name, state.token_counts(), out.token_counts(), ms, tuple(notes))
             state = dataclasses.replace(out, trace=(*state.trace, record))
             hook.arrcoc_stage_finished(stage=label, plugin=plugin, state=state, record=record)
         return state
@@ -128,7 +225,15 @@ class Pipeline:
         if query is None:
             return state
         B = state.B
-        if isinstance(query, str) or (isinstance(query, Sequence) and query and all(isinstance(q, str) for q in query)):
+        if isinstance(query, np.ndarray) and query.dtype.kind == "f":
+            query = torch.from_numpy(query)  # embeddings: the same layouts as a tensor's
+        if isinstance(query, (list, tuple)):
+            if not query:
+                raise InputError("query: got an empty list; pass a string, one string per image, or None")
+            for i, item in enumerate(query):
+                if not isinstance(item, str):
+                    raise InputError(f"query[{i}]: expected a string, got {_describe(item)}")
+        if isinstance(query, (str, list, tuple)):
             texts = [query] * B if isinstance(query, str) else list(query)
             if len(texts) != B:
                 raise InputError(f"query: got {len(texts)} strings for {B} images; pass one, or one per image")
@@ -146,12 +251,16 @@ class Pipeline:
                     f"{self.spec.source}: query strings need a `query_encoder:` section "
                     f"(e.g. `query_encoder: {{use: toy_text}}`), or pass query=<tensor [B, T, D]>"
                 )
-            emb, mask = self.query_encoder.encode(texts, dim=state.D, device=state.device, dtype=state.dtype)
+            label = f"query_encoder ({self.query_encoder.name})"
+            with stage_errors("query_encoder", self.query_encoder.name):
+                encoded = self.query_encoder.encode(texts, dim=state.D, device=state.device, dtype=state.dtype)
+            emb, mask = _check_encoded_query(label, encoded, B)
+            check_query_values(emb, mask, label)
         elif isinstance(query, torch.Tensor):
             emb, mask = check_query_tensor(query, B)
             emb, mask = emb.to(device=state.device, dtype=state.dtype), mask.to(state.device)
         else:
-            raise InputError(f"query: expected a string, a list of strings or a tensor, got {type(query).__name__}")
+            raise InputError(f"query: expected a string, a list of strings or a tensor, got {_describe(query)}")
         return dataclasses.replace(state, query=emb, query_mask=mask)
 
     def _uses_query(self) -> bool:
@@ -175,7 +284,57 @@ def check_query_tensor(query: torch.Tensor, batch: int) -> tuple[torch.Tensor, t
     if not bool(torch.isfinite(query).all()):
         raise InputError("query: embeddings contain NaN or inf")
     query = query.expand(batch, *query.shape[1:])
-    return query, torch.ones(query.shape[:2], dtype=torch.bool, device=query.device)
+    mask = torch.ones(query.shape[:2], dtype=torch.bool, device=query.device)
+    check_query_values(query, mask, "query")
+    return query, mask
+
+
+def check_query_values(query: torch.Tensor, mask: torch.Tensor, where: str) -> None:
+    """Real query tokens must carry a direction: a zero vector matches nothing.
+
+    Query-guided stages compare tokens with the query by cosine, which is 0
+    for a zero vector, so an all-zero query would drop the query term without
+    a word: that is an error. Some zero tokens among others only dilute the
+    query: a warning, recorded in the trace.
+    """
+    zero = (query == 0).all(-1) & mask
+    if not bool(zero.any()):
+        return
+    empty = (zero.sum(1) == mask.sum(1)).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(
+            f"{where}: the query of images {empty} is all zeros: query-guided stages would ignore it without a "
+            "word (a zero vector matches nothing); pass a real query, or query=None"
+        )
+    tokens = {b: zero[b].nonzero().flatten().tolist() for b in zero.any(1).nonzero().flatten().tolist()}
+    record_warning(
+        f"{where}: query tokens that are zero vectors match nothing and only dilute the query "
+        f"(image: token indices {tokens}); leave them out, or mask them"
+    )
+
+
+def _check_encoded_query(label: str, encoded: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A query encoder returned ``(embeddings [B, T, D] floating, finite; mask [B, T] bool)``."""
+    emb, mask = encoded if isinstance(encoded, tuple) and len(encoded) == 2 else (encoded, None)
+    if not isinstance(emb, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise StateError(f"{label} returned {_describe(encoded)}, expected (embeddings [B, T, D], mask [B, T])")
+    if emb.ndim != 3 or emb.shape[0] != batch or not emb.is_floating_point() or mask.dtype != torch.bool \
+            or tuple(mask.shape) != tuple(emb.shape[:2]):
+        raise StateError(
+            f"{label} returned embeddings of shape {list(emb.shape)} dtype {emb.dtype} and a mask of shape "
+            f"{list(mask.shape)} dtype {mask.dtype}; expected floating [B={batch}, T, D] and bool [B, T]"
+        )
+    if not bool((torch.isfinite(emb).all(-1) | ~mask).all()):
+        raise StateError(f"{label} returned NaN or inf embeddings")
+    return emb, mask
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"{type(value).__name__} of shape {list(value.shape)} dtype {value.dtype}"
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}: ({', '.join(_describe(v) for v in value)})"
+    return type(value).__name__
 
 
 def load_pipeline(spec: Any, device: str | torch.device | None = None) -> Pipeline:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence, Union
 
+import numpy as np
 import torch
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator,
@@ -25,7 +26,24 @@ from .state import TokenState
 
 KINDS = ("encoder", "query_encoder", "compressor", "scorer", "allocator", "pyramid", "visualizer")
 
+def _python_scalars(value: Any) -> Any:
+    """numpy scalars (``np.int64(8)``, ``np.float32(0.5)``), also inside lists and dicts, as Python numbers.
+
+    They come from array code and must mean what the Python number means:
+    an int is a count and a float a ratio, and a spec holding them must still
+    dump to YAML.
+    """
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_python_scalars(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _python_scalars(v) for k, v in value.items()}
+    return value
+
+
 def _check_keep(value: Any) -> Any:
+    value = _python_scalars(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a ratio in (0, 1] (float) or a count >= 1 (int), got {value!r}")
     if isinstance(value, float) and not 0.0 < value <= 1.0:
@@ -60,6 +78,7 @@ class PluginRef(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _split_use(cls, data: Any) -> Any:
+        data = _python_scalars(data)
         if isinstance(data, str):
             return {"use": data, "params": {}}
         if isinstance(data, dict) and "params" not in data:
@@ -179,6 +198,12 @@ class Stage(Plugin):
 class Compressor(Stage):
     kind = "compressor"
 
+    #: Params that give one entry per encoder block when the compressor runs inside an encoder
+    #: (``in_blocks``), e.g. ToMe's ``r: [8, 8, 4]``. ``None``: every list-valued param of a class that
+    #: overrides :meth:`in_block` (a per-layer schedule); ``frozenset()`` for a class whose lists are not
+    #: per block.
+    per_block_params: ClassVar[frozenset[str] | None] = None
+
     def in_block(self, state: TokenState, layer: int, num_layers: int) -> TokenState:
         """Run inside encoder block ``layer`` of ``num_layers`` (after attention).
 
@@ -187,6 +212,20 @@ class Compressor(Stage):
         schedule overrides it.
         """
         return self(state)
+
+    def block_schedules(self) -> dict[str, Sequence[Any]]:
+        """The per-block params (see ``per_block_params``) that are lists, by name.
+
+        An encoder running this compressor in its blocks refuses a schedule
+        with more entries than the blocks it runs: the extra ones would never
+        apply.
+        """
+        names = self.per_block_params
+        if names is None:
+            overridden = type(self).in_block is not Compressor.in_block
+            names = frozenset(type(self.params).model_fields) if overridden else frozenset()
+        values = {name: getattr(self.params, name, None) for name in sorted(names)}
+        return {name: value for name, value in values.items() if isinstance(value, (list, tuple))}
 
 
 #: What a model integration computes inside an LLM for ``llm:`` stages (see docs/hf.md), from the

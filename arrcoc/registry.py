@@ -7,6 +7,12 @@ party's.  A module that fails to import is recorded with its error (see
 
 ``ARRCOC_LOAD_PLUGINS=name1,name2`` restricts which entry points load (an
 empty value loads none); ``ARRCOC_TRACE_PLUGINS=1`` prints every hook call.
+
+A ``(kind, name)`` announced by two classes is a conflict: whichever module
+loads first, asking for that name (``create``, a pipeline, ``arrcoc show``)
+is a :class:`PluginLoadError` naming both providers, so that which one runs
+never depends on the order of installation.  Everything else the two
+modules provide stays usable.
 """
 
 from __future__ import annotations
@@ -49,9 +55,11 @@ class Registry:
         self.pm = pluggy.PluginManager("arrcoc")
         self.pm.add_hookspecs(hookspecs)
         self._plugins: dict[tuple[str, str], PluginInfo] = {}
+        #: (kind, name) announced by more than one class -> every provider, in registration order
+        self.conflicts: dict[tuple[str, str], list[PluginInfo]] = {}
         self.failures: dict[str, str] = {}
         self._current_provider = "?"
-        self._before: set[tuple[str, str]] = set()
+        self._before: tuple[dict, dict] = ({}, {})
         self.pm.hook.arrcoc_register_plugins.call_historic(kwargs={"register": self._register_class})
         if os.environ.get("ARRCOC_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(print)
@@ -63,24 +71,29 @@ class Registry:
     def load_entry_points(self) -> None:
         allowed = os.environ.get("ARRCOC_LOAD_PLUGINS")
         names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
-        seen: set[str] = set()
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in seen or (names is not None and ep.name not in names):
-                continue
-            seen.add(ep.name)
-            dist = getattr(ep.dist, "name", None) or "?"
+        seen: set[tuple[str, str, str]] = set()
+        taken: set[str] = set()
+        points = [(getattr(ep.dist, "name", None) or "?", ep) for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)]
+        # arrcoc's own entry points first, so that they keep their names whatever the installation order.
+        for dist, ep in sorted(points, key=lambda p: p[0] != "arrcoc"):
+            if (dist, ep.name, ep.value) in seen or (names is not None and ep.name not in names):
+                continue  # the same distribution found twice on the path loads once
+            seen.add((dist, ep.name, ep.value))
+            # Another distribution's entry point of the same name loads too, under a name that says whose it is.
+            name = ep.name if ep.name not in taken else f"{ep.name} ({dist})"
+            taken.add(ep.name)
             try:
                 module = ep.load()
             except Exception as exc:  # a broken third party must not break the rest
-                self.failures[ep.name] = f"entry point {ep.value!r} of {dist}: {type(exc).__name__}: {exc}"
+                self.failures[name] = f"entry point {ep.value!r} of {dist}: {type(exc).__name__}: {exc}"
                 continue
-            self.register(module, name=ep.name)
+            self.register(module, name=name)
 
     def register(self, plugin: Any, name: str | None = None) -> None:
         """Register a plugin module/object (its hooks run at once, historic)."""
         name = name or getattr(plugin, "__name__", None) or repr(plugin)
         self._current_provider = name
-        self._before = set(self._plugins)
+        self._before = (dict(self._plugins), {k: list(v) for k, v in self.conflicts.items()})
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
@@ -103,8 +116,7 @@ class Registry:
         """Undo the failed registration only: the object or its name may already be registered."""
         if self.pm.get_plugin(self._current_provider) is plugin:
             self.pm.unregister(name=self._current_provider)
-        for key in set(self._plugins) - self._before:
-            del self._plugins[key]
+        self._plugins, self.conflicts = self._before
 
     def unregister(self, name: str) -> None:
         """Remove a registered module and every class it announced."""
@@ -114,6 +126,14 @@ class Registry:
         for key, info in list(self._plugins.items()):
             if info.provider == name:
                 del self._plugins[key]
+        for key, infos in list(self.conflicts.items()):
+            left = [info for info in infos if info.provider != name]
+            if len(left) > 1:
+                self.conflicts[key] = left
+            else:  # the conflict is over: the remaining provider (if any) has the name alone
+                del self.conflicts[key]
+                if left:
+                    self._plugins[key] = left[0]
 
     def _register_class(self, cls: type) -> None:
         kind, name = getattr(cls, "kind", None), getattr(cls, "name", None)
@@ -124,14 +144,28 @@ class Registry:
         if not name or not isinstance(name, str):
             raise PluginLoadError(f"{cls.__qualname__}: needs a non-empty string `name`")
         key = (kind, name)
-        if key in self._plugins and self._plugins[key].cls is not cls:
-            other = self._plugins[key]
-            raise PluginLoadError(
-                f"{kind} {name!r} is provided twice: by {other.provider} "
-                f"({other.cls.__module__}.{other.cls.__qualname__}) and by {self._current_provider} "
-                f"({cls.__module__}.{cls.__qualname__})"
-            )
-        self._plugins[key] = PluginInfo(kind, name, cls, self._current_provider)
+        info = PluginInfo(kind, name, cls, self._current_provider)
+        claims = self.conflicts.get(key) or ([self._plugins[key]] if key in self._plugins else [])
+        if any(other.cls is cls for other in claims):
+            return  # the same class announced again: no conflict
+        if claims:
+            self.conflicts[key] = [*claims, info]
+            self._plugins.pop(key, None)
+            return
+        self._plugins[key] = info
+
+    def conflict(self, kind: str | None, name: str) -> str | None:
+        """Why ``name`` (of ``kind``, or of any kind) cannot be used because two classes claim it, or None."""
+        for (k, n), infos in sorted(self.conflicts.items()):
+            if n == name and (kind is None or k == kind):
+                times = "twice" if len(infos) == 2 else f"{len(infos)} times"
+                providers = " and by ".join(f"{i.provider} ({i.cls.__module__}.{i.cls.__qualname__})" for i in infos)
+                return (
+                    f"{k} {n!r} is provided {times}: by {providers}; arrcoc uses none of them rather than pick one "
+                    "by installation order: uninstall or disable all but one (ARRCOC_LOAD_PLUGINS lists the entry "
+                    "points to load)"
+                )
+        return None
 
     # ---------------------------------------------------------------- lookup
     def get(self, kind: str, name: str, *, where: str = "") -> type[Plugin]:
@@ -140,6 +174,9 @@ class Registry:
         info = self._plugins.get((kind, name))
         if info is not None:
             return info.cls
+        conflict = self.conflict(kind, name)
+        if conflict is not None:
+            raise PluginLoadError(f"{where}: {conflict}" if where else conflict)
         prefix = f"{where}: " if where else ""
         choices = sorted(n for k, n in self._plugins if k == kind)
         message = f"{prefix}unknown {kind} {name!r}{did_you_mean(name, choices)}; available: {', '.join(choices) or '(none)'}"

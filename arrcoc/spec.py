@@ -9,6 +9,7 @@ field, list the valid choices and suggest the nearest name.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -16,7 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .plugin import KINDS, PluginRef
-from .errors import ParamsError, SpecError, UnknownPipelineError, UnknownPluginError, did_you_mean
+from .errors import (
+    ParamsError, PluginLoadError, SpecError, UnknownPipelineError, UnknownPluginError, did_you_mean,
+)
 
 #: section -> (plugin kind, whether it holds a list of stages)
 SECTIONS: dict[str, tuple[str, bool]] = {
@@ -76,28 +79,112 @@ class PipelineSpec(BaseModel):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-# ------------------------------------------------------------------ locating
-def _line_map(text: str) -> dict[tuple, int]:
-    """Map each YAML path (keys and list indices) to its 1-based line."""
-    lines: dict[tuple, int] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
+# ------------------------------------------------------------------ reading
+#: A pipeline is a few hundred YAML nodes.  Aliases (``*name``) repeat their
+#: anchor's nodes, so a file of a few hundred bytes can expand to billions
+#: ("billion laughs"); anything that walks the expanded tree (the line map,
+#: validation, error messages) would exhaust memory.  Files that expand past
+#: this many nodes, or nest deeper than ``MAX_YAML_DEPTH``, are refused before
+#: anything walks them.
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 50
 
-    def walk(node: Any, path: tuple) -> None:
+
+class _PipelineLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats with an exponent.
+
+    YAML 1.1 (PyYAML's default) needs a dot and a signed exponent, so
+    ``keep: 1e-9`` or ``1.0e5`` would be the *string* ``'1e-9'`` and fail
+    validation with a puzzling message; YAML 1.2 (and JSON, and Python)
+    read them as floats, and so does a pipeline file.
+    """
+
+
+_PipelineLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def read_pipeline_text(path: Path) -> str:
+    """A pipeline file's text; a file that is not UTF-8 is a :class:`SpecError` naming the byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        hint = " (it starts with a UTF-16 byte-order mark)" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
+        raise SpecError(
+            f"{path}:{line}: a pipeline file must be UTF-8 text, but byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start} is not valid UTF-8{hint}; save the file as UTF-8"
+        ) from None
+
+
+def _label(path: tuple) -> str:
+    """``("compress", 0, "r")`` -> ``compress[0].r``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f"{'.' if i else ''}{p}" for i, p in enumerate(path))
+
+
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse ``text`` once: the data and a map of each YAML path (keys and list indices) to its 1-based line.
+
+    The composed node tree is checked before anything is built from it: its
+    expanded size and depth are bounded, and a key written twice in one
+    mapping is an error (YAML keeps the last one silently).
+    """
+    loader = _PipelineLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except RecursionError:
+            raise SpecError(f"{source}: YAML nested too deeply to read (a pipeline needs a few levels)") from None
+        lines = _check_nodes(root, source) if root is not None else {}
+        return (loader.construct_document(root) if root is not None else None), lines
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{at}: YAML syntax error: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, source: str) -> dict[tuple, int]:
+    """Walk the node tree as aliases expand it (iteratively, bounded); return the line map."""
+    lines: dict[tuple, int] = {}
+    stack: list[tuple[yaml.Node, tuple]] = [(root, ())]
+    visited = 0
+    while stack:
+        node, path = stack.pop()
+        visited += 1
+        if visited > MAX_YAML_NODES:
+            raise SpecError(
+                f"{source}: the YAML expands to more than {MAX_YAML_NODES} nodes (each alias `*name` repeats "
+                "everything under its anchor `&name`); a pipeline needs a few hundred: refusing to read it"
+            )
+        if len(path) > MAX_YAML_DEPTH:
+            raise SpecError(f"{source}:{node.start_mark.line + 1}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            children = []
             for key, value in node.value:
                 child = path + (key.value,)
-                lines[child] = key.start_mark.line + 1
-                walk(value, child)
+                line = key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode):
+                    if (key.tag, key.value) in first_line:
+                        what = f"section {key.value!r}" if not path else f"key {key.value!r} in {_label(path)}"
+                        raise SpecError(
+                            f"{source}:{line}: duplicate {what} (first at line {first_line[key.tag, key.value]}); "
+                            "YAML would keep only the last one: remove or merge one of them"
+                        )
+                    first_line[key.tag, key.value] = line
+                lines[child] = line
+                children.append((value, child))
+            stack.extend(reversed(children))
         elif isinstance(node, yaml.SequenceNode):
-            for i, value in enumerate(node.value):
-                walk(value, path + (i,))
-
-    if root is not None:
-        walk(root, ())
+            stack.extend((value, path + (i,)) for i, value in reversed(list(enumerate(node.value))))
     return lines
 
 
@@ -140,7 +227,7 @@ def parse_spec(data: Any, *, source: str = "<dict>", lines: dict[tuple, int] | N
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if p not in ("params",))
-        label = "".join(f"[{p}]" if isinstance(p, int) else f"{'.' if i else ''}{p}" for i, p in enumerate(loc))
+        label = _label(loc)
         message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
         raise SpecError(f"{where(loc)}: {label or 'pipeline'}: {message}") from None
     spec._source = source
@@ -167,6 +254,8 @@ def validate_stages(spec: PipelineSpec, where: Callable[[Iterable[Any]], str] | 
                     f"it belongs under '{SECTION_OF_KIND[other[0]]}:', not '{section}:'"
                 ) from None
             raise UnknownPluginError(f"{where(path + ('use',))}: {label}: {exc}") from None
+        except PluginLoadError as exc:  # two providers claim the name
+            raise PluginLoadError(f"{where(path + ('use',))}: {label}: {exc}") from None
         if section == "llm" and cls.stage != "llm":
             raise SpecError(f"{where(path)}: {label}: {stage.use!r} runs at stage {cls.stage!r}; 'llm:' takes stage 'llm' plugins")
         if section == "compress" and cls.stage == "llm":
@@ -193,10 +282,10 @@ def _first_field(exc: BaseException, params: Mapping[str, Any]) -> tuple:
 
 
 def load_yaml(path: str | Path) -> PipelineSpec:
-    """Load and validate a pipeline file (``yaml.safe_load`` only)."""
+    """Load and validate a pipeline file (safe YAML, bounded; see :data:`MAX_YAML_NODES`)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_pipeline_text(path)
     except FileNotFoundError:
         raise UnknownPipelineError(f"pipeline file {str(path)!r} does not exist") from None
     except OSError as exc:
@@ -205,14 +294,8 @@ def load_yaml(path: str | Path) -> PipelineSpec:
 
 
 def parse_yaml_text(text: str, *, source: str = "<string>") -> PipelineSpec:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"{at}: YAML syntax error: {problem}") from None
-    return parse_spec(data, source=source, lines=_line_map(text))
+    data, lines = _read_yaml(text, source)
+    return parse_spec(data, source=source, lines=lines)
 
 
 def available_pipelines() -> dict[str, Path]:

@@ -8,6 +8,7 @@ markup would swallow anything that looks like a tag (``list[int]``,
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from PIL import Image
 from rich.console import Console
 
 from arrcoc import cli
+from arrcoc.hookspecs import hookimpl
+from arrcoc.plugin import Compressor
+from arrcoc.registry import Registry, using_registry
 
 
 @pytest.fixture
@@ -62,6 +66,56 @@ def test_validate_reports_each_file(run, tmp_path):
     assert result.exit_code == 1
     assert f"ok {good}: g (timm_vit -> tome)" in result.output
     assert f"invalid {bad}:3: compress[0]: unknown compressor 'tomee' (did you mean 'tome'?)" in result.output
+
+
+def test_validate_refuses_hostile_files_fast(run, tmp_path):
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+    ) + "encoder: {use: timm_vit, model_kwargs: {x: *i}}\n")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: café\nencoder: timm_vit\n".encode("latin-1"))
+    start = time.perf_counter()
+    result = run("validate", str(laughs), str(latin))
+    assert time.perf_counter() - start < 5.0
+    assert result.exit_code == 1, result.output
+    assert f"invalid {laughs}: the YAML expands to more than 10000 nodes" in result.output
+    assert f"invalid {latin}:1: a pipeline file must be UTF-8 text, but byte 0xe9 at offset 9" in result.output
+
+
+class FastToMe(Compressor):
+    """A third party's class claiming the built-in name 'tome'."""
+
+    name = "tome"
+
+    def __call__(self, state):
+        return state
+
+
+class FastToMeModule:
+    @hookimpl
+    def arrcoc_register_plugins(self, register):
+        register(FastToMe)
+
+
+def test_a_name_two_plugins_claim_is_an_error_in_every_command(run, tmp_path):
+    registry = Registry()  # the installed plugins, and a third party claiming 'tome'
+    registry.register(FastToMeModule(), name="fast_tome")
+    conflict = ("compressor 'tome' is provided twice: by tome (arrcoc_plugins.compressors.tome.ToMe) and by "
+                "fast_tome (test_cli.FastToMe)")
+    spec = tmp_path / "uses_tome.yaml"
+    spec.write_text("encoder: {use: timm_vit}\ncompress:\n  - {use: tome, r: 2}\n")
+    with using_registry(registry):
+        for args, code, prefix in [
+            (("run", "tome", "--image", "x.png", "--device", "cpu"), 2, "error: "),
+            (("bench", str(spec), "--image", "x.png", "--device", "cpu"), 2, f"error: {spec}:3: compress[0]: "),
+            (("show", "tome"), 2, "error: "),
+            (("validate", str(spec)), 1, f"invalid {spec}:3: compress[0]: "),
+            (("list", "compressor"), 0, "conflict "),
+        ]:
+            result = run(*args)
+            assert result.exit_code == code, (args, result.output)
+            assert prefix + conflict in result.output, (args, result.output)
 
 
 def test_run_json_trace(run, tmp_path):

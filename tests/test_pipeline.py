@@ -7,6 +7,7 @@ patches + a class token), randomly initialised with a fixed seed.
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -14,10 +15,10 @@ import torch
 from PIL import Image
 
 import arrcoc
-from arrcoc.errors import ArrcocWarning, InputError, MissingInputError, StateError
+from arrcoc.errors import ArrcocWarning, BudgetError, InputError, MissingInputError, StageError, StateError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.images import load_images
-from arrcoc.plugin import Compressor, Scorer
+from arrcoc.plugin import Compressor, Encoder, Params, QueryEncoder, Scorer
 from arrcoc.registry import Registry, using_registry
 from arrcoc.state import TokenState
 
@@ -67,6 +68,104 @@ class ReturnsNone(Compressor):
         return None
 
 
+class Boom(Compressor):
+    """A broken stage: raises an exception arrcoc does not know."""
+
+    name = "boom"
+
+    def __call__(self, state):
+        raise RuntimeError("index 99 is out of bounds")
+
+
+class RaisesBudget(Compressor):
+    """Refuses its budget, naming itself as plugins do."""
+
+    name = "raises_budget"
+
+    def __call__(self, state):
+        raise BudgetError("raises_budget: keep=99 tokens, but an image has only 16")
+
+
+class RunsOutOfMemory(Compressor):
+    name = "out_of_memory"
+
+    def __call__(self, state):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+
+class BadInit(Compressor):
+    name = "bad_init"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        raise ValueError("needs a GPU library")
+
+    def __call__(self, state):
+        return state
+
+
+class Broken(Compressor):
+    """Returns a state a stage must not: chosen by `how`."""
+
+    name = "broken"
+
+    class Params(Params):
+        how: Literal["nan", "inf_cls", "holes", "batch", "origin"] = "nan"
+
+    def __call__(self, state):
+        how = self.params.how
+        if how == "nan":
+            tokens = state.tokens.clone()
+            tokens[-1, 0, 0] = float("nan")
+            return state.replace(tokens=tokens)
+        if how == "inf_cls":
+            return state.replace(cls=torch.full_like(state.cls, float("inf")))
+        if how == "holes":  # a real token after a padded slot: not a prefix mask
+            mask = state.mask.clone()
+            mask[:, 0] = False
+            return state.replace(mask=mask)
+        if how == "batch":
+            return state.image(0)
+        return state.replace(origin=torch.full_like(state.origin, state.N))
+
+
+class NanEncoder(Encoder):
+    """Average-pooled pixels, with a NaN in image 1."""
+
+    name = "nan_encoder"
+    embed_dim = 3
+
+    def encode(self, pixels):
+        tokens = torch.nn.functional.avg_pool2d(pixels, 16).flatten(2).transpose(1, 2).contiguous()
+        tokens[1:, 2] = float("nan")
+        return TokenState.from_patches(tokens, (pixels.shape[-2] // 16, pixels.shape[-1] // 16))
+
+
+class ZeroText(QueryEncoder):
+    """Encodes every word as a zero vector, except words starting with 'x'."""
+
+    name = "zero_text"
+
+    def encode(self, queries, *, dim, device, dtype):
+        T = max(len(q.split()) for q in queries)
+        emb = torch.zeros(len(queries), T, dim, device=device, dtype=dtype)
+        mask = torch.zeros(len(queries), T, dtype=torch.bool, device=device)
+        for b, q in enumerate(queries):
+            for t, word in enumerate(q.split()):
+                mask[b, t] = True
+                emb[b, t, 0] = 1.0 if word.startswith("x") else 0.0
+        return emb, mask
+
+
+class WrongText(QueryEncoder):
+    """Returns embeddings without a batch axis."""
+
+    name = "wrong_text"
+
+    def encode(self, queries, *, dim, device, dtype):
+        return torch.ones(3, dim), torch.ones(3, dtype=torch.bool)
+
+
 class Provider:
     def __init__(self, *classes):
         self.classes = classes
@@ -86,7 +185,8 @@ def registry():
     reg = Registry(load_entry_points=False)
     for name, module in [("timm_vit", timm_vit), ("tome", tome), ("toy_text", toy_text)]:
         reg.register(module, name=name)
-    reg.register(Provider(QueryDot, NeedsFoo, MakesFoo, ReturnsNone), name="testplugins")
+    reg.register(Provider(QueryDot, NeedsFoo, MakesFoo, ReturnsNone, Boom, RaisesBudget, RunsOutOfMemory, BadInit,
+                          Broken, NanEncoder, ZeroText, WrongText), name="testplugins")
     assert reg.failures == {}
     with using_registry(reg):
         yield reg
@@ -248,7 +348,7 @@ def test_list_of_different_sizes_without_a_fixed_input_size():
     [
         (lambda tmp: tmp / "missing.png", r"images\[0\]: image file '.*missing\.png' does not exist"),
         (lambda tmp: tmp, r"images\[0\]: '.*' is not a file"),
-        (lambda tmp: _text_file(tmp), r"images\[0\]: '.*notes\.png' is not a readable image \(cannot identify"),
+        (lambda tmp: _text_file(tmp), r"images\[0\]: '.*notes\.png' is not a readable image \(UnidentifiedImageError: cannot identify"),
         (lambda tmp: torch.rand(64, 64), r"images: expected a float tensor \[B, 3, H, W\] \(or \[3, H, W\]\) of pixels in \[0, 1\], got shape \[64, 64\]"),
         (lambda tmp: torch.rand(1, 4, 64, 64), r"got shape \[1, 4, 64, 64\]"),
         (lambda tmp: torch.zeros(1, 3, 64, 64, dtype=torch.uint8), r"images: expected floating pixels in \[0, 1\], got dtype torch\.uint8"),
@@ -256,10 +356,10 @@ def test_list_of_different_sizes_without_a_fixed_input_size():
         (lambda tmp: torch.rand(1, 3, 64, 64) * 255, r"images: pixels must lie in \[0, 1\] \(arrcoc normalises them for the model\), got \[.*, 2\d\d\]"),
         (lambda tmp: torch.rand(1, 3, 64, 64) - 0.5, r"pixels must lie in \[0, 1\].*got \[-0\.\d+, "),
         (lambda tmp: torch.rand(0, 3, 64, 64), r"images: empty image batch \[0, 3, 64, 64\]"),
-        (lambda tmp: [], r"images: expected a path, a PIL image, a tensor or a non-empty list of them, got \[\]"),
-        (lambda tmp: [pixels(1)[0], 3], r"images\[1\]: expected a path, PIL image or tensor, got int"),
+        (lambda tmp: [], r"images: expected a path, image bytes, a PIL image, a tensor or a non-empty list of them, got an empty sequence"),
+        (lambda tmp: [pixels(1)[0], 3], r"images\[1\]: expected a path, image bytes, a PIL image or a tensor, got int"),
         (lambda tmp: [pixels(2)], r"images\[0\]: a list entry must be one image \[3, H, W\], got \[2, 3, 64, 64\]"),
-        (lambda tmp: {"image": 1}, r"images: expected a path, a PIL image, a tensor or a non-empty list of them"),
+        (lambda tmp: {"image": 1}, r"images: expected a path, image bytes, a PIL image, a tensor or a non-empty list of them, got dict"),
     ],
 )
 def test_bad_images_raise_input_error(pipe, tmp_path, make, expected):
@@ -311,11 +411,23 @@ def test_query_tensors_of_every_accepted_shape(query_pipe, shape):
         (torch.ones(4, 192, dtype=torch.long), InputError, r"query: expected floating embeddings, got dtype torch\.int64"),
         (torch.full((192,), float("nan")), InputError, r"query: embeddings contain NaN or inf"),
         (5, InputError, r"query: expected a string, a list of strings or a tensor, got int"),
+        (["cat", 3], InputError, r"^query\[1\]: expected a string, got int$"),
+        (("cat", torch.randn(192)), InputError, r"^query\[1\]: expected a string, got Tensor of shape \[192\] dtype torch\.float32$"),
+        ([], InputError, r"^query: got an empty list; pass a string, one string per image, or None$"),
+        (np.array(["cat", "dog"]), InputError, r"^query: expected a string, .* got ndarray of shape \[2\] dtype <U3$"),
     ],
 )
 def test_bad_queries(query_pipe, query, error, expected):
     with pytest.raises(error, match=expected):
         query_pipe(pixels(), query=query)
+
+
+def test_query_embeddings_as_a_numpy_array(query_pipe):
+    query = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
+    state = query_pipe(pixels(), query=query)
+    assert torch.equal(state.query, torch.from_numpy(query).expand(2, 3, 192))
+    assert torch.equal(query_pipe(pixels(), query=("red apple", "blue")).query,
+                       query_pipe(pixels(), query=["red apple", "blue"]).query)
 
 
 def test_query_strings_without_a_query_encoder():
@@ -360,6 +472,97 @@ def test_a_stage_must_return_a_state():
         arrcoc.run_pipeline({"encoder": ENCODER, "compress": ["returns_none"]}, pixels(1), device="cpu")
 
 
+# ------------------------------------------------------ stages that fail
+def test_an_unknown_exception_in_a_stage_names_the_stage():
+    with pytest.raises(StageError) as info:
+        arrcoc.run_pipeline({"encoder": ENCODER, "compress": ["tome", "boom"]}, pixels(1), device="cpu")
+    assert str(info.value) == "compress[1] (boom): RuntimeError: index 99 is out of bounds"
+    assert type(info.value.__cause__) is RuntimeError
+
+
+def test_an_arrcoc_error_in_a_stage_keeps_its_class_and_gets_the_label_once():
+    with pytest.raises(BudgetError) as info:
+        arrcoc.run_pipeline({"encoder": ENCODER, "compress": ["raises_budget"]}, pixels(1), device="cpu")
+    assert str(info.value) == "compress[0] (raises_budget): keep=99 tokens, but an image has only 16"
+    assert type(info.value.__cause__) is BudgetError
+    assert str(info.value.__cause__) == "raises_budget: keep=99 tokens, but an image has only 16"
+    labelled = info.value
+    with pytest.raises(BudgetError) as again:
+        with arrcoc.pipeline.stage_errors("compress[0]", "raises_budget"):
+            raise labelled
+    assert again.value is labelled
+
+
+def test_running_out_of_memory_keeps_its_type_with_the_stage_as_a_note():
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        arrcoc.run_pipeline({"encoder": ENCODER, "compress": ["out_of_memory"]}, pixels(1), device="cpu")
+    assert getattr(info.value, "__notes__", ["in compress[0] (out_of_memory)"]) == ["in compress[0] (out_of_memory)"]
+
+
+def test_a_plugin_failing_to_build_names_its_stage():
+    with pytest.raises(StageError, match=r"^compress\[0\] \(bad_init\): ValueError: needs a GPU library$"):
+        arrcoc.load_pipeline({"encoder": ENCODER, "compress": ["bad_init"]}, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("nan", r"compress\[1\] \(broken\) returned NaN or inf tokens \(images \[1\]\) from finite input"),
+        ("inf_cls", r"compress\[1\] \(broken\) returned NaN or inf tokens \(images class token\) from finite input"),
+        ("holes", r"compress\[1\] \(broken\) returned an inconsistent state: TokenState\.mask: real tokens must "
+                  r"form a prefix of each row"),
+        ("batch", r"compress\[1\] \(broken\) returned a state of 1 images on a \(4, 4\) patch grid from 2 images "
+                  r"on \(4, 4\); a stage keeps the batch and the grid"),
+        ("origin", r"compress\[1\] \(broken\) returned an inconsistent state: TokenState\.origin: values must lie"),
+    ],
+)
+def test_a_stage_returning_a_broken_state_is_blamed_not_the_next_one(how, expected):
+    spec = {"encoder": ENCODER, "compress": [{"use": "tome", "r": 1}, {"use": "broken", "how": how}, "tome"]}
+    with pytest.raises(StateError, match=f"^{expected}"):
+        arrcoc.run_pipeline(spec, pixels(2), device="cpu")
+
+
+def test_an_encoder_returning_nan_from_finite_pixels_is_blamed():
+    with pytest.raises(StateError, match=r"^encoder \(nan_encoder\) returned NaN or inf tokens \(images \[1\]\)"):
+        arrcoc.run_pipeline({"encoder": "nan_encoder"}, pixels(2), device="cpu")
+
+
+def test_a_query_encoder_failing_or_returning_nonsense_names_itself():
+    pipe = arrcoc.load_pipeline({"encoder": ENCODER, "query_encoder": "wrong_text", "score": ["query_dot"]},
+                                device="cpu")
+    with pytest.raises(StateError, match=(
+        r"^query_encoder \(wrong_text\) returned embeddings of shape \[3, 192\] dtype torch\.float32 and a mask of "
+        r"shape \[3\] dtype torch\.bool; expected floating \[B=1, T, D\] and bool \[B, T\]$"
+    )):
+        pipe(pixels(1), query="cat")
+
+
+# ------------------------------------------------------- zero queries
+def test_an_all_zero_query_is_refused():
+    with pytest.raises(InputError, match=(
+        r"^query: the query of images \[0, 1\] is all zeros: query-guided stages would ignore it without a word"
+    )):
+        arrcoc.run_pipeline(QUERY_SPEC, pixels(2), query=torch.zeros(3, 192), device="cpu")
+    query = torch.randn(2, 3, 192)
+    query[1] = 0
+    with pytest.raises(InputError, match=r"^query: the query of images \[1\] is all zeros"):
+        arrcoc.run_pipeline(QUERY_SPEC, pixels(2), query=query, device="cpu")
+    spec = {**QUERY_SPEC, "query_encoder": {"use": "zero_text"}}
+    with pytest.raises(InputError, match=r"^query_encoder \(zero_text\): the query of images \[1\] is all zeros"):
+        arrcoc.run_pipeline(spec, pixels(2), query=["x cat", "a cat"], device="cpu")
+
+
+def test_zero_query_tokens_among_others_are_a_recorded_warning():
+    query = torch.randn(2, 3, 192)
+    query[1, 2] = 0
+    message = ("query: query tokens that are zero vectors match nothing and only dilute the query "
+               "(image: token indices {1: [2]}); leave them out, or mask them")
+    with pytest.warns(ArrcocWarning) as caught:
+        state = arrcoc.run_pipeline(QUERY_SPEC, pixels(2), query=query, device="cpu")
+    assert [str(w.message) for w in caught] == [message]
+    assert state.trace[0].warnings == (message,)
+
+
 # ---------------------------------------------------------------- warnings
 def test_a_clamped_r_is_a_warning_recorded_in_the_trace():
     spec = {"encoder": ENCODER, "compress": [{"use": "tome", "r": 100}]}
@@ -394,3 +597,19 @@ def test_auto_device():
 def test_bad_device(device):
     with pytest.raises(InputError, match=r"device: expected e\.g\. 'cpu', 'cuda', 'cuda:1' or 'auto', got "):
         arrcoc.load_pipeline(SPEC, device=device)
+
+
+def test_a_device_this_machine_lacks_is_refused_when_the_pipeline_is_built():
+    available = arrcoc.pipeline.available_devices()
+    assert available[0] == "cpu" and available == ["cpu", *[f"cuda:{i}" for i in range(torch.cuda.device_count())],
+                                                    *(["mps"] if torch.backends.mps.is_available() else [])]
+    missing = [f"cuda:{torch.cuda.device_count()}", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"])
+    missing += [] if torch.backends.mps.is_available() else ["mps"]
+    for device in missing:
+        with pytest.raises(InputError) as info:
+            arrcoc.load_pipeline(SPEC, device=device)
+        message = str(info.value)
+        assert message.startswith(f"device {str(torch.device(device))!r} is not available on this machine")
+        assert message.endswith(f"; available: {', '.join(available)}")
+    with pytest.raises(InputError, match=r"^device 'meta': arrcoc runs on cpu, cuda\[:N\], xpu\[:N\] or mps; available here: cpu"):
+        arrcoc.load_pipeline(SPEC, device="meta")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import types
 from typing import Literal
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from pydantic import Field
 
 import arrcoc
 from arrcoc import ops
-from arrcoc.errors import ParamsError, UnknownPluginError
+from arrcoc.errors import ParamsError, PluginLoadError, UnknownPluginError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Encoder, Keep, Params, Scorer
 from arrcoc.registry import Registry, using_registry
@@ -164,6 +165,19 @@ def test_create_validates_params(registry):
     assert arrcoc.create("compressor", "tome", r=2).params.r == 2
 
 
+def test_numpy_scalars_are_python_numbers_wherever_numbers_are_accepted(registry):
+    count = registry.create("compressor", "first_k", keep=np.int64(3)).params.keep
+    ratio = registry.create("compressor", "first_k", keep=np.float32(0.25)).params.keep
+    assert (count, type(count)) == (3, int) and (ratio, type(ratio)) == (0.25, float)
+    r = arrcoc.create("compressor", "tome", r=[np.int32(2), np.int64(1)]).params.r
+    assert r == [2, 1] and all(type(v) is int for v in r)
+    spec = arrcoc.resolve_spec({"encoder": {"use": "pool", "patch": np.int64(8)},
+                                "compress": [{"use": "first_k", "keep": np.float64(0.5)},
+                                             {"use": "tome", "r": np.array([2, 1])[0]}]})
+    assert spec.compress[0].params == {"keep": 0.5} and type(spec.encoder.params["patch"]) is int
+    assert arrcoc.spec.parse_yaml_text(spec.to_yaml()).model_dump() == spec.model_dump()
+
+
 def test_create_with_a_misspelt_param_lists_valid_ones_and_suggests(registry):
     with pytest.raises(ParamsError) as info:
         registry.create("compressor", "first_k", kep=3)
@@ -179,6 +193,9 @@ def test_create_with_a_misspelt_param_lists_valid_ones_and_suggests(registry):
         ({"keep": 1.5}, r"\n  keep: a ratio must lie in \(0, 1\] \(use an int for a count\), got 1\.5$"),
         ({"keep": "half"}, r"\n  keep: expected a ratio in \(0, 1\] \(float\) or a count >= 1 \(int\), got 'half'$"),
         ({"keep": True}, r"\n  keep: expected a ratio .*, got True$"),
+        ({"keep": np.bool_(True)}, r"\n  keep: expected a ratio .*, got True$"),
+        ({"keep": np.float32(1.5)}, r"\n  keep: a ratio must lie in \(0, 1\] \(use an int for a count\), got 1\.5$"),
+        ({"keep": np.int64(0)}, r"\n  keep: a count must be >= 1, got 0$"),
         ({"order": "random"}, r"\n  order: Input should be 'position' or 'reverse' \(got 'random'\)$"),
     ],
 )
@@ -236,7 +253,7 @@ def test_empty_kind_says_none(registry):
 
 
 # --------------------------------------------------------------- failures
-def test_two_providers_of_one_name_is_a_failure_naming_both(registry):
+def test_two_providers_of_one_name_make_it_an_error_naming_both_whatever_the_order(registry):
     class Extra(Compressor):
         name = "extra"
 
@@ -244,14 +261,46 @@ def test_two_providers_of_one_name_is_a_failure_naming_both(registry):
             return state
 
     registry.register(Provider(Extra, OtherFirst), name="rival")
-    failure = registry.failures["rival"]
-    assert "compressor 'first_k' is provided twice" in failure
-    assert "by testplugins (test_registry.First)" in failure
-    assert "by rival (test_registry.OtherFirst)" in failure
-    # The first provider keeps the name; the failed module registers nothing at all.
-    assert registry.get("compressor", "first_k") is First
-    assert "extra" not in registry.names("compressor")
-    assert registry.pm.get_plugin("rival") is None
+    expected = (
+        "compressor 'first_k' is provided twice: by testplugins (test_registry.First) and by rival "
+        "(test_registry.OtherFirst); arrcoc uses none of them rather than pick one by installation order: "
+        "uninstall or disable all but one (ARRCOC_LOAD_PLUGINS lists the entry points to load)"
+    )
+    assert registry.failures == {} and registry.conflict("compressor", "first_k") == expected
+    for ask in (lambda: registry.get("compressor", "first_k"), lambda: arrcoc.create("compressor", "first_k"),
+                lambda: arrcoc.resolve_spec({"encoder": "pool", "compress": ["first_k"]})):
+        with pytest.raises(PluginLoadError) as info:
+            ask()
+        assert str(info.value).endswith(expected)
+    with pytest.raises(PluginLoadError, match=r"^<dict>: compress\[0\]: compressor 'first_k' is provided twice"):
+        arrcoc.resolve_spec({"encoder": "pool", "compress": ["first_k"]})
+    # Everything else both modules provide is usable; the name is not offered as available.
+    assert registry.get("compressor", "extra") is Extra and registry.get("scorer", "salience") is Salience
+    assert "first_k" not in registry.names("compressor") and "first_k" not in [i.name for i in registry.list()]
+    # The other order says the same, with the providers in their order.
+    other = Registry(load_entry_points=False)
+    other.register(Provider(OtherFirst), name="rival")
+    other.register(Provider(First), name="testplugins")
+    with pytest.raises(PluginLoadError, match=r"provided twice: by rival \(test_registry\.OtherFirst\) and by "
+                                              r"testplugins \(test_registry\.First\)"):
+        other.get("compressor", "first_k")
+    # Once one of them is gone, the other has the name.
+    registry.unregister("rival")
+    assert registry.conflicts == {} and registry.get("compressor", "first_k") is First
+
+
+def test_three_providers_of_one_name(registry):
+    class Third(Compressor):
+        name = "first_k"
+
+        def __call__(self, state):
+            return state
+
+    registry.register(Provider(OtherFirst), name="rival")
+    registry.register(Provider(Third), name="third")
+    assert "compressor 'first_k' is provided 3 times: by testplugins" in registry.conflict(None, "first_k")
+    registry.unregister("testplugins")
+    assert "provided twice: by rival (test_registry.OtherFirst) and by third" in registry.conflict("compressor", "first_k")
 
 
 def test_registering_one_class_twice_is_not_a_conflict(registry):
@@ -396,6 +445,31 @@ def test_arrcoc_load_plugins_restricts_loading(fake_entry_points, monkeypatch, a
     assert set(reg.failures) == set(failures)
     assert points[0].loads == (1 if loaded else 0)
     assert points[1].loads == (1 if failures else 0)
+
+
+def test_a_third_partys_entry_point_named_like_a_builtin_loads_too_and_a_clash_is_an_error(monkeypatch):
+    def module_with(cls):
+        def load():
+            module = types.ModuleType(f"module_of_{cls.__name__}")
+            module.arrcoc_register_plugins = hookimpl(lambda register: register(cls))
+            return module
+        return load
+
+    rival = FakeEntryPoint("first", "fast_first", module_with(OtherFirst))
+    rival.dist = types.SimpleNamespace(name="fast-first")
+    builtin = FakeEntryPoint("first", "arrcoc_plugins.first", module_with(First))
+    builtin.dist = types.SimpleNamespace(name="arrcoc")
+    monkeypatch.delenv("ARRCOC_LOAD_PLUGINS", raising=False)
+    for order in ([rival, builtin], [builtin, rival]):
+        monkeypatch.setattr(arrcoc.registry, "metadata", types.SimpleNamespace(entry_points=lambda group: order))
+        reg = Registry()
+        assert reg.failures == {}
+        assert [i.provider for i in reg.conflicts[("compressor", "first_k")]] == ["first", "first (fast-first)"]
+        with pytest.raises(PluginLoadError, match=(
+            r"^compressor 'first_k' is provided twice: by first \(test_registry\.First\) and by first \(fast-first\) "
+            r"\(test_registry\.OtherFirst\)"
+        )):
+            reg.get("compressor", "first_k")
 
 
 def test_no_entry_points_when_switched_off(fake_entry_points):

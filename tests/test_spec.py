@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from arrcoc.errors import ParamsError, SpecError, UnknownPipelineError, UnknownP
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Scorer
 from arrcoc.registry import Registry, using_registry
-from arrcoc.spec import PipelineSpec, available_pipelines, json_schema, parse_yaml_text, resolve_spec
+from arrcoc.spec import (
+    MAX_YAML_DEPTH, MAX_YAML_NODES, PipelineSpec, available_pipelines, json_schema, parse_yaml_text, resolve_spec,
+)
 
 
 class Norm(Scorer):
@@ -374,3 +377,107 @@ def test_pipeline_spec_is_frozen(registry):
     with pytest.raises(Exception, match="frozen"):
         spec.name = "other"
     assert isinstance(spec, arrcoc.PipelineSpec) and isinstance(spec, PipelineSpec)
+
+
+# ------------------------------------------------- hostile and odd files
+BILLION_LAUGHS = """\
+a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+encoder: {use: timm_vit, model_kwargs: {x: *i}}
+"""
+
+
+def test_a_billion_laughs_file_is_refused_fast(registry, tmp_path):
+    assert len(BILLION_LAUGHS.encode()) < 500  # 9 ** 9 strings once the aliases expand
+    start = time.perf_counter()
+    message, path = load_error(tmp_path, BILLION_LAUGHS)
+    assert time.perf_counter() - start < 2.0
+    assert message == (
+        f"{path}: the YAML expands to more than {MAX_YAML_NODES} nodes (each alias `*name` repeats everything "
+        "under its anchor `&name`); a pipeline needs a few hundred: refusing to read it"
+    )
+
+
+def test_modest_anchors_and_merge_keys_still_work(registry, tmp_path):
+    text = """\
+    encoder: {use: timm_vit}
+    compress:
+      - &merge {use: tome, r: 2, metric: tokens}
+      - {<<: *merge, r: 3}
+      - *merge
+    """
+    spec = resolve_spec(write(tmp_path, text))
+    assert [s.params for s in spec.compress] == [{"r": 2, "metric": "tokens"}, {"r": 3, "metric": "tokens"},
+                                                 {"r": 2, "metric": "tokens"}]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("encoder: " + "[" * 1000 + "]" * 1000 + "\n", ": YAML nested too deeply to read (a pipeline needs a few levels)"),
+        ("encoder: " + "[" * 60 + "]" * 60 + "\n", f":1: YAML nested deeper than {MAX_YAML_DEPTH} levels"),
+    ],
+)
+def test_deep_nesting_is_refused(registry, tmp_path, text, expected):
+    message, path = load_error(tmp_path, text)
+    assert message == f"{path}{expected}"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("encoder: {use: timm_vit}\ncompress:\n  - use: tome\n    r: 2\n    metric: tokens\n    r: 4\n",
+         ":6: duplicate key 'r' in compress[0] (first at line 4)"),
+        ("encoder: {use: timm_vit}\ncompress:\n  - {use: tome, r: 2, r: 4}\n",
+         ":3: duplicate key 'r' in compress[0] (first at line 3)"),
+        ("encoder: {use: timm_vit}\ncompress: [tome]\nscore: []\ncompress:\n  - {use: tome, r: 1}\n",
+         ":4: duplicate section 'compress' (first at line 2)"),
+        ("encoder:\n  use: timm_vit\n  model_kwargs: {depth: 2, depth: 3}\n",
+         ":3: duplicate key 'depth' in encoder.model_kwargs (first at line 3)"),
+    ],
+)
+def test_duplicate_keys_are_errors_giving_both_lines(registry, tmp_path, text, expected):
+    message, path = load_error(tmp_path, text)
+    assert message == f"{path}{expected}; YAML would keep only the last one: remove or merge one of them"
+
+
+@pytest.mark.parametrize(
+    ("written", "value"), [("1e-1", 0.1), ("-1e-1", -0.1), ("1.0e-1", 0.1), ("+.5E0", 0.5), ("0.5", 0.5)]
+)
+def test_floats_with_an_exponent_are_floats_as_in_yaml_1_2(registry, written, value):
+    spec = parse_yaml_text(f"encoder: timm_vit\ncompress:\n  - {{use: tome, inflection: {written}}}\n")
+    assert spec.compress[0].params == {"inflection": value}
+    assert isinstance(spec.compress[0].params["inflection"], float)
+    assert parse_yaml_text(spec.to_yaml()).model_dump() == spec.model_dump()
+
+
+def test_ints_and_strings_are_not_taken_for_floats(registry):
+    spec = parse_yaml_text("name: 1e5x\nencoder: {use: timm_vit, model_kwargs: {a: 10, b: e5, c: '1e5'}}\n")
+    assert spec.name == "1e5x" and spec.encoder.params["model_kwargs"] == {"a": 10, "b": "e5", "c": "1e5"}
+
+
+def test_a_pipeline_file_that_is_not_utf8_names_the_byte(registry, tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: café\nencoder: {use: timm_vit}\n".encode("latin-1"))
+    with pytest.raises(SpecError) as info:
+        resolve_spec(path)
+    assert str(info.value) == (
+        f"{path}:1: a pipeline file must be UTF-8 text, but byte 0xe9 at offset 9 is not valid UTF-8; "
+        "save the file as UTF-8"
+    )
+    path.write_bytes("encoder: {use: timm_vit}\n".encode("utf-16"))
+    with pytest.raises(SpecError, match=r":1: .* byte 0xff at offset 0 .* \(it starts with a UTF-16 byte-order mark\)"):
+        resolve_spec(path)
+
+
+def test_a_utf8_file_with_a_byte_order_mark_loads(registry, tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("name: café\nencoder: {use: timm_vit}\n".encode("utf-8-sig"))
+    assert resolve_spec(path).name == "café"

@@ -137,6 +137,7 @@ class TimmViT(Encoder):
                     f"timm_vit: in_blocks {self.in_blocks.name!r} needs {missing}, which is not available inside "
                     "the blocks (only each block's keys are); run it after the encoder, under `compress:`"
                 )
+            self._check_block_schedules(self.in_blocks)
         self.provides = frozenset(
             {"keys", "cls_attention", "cls", "attention_maps"} if self.prefix == 1 else {"keys", "attention_maps"}
         )
@@ -144,6 +145,20 @@ class TimmViT(Encoder):
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         self.mean = torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.get("std", (0.5, 0.5, 0.5)), dtype=torch.float32).view(1, 3, 1, 1)
+
+    def _check_block_schedules(self, compressor: Any) -> None:
+        """A per-block schedule (ToMe's ``r: [...]``) has at most one entry per block that runs."""
+        runs = self.last + 1
+        for field, schedule in compressor.block_schedules().items():
+            if len(schedule) > runs:
+                of = "" if runs == self.num_layers else (
+                    f" of its {self.num_layers} (layer={self.params.layer} stops after block {self.last})"
+                )
+                raise ModelError(
+                    f"timm_vit: in_blocks {compressor.name!r}: {field} has {len(schedule)} entries, one per block, "
+                    f"but {self.params.model!r} runs {runs} blocks{of}; the entries past the first {runs} would "
+                    "never apply"
+                )
 
     def _layer_index(self, layer: int, field: str) -> int:
         if not -self.num_layers <= layer < self.num_layers:

@@ -5,12 +5,21 @@ by a hash of the word (a hashing bag-of-words).  Equal words give equal
 vectors and different words nearly orthogonal ones, which is enough to test
 and demonstrate query-guided stages end to end — it knows nothing of
 meaning, so it is not a substitute for a trained text encoder.
+
+What it keeps: a word is a run of Unicode letters and digits, in any script
+("café", "Straße", "日本語", "42"), after NFKC normalisation (full-width and
+compatibility forms become their plain letters, "e" + combining accent
+becomes "é") and case folding ("Straße" and "STRASSE" are one word).
+Everything else separates words and is dropped: spaces, punctuation,
+symbols, emoji, underscores.  A script written without spaces (Chinese,
+Japanese) gives one word per run between punctuation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from functools import lru_cache
 from typing import Sequence
 
@@ -27,8 +36,14 @@ STOPWORDS = frozenset(
 )
 
 
+#: Runs of Unicode letters and digits (``\w`` without the underscore).
+WORD = re.compile(r"[^\W_]+")
+
+
 def words_of(text: str, drop_stopwords: bool = True) -> list[str]:
-    words = re.findall(r"[a-z0-9]+", text.lower())
+    """The words of ``text`` as toy_text encodes them (see the module docstring); stopwords dropped
+    unless nothing else is left."""
+    words = WORD.findall(unicodedata.normalize("NFKC", text).casefold())
     kept = [w for w in words if not (drop_stopwords and w in STOPWORDS)]
     return kept or words
 
@@ -47,7 +62,10 @@ def encode_words(texts: Sequence[str], dim: int, seed: int = 0, drop_stopwords: 
     tokenised = [words_of(t, drop_stopwords) for t in texts]
     for i, words in enumerate(tokenised):
         if not words:
-            raise InputError(f"query[{i}]: {texts[i]!r} has no words to encode")
+            raise InputError(
+                f"query[{i}]: {texts[i]!r} has no words to encode (toy_text keeps runs of letters and digits, "
+                "in any script; punctuation, symbols and emoji are dropped)"
+            )
     T = max(len(w) for w in tokenised)
     out = torch.zeros(len(texts), T, dim)
     mask = torch.zeros(len(texts), T, dtype=torch.bool)
@@ -64,7 +82,11 @@ class ToyTextParams(Params):
 
 
 class ToyText(QueryEncoder):
-    """Offline hashing bag-of-words query encoder (a documented stand-in, no weights)."""
+    """Offline hashing bag-of-words query encoder (a documented stand-in, no weights).
+
+    A word is a run of Unicode letters and digits, NFKC-normalised and case-folded; punctuation,
+    symbols and emoji are dropped.
+    """
 
     name = "toy_text"
     Params = ToyTextParams

@@ -309,3 +309,64 @@ def test_in_blocks_compressor_needing_more_than_keys_is_refused_when_built():
     with pytest.raises(ModelError, match=r"in_blocks 'prumerge' needs \['cls_attention'\], which is not available"):
         arrcoc.create("encoder", "timm_vit", model="vit_tiny_patch16_224", model_kwargs={"depth": 2},
                       in_blocks={"use": "prumerge"})
+
+
+@pytest.mark.parametrize(
+    ("model_kwargs", "layer", "r", "expected"),
+    [
+        ({"depth": 2}, -1, [1, 1, 1], "r has 3 entries, one per block, but 'vit_tiny_patch16_224' runs 2 blocks; "
+                                      "the entries past the first 2 would never apply"),
+        ({"depth": 3}, -2, [1, 1, 1], "r has 3 entries, one per block, but 'vit_tiny_patch16_224' runs 2 blocks of "
+                                      "its 3 (layer=-2 stops after block 1); the entries past the first 2 would "
+                                      "never apply"),
+    ],
+)
+def test_an_in_blocks_schedule_longer_than_the_blocks_that_run_is_refused(model_kwargs, layer, r, expected):
+    with pytest.raises(ModelError) as info:
+        encoder(model_kwargs=model_kwargs, layer=layer, in_blocks={"use": "tome", "r": r})
+    assert str(info.value) == f"timm_vit: in_blocks 'tome': {expected}"
+    assert encoder(model_kwargs=model_kwargs, layer=layer, in_blocks={"use": "tome", "r": r[:-1]}).in_blocks
+
+
+class RoundsParams(Params):
+    keep: list[int] = [1, 1, 1]
+    per_layer: list[int] = [0]
+
+
+class Rounds(Compressor):
+    """Lists that are rounds, not a per-block schedule, in a compressor that overrides in_block."""
+
+    name = "rounds_test"
+    Params = RoundsParams
+
+    def __call__(self, state):
+        return state
+
+    def in_block(self, state, layer, num_layers):
+        return state
+
+
+class PerLayer(Rounds):
+    """The same, saying that only ``per_layer`` is per block."""
+
+    name = "per_layer_test"
+    per_block_params = frozenset({"per_layer"})
+
+
+class _Schedules:
+    @staticmethod
+    @hookimpl
+    def arrcoc_register_plugins(register):
+        register(Rounds)
+        register(PerLayer)
+
+
+def test_a_compressor_says_which_params_are_per_block():
+    registry = Registry()
+    registry.register(_Schedules(), name="schedules")
+    with using_registry(registry):
+        with pytest.raises(ModelError, match=r"in_blocks 'rounds_test': keep has 3 entries, one per block, but"):
+            encoder(in_blocks={"use": "rounds_test"})  # by default every list of a class overriding in_block
+        assert encoder(in_blocks={"use": "per_layer_test"}).in_blocks.block_schedules() == {"per_layer": [0]}
+        with pytest.raises(ModelError, match=r"in_blocks 'per_layer_test': per_layer has 3 entries"):
+            encoder(in_blocks={"use": "per_layer_test", "per_layer": [1, 2, 3]})

@@ -54,6 +54,18 @@ def test_toy_text_stopwords():
     assert mask.sum().item() == 3
 
 
+def test_toy_text_keeps_words_in_any_script():
+    from arrcoc_plugins.query_encoders.toy_text import words_of
+
+    assert words_of("Is the café open?") == ["café", "open"]
+    assert words_of("Straße, STRASSE & strasse") == ["strasse"] * 3  # case folding
+    assert words_of("cafe\u0301 ＣＡＦＥ ﬁsh") == ["café", "cafe", "fish"]  # NFKC: combining accent, full width, ligature
+    assert words_of("где кошка? 猫はどこ。 x_y 42 🐱") == ["где", "кошка", "猫はどこ", "x", "y", "42"]
+    emb, mask = encode(toy(), ["café", "caf", "CAFÉ"])
+    assert mask.tolist() == [[True]] * 3
+    assert not torch.equal(emb[0], emb[1]) and torch.equal(emb[0], emb[2])
+
+
 def test_toy_text_ragged_batch_is_padded_with_zeros():
     emb, mask = encode(toy(), ["cat", "dog on sofa"])
     assert emb.shape == (2, 2, 64) and mask.tolist() == [[True, False], [True, True]]
@@ -63,8 +75,11 @@ def test_toy_text_ragged_batch_is_padded_with_zeros():
 def test_toy_text_dim_dtype_and_errors():
     emb, _ = encode(toy(dim=16), ["cat"], dim=64, dtype=torch.bfloat16)
     assert emb.shape == (1, 1, 16) and emb.dtype == torch.bfloat16
-    with pytest.raises(InputError, match=r"query\[1\]: '\?\?! \.\.\.' has no words to encode"):
-        encode(toy(), ["cat", "??! ..."])
+    with pytest.raises(InputError, match=(
+        r"^query\[1\]: '\?\?! 🐱 \.\.\.' has no words to encode \(toy_text keeps runs of letters and digits, in any "
+        r"script; punctuation, symbols and emoji are dropped\)$"
+    )):
+        encode(toy(), ["cat", "??! 🐱 ..."])
     with pytest.raises(ParamsError, match=r"dim"):
         toy(dim=0)
 
