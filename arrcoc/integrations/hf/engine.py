@@ -32,6 +32,7 @@ import torch
 
 from arrcoc import ops
 from arrcoc.errors import InputError, ModelError, StateError
+from arrcoc.pipeline import check_stage_output, stage_errors
 from arrcoc.plugin import LLMCompressor
 from arrcoc.state import TokenState
 
@@ -277,11 +278,10 @@ class LLMEngine:
         state = self._visual_state(hidden, vidx, vvalid)
         state = self._attach_signals(stage, layer, state, seg, vidx, vvalid)
         state = state.with_meta(layer=layer, num_layers=self.num_layers)
-        try:
+        with stage_errors(f"{label} at decoder layer {layer}", stage.name):
             out = stage(state)
-        except StateError as exc:
-            raise StateError(f"{label} ({stage.name}) at decoder layer {layer}: {exc}") from exc
-        if not isinstance(out, TokenState) or SLOT not in out.per_token:
+        out = check_stage_output(f"{label} at decoder layer {layer}", stage.name, state, out)
+        if SLOT not in out.per_token:
             raise StateError(f"{label} ({stage.name}): must return a TokenState that keeps per_token[{SLOT!r}]")
         slots = out.per_token[SLOT]
         keep_fields = {k: v for k, v in out.per_token.items() if k not in _SIGNAL_ROWS and k != SLOT}
