@@ -20,7 +20,9 @@ Faithful to hasanar1f/HiRED (the patched ``transformers`` models):
   stay in their original order, nothing is merged.
 
 Partitions in arrcoc: a single image is its own partition (``crops: null``,
-the default). For a LLaVA-NeXT-like input set ``crops: [rows, cols]`` and
+or ``auto`` without a view layout). Inside a LLaVA-NeXT model (``arrcoc.hf``)
+``crops: auto`` (the default) reads each image's actual crop grid from
+``meta["views"]``, so a batch may mix grids. By hand, set ``crops: [rows, cols]`` and
 stack each image's views consecutively in the batch: ``[full, crop_1, ...,
 crop_K]`` with ``K = rows * cols`` crops in raster order, then the next
 image's views. The batch must hold a whole number of such groups.
@@ -148,10 +150,11 @@ class HiREDParams(Params):
         description="per_token CLS attention that picks the tokens (official: layer 22 of 24, the block of "
         "hidden_states[-2]; timm_vit's `cls_attn` with `layer: -2`).",
     )
-    crops: tuple[PositiveInt, PositiveInt] | None = Field(
-        None,
+    crops: tuple[PositiveInt, PositiveInt] | Literal["auto"] | None = Field(
+        "auto",
         description="LLaVA-NeXT-style sub-image grid [rows, cols]: the batch holds groups [full image, "
-        "rows*cols crops in raster order]; null = every image is its own partition (LLaVA-1.5).",
+        "rows*cols crops in raster order]; 'auto' = each image's own grid from meta['views'] (set by the "
+        "LLaVA-NeXT integration; images without it are single partitions); null = every image alone (LLaVA-1.5).",
     )
     alpha: float = Field(0.5, gt=0.0, lt=1.0, description="Share of a group's budget for the full image (official 0.5).")
     early_score: str = Field(
@@ -186,8 +189,19 @@ class HiRED(Compressor):
     def budgets(self, state: TokenState) -> torch.Tensor:
         """``[B]`` tokens each image keeps."""
         p = self.params
-        if p.crops is None:
+        layout = state.meta.get("views") if p.crops == "auto" else None
+        if p.crops is None or (p.crops == "auto" and layout is None):
             return hired_single_budget(state.counts, p.keep)
+        if layout is not None:
+            # Each image's own crop grid (images of one batch may differ): one group at a time.
+            budgets, row = [], 0
+            for grid in layout:
+                P = 1 + grid[0] * grid[1]
+                budgets.append(self._group_budgets(state, row, P, tuple(grid)))
+                row += P
+            if row != state.B:
+                raise InputError(f"hired: meta['views'] describes {row} views, the batch holds {state.B}")
+            return torch.cat(budgets)
         rows, cols = p.crops
         P = 1 + rows * cols
         if state.B % P:
@@ -208,6 +222,18 @@ class HiRED(Compressor):
             rows * cols, p.keep, p.alpha,
         )
         return budgets.reshape(-1)
+
+    def _group_budgets(self, state: TokenState, row: int, P: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Budgets of the views ``row .. row + P - 1`` (one image and its ``grid`` of crops)."""
+        p = self.params
+        if P == 1:
+            return hired_single_budget(state.counts[row:row + 1], p.keep)
+        early = self._field(state, p.early_score, "the early-layer CLS attention that splits the budget among crops: "
+                            "set the encoder's `extra_attention_layers: [0]`")
+        full = slice(row, row + 1)
+        chunk = crop_of_positions(state.positions[full], state.grid, grid, p.mapping)
+        return hired_group_budgets(state.counts[row:row + P].view(1, P), early[full].float(), state.mask[full], chunk,
+                                   grid[0] * grid[1], p.keep, p.alpha).reshape(-1)
 
     def __call__(self, state: TokenState) -> TokenState:
         scores = self._field(

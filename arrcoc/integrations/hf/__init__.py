@@ -13,7 +13,7 @@ except ImportError as exc:  # pragma: no cover - the hf extra is missing
 
     raise ModelError("arrcoc.hf needs transformers: pip install 'arrcoc[hf]'") from exc
 
-from . import llava, qwen2_vl  # noqa: F401  (register the adapters)
+from . import llava, llava_next, qwen2_vl  # noqa: F401  (register the adapters)
 from .adapter import Adapter, adapter_for, register_adapter, supported_models
 from .apply import Run, apply, load
 from .report import Report, layer_flops

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from arrcoc.errors import ModelError
+from arrcoc.state import TokenState
 
 _ADAPTERS: list[type["Adapter"]] = []
 
@@ -92,6 +93,15 @@ class Adapter(ABC):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The multimodal projector: vision features -> LLM input space (identity when ``projected``)."""
         return features
+
+    def view_layout(self, image_inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """Multi-view images (LLaVA-NeXT): each image's crop grid; its ``1 + rows * cols`` views are
+        consecutive state rows.  ``None``: one state row per image."""
+        return None
+
+    def assemble(self, state: TokenState, image_inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """Per image, the feature rows handed to the LLM, from the final state (default: one row each)."""
+        return [state.tokens[i, : int(n)] for i, n in enumerate(state.counts.tolist())]
 
     # ------------------------------------------------------------- prompt
     @property

@@ -155,13 +155,16 @@ class Run:
         with torch.inference_mode(torch.is_inference_mode_enabled()):
             state = self.encoder.encode_inputs(pixels, image_inputs)
             vision_ms = (_clock(pixels) - start) * 1e3
+            layout = self.adapter.view_layout(image_inputs)
+            if layout is not None:
+                state = state.with_meta(views=layout)
             if any("query" in p.requirements() for _, p in [*self.vision_stages, *self.projector_stages]):
-                state = self._attach_prompt_query(state, ids, attention_mask, image_of)
+                state = self._attach_prompt_query(state, ids, attention_mask, image_of, layout)
             state = self.pipeline.run_stages(state, self.vision_stages)
             state = self.encoder.project(state)
             state = self.pipeline.run_stages(state, self.projector_stages)
-        counts = state.counts
-        features = [state.tokens[i, : int(counts[i])] for i in range(state.B)]
+        features = self.adapter.assemble(state, image_inputs)
+        counts = torch.tensor([f.shape[0] for f in features], device=ids.device)
         new_ids, new_mask, index, valid = shrink_prompts(ids, attention_mask, self.adapter.image_token_id,
                                                          self.adapter.pad_token_id, per_image, counts)
         kwargs.update(input_ids=new_ids, attention_mask=new_mask, **self.adapter.feature_kwargs(features))
@@ -180,7 +183,7 @@ class Run:
         return kwargs
 
     def _attach_prompt_query(self, state: TokenState, ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                             image_of: torch.Tensor) -> TokenState:
+                             image_of: torch.Tensor, layout: list[tuple[int, int]] | None) -> TokenState:
         """Each image's query: the LLM input embeddings of its prompt's text after the last image token."""
         B, L = ids.shape
         is_image = ids == self.adapter.image_token_id
@@ -190,9 +193,13 @@ class Run:
         text = real & ~is_image & (pos > last)
         index, valid = pack_end(text)
         emb = self.adapter.embed(ids.gather(1, index)) * valid[..., None]
-        row_of_image = torch.zeros(state.B, dtype=torch.long, device=ids.device)
+        images = state.B if layout is None else len(layout)
+        row_of_image = torch.zeros(images, dtype=torch.long, device=ids.device)
         rows = torch.arange(B, device=ids.device)[:, None].expand(B, L)
         row_of_image[image_of[is_image]] = rows[is_image]
+        if layout is not None:  # every view of an image asks its image's question
+            views = torch.tensor([1 + r * c for r, c in layout], device=ids.device)
+            row_of_image = row_of_image.repeat_interleave(views)
         if bool((~valid.any(1))[row_of_image].any()):
             raise InputError("arrcoc.hf: a query-aware stage needs text after the image in every prompt")
         return state.replace(query=emb[row_of_image].to(state.dtype), query_mask=valid[row_of_image])
