@@ -209,6 +209,11 @@ class Run:
         if args:
             kwargs = dict(kwargs, input_ids=args[0])
         original = kwargs.get("input_ids")
+        if self.engine.active and kwargs.get("use_cache") is False:
+            raise InputError(
+                "arrcoc.hf: generate(use_cache=False) recomputes the whole sequence at every step, so llm: stages "
+                "would prune again at every step; llm: stages prune once, in prefill, and need the KV cache"
+            )
         if self.has_pre_llm and kwargs.get("pixel_values") is not None:
             kwargs = self._compress(kwargs)
         else:

@@ -99,7 +99,18 @@ class LLMEngine:
         self.plan: dict[int, list[tuple[str, LLMCompressor]]] = {}
         requests: dict[int, set[str]] = {}
         for label, stage in stages:
-            for layer in stage.llm_layers(self.num_layers):
+            layers = stage.llm_layers(self.num_layers)
+            if not layers:
+                raise ModelError(
+                    f"{label} ({stage.name}): acts at no decoder layer of this {self.num_layers}-layer LLM with "
+                    f"{stage.params!r}; set its layers for this depth"
+                )
+            if not stage.removes and stage.position_rule != "original":
+                raise ModelError(
+                    f"{label} ({stage.name}): positions {stage.position_rule!r} renumbers tokens that leave the "
+                    "sequence; with mode 'mask' nothing leaves: use positions: original, or mode: remove"
+                )
+            for layer in layers:
                 if not 1 <= layer < self.num_layers:
                     raise ModelError(
                         f"{label} ({stage.name}): acts at decoder layer {layer}, but the LLM has "
@@ -334,6 +345,16 @@ class LLMEngine:
     def _attach_signals(self, stage: LLMCompressor, layer: int, state: TokenState, seg: Segment,
                         vidx: torch.Tensor, vvalid: torch.Tensor) -> TokenState:
         results = self.recorder.results.get(layer - 1, {})
+        # The attention was recorded over the sequence as layer - 1 saw it; an earlier stage acting at this same
+        # layer may have changed it since: find each visual token's column there (a merged token: its source's).
+        recorded = [s for s in self._segments if s.start <= layer - 1][-1]
+        if recorded is not seg:
+            column = torch.full((seg.index.shape[0], self._prefill_length()), 0, dtype=torch.long, device=vidx.device)
+            column.scatter_(1, recorded.index.masked_fill(~recorded.real, 0),
+                            torch.arange(recorded.index.shape[1], device=vidx.device).expand_as(recorded.index)
+                            .masked_fill(~recorded.real, 0))
+            vidx = column.gather(1, seg.index.gather(1, vidx))
+            seg = dataclasses.replace(seg, keys=recorded.keys)
         needs = stage.requirements()
         fields: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {}
@@ -383,12 +404,14 @@ class LLMEngine:
         source_hidden = torch.cat([hidden, vis_tokens.to(hidden.dtype)], 1)
         new_hidden = ops.gather_rows(source_hidden, order, valid)
         orig = torch.cat([seg.index, seg.index.gather(1, src_pos)], 1).gather(1, order).masked_fill(~valid, 0)
+        current = torch.cat([pos, src_pos], 1).gather(1, order).masked_fill(~valid, 0)  # column in ``seg``
         is_visual = torch.cat([torch.zeros_like(text), vis_mask], 1).gather(1, order) & valid
-        base_cos_sin = self._layer_kwargs.get("position_embeddings")
-        base_pos = self._layer_kwargs.get("position_ids")
-        if base_pos is None:
-            base_pos = torch.arange(self._prefill_length(), device=device)[None]
-        base_pos = base_pos.expand(B, -1)
+        # Positions as the tokens have them NOW (an earlier compact stage may have renumbered them).
+        cur_cos_sin = seg.cos_sin or self._layer_kwargs.get("position_embeddings")
+        cur_pos = seg.position_ids if seg.position_ids is not None else self._layer_kwargs.get("position_ids")
+        if cur_pos is None:
+            cur_pos = torch.arange(S, device=device)[None]
+        cur_pos = cur_pos.expand(B, -1)
         if rule == "compact" and self.adapter.multimodal_rope:
             raise ModelError(
                 f"arrcoc.hf: positions 'compact' renumbers 1-D positions; {self.adapter.family} uses multimodal "
@@ -396,12 +419,12 @@ class LLMEngine:
             )
         if rule == "compact":
             # Renumber the kept tokens contiguously from the row's first original position (SparseVLM v1.0).
-            first = base_pos.masked_fill(~self._segments[0].real, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
+            first = cur_pos.masked_fill(~seg.real, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
             position_ids = torch.where(valid, first + valid.long().cumsum(1) - 1, torch.ones_like(orig))
             cos_sin = self.adapter.rotary(new_hidden, position_ids)
         elif rule == "original":
-            position_ids = base_pos.gather(1, orig).masked_fill(~valid, 1)
-            cos_sin = tuple(_gather_positions(t, orig, B) for t in base_cos_sin)
+            position_ids = cur_pos.gather(1, current).masked_fill(~valid, 1)
+            cos_sin = tuple(_gather_positions(t, current, B) for t in cur_cos_sin)
         else:
             raise StateError(f"arrcoc.hf: unknown position rule {rule!r} (expected 'original' or 'compact')")
         mask = _causal_mask(self.adapter, new_hidden, valid.long(), None, layer)
