@@ -86,6 +86,7 @@ class Run:
         self._had_generate = "generate" in vars(model)
         self._generate = model.generate
         self._pre: dict[str, Any] = {}
+        self._in_generate = False
 
     # ----------------------------------------------------------- lifecycle
     def _enter(self) -> "Run":
@@ -120,7 +121,8 @@ class Run:
     def _pre_llm_hook(self, module: Any, args: tuple, kwargs: dict):
         pixels = kwargs.get("pixel_values")
         if not self.has_pre_llm or pixels is None:
-            self._pre = {}
+            if not self._in_generate:  # a direct forward: the last pre-LLM record is not this call's
+                self._pre = {}
             self._check_placeholders(kwargs.get("input_ids", args[0] if args else None), kwargs)
             return None
         if args:
@@ -219,7 +221,11 @@ class Run:
         else:
             self._pre = {}
             self._check_placeholders(original, kwargs)
-        out = self._generate(**kwargs)
+        self._in_generate = True
+        try:
+            out = self._generate(**kwargs)
+        finally:
+            self._in_generate = False
         self._finish(new_tokens=True)
         if original is None or "input_ids" not in kwargs or kwargs["input_ids"] is original:
             return out
@@ -237,12 +243,12 @@ class Run:
         t = self.engine.trace
         cfg = self.adapter.text_config
         pre = self._pre
-        records = pre.get("records", [])
-        stages_ms = sum(r.ms for r in records[1:]) if records else 0.0
+        records = pre.get("records", [])  # the pre-LLM stages' trace (the encoder adds none here)
+        stages_ms = sum(r.ms for r in records)
         vision_ms = pre.get("vision_ms", 0.0)
         self.report = Report(
             batch=len(t.layers[0].tokens) if t.layers else 0,
-            pre_llm=records[1:],
+            pre_llm=list(records),
             layer_tokens=[r.tokens for r in t.layers],
             layer_visual=[r.visual for r in t.layers],
             layer_flops=[sum(layer_flops(cfg, n) for n in r.tokens) for r in t.layers],

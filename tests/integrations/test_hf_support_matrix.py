@@ -1,0 +1,146 @@
+"""The support matrix of docs/hf.md: every method on every model family, batch > 1, runs or refuses clearly.
+
+Each family gets a batch of two prompts of different lengths whose images
+differ (LLaVA-NeXT: crop grids 1x2 and 2x1; Qwen2-VL: 8x12 and 6x6
+patches).  "runs": ``generate`` succeeds and the LLM sees fewer visual
+tokens than the model alone would; "refuses": an ``ArrcocError`` whose
+message says why, when the ``with`` block is entered or at the first call.
+"""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+
+import arrcoc
+
+IMAGE = 199
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _text(pre, post):
+    return list(range(5, 5 + pre)), list(range(20, 20 + post))
+
+
+def _batch(rows, extra):
+    L = max(map(len, rows))
+    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), **extra}
+
+
+def llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=112, patch_size=14)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=200, pad_token_id=0, eos_token_id=None)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE)).eval()
+    rows = [[1, *a, *[IMAGE] * 64, *b] for a, b in (_text(3, 5), _text(1, 9))]
+    return model, _batch(rows, {"pixel_values": torch.randn(2, 3, 112, 112)}), 64
+
+
+def llava_next():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=56, patch_size=14)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=200, pad_token_id=0, eos_token_id=None)
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig(
+        vision_config=vc, text_config=tc, image_token_id=IMAGE,
+        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])).eval()
+    sizes = torch.tensor([[50, 100], [90, 40]])
+    per = arrcoc.hf.adapter_for(model).tokens_per_image(None, {"image_sizes": sizes})
+    rows = [[1, *a, *[IMAGE] * n, *b] for n, (a, b) in zip(per, (_text(3, 5), _text(1, 9)))]
+    return model, _batch(rows, {"pixel_values": torch.randn(2, 5, 3, 56, 56), "image_sizes": sizes}), 16
+
+
+def qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=None,
+                         pad_token_id=0, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                          "rope_theta": 10000.0}),
+        image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    grids = torch.tensor([[1, 8, 12], [1, 6, 6]])
+    rows = [[1, *a, 902, *[900] * n, 903, *b] for n, (a, b) in zip((24, 9), (_text(3, 5), _text(1, 9)))]
+    batch = _batch(rows, {"pixel_values": torch.randn(96 + 36, 1176), "image_grid_thw": grids})
+    batch["mm_token_type_ids"] = (batch["input_ids"] == 900).int()
+    return model, batch, 9
+
+
+FAMILIES = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl}
+NO_CLS = "no class token"
+
+#: method -> (pipeline sections, {family: None (runs) or the refusal's message fragment}).
+MATRIX = {
+    "tome": ({"compress": [{"use": "tome", "r": 2}]}, {"qwen2_vl": NO_CLS}),
+    "tome (metric: tokens)": ({"compress": [{"use": "tome", "r": 2, "metric": "tokens"}]}, {}),
+    "pool": ({"compress": [{"use": "pool", "stride": 2}]}, {"qwen2_vl": "full, uncompressed"}),
+    "random_keep": ({"compress": [{"use": "random_keep", "keep": 0.5}]}, {}),
+    "hired": ({"compress": [{"use": "hired", "keep": 0.5}]}, {"qwen2_vl": NO_CLS}),
+    "prumerge": ({"compress": [{"use": "prumerge"}]}, {"qwen2_vl": NO_CLS}),
+    "prumerge_plus": ({"compress": [{"use": "prumerge_plus"}]}, {"qwen2_vl": NO_CLS}),
+    "visionzip": ({"compress": [{"use": "visionzip", "dominant": 4, "contextual": 2}]}, {"qwen2_vl": NO_CLS}),
+    "sparsevlm (pre-LLM)": ({"compress": [{"use": "sparsevlm", "keep": 0.5}]}, {"qwen2_vl": NO_CLS}),
+    "sparsevlm (pre-LLM, w_sal: 0)": ({"compress": [{"use": "sparsevlm", "keep": 0.5, "w_sal": 0.0}]}, {}),
+    "aim_merge": ({"compress": [{"use": "aim_merge", "keep": [0.5, 0.5]}]}, {}),
+    "fastv": ({"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]}, {}),
+    "sparsevlm_llm": ({"llm": [{"use": "sparsevlm_llm", "layers": [1, 2], "budget": 64, "recycle": False}]},
+                      {"qwen2_vl": "multimodal rotary"}),
+    "sparsevlm_llm (positions: original)": (
+        {"llm": [{"use": "sparsevlm_llm", "layers": [1, 2], "budget": 64, "recycle": False,
+                  "positions": "original"}]}, {}),
+    "aim_prune (mask)": ({"llm": [{"use": "aim_prune", "start_layer": 1, "step": 0.25}]}, {}),
+    "aim_prune (remove)": ({"llm": [{"use": "aim_prune", "start_layer": 1, "step": 0.25, "mode": "remove"}]}, {}),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    return request.param, *FAMILIES[request.param]()
+
+
+@pytest.mark.parametrize("method", list(MATRIX))
+def test_support_matrix(family, method):
+    name, model, batch, smallest = family
+    sections, refusals = MATRIX[method]
+    spec = {"encoder": {"use": "timm_vit", "extra_attention_layers": [0]}, **sections}
+    L = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        full = arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}})
+        with full as plain:
+            model(**batch)
+        before = plain.report.layer_visual[0]
+        if name in refusals:
+            with pytest.raises(arrcoc.ArrcocError, match=refusals[name]):
+                with arrcoc.hf.apply(model, spec):
+                    model.generate(**batch, max_new_tokens=3, do_sample=False)
+            return
+        with arrcoc.hf.apply(model, spec) as run:
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, L + 3) and torch.equal(out[:, :L], batch["input_ids"])
+    seen = run.report.layer_visual
+    assert len(seen[0]) == 2
+    # Every pre-LLM stage is in the report, with its tokens in and out per view / image and its time.
+    stages = sections.get("compress", [])
+    assert [r.plugin for r in run.report.pre_llm] == [s["use"] for s in stages]
+    assert all(r.ms > 0 and len(r.tokens_in) == len(r.tokens_out) for r in run.report.pre_llm)
+    assert any(sum(layer) < sum(before) for layer in seen), (before, seen)  # some layer sees fewer tokens
