@@ -91,6 +91,7 @@ def topk_per_row(
     B, N = scores.shape
     if mask is None:
         mask = torch.ones(B, N, dtype=torch.bool, device=scores.device)
+    _check_mask(mask, (B, N), "topk_per_row")
     if torch.isnan(scores[mask]).any():
         raise StateError("topk_per_row: scores contain NaN")
     counts = mask.sum(1)
@@ -111,6 +112,18 @@ def topk_per_row(
     return index, valid
 
 
+def _check_mask(mask: object, shape: tuple[int, ...], what: str, name: str = "mask", dims: str = "[B, N]") -> None:
+    """``mask`` must be a bool tensor of ``shape`` (a shape check: no device sync)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape):
+        raise StateError(f"{what}: {name} must be a bool tensor {dims}={list(shape)}, got {_describe(mask)}")
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {list(x.shape)} dtype {x.dtype}"
+    return type(x).__name__
+
+
 def _per_row_count(k: int | torch.Tensor, B: int, device: torch.device, what: str) -> torch.Tensor:
     """An int or an integer ``[B]`` (or scalar) tensor -> int64 ``[B]`` on ``device``; anything else is an error."""
     integral = isinstance(k, numbers.Integral) and not isinstance(k, bool)
@@ -125,6 +138,10 @@ def _per_row_count(k: int | torch.Tensor, B: int, device: torch.device, what: st
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Pairwise cosine similarity ``[..., N, C] x [..., M, C] -> [..., N, M]``."""
+    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-1]:
+        raise StateError(
+            f"cosine: expected [..., N, C] and [..., M, C] with one C, got {list(a.shape)} and {list(b.shape)}"
+        )
     # Divide the [N, M] products by the norms rather than normalising the
     # [N, C] inputs: O(NM) divisions instead of O(NC) (M is often a few words).
     norms = a.norm(dim=-1).clamp_min(eps)[..., :, None] * b.norm(dim=-1).clamp_min(eps)[..., None, :]
@@ -138,6 +155,13 @@ def query_similarity(
     reduced over the real query tokens (``max``: the best word; ``mean``) -> float32 ``[B, N]``."""
     if reduce not in ("max", "mean"):
         raise StateError(f"query_similarity: reduce must be 'max' or 'mean', got {reduce!r}")
+    if tokens.ndim != 3 or query.ndim != 3 or query.shape[0] != tokens.shape[0] or query.shape[-1] != tokens.shape[-1]:
+        raise StateError(
+            f"query_similarity: expected tokens [B, N, D] and query [B, T, D], got {list(tokens.shape)} and "
+            f"{list(query.shape)}"
+        )
+    if query_mask is not None:
+        _check_mask(query_mask, tuple(query.shape[:2]), "query_similarity", "query_mask", "[B, T]")
     sim = cosine(tokens.float(), query.float())  # [B, N, T]
     if query_mask is None:
         return sim.amax(-1) if reduce == "max" else sim.mean(-1)
@@ -173,6 +197,10 @@ def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank"
     """
     if how not in ("minmax", "rank", "zscore", "none"):
         raise StateError(f"normalize_scores: how must be 'minmax', 'rank', 'zscore' or 'none', got {how!r}")
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(mask.shape):
+        raise StateError(
+            f"normalize_scores: scores must be [B, N]={list(mask.shape)} like the mask, got {_describe(scores)}"
+        )
     s = scores.float()
     if how == "none":
         return s.masked_fill(~mask, 0.0)
@@ -240,6 +268,8 @@ def bipartite_match(
         raise StateError(f"bipartite_match: expected metric [B, N, C], got shape {list(metric.shape)}")
     B, N, _ = metric.shape
     device = metric.device
+    if mask is not None:
+        _check_mask(mask, (B, N), "bipartite_match")
     counts = mask.sum(1) if mask is not None else torch.full((B,), N, device=device)
     r_req = _per_row_count(r, B, device, "bipartite_match: r")
     if bool((r_req < 0).any()):
@@ -281,9 +311,12 @@ def bipartite_merges(
 
     Returns ``(Matching of the r merges, r_used [B], order key [B, N])``.
     """
+    if metric.ndim != 3:
+        raise StateError(f"bipartite_merges: expected metric [B, N, C], got shape {list(metric.shape)}")
     B, N = metric.shape[:2]
     if mask is None:
         mask = torch.ones(B, N, dtype=torch.bool, device=metric.device)
+    _check_mask(mask, (B, N), "bipartite_merges")
     # Every A token's best edge, best first (the official ``edge_idx``); the
     # first ``r_used`` of them merge.  Capped at n // 2, the list leaves out
     # at most one A token (odd n): the last-ranked one.
@@ -312,19 +345,41 @@ def _bipartite_order_key(ranked: Matching, r_used: torch.Tensor, mask: torch.Ten
 
 
 # ------------------------------------------------------------- moving tokens
-def _check_index(state: TokenState, index: torch.Tensor, valid: torch.Tensor, what: str) -> torch.Tensor:
-    if index.ndim != 2 or index.shape[0] != state.B or index.dtype != torch.int64:
-        raise StateError(
-            f"{what}: expected an int64 index [B={state.B}, K], got shape {list(index.shape)} dtype {index.dtype}"
-        )
-    if valid.shape != index.shape or valid.dtype != torch.bool:
+def _check_rows(index: object, valid: object, B: int, N: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, valid)`` after checking an int64 index ``[B, K]`` into ``N`` slots
+    (``valid`` defaults to all True); returns the index with invalid entries set to 0."""
+    if not isinstance(index, torch.Tensor) or index.ndim != 2 or index.shape[0] != B or index.dtype != torch.int64:
+        got = f"shape {list(index.shape)} dtype {index.dtype}" if isinstance(index, torch.Tensor) else type(index).__name__
+        raise StateError(f"{what}: expected an int64 index [B={B}, K], got {got}")
+    if valid is None:
+        valid = torch.ones_like(index, dtype=torch.bool)
+    if not isinstance(valid, torch.Tensor) or valid.shape != index.shape or valid.dtype != torch.bool:
         raise StateError(f"{what}: valid must be a bool tensor of shape {list(index.shape)}")
-    if bool(((index < 0) | (index >= state.N))[valid].any()):
-        raise StateError(f"{what}: indices must lie in [0, {state.N})")
-    safe = index.masked_fill(~valid, 0)
+    if bool(((index < 0) | (index >= N))[valid].any()):
+        raise StateError(f"{what}: indices must lie in [0, {N})")
+    return index.masked_fill(~valid, 0), valid
+
+
+def _check_index(state: TokenState, index: object, valid: object, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    safe, valid = _check_rows(index, valid, state.B, state.N, what)
     if not bool(state.mask.gather(1, safe)[valid].all()):
         raise StateError(f"{what}: an index points at a padded (masked) token slot")
-    return safe
+    return safe, valid
+
+
+def _check_origin(state: TokenState, what: str) -> None:
+    """``state.origin`` must point at token slots or be -1 (one device sync).
+
+    ``TokenState`` checks shapes only; a bad value would index past the tokens.
+    """
+    origin = state.origin
+    bad = (origin < -1) | (origin >= state.N)
+    if bool(bad.any()):
+        b, p = (int(i) for i in bad.nonzero()[0])
+        raise StateError(
+            f"{what}: TokenState.origin: values must lie in [-1, {state.N}) (a token slot, or -1 for a dropped "
+            f"patch), got {int(origin[b, p])} for patch {p} of image {b}"
+        )
 
 
 def _flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -336,8 +391,17 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> to
     """``x[b, index[b, k]]`` for ``x`` ``[B, N, ...]``; invalid slots are zero.
 
     One ``index_select`` over flattened rows: several times faster than
-    ``gather`` with an index expanded over the channels.
+    ``gather`` with an index expanded over the channels.  Valid indices must
+    lie in ``[0, N)``.
     """
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise StateError(f"gather_rows: expected x [B, N, ...], got {_describe(x)}")
+    safe, valid = _check_rows(index, valid, x.shape[0], x.shape[1], "gather_rows")
+    return _gather_rows(x, safe, valid)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_rows` without the checks, for indices already checked."""
     B, N = x.shape[:2]
     out = x.reshape(B * N, *x.shape[2:]).index_select(0, _flat_rows(index, N))
     out = out.view(*index.shape, *x.shape[2:])
@@ -354,9 +418,13 @@ def keep(state: TokenState, index: torch.Tensor, valid: torch.Tensor | None = No
     and real tokens are packed to the front of each row.  Indices must point
     at real tokens and be unique per row.
     """
-    if valid is None:
-        valid = torch.ones_like(index, dtype=torch.bool)
-    safe = _check_index(state, index, valid, "keep")
+    safe, valid = _check_index(state, index, valid, "keep")
+    _check_origin(state, "keep")
+    return _keep(state, safe, valid)
+
+
+def _keep(state: TokenState, safe: torch.Tensor, valid: torch.Tensor) -> TokenState:
+    """:func:`keep` of checked indices (invalid entries 0)."""
     B, N = state.mask.shape
     # Pack real entries first (stable: keeps the caller's order), trim padding.
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
@@ -378,12 +446,12 @@ def keep(state: TokenState, index: torch.Tensor, valid: torch.Tensor | None = No
 
     return dataclasses.replace(
         state,
-        tokens=gather_rows(state.tokens, safe, valid),
+        tokens=_gather_rows(state.tokens, safe, valid),
         mask=valid.clone(),
-        size=gather_rows(state.size, safe, valid),
-        positions=gather_rows(state.positions, safe, valid),
+        size=_gather_rows(state.size, safe, valid),
+        positions=_gather_rows(state.positions, safe, valid),
         origin=origin,
-        per_token={k: gather_rows(v, safe, valid) for k, v in state.per_token.items()},
+        per_token={k: _gather_rows(v, safe, valid) for k, v in state.per_token.items()},
     )
 
 
@@ -391,6 +459,11 @@ def keep_topk(
     state: TokenState, scores: torch.Tensor, k: int | torch.Tensor, *, order: str = "position"
 ) -> TokenState:
     """Keep each image's ``k`` highest-scoring real tokens (original order by default)."""
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(state.mask.shape):
+        got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise StateError(
+            f"keep_topk: scores must be [B, N]={list(state.mask.shape)} (one per token slot), got {got}"
+        )
     index, valid = topk_per_row(scores, k, state.mask, order=order)
     return keep(state, index, valid)
 
@@ -421,10 +494,11 @@ def merge(
     come out sorted by it.  Sources must be unique and must not also be
     destinations.
     """
-    if valid is None:
-        valid = torch.ones_like(src, dtype=torch.bool)
-    src_safe = _check_index(state, src, valid, "merge(src)")
-    dst_safe = _check_index(state, dst, valid, "merge(dst)")
+    src_safe, valid = _check_index(state, src, valid, "merge(src)")
+    if not isinstance(dst, torch.Tensor) or dst.shape != src.shape:
+        raise StateError(f"merge: dst must be an int64 index of the shape of src {list(src.shape)}, got {_describe(dst)}")
+    dst_safe, _ = _check_index(state, dst, valid, "merge(dst)")
+    _check_origin(state, "merge")
     B, N = state.mask.shape
     device = state.device
     reduce = dict(reduce or {})
@@ -452,6 +526,18 @@ def merge(
     w = (state.size if weights is None else weights).to(torch.float32)
     if w.shape != (B, N):
         raise StateError(f"merge: weights must be [B={B}, N={N}], got {list(w.shape)}")
+    # A group whose weights add up to 0 would average to a zero vector (and a
+    # negative one is no average): every token that merges needs a weight > 0.
+    merging = torch.zeros(B, N + 1, dtype=torch.bool, device=device).scatter_(1, src_sink, True)
+    merging = merging.scatter_(1, torch.where(valid, dst_safe, torch.full_like(dst_safe, N)), True)[:, :N]
+    bad = merging & ~((w > 0) & (w < float("inf")))
+    if bool(bad.any()):
+        b, n = (int(i) for i in bad.nonzero()[0])
+        what = "weights" if weights is not None else "weights (the sizes)"
+        raise StateError(
+            f"merge: {what} must be finite and > 0 on real tokens that merge (a group needs a positive total "
+            f"weight to average), got {float(w[b, n])} for token {n} of image {b}"
+        )
     w = w * state.mask
 
     # Only destinations change value: gather the pairs' rows, add them up per
@@ -495,9 +581,11 @@ def merge(
     if order is not None:
         if order.shape != (B, N):
             raise StateError(f"merge: order must be a sort key [B={B}, N={N}], got {list(order.shape)}")
+        if order.is_floating_point() or order.is_complex() or order.dtype == torch.bool:
+            raise StateError(f"merge: order must be an integer sort key [B={B}, N={N}], got dtype {order.dtype}")
         keys = order.gather(1, index).masked_fill(~keep_valid, torch.iinfo(torch.int64).max)
         index = index.gather(1, torch.sort(keys, dim=1, stable=True).indices)
-    kept = keep(dataclasses.replace(state, origin=origin), index, keep_valid)
+    kept = _keep(dataclasses.replace(state, origin=origin), index, keep_valid)
     # Where each destination landed among the survivors (flat row of the output).
     K = index.shape[1]
     slot = torch.full((B * N,), -1, dtype=torch.int64, device=device)
@@ -523,6 +611,8 @@ def pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padding indices are 0.  The ragged-batch form of ``nonzero`` that every op
     here takes (e.g. ``keep(state, *pack(chosen))``).
     """
+    if not isinstance(select, torch.Tensor) or select.ndim != 2 or select.dtype != torch.bool:
+        raise StateError(f"pack: expected a bool tensor [B, N], got {_describe(select)}")
     order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices
     valid = select.gather(1, order)
     K = int(valid.sum(1).max()) if select.shape[0] else 0
@@ -537,14 +627,14 @@ def unmerge(state: TokenState, tokens: torch.Tensor | None = None) -> tuple[torc
     dropped patches get zeros and ``present = False``.
     """
     values = state.tokens if tokens is None else tokens
-    if values.shape[:2] != state.mask.shape:
-        raise StateError(
-            f"unmerge: expected values [B={state.B}, N={state.N}, ...], got {list(values.shape)}"
-        )
+    if not isinstance(values, torch.Tensor) or values.shape[:2] != state.mask.shape:
+        got = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise StateError(f"unmerge: expected values [B={state.B}, N={state.N}, ...], got {got}")
+    _check_origin(state, "unmerge")
     present = state.origin >= 0
     if state.N == 0:  # every patch was dropped: nothing to gather from
         return values.new_zeros(*present.shape, *values.shape[2:]), present
-    return gather_rows(values, state.origin.clamp(min=0), present), present
+    return _gather_rows(values, state.origin.clamp(min=0), present), present
 
 
 def patches_to_tokens(state: TokenState, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
@@ -555,12 +645,12 @@ def patches_to_tokens(state: TokenState, values: torch.Tensor, reduce: str = "su
     original patches that now live in it; dropped patches (``origin = -1``)
     count for nothing.  Returns float32 ``[B, N]``; padded slots are ``-inf``.
     """
-    if values.shape != state.origin.shape:
-        raise StateError(
-            f"patches_to_tokens: expected values [B={state.B}, N0={state.origin.shape[1]}], got {list(values.shape)}"
-        )
+    if not isinstance(values, torch.Tensor) or values.shape != state.origin.shape:
+        got = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise StateError(f"patches_to_tokens: expected values [B={state.B}, N0={state.origin.shape[1]}], got {got}")
     if reduce not in ("sum", "mean"):
         raise StateError(f"patches_to_tokens: reduce must be 'sum' or 'mean', got {reduce!r}")
+    _check_origin(state, "patches_to_tokens")
     B, N = state.mask.shape
     present = state.origin >= 0
     sink = torch.where(present, state.origin, torch.full_like(state.origin, N))  # dropped -> dummy slot N

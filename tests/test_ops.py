@@ -650,3 +650,80 @@ def test_merge_order_key_sorts_the_survivors_and_is_checked():
     assert out.origin.tolist() == [[2, 2, 1, 0]]
     with pytest.raises(StateError, match=r"merge: order must be a sort key \[B=1, N=4\], got \[1, 3\]"):
         ops.merge(state, src, dst, order=torch.zeros(1, 3, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------ hardening
+# Issue 12: bad arguments to a public op are a StateError naming the field,
+# checked once at the op's entry, never an IndexError or a silent zero.
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_merge_non_positive_or_non_finite_weights_are_an_error(bad):
+    state = make_state(B=1)
+    weights = torch.ones(1, N)
+    weights[0, 1] = bad  # a source's weight; with 0 both weights of the group [0, 1] are 0 -> zero vector
+    weights[0, 0] = bad if bad == 0.0 else 1.0
+    with pytest.raises(StateError, match=r"merge: weights must be finite and > 0 on real tokens"):
+        ops.merge(state, torch.tensor([[1]]), torch.tensor([[0]]), weights=weights)
+    # the default weights are the sizes: a real token of size 0 is the same error
+    zero_size = state.replace(size=state.size.clone().index_fill_(1, torch.tensor([0, 1]), 0.0))
+    with pytest.raises(StateError, match=r"merge: weights \(the sizes\) must be finite and > 0 on real tokens that merge"):
+        ops.merge(zero_size, torch.tensor([[1]]), torch.tensor([[0]]))
+    # padding is not looked at
+    rag = ragged(make_state(B=2), [15, 6])
+    w = torch.ones(2, 15)
+    w[1, 6:] = 0.0
+    ops.merge(rag, torch.tensor([[1], [1]]), torch.tensor([[0], [0]]), weights=w).check()
+
+
+def test_keep_topk_and_topk_per_row_reject_misshapen_scores_and_mask():
+    state = make_state(B=2)
+    with pytest.raises(StateError, match=r"keep_topk: scores must be \[B, N\]=\[2, 15\] \(one per token slot\), got \[2, 14\]"):
+        ops.keep_topk(state, torch.rand(2, 14), 3)
+    with pytest.raises(StateError, match=r"keep_topk: scores must be \[B, N\]=\[2, 15\] \(one per token slot\), got \[2, 15, 1\]"):
+        ops.keep_topk(state, torch.rand(2, 15, 1), 3)
+    with pytest.raises(StateError, match=r"topk_per_row: mask must be a bool tensor \[B, N\]=\[2, 15\], got shape \[2, 14\]"):
+        ops.topk_per_row(torch.rand(2, 15), 3, torch.ones(2, 14, dtype=torch.bool))
+
+
+def corrupt_origin(state: TokenState, value: int) -> TokenState:
+    origin = state.origin.clone()
+    origin[0, 3] = value
+    return state.replace(origin=origin)
+
+
+@pytest.mark.parametrize("value", [15, 16, 99, -2])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda s: ops.unmerge(s),
+        lambda s: ops.patches_to_tokens(s, torch.ones(s.origin.shape)),
+        lambda s: ops.keep(s, torch.tensor([[0, 1], [0, 1]])),
+        lambda s: ops.merge(s, torch.tensor([[1], [1]]), torch.tensor([[0], [0]])),
+        lambda s: ops.keep_topk(s, s.per_token["score"], 2),
+    ],
+    ids=["unmerge", "patches_to_tokens", "keep", "merge", "keep_topk"],
+)
+def test_an_origin_pointing_past_the_tokens_is_a_state_error(op, value):
+    state = corrupt_origin(make_state(B=2), value)
+    with pytest.raises(StateError, match=rf"TokenState\.origin: values must lie in \[-1, 15\) .*, got {value} for patch 3 of image 0"):
+        op(state)
+
+
+def test_other_ops_reject_misshapen_arguments_with_state_errors():
+    state = make_state(B=2)
+    mask = torch.ones(2, 15, dtype=torch.bool)
+    cases = [
+        (lambda: ops.cosine(torch.rand(2, 3, 4), torch.rand(2, 5, 6)), r"cosine: expected \[\.\.\., N, C\] and \[\.\.\., M, C\] with one C, got \[2, 3, 4\] and \[2, 5, 6\]"),
+        (lambda: ops.query_similarity(torch.rand(2, 3, 4), torch.rand(2, 5, 6)), r"query_similarity: expected tokens \[B, N, D\] and query \[B, T, D\]"),
+        (lambda: ops.query_similarity(torch.rand(2, 3, 4), torch.rand(2, 5, 4), torch.ones(2, 4, dtype=torch.bool)), r"query_similarity: query_mask must be a bool tensor \[B, T\]=\[2, 5\], got shape \[2, 4\]"),
+        (lambda: ops.normalize_scores(torch.rand(2, 14), mask), r"normalize_scores: scores must be \[B, N\]=\[2, 15\] like the mask, got shape \[2, 14\]"),
+        (lambda: ops.bipartite_match(torch.rand(2, 15, 3), 2, torch.ones(2, 14, dtype=torch.bool)), r"bipartite_match: mask must be a bool tensor \[B, N\]=\[2, 15\], got shape \[2, 14\]"),
+        (lambda: ops.bipartite_merges(torch.rand(15, 3), 2), r"bipartite_merges: expected metric \[B, N, C\], got shape \[15, 3\]"),
+        (lambda: ops.pack(torch.ones(2, 3)), r"pack: expected a bool tensor \[B, N\], got shape \[2, 3\] dtype torch\.float32"),
+        (lambda: ops.gather_rows(state.tokens, torch.tensor([[0, 15], [0, 1]]), torch.ones(2, 2, dtype=torch.bool)), r"gather_rows: indices must lie in \[0, 15\)"),
+        (lambda: ops.gather_rows(state.tokens, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool)), r"gather_rows: expected an int64 index \[B=2, K\], got shape \[1, 2\]"),
+        (lambda: ops.keep(state, [[0, 1], [0, 1]]), r"keep: expected an int64 index \[B=2, K\], got list"),
+        (lambda: ops.merge(state, torch.tensor([[1]] * 2), torch.tensor([[0]] * 2), order=torch.zeros(2, 15)), r"merge: order must be an integer sort key \[B=2, N=15\], got dtype torch\.float32"),
+    ]
+    for call, match in cases:
+        with pytest.raises(StateError, match=match):
+            call()
