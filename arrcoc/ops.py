@@ -185,15 +185,22 @@ def check_scores(scores: torch.Tensor, mask: torch.Tensor, where: str) -> torch.
     return scores
 
 
-def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank") -> torch.Tensor:
+def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank", *, rtol: float = 1e-5) -> torch.Tensor:
     """Per-image normalisation of ``scores`` ``[B, N]`` over the real tokens -> float32; padded entries 0.
 
-    ``minmax``: ``(s - min) / (max - min)`` in [0, 1] (a constant row gives 0);
+    ``minmax``: ``(s - min) / (max - min)`` in [0, 1];
     ``rank``: average rank (ties share it) over ``n - 1``, in [0, 1] (0.5 for a
     single token; ``±inf`` rank like any value); ``zscore``: ``(s - mean) / std``
-    (population std; 0 where the std is 0); ``none``: unchanged.  NaN scores
+    (population std); ``none``: unchanged.  NaN scores
     (and, for ``minmax`` / ``zscore``, infinite ones) of real tokens are a
     :class:`~arrcoc.errors.StateError`; padded entries are not looked at.
+
+    A near-constant row gives 0 for ``minmax`` and ``zscore``: one whose
+    spread (``max - min``, resp. the std) is at most ``rtol`` times its
+    largest magnitude.  Rounding noise (float32 differs in the last bits
+    when the same scores are computed in a batch or alone) is then not
+    stretched to [0, 1], and the result does not depend on the batch; the
+    test is relative, so a rescaled row normalises the same.
     """
     if how not in ("minmax", "rank", "zscore", "none"):
         raise StateError(f"normalize_scores: how must be 'minmax', 'rank', 'zscore' or 'none', got {how!r}")
@@ -212,7 +219,8 @@ def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank"
         lo = s.masked_fill(~mask, float("inf")).amin(1, keepdim=True)
         hi = s.masked_fill(~mask, float("-inf")).amax(1, keepdim=True)
         span = hi - lo
-        out = torch.where(span > 0, (s - lo) / span.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(s))
+        flat = span <= rtol * torch.maximum(lo.abs(), hi.abs())
+        out = torch.where(flat, torch.zeros_like(s), (s - lo) / span.clamp_min(torch.finfo(torch.float32).tiny))
     elif how == "rank":
         x = s.masked_fill(~mask, float("inf")).contiguous()
         ordered = torch.sort(x, dim=1).values.contiguous()
@@ -226,7 +234,8 @@ def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank"
         mean = x.sum(1, keepdim=True) / n.clamp_min(1.0)
         centred = (x - mean) * mask
         std = (centred.square().sum(1, keepdim=True) / n.clamp_min(1.0)).sqrt()
-        out = torch.where(std > 1e-12, centred / std.clamp_min(1e-12), torch.zeros_like(centred))
+        flat = std <= rtol * x.abs().amax(1, keepdim=True)
+        out = torch.where(flat, torch.zeros_like(centred), centred / std.clamp_min(torch.finfo(torch.float32).tiny))
     return out.masked_fill(~mask, 0.0)
 
 

@@ -727,3 +727,18 @@ def test_other_ops_reject_misshapen_arguments_with_state_errors():
     for call, match in cases:
         with pytest.raises(StateError, match=match):
             call()
+
+
+def test_normalize_scores_near_constant_rows_are_zero_and_the_test_is_relative():
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    scores = torch.tensor([
+        [0.5, 0.5 + 3e-8, 0.5, 0.5 - 3e-8],  # a few float32 ulps: constant
+        [1e-9, 2e-9, 3e-9, 4e-9],  # tiny but spread out: a real ranking
+        [-7.0, -7.0, -7.0, -7.0],
+    ])
+    for how in ("minmax", "zscore"):
+        out = ops.normalize_scores(scores, mask, how)
+        assert (out[0] == 0).all() and (out[2] == 0).all()
+        assert out[1].argsort().tolist() == [0, 1, 2, 3] and out[1].abs().max() > 0.5
+        torch.testing.assert_close(ops.normalize_scores(scores * 1e6, mask, how), out)
+    assert ops.normalize_scores(scores, mask, "minmax", rtol=0.0)[0].tolist() != [0.0] * 4

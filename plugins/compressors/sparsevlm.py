@@ -179,7 +179,11 @@ def recycle_plan(
 
     Of the ``d`` deleted real tokens, the top ``min(int(d * ratio) + 1, d)`` by
     ``scores`` are recycled (``merge_token_num_stage1``), into
-    ``int(m / divisor) + 1`` clusters (``cluster_num``); nothing when ``d = 0``.
+    ``min(int(m / divisor) + 1, m)`` clusters (``cluster_num``); nothing when
+    ``d = 0``.  The official count never exceeds ``m`` with its divisor 10
+    (its ``topk(k=cluster_num)`` would fail, and its fallback for a zero
+    count is ``m``); with a smaller ``divisor`` it would, so it is clamped to
+    ``m`` (every recycled token its own cluster).
 
     Returns ``(recycled index [B, M] by decreasing score, valid [B, M], clusters [B])``.
     """
@@ -190,7 +194,7 @@ def recycle_plan(
     d = deleted.sum(1)
     m = torch.minimum(torch.floor(d.double() * ratio).to(torch.int64) + 1, d)
     index, valid = ops.topk_per_row(scores.float(), m, deleted, order="score")
-    clusters = torch.where(m > 0, torch.div(m, divisor, rounding_mode="floor") + 1, torch.zeros_like(m))
+    clusters = torch.minimum(torch.div(m, divisor, rounding_mode="floor") + 1, m)  # m = 0 -> 0 clusters
     return index, valid, clusters
 
 
@@ -223,8 +227,10 @@ def dpc_knn(x: torch.Tensor, cluster_num: torch.Tensor | int, mask: torch.Tensor
     pair = mask[:, :, None] & mask[:, None, :]
     K = int(c.max()) if B else 0
     near = torch.sort(dist.masked_fill(~pair, float("inf")), dim=-1).values[:, :, :K]
+    # A row's c nearest are finite (c <= n); beyond them, in a row shorter than another row's c, lie the
+    # padding's inf distances: select, never multiply by 0 (inf * 0 = NaN).
     take = torch.arange(K, device=x.device)[None, None, :] < c[:, None, None]
-    density = torch.exp(-(near.pow(2) * take).sum(-1) / c[:, None].clamp_min(1))  # [B, N]
+    density = torch.exp(-torch.where(take, near.pow(2), 0.0).sum(-1) / c[:, None].clamp_min(1))  # [B, N]
     density = density.masked_fill(~mask, float("-inf"))
     idx = torch.arange(N, device=x.device)
     denser = (density[:, None, :] > density[:, :, None]) | (
@@ -339,7 +345,9 @@ class SparseVLMParams(Params):
         "appended (adds int(m / 10) + 1 tokens, m = int(0.3 * deleted) + 1).",
     )
     recycle_ratio: float = Field(0.3, gt=0, le=1, description="Share of the deleted tokens recycled (+1).")
-    cluster_divisor: int = Field(10, ge=1, description="Recycled tokens per cluster: clusters = m // divisor + 1.")
+    cluster_divisor: int = Field(
+        10, ge=1, description="Recycled tokens per cluster: clusters = min(m // divisor + 1, m)."
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> "SparseVLMParams":

@@ -330,3 +330,76 @@ def test_recycling_with_nothing_deleted_keeps_everything():
     hidden, scores = torch.randn(2, 6, 4), torch.rand(2, 6)
     vis, vis_mask, _, _ = S.sparsevlm_prune(hidden, scores, 6)
     assert vis_mask.sum(1).tolist() == [6, 6] and torch.equal(vis, hidden)
+
+
+# ------------------------------------------------- issue 12: hardening cases
+def per_image_run(plugin, state, b):
+    """Image ``b`` of a ragged state run alone."""
+    return plugin(state.image(b))
+
+
+@pytest.mark.parametrize(
+    "params, counts",
+    [
+        ({"recycle": True}, [200, 10]),  # default params: used to give NaN densities (inf * 0 in dpc_knn)
+        ({"recycle": True, "cluster_divisor": 2}, [200, 10]),
+        ({"recycle": True, "cluster_divisor": 2, "keep": 9}, [200, 10]),  # one deleted token in image 1
+        ({"recycle": True, "cluster_divisor": 1}, [200, 10]),  # m // 1 + 1 > m clusters: clamped to m
+    ],
+)
+def test_recycling_on_a_ragged_batch_equals_per_image_runs(params, counts):
+    state = make_state(H=10, W=20, counts=counts, seed=2)
+    plugin = arrcoc.create("compressor", "sparsevlm", **params)
+    out = plugin(state).check()
+    assert torch.isfinite(out.tokens).all()
+    for b in range(state.B):
+        single = per_image_run(plugin, state, b).check()
+        m = int(single.counts[0])
+        assert int(out.counts[b]) == m
+        torch.testing.assert_close(out.tokens[b, :m], single.tokens[0])
+        assert torch.equal(out.size[b, :m], single.size[0])
+        assert torch.equal(out.origin[b], single.origin[0])
+
+
+def test_cluster_count_is_clamped_to_the_recycled_tokens():
+    # official cluster_num = int(m / divisor) + 1 would exceed m for divisor 1 (and the official topk fails)
+    scores = torch.arange(10.0)[None]
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    index, valid = torch.tensor([[9, 8]]), torch.ones(1, 2, dtype=torch.bool)
+    for divisor, clusters in [(1, 3), (2, 2), (10, 1)]:
+        rec, rec_valid, c = S.recycle_plan(scores, index, valid, mask, 0.3, divisor)  # d = 8 -> m = 3
+        assert int(rec_valid.sum()) == 3 and c.tolist() == [clusters]
+    state = make_state(counts=[30, 12])
+    out = arrcoc.create("compressor", "sparsevlm", keep=10, recycle=True, cluster_divisor=1)(state).check()
+    # d = 20 -> m = 7 clusters of one token each; d = 2 -> m = 1
+    assert out.counts.tolist() == [17, 11]
+    assert out.size[0, 10:17].tolist() == [1.0] * 7
+
+
+def test_dpc_knn_rows_with_fewer_tokens_than_another_rows_clusters():
+    # row 1 has 2 tokens, row 0 asks for 4 clusters: the padded nearest distances are inf and must not count
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 5, generator=g)
+    mask = torch.arange(12)[None] < torch.tensor([12, 2])[:, None]
+    centres, cvalid, assign = S.dpc_knn(x, torch.tensor([4, 1]), mask)
+    alone = S.dpc_knn(x[1:, :2], 1)
+    assert centres[1, :1].tolist() == alone[0][0].tolist()
+    assert assign[1, :2].tolist() == alone[2][0].tolist()
+    merged, _ = S.cluster_and_merge(x, torch.tensor([4, 1]), mask)
+    assert torch.isfinite(merged).all()
+
+
+def test_near_constant_scores_are_constant_after_minmax():
+    # a spread of 1e-9 on values ~1e-3 is rounding noise: min-max must not stretch it to [0, 1]
+    base = torch.full((1, 6), 1e-3)
+    noisy = base + torch.tensor([[0.0, 1e-9, 0.0, 2e-9, 0.0, 1e-9]])
+    assert (noisy != base).any()
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    assert ops.normalize_scores(noisy, mask, "minmax").tolist() == [[0.0] * 6]
+    assert ops.normalize_scores(noisy, mask, "zscore").tolist() == [[0.0] * 6]
+    # so the selection is decided by the other term, as with exactly constant saliency
+    state = make_state()
+    flat = state.with_per_token(cls_attn=torch.full((2, 30), 1e-3))
+    jitter = state.with_per_token(cls_attn=1e-3 + 1e-9 * torch.rand(2, 30, generator=torch.Generator().manual_seed(1)))
+    plugin = arrcoc.create("compressor", "sparsevlm", keep=0.3)
+    assert torch.equal(plugin(flat).origin, plugin(jitter).origin)
