@@ -22,6 +22,7 @@ from .state import TokenState
 
 __all__ = [
     "Matching",
+    "TopK",
     "bipartite_match",
     "bipartite_merges",
     "check_scores",
@@ -35,6 +36,7 @@ __all__ = [
     "query_similarity",
     "patches_to_tokens",
     "resolve_keep",
+    "topk",
     "topk_per_row",
     "unmerge",
 ]
@@ -110,6 +112,29 @@ def topk_per_row(
     if order == "position":
         index = torch.sort(index.masked_fill(~valid, N), dim=1).values.masked_fill(~valid, 0)
     return index, valid
+
+
+class TopK(NamedTuple):
+    """What :func:`topk` returns, like ``torch.topk``'s."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def topk(values: torch.Tensor, k: int, dim: int = -1, *, largest: bool = True) -> TopK:
+    """``torch.topk(values, k, dim, largest, sorted=True)`` with ties broken by index (lower index first).
+
+    ``torch.topk`` leaves the order of equal values to its kernel, which
+    depends on the length of the dimension: a padded row of a ragged batch
+    and the same row alone can pick different tied entries.  A stable sort
+    cannot.  Unmasked and without per-row counts (see :func:`topk_per_row`
+    for those); like ``torch.sort``, NaN counts as the largest value.
+    Returns ``TopK(values, indices)``.
+    """
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 0 <= k <= values.shape[dim]:
+        raise StateError(f"topk: k must be an int in [0, {values.shape[dim]}], got {k!r}")
+    out = torch.sort(values, dim=dim, descending=largest, stable=True)
+    return TopK(out.values.narrow(dim, 0, k), out.indices.narrow(dim, 0, k))
 
 
 def _check_mask(mask: object, shape: tuple[int, ...], what: str, name: str = "mask", dims: str = "[B, N]") -> None:

@@ -742,3 +742,21 @@ def test_normalize_scores_near_constant_rows_are_zero_and_the_test_is_relative()
         assert out[1].argsort().tolist() == [0, 1, 2, 3] and out[1].abs().max() > 0.5
         torch.testing.assert_close(ops.normalize_scores(scores * 1e6, mask, how), out)
     assert ops.normalize_scores(scores, mask, "minmax", rtol=0.0)[0].tolist() != [0.0] * 4
+
+
+def test_topk_breaks_ties_by_index_at_any_length():
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 1.0]])
+    assert ops.topk(x, 4).indices.tolist() == [[1, 2, 4, 0]]
+    assert ops.topk(x, 3, largest=False).indices.tolist() == [[3, 0, 5]]
+    # a row padded with -inf picks the same tied entries as the row alone
+    row = torch.zeros(1, 1, 40)
+    padded = torch.cat([row, torch.full((1, 1, 300), float("-inf"))], -1)
+    assert torch.equal(ops.topk(padded, 32).indices, ops.topk(row, 32).indices)
+    assert ops.topk(row, 32).indices.tolist() == [[list(range(32))]]
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 5, 9, generator=g)  # distinct values: torch.topk's answer
+    for dim in (0, 1, -1):
+        got, want = ops.topk(y, 2, dim=dim), torch.topk(y, 2, dim=dim)
+        assert torch.equal(got.values, want.values) and torch.equal(got.indices, want.indices)
+    with pytest.raises(StateError, match=r"topk: k must be an int in \[0, 6\], got 7"):
+        ops.topk(x, 7)

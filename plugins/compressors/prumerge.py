@@ -148,7 +148,9 @@ def prumerge_values(
     sim = sim.masked_fill(is_self | ~mask[:, None, :] | ~kept_valid[..., None], float("-inf"))
     L = max(0, min(neighbors, N - 1))
     per_row = torch.minimum(mask.sum(1) - 1, torch.tensor(neighbors, device=tokens.device)).clamp(min=0)
-    nbr = sim.topk(L, dim=-1).indices  # [B, K, L]
+    # Official ``torch.topk(cos_sim_matrix, k=32)``; equal cosines go to the lower token index here (the
+    # official order of ties is torch's, which differs between a padded row and the same row alone).
+    nbr = ops.topk(sim, L, dim=-1).indices  # [B, K, L]
     nbr_valid = (torch.arange(L, device=tokens.device) < per_row[:, None, None]) & kept_valid[..., None]
     member = torch.zeros(B, K, N, dtype=torch.bool, device=tokens.device).scatter_(2, nbr, nbr_valid)
     weights = member.float() * a[:, None, :]

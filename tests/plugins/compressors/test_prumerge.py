@@ -199,3 +199,21 @@ def test_pipeline_with_tiny_vit(name):
     assert state.trace[-1].plugin == name
     assert state.size.sum(1).tolist() == [16.0, 16.0]
     assert arrcoc.resolve_spec(name).encoder.params["cls_attention_heads"] == "single"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("cls", [PruMerge, PruMergePlus])
+def test_tied_key_cosines_give_the_same_neighbours_batched_and_alone(cls, seed):
+    # few distinct keys: many equal cosines; torch.topk's order of ties depended on the row length
+    g = torch.Generator().manual_seed(seed)
+    attn = (2.5 * torch.randn(3, N0, generator=g)).softmax(-1)
+    keys = torch.randint(0, 3, (3, N0, 4), generator=g).float()
+    state = TokenState.from_patches(torch.randn(3, N0, 6, generator=g), (H, W), per_token={"cls_attn": attn, "keys": keys})
+    state = ops.keep(state, torch.arange(N0).expand(3, N0).contiguous(), torch.arange(N0)[None] < torch.tensor([[100], [70], [45]]))
+    out = cls()(state).check()
+    for b in range(3):
+        one = cls()(state.image(b)).check()
+        n = int(one.counts[0])
+        assert torch.equal(out.origin[b], one.origin[0])
+        assert torch.equal(out.size[b, :n], one.size[0])
+        torch.testing.assert_close(out.tokens[b, :n], one.tokens[0])
