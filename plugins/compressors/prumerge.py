@@ -20,8 +20,8 @@ Faithful to 42Shawn/LLaVA-PruMerge, ``llava/model/multimodal_encoder/clip_encode
   ``a_j`` their (unnormalised) ``cls_attn``, computed from the original
   features; one extra token ``sum_{j pruned} a_j x_j``; output = kept tokens in
   descending attention, then the extra token;
-* PruMerge+ (``token_prune_merge_advanced_plus``, adaptive branch; paper
-  Sec. 3.2): ``step = int(1 / ratio)``, the spatially uniform indices
+* PruMerge+ (``token_prune_merge_advanced_plus``, adaptive branch, which the
+  official ``forward`` calls at the final commit; paper Sec. 3.2): ``step = int(1 / ratio)``, the spatially uniform indices
   ``arange(0, N - 1, int(step / 3))`` not already kept are appended (in
   increasing order) after the outliers, before the merge, and merge like kept
   tokens.
@@ -62,6 +62,10 @@ Differences, on purpose:
   with ``ratio = k / N`` (the official non-adaptive PruMerge+ branch is a
   training variant with another sampling rule, not reproduced);
 * the hard-coded ``575`` of the official ``arange`` is ``N - 1`` of each image;
+* ties go to the lower token index: equal CLS attentions (selection and
+  output order, :func:`arrcoc.ops.topk_per_row`) and equal key cosines
+  (neighbours, :func:`arrcoc.ops.topk`); the official ``torch.topk`` leaves
+  them to its kernel;
 * the values are computed in float32 and cast back to the tokens' dtype.
 """
 
