@@ -8,11 +8,13 @@ Official: dragonlzm/AIM.
   ToMe's bipartite soft matching applied iteratively to the visual
   features themselves — metric = the features, ``scatter_reduce(mode="mean")``
   (a plain mean, no size weighting), no class token — with ``r = n // 2``
-  then ``r = n // 4`` (50% then 25% of the tokens kept).  The plugin
-  ``aim_merge`` takes the rounds as a list of ``keep`` budgets, each relative
-  to the tokens present at that round (``[0.5, 0.5]`` = the official 50% then
-  25%), and reuses :func:`arrcoc.ops.bipartite_match` and
-  :func:`arrcoc.ops.merge` (``weights = 1`` for the official mean).
+  then ``r = n // 4`` (50% then 25% of the tokens kept), both ``r`` of the
+  original ``n``.  The plugin ``aim_merge`` takes the rounds as a list of
+  ``keep`` budgets, each a ratio of the previous round's nominal count
+  (``[0.5, 0.5]`` = the official 50% then 25%, merging exactly ``n // 2``
+  then ``n // 4``: :func:`aim_round_merges`), and reuses
+  :func:`arrcoc.ops.bipartite_merges` and :func:`arrcoc.ops.merge`
+  (``weights = 1`` for the official mean).
 * In the LLM (paper Sec. 3.3; Qwen2 ``modeling_qwen2.py``: ``get_importance``
   and the ``retain_rate`` schedule of ``Qwen2Model.forward``):
   :func:`aim_importance` (PageRank over a layer's attention logits) and
@@ -55,27 +57,57 @@ def seed_pair_merge(t_i: torch.Tensor, t_j: torch.Tensor, s: torch.Tensor | floa
     return (s * t_i + (1 - s) * t_j) / 2
 
 
+def aim_round_merges(
+    present: torch.Tensor, nominal: torch.Tensor, keep: float | int, budget: str = "official"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merges ``r`` ``[B]`` of one round for a ``keep`` budget, and the nominal count after it.
+
+    ``official`` (``llava/model/llava_arch.py``: ``r = orig_num // 2`` then
+    ``r = orig_num // 4``, both of the *original* count): a ratio scales a
+    nominal count that starts at the image's tokens, ``nominal_i =
+    nominal_{i-1} * keep``, and the round merges ``floor(nominal_{i-1} -
+    nominal_i)``; ``[0.5, 0.5]`` gives exactly ``N // 2`` then ``N // 4``
+    (N = 15: 15 -> 8 -> 5).  ``present``: a ratio keeps ``floor(t * keep)``
+    of the ``t`` tokens present (:func:`arrcoc.ops.resolve_keep`), which on
+    odd counts asks for more than the ``t // 2`` merges bipartite matching
+    can make (N = 15: 15 -> 8 -> 4).  A count keeps exactly that many (the
+    nominal count becomes it) under both.
+
+    Args:
+        present: ``[B]`` tokens of each image before the round.
+        nominal: ``[B]`` float64 nominal count before the round (the
+            tokens present at the first round).
+    """
+    if budget not in ("official", "present"):
+        raise StateError(f"aim_merge: budget must be 'official' or 'present', got {budget!r}")
+    if isinstance(keep, int) or budget == "present":
+        r = present - ops.resolve_keep(keep, present, where="aim_merge: keep")
+        return r, (present - r).double()
+    ops.resolve_keep(keep, present, where="aim_merge: keep")  # same validation
+    after = nominal * keep
+    return torch.floor(nominal - after).to(torch.int64), after
+
+
 def aim_merge_round(
-    state: TokenState, keep: float | int, *, metric: torch.Tensor | None = None,
+    state: TokenState, r: torch.Tensor | int, *, metric: torch.Tensor | None = None,
     weighting: str = "mean", order: str = "official",
 ) -> TokenState:
-    """One AIM merge round: ``r = n - resolve_keep(keep)`` merges per image.
+    """One AIM merge round of ``r`` merges per image (official ``bipartite_soft_matching_merge``).
 
-    ``r`` is capped at ``n // 2`` (bipartite matching merges at most half the
-    tokens, as the official ``min(r, t // 2)``); a cap is recorded as a
-    warning.  ``weighting``: ``mean`` (official ``scatter_reduce(mode="mean")``),
+    ``r`` (an int or ``[B]``, see :func:`aim_round_merges`) is capped at
+    ``n // 2`` (bipartite matching merges at most half the tokens, as the
+    official ``min(r, t // 2)``); a cap is recorded as a warning.
+    ``weighting``: ``mean`` (official ``scatter_reduce(mode="mean")``),
     ``size`` (ToMe's size-weighted average) or ``seed`` (see
     :func:`seed_pair_merge`; several sources into one destination get weights
     ``s_i`` and ``1 - mean(s)`` before the halving, ``s`` = cosine clamped to [0, 1]).
     """
-    counts = state.counts
-    k = ops.resolve_keep(keep, counts, where="aim_merge: keep")
-    r = counts - k
+    r = torch.as_tensor(r, dtype=torch.int64, device=state.device).expand(state.B)
     metric = state.tokens if metric is None else metric
     merges, r_used, order_key = ops.bipartite_merges(metric, r, state.mask)  # ToMe matching, no class token
     if bool((r_used < r).any()):
         record_warning(
-            f"aim_merge: keep={keep} needs {sorted(set(r.tolist()))} merges but bipartite matching merges at most "
+            f"aim_merge: a round needs {sorted(set(r.tolist()))} merges but bipartite matching merges at most "
             f"half the tokens; used {sorted(set(r_used.tolist()))}"
         )
     src, dst, valid = merges
@@ -209,8 +241,14 @@ def aim_layer_adaptive_importance(text_importance: torch.Tensor, visual_importan
 class AIMMergeParams(Params):
     keep: list[Keep] = Field(
         default_factory=lambda: [0.5, 0.5],
-        description="Merge rounds, each a budget relative to the tokens present at that round "
-        "([0.5, 0.5] = official 50% then 25%); a single budget is one round.",
+        description="Merge rounds, each a budget relative to the previous round's ([0.5, 0.5] = official "
+        "50% then 25%, r = N // 2 then N // 4); a count keeps exactly that many; a single budget is one round.",
+    )
+    budget: Literal["official", "present"] = Field(
+        "official",
+        description="Ratios: official = each round merges floor(nominal - nominal * keep) with the nominal count "
+        "starting at the image's tokens (llava_arch.py's r = N // 2 then N // 4: 15 -> 8 -> 5); present = each "
+        "round keeps floor(t * keep) of the t tokens present (15 -> 8 -> 4, capped at t // 2 merges).",
     )
     weighting: Literal["mean", "size", "seed"] = Field(
         "mean", description="mean: official plain mean; size: size-weighted (ToMe merge_wavg); "
@@ -246,6 +284,7 @@ class AIMMerge(Compressor):
 
     def __call__(self, state: TokenState) -> TokenState:
         p = self.params
+        nominal = state.counts.double()
         for keep in p.keep:
             metric = None
             if p.metric == "keys":
@@ -259,7 +298,8 @@ class AIMMerge(Compressor):
                 raise BudgetError(
                     f"aim_merge: keep={keep} tokens, but an image has only {int(state.counts.min())} at this round"
                 )
-            state = aim_merge_round(state, keep, metric=metric, weighting=p.weighting, order=p.order)
+            r, nominal = aim_round_merges(state.counts, nominal, keep, p.budget)
+            state = aim_merge_round(state, r, metric=metric, weighting=p.weighting, order=p.order)
         return state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -53,17 +54,32 @@ def apply_rows(x, rows):
     return torch.stack([torch.stack([x[i] for i in g]).mean(0) for g in rows])
 
 
+def official_rounds(n, keeps):
+    """Merges per round as llava_arch.py budgets them: r = n // 2 then r = n // 4, both of the
+    original n; generalised, round i merges floor(nominal_{i-1} - nominal_i) with nominal_0 = n and
+    nominal_i = nominal_{i-1} * keep_i (a count: the tokens present minus it, nominal_i = count)."""
+    rs, nominal, present = [], float(n), n
+    for k in keeps:
+        r = present - k if isinstance(k, int) else math.floor(nominal - nominal * k)
+        nominal = float(k) if isinstance(k, int) else nominal * k
+        r = min(r, present // 2)
+        rs.append(r)
+        present -= r
+    return rs
+
+
 @pytest.mark.parametrize("keeps", [(0.5, 0.5), (0.75, 0.75), (0.6, 20)])
 def test_two_rounds_match_the_official_merge_in_value_and_order(keeps):
     state = make_state()
     out = arrcoc.create("compressor", "aim_merge", keep=list(keeps))(state).check()
     for b in range(state.B):
         x = [state.tokens[b, i] for i in range(48)]
-        n1 = math.floor(48 * keeps[0])
-        rows1 = ref_official_merge(x, 48 - n1)  # (0.5, 0.5): official r = n // 2 ...
+        r1, r2 = official_rounds(48, keeps)
+        rows1 = ref_official_merge(x, r1)  # (0.5, 0.5): official r = n // 2 ...
         x1 = list(apply_rows(torch.stack(x), rows1))
-        n2 = keeps[1] if isinstance(keeps[1], int) else math.floor(n1 * keeps[1])
-        rows2 = ref_official_merge(x1, n1 - n2)  # ... then r = n // 4 of the original n
+        n1 = 48 - r1
+        rows2 = ref_official_merge(x1, r2)  # ... then r = n // 4 of the original n
+        n2 = n1 - r2
         x2 = apply_rows(torch.stack(x1), rows2)
         assert out.counts[b] == n2
         assert torch.allclose(out.tokens[b], x2, atol=1e-5)
@@ -109,7 +125,7 @@ def test_spatial_order_is_the_same_set_in_original_order():
 
 def test_ragged_batch_equals_per_image_runs_and_counts():
     state = make_state(counts=[48, 31])
-    plugin = arrcoc.create("compressor", "aim_merge", keep=[0.6, 15])  # 48 -> 28 -> 15, 31 -> 18 -> 15
+    plugin = arrcoc.create("compressor", "aim_merge", keep=[0.6, 15])  # 48 -> 29 -> 15, 31 -> 19 -> 15
     out = plugin(state).check()
     assert out.counts.tolist() == [15, 15]
     assert out.size.sum(1).tolist() == [48.0, 31.0]  # merging conserves total size
@@ -121,12 +137,37 @@ def test_ragged_batch_equals_per_image_runs_and_counts():
 
 
 def test_odd_count_cap_is_a_recorded_warning():
-    state = make_state(H=7, W=7)  # 49 tokens: keep 0.5 -> 24 needs 25 merges, at most 24 possible
+    state = make_state(H=7, W=7)  # 49 tokens: budget 'present' keep 0.5 -> 24 needs 25 merges, at most 24 possible
     with pytest.warns(arrcoc.ArrcocWarning, match="at most half"):
-        out = arrcoc.create("compressor", "aim_merge", keep=0.5)(state)
+        out = arrcoc.create("compressor", "aim_merge", keep=0.5, budget="present")(state)
     assert out.counts.tolist() == [25, 25]
     x = [state.tokens[0, i] for i in range(49)]
     assert torch.allclose(out.tokens[0], apply_rows(torch.stack(x), ref_official_merge(x, 24)), atol=1e-5)
+    with pytest.warns(arrcoc.ArrcocWarning, match="at most half"):  # the official budget: r = 29 > 24
+        arrcoc.create("compressor", "aim_merge", keep=0.4)(state)
+
+
+@pytest.mark.parametrize("n", [15, 16, 17, 18, 19, 23, 49, 576, 577])
+def test_rounds_are_budgeted_like_the_official_code(n):
+    # llava_arch.py: r = orig_num // 2, then r = orig_num // 4 (of the original count, capped at t // 2).
+    # N = 15: 15 -> 8 -> 5; keeping floor(n / 2) per round of the tokens present gave 15 -> 8 (capped) -> 4.
+    state = TokenState.from_patches(torch.randn(1, n, 6, generator=torch.Generator().manual_seed(n)), (1, n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the official rounds never hit the n // 2 cap
+        out = arrcoc.create("compressor", "aim_merge", keep=[0.5, 0.5])(state).check()
+    x = [state.tokens[0, i] for i in range(n)]
+    rows1 = ref_official_merge(x, n // 2)
+    x1 = list(apply_rows(torch.stack(x), rows1))
+    rows2 = ref_official_merge(x1, n // 4)
+    assert int(out.counts[0]) == n - n // 2 - min(n // 4, (n - n // 2) // 2)
+    torch.testing.assert_close(out.tokens[0], apply_rows(torch.stack(x1), rows2))
+    present = arrcoc.create("compressor", "aim_merge", keep=[0.5, 0.5], budget="present")
+    t = n
+    for _ in range(2):  # keep floor(t / 2) of the tokens present, capped at t // 2 merges
+        t -= min(t - t // 2, t // 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert int(present(state).counts[0]) == t
 
 
 def test_seed_pair_merge_halves_the_norm():
