@@ -6,7 +6,9 @@ once, for every field of a :class:`~arrcoc.state.TokenState`: ``tokens``,
 stay aligned, ragged batches stay packed (real tokens first), and nothing is
 silently dropped: bad indices raise :class:`~arrcoc.errors.StateError`.
 
-Everything is batched and vectorised; ties are broken by index.
+Everything is batched and vectorised; ties are broken by index.  Rankings
+by cosine use :func:`similarity_key`, so that equal cosines are equal
+whatever the batch they are computed in.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "query_similarity",
     "patches_to_tokens",
     "resolve_keep",
+    "similarity_key",
     "topk",
     "topk_per_row",
     "unmerge",
@@ -173,6 +176,36 @@ def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (a @ b.transpose(-1, -2)) / norms
 
 
+#: :func:`similarity_key` snaps cosines to multiples of this (about float32's resolution near 1).
+SIMILARITY_GRID = 2.0 ** -24
+
+
+def similarity_key(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Pairwise cosine ``[..., N, C] x [..., M, C] -> [..., N, M]`` to *rank* by: float64, snapped
+    to multiples of :data:`SIMILARITY_GRID`.
+
+    A matrix product rounds differently with its shape, so the same cosine
+    computed in a ragged batch and for the image alone can differ in the last
+    float32 bits, and mathematically equal cosines (duplicate tokens, two
+    uniform regions, orthogonal vectors) would be ordered by that noise
+    rather than by index.  Computed from the inputs in float64, the noise
+    stays far below the grid, so equal cosines get equal keys and the stable
+    sorts, :func:`topk` and first-index ``max`` / ``argmax`` here break the tie
+    by index.  Cosines closer than the grid (below float32's resolution) tie.
+    Returns float64 (float32 on devices without float64, e.g. MPS, where the
+    tie guarantee does not hold).
+    """
+    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-1]:
+        raise StateError(
+            f"similarity_key: expected [..., N, C] and [..., M, C] with one C, got {list(a.shape)} and {list(b.shape)}"
+        )
+    dtype = torch.float32 if a.device.type == "mps" else torch.float64
+    x, y = a.to(dtype), b.to(dtype)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    y = y / y.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return torch.round((x @ y.transpose(-1, -2)) / SIMILARITY_GRID) * SIMILARITY_GRID
+
+
 def query_similarity(
     tokens: torch.Tensor, query: torch.Tensor, query_mask: torch.Tensor | None = None, reduce: str = "max"
 ) -> torch.Tensor:
@@ -187,7 +220,7 @@ def query_similarity(
         )
     if query_mask is not None:
         _check_mask(query_mask, tuple(query.shape[:2]), "query_similarity", "query_mask", "[B, T]")
-    sim = cosine(tokens.float(), query.float())  # [B, N, T]
+    sim = similarity_key(tokens, query, eps=1e-6).float()  # [B, N, T]; equal cosines stay equal in any batch
     if query_mask is None:
         return sim.amax(-1) if reduce == "max" else sim.mean(-1)
     real = query_mask[:, None, :]
@@ -314,10 +347,10 @@ def bipartite_match(
         empty = torch.zeros(B, 0, dtype=torch.int64, device=device)
         return Matching(empty, empty.clone(), empty.bool()), r_used
 
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a_idx = torch.arange(1 if class_token else 0, N, 2, device=device)
     b_idx = torch.arange(0 if class_token else 1, N, 2, device=device)
-    scores = metric[:, a_idx] @ metric[:, b_idx].transpose(-1, -2)
+    # Official ``scores = a @ b.transpose(-1, -2)`` of the normalised metric, as a rounding-proof ranking key.
+    scores = similarity_key(metric[:, a_idx], metric[:, b_idx])
     b_real = b_idx[None, :] < counts[:, None]
     scores = scores.masked_fill(~b_real[:, None, :], float("-inf"))
     node_max, node_idx = scores.max(dim=-1)

@@ -760,3 +760,37 @@ def test_topk_breaks_ties_by_index_at_any_length():
         assert torch.equal(got.values, want.values) and torch.equal(got.indices, want.indices)
     with pytest.raises(StateError, match=r"topk: k must be an int in \[0, 6\], got 7"):
         ops.topk(x, 7)
+
+
+def test_similarity_key_gives_equal_cosines_equal_keys_in_any_batch():
+    g = torch.Generator().manual_seed(0)
+    palette = torch.randn(3, 7, generator=g)
+    rows = palette[torch.randint(0, 3, (2, 41), generator=g)]  # duplicates of 3 vectors
+    rows[1, 5] = 0.0  # a zero vector: cosine 0 with everything
+    key = ops.similarity_key(rows, rows)
+    assert key.dtype == torch.float64
+    torch.testing.assert_close(key, ops.cosine(rows.double(), rows.double(), eps=1e-12), atol=1e-7, rtol=0)
+    # self-cosines of different vectors are all exactly 1, and an image alone gets the keys of its batch row
+    diag = key.diagonal(dim1=-2, dim2=-1)
+    assert (diag[0] == 1).all() and (diag[1][torch.arange(41) != 5] == 1).all() and diag[1, 5] == 0
+    for n in (41, 17, 3):
+        assert torch.equal(ops.similarity_key(rows[1:, :n], rows[1:, :n])[0], key[1, :n, :n])
+    with pytest.raises(StateError, match=r"similarity_key: expected \[\.\.\., N, C\] and \[\.\.\., M, C\] with one C"):
+        ops.similarity_key(torch.rand(2, 3, 4), torch.rand(2, 5, 6))
+
+
+@pytest.mark.parametrize("seed, D, counts", [(0, 5, [43, 19]), (2, 3, [53, 17]), (7, 6, [18, 45]), (11, 5, [23, 10])])
+def test_bipartite_match_of_duplicate_tokens_equals_per_image_runs(seed, D, counts):
+    # Counterexample class of the property tests (aim_merge, tome with ties): tokens copied from 3 vectors,
+    # so many best cosines are exactly equal; float32 products computed them as 1 +- 1 ulp depending on the
+    # batch, and the edge order followed that noise instead of the index.
+    g = torch.Generator().manual_seed(seed)
+    torch.randint(1, 8, (1,), generator=g), torch.randint(2, 60, (2,), generator=g)  # (the search's draws)
+    N = max(counts)
+    metric = torch.randn(2, 3, D, generator=g).gather(1, torch.randint(0, 3, (2, N, 1), generator=g).expand(2, N, D))
+    mask = torch.arange(N)[None] < torch.tensor(counts)[:, None]
+    batch, _ = ops.bipartite_match(metric, N // 4, mask)
+    for b in range(2):
+        alone, _ = ops.bipartite_match(metric[b:b + 1, :counts[b]], N // 4)
+        assert batch.src[b][batch.valid[b]].tolist() == alone.src[0][alone.valid[0]].tolist()
+        assert batch.dst[b][batch.valid[b]].tolist() == alone.dst[0][alone.valid[0]].tolist()

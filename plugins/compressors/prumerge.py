@@ -74,7 +74,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from arrcoc import ops
@@ -145,9 +144,9 @@ def prumerge_values(
     K = kept_index.shape[1]
     x = tokens.float()
     a = cls_attn.float() * mask
-    kn = F.normalize(keys.float(), p=2, dim=-1)
     safe = kept_index.masked_fill(~kept_valid, 0)
-    sim = kn.gather(1, safe[..., None].expand(B, K, kn.shape[-1])) @ kn.transpose(1, 2)  # [B, K, N]
+    # Official ``cos_sim_matrix`` of the normalised keys, as a ranking key (equal cosines equal in any batch).
+    sim = ops.similarity_key(ops.gather_rows(keys, safe, kept_valid), keys)  # [B, K, N]
     is_self = safe[..., None] == torch.arange(N, device=tokens.device)
     sim = sim.masked_fill(is_self | ~mask[:, None, :] | ~kept_valid[..., None], float("-inf"))
     L = max(0, min(neighbors, N - 1))

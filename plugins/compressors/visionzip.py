@@ -92,9 +92,9 @@ def visionzip_select(
     is_target = rest & (p % step[:, None] == 0) & (torch.div(p, step[:, None], rounding_mode="floor") < contextual[:, None])
     target_index, target_valid = ops.pack(is_target)
     Kc = target_index.shape[1]
-    unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    targets = unit.gather(1, target_index[..., None].expand(B, Kc, unit.shape[-1]))
-    sim = (unit @ targets.transpose(1, 2)).masked_fill(~target_valid[:, None, :], float("-inf"))  # [B, N, Kc]
+    # Official ``similarity = normalised metric @ target metric^T``, as a ranking key (equal in any batch).
+    sim = ops.similarity_key(metric, ops.gather_rows(metric, target_index, target_valid))
+    sim = sim.masked_fill(~target_valid[:, None, :], float("-inf"))  # [B, N, Kc]
     assign = sim.argmax(dim=-1)
     assign = torch.where(rest & ~is_target, assign, torch.full_like(assign, -1))
     return dom_index, dom_valid, target_index, target_valid, assign

@@ -200,8 +200,10 @@ def test_half_precision(dtype):
     state = make_state().to(dtype=dtype)
     out = arrcoc.create("compressor", "aim_merge")(state).check()
     assert out.dtype == dtype and out.counts.tolist() == [12, 12]
-    ref = arrcoc.create("compressor", "aim_merge")(make_state())
-    assert torch.allclose(out.tokens.float(), ref.tokens, atol=0.1)
+    # the same matching as float32 on the same (rounded) values: cosines are ranked in float64 (ops.similarity_key)
+    ref = arrcoc.create("compressor", "aim_merge")(state.to(dtype=torch.float32))
+    assert torch.equal(out.origin, ref.origin)
+    assert torch.allclose(out.tokens.float(), ref.tokens, atol=0.02)
 
 
 def test_keys_metric_and_errors():
