@@ -267,7 +267,7 @@ def normalize_scores(scores: torch.Tensor, mask: torch.Tensor, how: str = "rank"
             f"normalize_scores: scores must be [B, N]={list(mask.shape)} like the mask, got {_describe(scores)}"
         )
     s = scores.float()
-    if how == "none":
+    if how == "none" or s.shape[1] == 0:  # nothing to normalise (no token slot at all)
         return s.masked_fill(~mask, 0.0)
     real = s[mask]
     if bool(torch.isnan(real).any()) or (how != "rank" and not bool(torch.isfinite(real).all())):
@@ -585,10 +585,10 @@ def merge(
     if bool(is_src.gather(1, dst_safe)[valid].any()):
         raise StateError("merge: a destination token is also a source (chains are not allowed)")
 
-    # target[b, n]: the slot token n ends up in (itself unless it is a source).
+    # target[b, n]: the slot token n ends up in (itself unless it is a source); column N is a dummy,
+    # so that origin (-1 clamped to 0) can be looked up even in a state with no token slot.
     target = torch.arange(N + 1, device=device).expand(B, N + 1).clone()
     target.scatter_(1, src_sink, torch.where(valid, dst_safe, torch.full_like(dst_safe, N)))
-    target = target[:, :N]
 
     w = (state.size if weights is None else weights).to(torch.float32)
     if w.shape != (B, N):

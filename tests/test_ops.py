@@ -794,3 +794,16 @@ def test_bipartite_match_of_duplicate_tokens_equals_per_image_runs(seed, D, coun
         alone, _ = ops.bipartite_match(metric[b:b + 1, :counts[b]], N // 4)
         assert batch.src[b][batch.valid[b]].tolist() == alone.src[0][alone.valid[0]].tolist()
         assert batch.dst[b][batch.valid[b]].tolist() == alone.dst[0][alone.valid[0]].tolist()
+
+
+def test_ops_on_a_state_without_token_slots():
+    # Counterexample of the property tests (chain aim_prune -> aim_merge): an in-LLM stage may keep no
+    # token; merging nothing in a state with N = 0 used to index past an empty tensor.
+    state = ops.keep(make_state(B=2), torch.zeros(2, 0, dtype=torch.int64))
+    assert state.N == 0 and bool((state.origin == -1).all())
+    empty = torch.zeros(2, 0, dtype=torch.int64)
+    out = ops.merge(state, empty, empty).check()
+    assert out.N == 0 and torch.equal(out.origin, state.origin)
+    assert ops.keep_topk(state, torch.zeros(2, 0), 0).check().N == 0
+    matching, r_used = ops.bipartite_match(state.tokens, 3, state.mask)
+    assert matching.src.shape == (2, 0) and r_used.tolist() == [0, 0]

@@ -89,6 +89,8 @@ def iqr_outlier_count(cls_attn: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
     ``cls_attn`` ``[B, N]``, ``mask`` ``[B, N]`` -> ``[B]`` int64.
     """
+    if cls_attn.shape[1] == 0:  # no token slot (an image with no token has NaN quantiles: no outlier)
+        return torch.zeros(cls_attn.shape[0], dtype=torch.int64, device=cls_attn.device)
     x = cls_attn.double().masked_fill(~mask, float("nan"))
     q = torch.nanquantile(x, torch.tensor([0.25, 0.75], dtype=torch.float64, device=x.device), dim=1)
     upper = q[1] + 1.5 * (q[1] - q[0])
@@ -160,6 +162,8 @@ def prumerge_values(
     kept_values = (x.gather(1, safe[..., None].expand(B, K, D)) + weights @ x) * kept_valid[..., None]
     pruned = mask & ~_index_mask(kept_index, kept_valid, N)
     extra = ((a * pruned)[:, None, :] @ x)[:, 0]
+    if K == 0:  # no kept token (only an image with no token at all): nothing absorbs anything
+        return kept_values, extra, torch.full((B, N), -1, dtype=torch.int64, device=tokens.device)
     best, where = sim.masked_fill(~member, float("-inf")).max(dim=1)  # [B, N]
     absorbed_by = torch.where(torch.isfinite(best), where, torch.full_like(where, -1))
     return kept_values, extra, absorbed_by
@@ -256,6 +260,8 @@ class PruMerge(Compressor):
     def __call__(self, state: TokenState) -> TokenState:
         attn, keys = self._inputs(state)
         index, valid = self.select(state, attn)
+        if state.N == 0:  # no token slot at all (an in-LLM stage may leave none): nothing to merge
+            return state
         small = state.counts - 1 < self.params.neighbors
         if bool(small.any()):
             record_warning(

@@ -407,7 +407,7 @@ class SparseVLMLLMParams(Params):
     scale: float = Field(1.0, gt=0, description="lambda of the rank rule (count: adaptive).")
     recycle: bool = Field(True, description="Official v1.0 recycling: DPC-KNN cluster tokens of the best deleted.")
     recycle_ratio: float = Field(0.3, gt=0, le=1, description="Share of the deleted tokens recycled (+1).")
-    cluster_divisor: int = Field(10, ge=1, description="Recycled tokens per cluster: clusters = m // divisor + 1.")
+    cluster_divisor: int = Field(10, ge=1, description="Recycled tokens per cluster: clusters = min(m // divisor + 1, m).")
     positions: Literal["compact", "original"] = Field(
         "compact", description="compact: kept tokens renumbered contiguously (v1.0); original: kept ids (v2.0).")
 

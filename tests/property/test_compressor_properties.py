@@ -2,7 +2,7 @@
 
 States are ragged batches of 1-4 images with 1-600 patches in fp32 / fp16 /
 bf16, with degenerate values on demand (tied values, zero tokens, duplicate
-tokens, flat attention), a class token or not, and every input a compressor
+tokens, flat attention, an image with no token left), a class token or not, and every input a compressor
 may need (``cls_attn``, ``keys``, ``attn_from_last``, a query; the in-LLM
 signals of ``sparsevlm_llm`` / ``aim_prune`` are attached before their stage
 as the model integration does).  Each compressor runs with its default and
@@ -66,6 +66,7 @@ class StateSpec:
     attn: str  # "uniform", "peaked" (a few outliers) or "flat" (all equal)
     cls: bool
     ragged: str  # "none" (full grid), "prefix" (first counts[b] patches) or "shuffled" (a random subset)
+    empty: bool  # ragged: the first image keeps no token at all (as an in-LLM stage may leave it)
 
 
 @st.composite
@@ -86,6 +87,7 @@ def state_specs(draw, full: bool = False) -> StateSpec:
         attn=draw(st.sampled_from(["uniform", "peaked", "flat"])),
         cls=draw(st.booleans()),
         ragged="none" if full else draw(st.sampled_from(["none", "prefix", "shuffled"])),
+        empty=draw(st.booleans()) and not full,
     )
 
 
@@ -121,6 +123,8 @@ def build_state(spec: StateSpec) -> TokenState:
     ).replace(query=query.to(dtype), query_mask=query_mask)
     if spec.ragged != "none":
         counts = torch.randint(1, N0 + 1, (B,), generator=g)
+        if spec.empty:
+            counts[0] = 0
         if spec.ragged == "shuffled":
             index = torch.stack([torch.randperm(N0, generator=g) for _ in range(B)])
         else:

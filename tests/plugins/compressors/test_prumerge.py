@@ -241,3 +241,19 @@ def test_duplicate_keys_give_the_same_result_batched_and_alone(cls, dtype):
                 one = cls()(state.image(b))
                 fails += not torch.equal(out.origin[b], one.origin[0])
     assert fails == 0
+
+
+@pytest.mark.parametrize("cls", [PruMerge, PruMergePlus])
+def test_an_image_with_no_token_left(cls):
+    # Property-test counterexample: an earlier in-LLM stage may leave an image (or all) with no token;
+    # the quantiles of an empty row and the absorber of no kept token used to raise.
+    state = make_state(B=2)
+    state = ops.keep(state, torch.arange(N0).expand(2, N0).contiguous(), torch.arange(N0)[None] < torch.tensor([[0], [60]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ArrcocWarning)
+        out = cls()(state).check()
+        alone = [cls()(state.image(b)).check() for b in range(2)]
+    assert out.counts[0] == 0 and alone[0].N == 0 and bool((out.origin[0] == -1).all())
+    assert torch.equal(out.origin[1], alone[1].origin[0]) and out.counts[1] == alone[1].counts[0]
+    with pytest.raises(BudgetError, match=r"asked to keep 2 tokens, but an image has only 0"):
+        cls(keep=2)(state.image(0))

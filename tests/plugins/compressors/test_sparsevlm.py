@@ -403,3 +403,12 @@ def test_near_constant_scores_are_constant_after_minmax():
     jitter = state.with_per_token(cls_attn=1e-3 + 1e-9 * torch.rand(2, 30, generator=torch.Generator().manual_seed(1)))
     plugin = arrcoc.create("compressor", "sparsevlm", keep=0.3)
     assert torch.equal(plugin(flat).origin, plugin(jitter).origin)
+
+
+def test_a_state_with_no_token_slot():
+    # Property-test counterexample: min-max normalisation reduced over an empty dimension
+    state = make_state(counts=[0, 0])
+    assert state.N == 0
+    out = arrcoc.create("compressor", "sparsevlm", recycle=True)(state).check()
+    assert out.N == 0
+    assert ops.normalize_scores(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool), "minmax").shape == (2, 0)
