@@ -23,11 +23,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402
-    CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
+    LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 import arrcoc  # noqa: E402
+from tiny_models import left_pad as _left_pad, tiny_llava  # noqa: E402
 from arrcoc.errors import ArrcocError, BudgetError, InputError, MissingInputError, ModelError  # noqa: E402
 from arrcoc.spec import resolve_spec  # noqa: E402
 
@@ -51,24 +52,12 @@ def compress(*stages: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- models and inputs
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is ~50x faster than two on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def models():
     """``sdpa`` (the default implementation) and an ``eager`` twin with the same weights, float64."""
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=112, patch_size=14)
-    tc = LlamaConfig(**TEXT_CONFIG)
-    sdpa = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG))
-    sdpa = sdpa.eval().double()
+    sdpa = tiny_llava()
     assert sdpa.config.text_config._attn_implementation == "sdpa"
     eager = copy.deepcopy(sdpa)
     eager.set_attn_implementation("eager")
@@ -85,11 +74,6 @@ def _row(pre: int, post: int, n_image: int = N0) -> list[int]:
     return [BOS] + list(range(5, 5 + pre)) + [IMG] * n_image + list(range(30, 30 + post))
 
 
-def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (L - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 ROWS = [(3, 5), (2, 9), (6, 1)]  # prompt lengths 73, 76, 72

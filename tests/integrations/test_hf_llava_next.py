@@ -13,32 +13,18 @@ pytest.importorskip("transformers")
 import torch
 
 import arrcoc
+from tiny_models import tiny_llava_next
 
 IMAGE = 199
 SIZES = [[50, 100], [90, 40], [100, 100]]  # crop grids (1, 2), (2, 1), (2, 2): wide, tall, square
 S = 4  # 56 px / patch 14
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=56, patch_size=14)
-    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=200, pad_token_id=0, eos_token_id=None)
-    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE,
-                          image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
-    return LlavaNextForConditionalGeneration(cfg).double().eval()
+    return tiny_llava_next()
 
 
 def inputs(model, images=(0, 1, 2), texts=((2, 3), (1, 5), (0, 1))):

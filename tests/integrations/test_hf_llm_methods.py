@@ -30,9 +30,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
 import arrcoc  # noqa: E402
+from tiny_models import left_pad as _left_pad, tiny_llava  # noqa: E402
 from arrcoc.errors import ArrcocError  # noqa: E402
 from arrcoc.integrations.hf import layer_flops  # noqa: E402
 
@@ -66,22 +66,11 @@ PRE_AND_LLM = {"encoder": ENC, "compress": [{"use": "random_keep", "keep": 16}],
 
 
 # --------------------------------------------------------------------------- model and inputs
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is much faster than two on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=112, patch_size=14)
-    m = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=LlamaConfig(**TEXT_CONFIG),
-                                                  image_token_id=IMG)).eval().double()
+    m = tiny_llava()
     assert m.config.text_config._attn_implementation == "sdpa"
     return m
 
@@ -90,11 +79,6 @@ def _row(pre: int, post: int, n_image: int = N0) -> list[int]:
     return [BOS] + list(range(5, 5 + pre)) + [IMG] * n_image + list(range(30, 30 + post))
 
 
-def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (L - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 @pytest.fixture(scope="module")

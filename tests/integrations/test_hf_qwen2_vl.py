@@ -13,34 +13,18 @@ pytest.importorskip("transformers")
 import torch
 
 import arrcoc
+from tiny_models import tiny_qwen2_vl
 from arrcoc.errors import ModelError, MissingInputError
 
 IMAGE, START, END = 900, 902, 903
 GRIDS = [[1, 8, 12], [1, 6, 6], [1, 4, 8]]  # 24, 9 and 8 merged tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    cfg = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=None,
-                         pad_token_id=0, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                          "rope_theta": 10000.0}),
-        image_token_id=IMAGE, video_token_id=901, vision_start_token_id=START, vision_end_token_id=END)
-    return Qwen2VLForConditionalGeneration(cfg).double().eval()
+    return tiny_qwen2_vl()
 
 
 def inputs(images=(0, 1, 2), texts=((3, 5), (2, 8), (4, 2))):

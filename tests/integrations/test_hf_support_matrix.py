@@ -14,16 +14,11 @@ pytest.importorskip("transformers")
 import torch
 
 import arrcoc
+from tiny_models import tiny_llava, tiny_llava_next, tiny_qwen2_vl
 
 IMAGE = 199
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _text(pre, post):
@@ -37,29 +32,15 @@ def _batch(rows, extra):
 
 
 def llava():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=112, patch_size=14)
-    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=200, pad_token_id=0, eos_token_id=None)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE)).eval()
+    model = tiny_llava(torch.float32)
     rows = [[1, *a, *[IMAGE] * 64, *b] for a, b in (_text(3, 5), _text(1, 9))]
     return model, _batch(rows, {"pixel_values": torch.randn(2, 3, 112, 112)}), 64
 
 
-def llava_next():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=56, patch_size=14)
-    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=200, pad_token_id=0, eos_token_id=None)
-    model = LlavaNextForConditionalGeneration(LlavaNextConfig(
-        vision_config=vc, text_config=tc, image_token_id=IMAGE,
-        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])).eval()
+
+def llava_next():
+    model = tiny_llava_next(torch.float32)
     sizes = torch.tensor([[50, 100], [90, 40]])
     per = arrcoc.hf.adapter_for(model).tokens_per_image(None, {"image_sizes": sizes})
     rows = [[1, *a, *[IMAGE] * n, *b] for n, (a, b) in zip(per, (_text(3, 5), _text(1, 9)))]
@@ -67,18 +48,7 @@ def llava_next():
 
 
 def qwen2_vl():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    cfg = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=None,
-                         pad_token_id=0, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                          "rope_theta": 10000.0}),
-        image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = tiny_qwen2_vl(torch.float32)
     grids = torch.tensor([[1, 8, 12], [1, 6, 6]])
     rows = [[1, *a, 902, *[900] * n, 903, *b] for n, (a, b) in zip((24, 9), (_text(3, 5), _text(1, 9)))]
     batch = _batch(rows, {"pixel_values": torch.randn(96 + 36, 1176), "image_grid_thw": grids})

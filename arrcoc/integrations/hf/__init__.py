@@ -7,7 +7,7 @@ model family (``llava.py``) implements :class:`Adapter`.  See docs/hf.md.
 from __future__ import annotations
 
 try:
-    import transformers as _transformers
+    import transformers as _transformers  # noqa: F401  (the hf extra is installed)
 except ImportError as exc:  # pragma: no cover - the hf extra is missing
     from arrcoc.errors import ModelError
 

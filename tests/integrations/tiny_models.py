@@ -1,0 +1,64 @@
+"""Tiny VLMs built from configs (offline, seeded), one per supported family, and prompt helpers.
+
+LLaVA-1.5: CLIP tower 112 px / patch 14 (64 image tokens, class token), 4-layer Llama of width 64.
+LLaVA-NeXT: the same tower at 56 px (16 tokens per view), AnyRes pinpoints 1x2, 2x1, 2x2.
+Qwen2-VL: a 2-block tower with 2x2 merging, 4-layer decoder with multimodal rotary positions.
+No eos token: every generation runs its full length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMAGE = 199  # LLaVA and LLaVA-NeXT placeholder id (vocabulary 200)
+QWEN_IMAGE, QWEN_START, QWEN_END = 900, 902, 903
+PAD, BOS = 0, 1
+LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=200, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=None)
+
+
+def _clip(image_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=image_size, patch_size=14)
+
+
+def tiny_llava(dtype: torch.dtype = torch.float64):
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = LlavaConfig(vision_config=_clip(112), text_config=LlamaConfig(**LLAMA), image_token_id=IMAGE)
+    return LlavaForConditionalGeneration(config).eval().to(dtype)
+
+
+def tiny_llava_next(dtype: torch.dtype = torch.float64):
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = LlavaNextConfig(vision_config=_clip(56), text_config=LlamaConfig(**LLAMA), image_token_id=IMAGE,
+                             image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
+    return LlavaNextForConditionalGeneration(config).eval().to(dtype)
+
+
+def tiny_qwen2_vl(dtype: torch.dtype = torch.float64):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=BOS, eos_token_id=None,
+                         pad_token_id=PAD, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                            "rope_theta": 10000.0}),
+        image_token_id=QWEN_IMAGE, video_token_id=901, vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END)
+    return Qwen2VLForConditionalGeneration(config).eval().to(dtype)
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> ``(input_ids, attention_mask)``, left-padded with ``PAD``."""
+    L = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (L - len(r)) + r for r in rows])
+    return ids, (ids != PAD).long()
