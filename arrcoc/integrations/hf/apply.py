@@ -9,8 +9,7 @@
 Inside the context:
 
 * **pre-LLM stages** (``compress``, ``score``, ``allocate``) run on the
-  model's own image features (:class:`~arrcoc_plugins.encoders.hf_vision.HFVision`
-  around the live tower), per image in a ragged batch; the prompt handed to
+  model's own image features (the ``hf_vision`` encoder around the live tower), per image in a ragged batch; the prompt handed to
   the LLM carries as many placeholders per image as tokens were kept
   (left-padded), and ``generate`` returns the caller's prompt followed by
   the new tokens, as without arrcoc.  Stages declared ``stage = "vision"``
@@ -37,6 +36,7 @@ import torch
 
 from arrcoc.errors import InputError, ModelError
 from arrcoc.pipeline import Pipeline
+from arrcoc.registry import get_registry
 from arrcoc.plugin import LLMCompressor
 from arrcoc.spec import PipelineSpec, resolve_spec
 from arrcoc.state import TokenState
@@ -48,6 +48,8 @@ from .prompt import image_slots, pack_end, shrink_prompts, source_cells, source_
 from .report import Report, layer_flops
 
 PROJECTOR_CHOICES = ("auto", "before", "after")
+#: The encoder plugin that wraps a live model's tower (``plugins/encoders/hf_vision.py``).
+VISION_ENCODER = "hf_vision"
 #: Encoder settings of a pipeline file that carry over to the model's own tower.
 _ENCODER_OPTIONS = ("attention_layer", "extra_attention_layers", "cls_attention_heads")
 
@@ -56,8 +58,6 @@ class Run:
     """One pipeline applied to one model; ``report`` describes the last call."""
 
     def __init__(self, model: Any, spec: PipelineSpec, projector: str = "auto") -> None:
-        from arrcoc_plugins.encoders.hf_vision import HFVision
-
         if projector not in PROJECTOR_CHOICES:
             raise InputError(f"arrcoc.hf.apply: projector must be one of {PROJECTOR_CHOICES}, got {projector!r}")
         self.model = model
@@ -69,7 +69,8 @@ class Run:
                 f"{self.adapter.family} model's tower; move the compressor to `compress:`"
             )
         options = {k: v for k, v in spec.encoder.params.items() if k in _ENCODER_OPTIONS}
-        self.encoder = HFVision.for_model(model, project=False, **options)
+        # The integration's own encoder, found like any plugin (the core imports no plugin module).
+        self.encoder = get_registry().get("encoder", VISION_ENCODER).for_model(model, project=False, **options)
         device = next(model.parameters()).device
         self.pipeline = Pipeline(spec, device=device, encoder=self.encoder)
         self.vision_stages, self.projector_stages = _split(self.pipeline.stages, projector)
