@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import arrcoc
+from _prefill import Minima, measure_round, ratio_table
+from _timing import time_ms
 
 PROMPT_TEXT = 40  # text tokens around the image (system prompt + question), as in LLaVA-1.5's template
 
@@ -59,16 +60,8 @@ def prompt(n_image: int, device: str) -> dict:
 
 
 def timed(fn, repeats: int, device: str) -> float:
-    times = []
-    for _ in range(repeats + 1):  # one warm-up
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:])
+    """Median ms of ``repeats`` runs after one warm-up."""
+    return time_ms(fn, repeats, torch.device(device))
 
 
 def main() -> None:
@@ -168,53 +161,22 @@ def main() -> None:
 
 
 def ratios(model, pixels, full, args) -> None:
-    """LLM speed-up at K of 576 and method overhead against a hand-built prompt of K, from minima.
-
-    Runs are interleaved (hand-built, then each method, ``--repeats`` rounds)
-    and every component (vision tower, pre-LLM stages, decoder stack) is the
-    minimum over the rounds, which a busy machine only ever inflates.  End to
-    end = vision + stages + LLM (the stages run between the two).
-    """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+    """LLM speed-up at K of 576 and method overhead against a hand-built prompt of K (see ``_prefill``)."""
     k = args.ratios
-    feats = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
-    short, all_features = prompt(k, args.device), prompt(576, args.device)
     methods = {"random_keep": {"compress": [{"use": "random_keep", "keep": k}]},
                "hired": {"compress": [{"use": "hired", "keep": k}]},
                "fastv (layer 2)": {"llm": [{"use": "fastv", "layer": 2, "keep": k}]}}
-    best: dict[str, dict[str, float]] = {}
-
-    def keep_min(name: str, **parts: float) -> None:
-        row = best.setdefault(name, {})
-        for part, ms in parts.items():
-            row[part] = min(row.get(part, float("inf")), ms)
-
+    minima = Minima()
     with torch.inference_mode():
+        feats = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+        vision = time_ms(lambda: model.model.get_image_features(pixel_values=pixels), args.repeats + 1,
+                         torch.device(args.device), warmup=0, stat="min")
         for _ in range(args.repeats + 1):
-            start = time.perf_counter()
-            model.model.get_image_features(pixel_values=pixels)
-            keep_min("vision", ms=(time.perf_counter() - start) * 1e3)
-            for name, (ids, f) in {"all 576": (all_features, feats), "hand-built": (short, feats[:k])}.items():
-                with arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}}) as run:
-                    model(**ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[f])},
-                          logits_to_keep=1)
-                keep_min(name, llm=run.report.llm_prefill_ms, stages=0.0)
-            for name, stages in methods.items():
-                with arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}, **stages}) as run:
-                    model(**full, pixel_values=pixels, logits_to_keep=1)
-                keep_min(name, llm=run.report.llm_prefill_ms, stages=run.report.stages_ms)
-    vision = best.pop("vision")["ms"]
-    base = best["all 576"]["llm"]
-    hand = best["hand-built"]
-    lines = [f"| method | LLM prefill ms (min) | LLM speed-up vs 576 | pre-LLM stages ms | LLM overhead vs "
-             f"hand-built {k} | e2e overhead vs hand-built {k} |", "|---|---|---|---|---|---|"]
-    for name, row in best.items():
-        e2e = (vision + row["stages"] + row["llm"]) / (vision + hand["llm"])
-        lines.append(f"| {name} | {row['llm']:.1f} | {base / row['llm']:.2f}x | {row['stages']:.1f} | "
-                     f"{row['llm'] / hand['llm']:.3f} | {e2e:.3f} |")
-    table = "\n".join(lines) + (f"\n\nvision tower (min) {vision:.1f} ms; {torch.get_num_threads()} thread(s); minima "
-                                 f"over {args.repeats + 1} interleaved rounds.\n")
+            measure_round(minima, model, full, feats, prompt(k, args.device), k, methods,
+                          {"pixel_values": pixels}, 576)
+    table = ratio_table(minima, vision, k, 576) + (
+        f"\n\nvision tower (min) {vision:.1f} ms; {torch.get_num_threads()} thread(s); minima over "
+        f"{args.repeats + 1} interleaved rounds.\n")
     print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

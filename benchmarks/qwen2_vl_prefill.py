@@ -22,12 +22,12 @@ vision + stages + LLM.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
-import arrcoc
+from _prefill import Minima, measure_round, ratio_table
+from _timing import time_ms
 
 IMAGE, START, END = 151655, 151652, 151653
 
@@ -68,50 +68,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     model = build(args.layers, args.width, args.vision_depth)
     full = prompt([1, 32, 32])
     pixels = torch.randn(32 * 32, 3 * 2 * 14 * 14)
     k = 64
-    short = prompt([1, 16, 16])
     methods = {"random_keep": {"compress": [{"use": "random_keep", "keep": k}]},
                "aim_merge": {"compress": [{"use": "aim_merge", "keep": [0.5, 0.5]}]},
                "sparsevlm (w_sal 0)": {"compress": [{"use": "sparsevlm", "keep": k, "w_sal": 0.0}]},
                "fastv (layer 2)": {"llm": [{"use": "fastv", "layer": 2, "keep": k}]}}
-    best: dict[str, dict[str, float]] = {}
-
-    def keep_min(name: str, **parts: float) -> None:
-        row = best.setdefault(name, {})
-        for part, ms in parts.items():
-            row[part] = min(row.get(part, float("inf")), ms)
-
+    minima = Minima()
     with torch.inference_mode():
-        feats = model.model.get_image_features(pixels, full["image_grid_thw"]).pooler_output[0]
+        features = lambda: model.model.get_image_features(pixels, full["image_grid_thw"]).pooler_output[0]  # noqa: E731
+        feats = features()
+        vision = time_ms(features, args.repeats + 1, torch.device("cpu"), warmup=0, stat="min")
         for _ in range(args.repeats + 1):
-            start = time.perf_counter()
-            model.model.get_image_features(pixels, full["image_grid_thw"])
-            keep_min("vision", ms=(time.perf_counter() - start) * 1e3)
-            for name, (ids, f) in {"all 256": (full, feats), "hand-built": (short, feats[:k])}.items():
-                with arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}}) as run:
-                    model(**ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[f])},
-                          logits_to_keep=1)
-                keep_min(name, llm=run.report.llm_prefill_ms, stages=0.0)
-            for name, stages in methods.items():
-                with arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}, **stages}) as run:
-                    model(**full, pixel_values=pixels, logits_to_keep=1)
-                keep_min(name, llm=run.report.llm_prefill_ms, stages=run.report.stages_ms)
-                if run.report.layer_visual[-1][0] != k:
-                    raise SystemExit(f"{name}: the last layer sees {run.report.layer_visual[-1]} visual tokens, not {k}")
-    vision = best.pop("vision")["ms"]
-    base, hand = best["all 256"]["llm"], best["hand-built"]
-    lines = ["| method | LLM prefill ms (min) | LLM speed-up vs 256 | pre-LLM stages ms | LLM overhead vs "
-             "hand-built 64 | e2e overhead vs hand-built 64 |", "|---|---|---|---|---|---|"]
-    for name, row in best.items():
-        e2e = (vision + row["stages"] + row["llm"]) / (vision + hand["llm"])
-        lines.append(f"| {name} | {row['llm']:.1f} | {base / row['llm']:.2f}x | {row['stages']:.1f} | "
-                     f"{row['llm'] / hand['llm']:.3f} | {e2e:.3f} |")
-    table = "\n".join(lines) + (
+            measure_round(minima, model, full, feats, prompt([1, 16, 16]), k, methods, {"pixel_values": pixels}, 256)
+    table = ratio_table(minima, vision, k, 256) + (
         f"\n\nQwen2-VL shape: vision {args.vision_depth} blocks x 640, decoder {args.layers} x {args.width}, fp32, "
         f"256 visual + 40 text tokens; vision tower (min) {vision:.1f} ms; {torch.get_num_threads()} thread(s); "
         f"minima over {args.repeats + 1} interleaved rounds.\n")
