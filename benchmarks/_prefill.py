@@ -9,6 +9,7 @@ its decoder stack.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +55,14 @@ def measure_round(minima: Minima, model: Any, full: dict, full_features: torch.T
         if report.layer_visual[-1][0] != k:
             raise SystemExit(f"{name}: the last decoder layer sees {report.layer_visual[-1]} visual tokens, not {k}")
         minima.add(name, llm=report.llm_prefill_ms, stages=report.stages_ms)
+
+
+def emit(table: str, out: str | None) -> None:
+    """Print the table, and write it to ``out`` too when given."""
+    print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table)
 
 
 def ratio_table(minima: Minima, vision_ms: float, k: int, total: int) -> str:

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import torch
 
 import arrcoc
-from _prefill import Minima, measure_round, ratio_table
+from _prefill import Minima, emit, measure_round, ratio_table
 from _timing import time_ms
 
 PROMPT_TEXT = 40  # text tokens around the image (system prompt + question), as in LLaVA-1.5's template
@@ -154,10 +153,7 @@ def main() -> None:
     machine = (f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                f"{'LLaVA-1.5-7B decoder bf16' if args.real else f'{args.layers} layers x {args.width} fp32'}")
     table = "\n".join(lines) + f"\n\n{machine}; medians of {args.repeats} runs after one warm-up.\n"
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
+    emit(table, args.out)
 
 
 def ratios(model, pixels, full, args) -> None:
@@ -177,10 +173,7 @@ def ratios(model, pixels, full, args) -> None:
     table = ratio_table(minima, vision, k, 576) + (
         f"\n\nvision tower (min) {vision:.1f} ms; {torch.get_num_threads()} thread(s); minima over "
         f"{args.repeats + 1} interleaved rounds.\n")
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
+    emit(table, args.out)
 
 
 if __name__ == "__main__":

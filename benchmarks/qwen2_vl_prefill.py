@@ -22,11 +22,10 @@ vision + stages + LLM.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from _prefill import Minima, measure_round, ratio_table
+from _prefill import Minima, emit, measure_round, ratio_table
 from _timing import time_ms
 
 IMAGE, START, END = 151655, 151652, 151653
@@ -87,10 +86,7 @@ def main() -> None:
         f"\n\nQwen2-VL shape: vision {args.vision_depth} blocks x 640, decoder {args.layers} x {args.width}, fp32, "
         f"256 visual + 40 text tokens; vision tower (min) {vision:.1f} ms; {torch.get_num_threads()} thread(s); "
         f"minima over {args.repeats + 1} interleaved rounds.\n")
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
+    emit(table, args.out)
 
 
 if __name__ == "__main__":

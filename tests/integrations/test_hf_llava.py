@@ -28,7 +28,7 @@ from transformers import (  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 import arrcoc  # noqa: E402
-from tiny_models import left_pad as _left_pad, tiny_llava  # noqa: E402
+from tiny_models import left_pad as _left_pad, llava_batch, tiny_llava  # noqa: E402
 from arrcoc.errors import ArrcocError, BudgetError, InputError, MissingInputError, ModelError  # noqa: E402
 from arrcoc.spec import resolve_spec  # noqa: E402
 
@@ -81,9 +81,7 @@ ROWS = [(3, 5), (2, 9), (6, 1)]  # prompt lengths 73, 76, 72
 
 @pytest.fixture(scope="module")
 def batch3():
-    ids, mask = _left_pad([_row(*r) for r in ROWS])
-    pixels = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    return llava_batch(ROWS)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ transformers = pytest.importorskip("transformers")
 
 
 import arrcoc  # noqa: E402
-from tiny_models import left_pad as _left_pad, tiny_llava  # noqa: E402
+from tiny_models import left_pad as _left_pad, llava_batch, tiny_llava  # noqa: E402
 from arrcoc.errors import ArrcocError  # noqa: E402
 from arrcoc.integrations.hf import layer_flops  # noqa: E402
 
@@ -83,9 +83,7 @@ def _row(pre: int, post: int, n_image: int = N0) -> list[int]:
 
 @pytest.fixture(scope="module")
 def batch3():
-    ids, mask = _left_pad([_row(*r) for r in ROWS])
-    pixels = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    return llava_batch(ROWS)
 
 
 @pytest.fixture(scope="module")

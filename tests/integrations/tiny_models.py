@@ -62,3 +62,11 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     L = max(map(len, rows))
     ids = torch.tensor([[PAD] * (L - len(r)) + r for r in rows])
     return ids, (ids != PAD).long()
+
+
+def llava_batch(rows: list[tuple[int, int]], seed: int = 1) -> dict:
+    """LLaVA prompts ``bos, text, 64 x <image>, question`` (``rows``: text lengths before / after), left-padded,
+    with seeded float64 pixels."""
+    ids, mask = left_pad([[BOS, *range(5, 5 + pre), *[IMAGE] * 64, *range(30, 30 + post)] for pre, post in rows])
+    pixels = torch.randn(len(rows), 3, 112, 112, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
