@@ -28,6 +28,7 @@ implementation and ``generate``: the model computes exactly as before.
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -120,15 +121,15 @@ class Run:
         return bool(self.vision_stages or self.projector_stages)
 
     def _pre_llm_hook(self, module: Any, args: tuple, kwargs: dict):
+        if args:  # every input by name: positional pixel_values must not slip past the stages
+            kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
+            args = ()
         pixels = kwargs.get("pixel_values")
         if not self.has_pre_llm or pixels is None:
             if not self._in_generate:  # a direct forward: the last pre-LLM record is not this call's
                 self._pre = {}
-            self._check_placeholders(kwargs.get("input_ids", args[0] if args else None), kwargs)
-            return None
-        if args:
-            kwargs = dict(kwargs, input_ids=args[0])
-            args = ()
+            self._check_placeholders(kwargs.get("input_ids"), kwargs)
+            return args, kwargs
         return args, self._compress(kwargs)
 
     def _image_inputs(self, kwargs: dict) -> dict:
@@ -232,9 +233,12 @@ class Run:
             return out
         # The caller's prompt, then the new tokens: exactly the layout of generate without arrcoc.
         cut = kwargs["input_ids"].shape[1]
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        # num_return_sequences / beams return several rows per prompt, in prompt order.
+        prompts = original.repeat_interleave(sequences.shape[0] // original.shape[0], 0)
         if isinstance(out, torch.Tensor):
-            return torch.cat([original, out[:, cut:]], 1)
-        out.sequences = torch.cat([original, out.sequences[:, cut:]], 1)
+            return torch.cat([prompts, out[:, cut:]], 1)
+        out.sequences = torch.cat([prompts, out.sequences[:, cut:]], 1)
         return out
 
     def _post_hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
