@@ -178,10 +178,10 @@ def _background(rng: np.random.Generator) -> tuple[np.ndarray, str]:
         cell = int(rng.integers(4, 17))
         checks = ((np.arange(IMAGE_SIZE)[:, None] // cell + np.arange(IMAGE_SIZE)[None, :] // cell) % 2) * 2.0 - 1
         image = image + rng.uniform(6, 14) * checks[..., None]
-    else:  # blotches: a coarse random field, upsampled
-        coarse = rng.normal(0, 1, size=(8, 8, 3))
+    else:  # blotches: a coarse random field, upsampled; bounded, so that no blotch turns an object colour
+        coarse = np.clip(rng.normal(0, 1, size=(8, 8, 3)), -1.5, 1.5)
         blotches = np.kron(coarse, np.ones((16, 16, 1)))
-        image = image + rng.uniform(10, 20) * blotches
+        image = image + rng.uniform(8, 15) * blotches
     return image, kind
 
 

@@ -239,6 +239,8 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), *, resume: bool 
     """
     out = Path(out)
     checkpoint_path = out / CHECKPOINT
+    if checkpoint_path.exists() and not resume:
+        raise TrainingExistsError(f"{checkpoint_path} exists: pass --resume to continue it, or another --out")
     if threads is not None:
         torch.set_num_threads(threads)
     processor = build_processor()
@@ -247,8 +249,6 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), *, resume: bool 
     optimizer = make_optimizer(model, config)
     start, elapsed = 0, {"wall_s": 0.0, "cpu_s": 0.0}
     if checkpoint_path.exists():
-        if not resume:
-            raise TrainingExistsError(f"{checkpoint_path} exists: pass --resume to continue it, or another --out")
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         if state["config"] != config.as_dict():
             differ = {k: (state["config"][k], v) for k, v in config.as_dict().items() if state["config"].get(k) != v}
@@ -295,8 +295,6 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), *, resume: bool 
                 log.write(json.dumps(record) + "\n")
                 log.flush()   # a background run can be followed with tail -f
                 recent = (recent + [record])[-20:]
-                if on_step is not None:
-                    on_step(step + 1, record)
                 if bar is not None:
                     mean = {k: sum(r[k] for r in recent) / len(recent) for k in ("loss", "answer_loss", "grounding_loss", "accuracy", "seconds")}
                     bar.update(task, completed=step + 1, loss=mean["loss"], answer=mean["answer_loss"],
@@ -306,6 +304,8 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), *, resume: bool 
                     now = {"wall_s": elapsed["wall_s"] + time.time() - wall0,
                            "cpu_s": elapsed["cpu_s"] + cpu_seconds() - cpu0}
                     _save_checkpoint(checkpoint_path, done, model, optimizer, config, now)
+                if on_step is not None:   # after the checkpoint: a callback that stops the run loses nothing
+                    on_step(done, record)
     finally:
         if bar is not None:
             bar.stop()

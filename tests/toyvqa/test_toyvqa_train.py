@@ -1,0 +1,111 @@
+"""ToyVQA training on a tiny model: the loss falls, resuming equals not stopping, inputs match the processor's."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from arrcoc.toyvqa import prompt, sample, vocabulary  # noqa: E402
+from arrcoc.toyvqa.modeling import TINY, build_model, build_processor, pixel_values  # noqa: E402
+from arrcoc.toyvqa.questions import QUESTION_TYPES, all_questions  # noqa: E402
+from arrcoc.toyvqa.train import (  # noqa: E402
+    Batcher,
+    TrainConfig,
+    TrainingExistsError,
+    examples_for_step,
+    grounding_loss,
+    train,
+)
+
+TINY_RUN = TrainConfig(steps=4, batch_images=2, questions_per_image=2, lr=3e-3, warmup=1, size=TINY)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+def test_every_question_word_is_in_the_vocabulary(processor):
+    s = sample("test", 0)
+    words = set()
+    for qtype in QUESTION_TYPES:
+        for q in all_questions(s.scene, qtype):
+            words |= set(processor.tokenizer.tokenize(q.text)) | {q.answer}
+    assert words <= set(vocabulary())
+    ids = processor.tokenizer("What colour is the STAR?")["input_ids"]
+    assert processor.tokenizer.convert_ids_to_tokens(ids) == ["<s>", "what", "colour", "is", "the", "star", "?"]
+    assert processor.tokenizer("a unicorn")["input_ids"][-1] == processor.tokenizer.unk_token_id
+
+
+def test_training_inputs_are_what_the_processor_makes(processor):
+    example = examples_for_step(0, replace(TINY_RUN, questions_per_image=3))[0]
+    batch = Batcher(processor.tokenizer)([example])
+    first = example.questions[0]
+    inputs = processor(images=[example.scene.image], text=[prompt(first.text)], return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    assert (inputs["input_ids"] == processor.tokenizer.image_token_id).sum() == 256
+    assert torch.equal(inputs["input_ids"][0], batch["input_ids"][0, :n])
+    torch.testing.assert_close(inputs["pixel_values"], batch["pixel_values"])
+    torch.testing.assert_close(pixel_values(example.scene.image[None]), inputs["pixel_values"])
+    # the label right after the first prompt is the first answer, then </s>
+    word = {w: i for i, w in enumerate(vocabulary())}
+    assert batch["labels"][0, n].item() == word[first.answer]
+    assert batch["labels"][0, n + 1].item() == processor.tokenizer.eos_token_id
+    assert (batch["labels"][0, :n] == -100).all()
+
+
+def test_chat_template_writes_the_llava_prompt(processor):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the star ?"}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt("what colour is the star ?")
+
+
+def test_grounding_loss_rewards_alignment():
+    words = torch.eye(4)
+    targets = torch.zeros(1, 3, 4)
+    targets[0, 0, 1] = targets[0, 1, 2] = 1.0
+    aligned = torch.stack([words[1], words[2], -words.sum(0)])[None]
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert grounding_loss(aligned, words, targets, mask, 10.0) < grounding_loss(aligned.flip(1), words, targets, mask, 10.0)
+
+
+def test_image_features_are_256_patch_tokens_per_image():
+    model = build_model(TINY)
+    features = model.model.get_image_features(pixel_values=pixel_values(np.stack([sample("test", 0).image] * 2)),
+                                              return_dict=True).pooler_output
+    assert len(features) == 2 and features[0].shape == (256, TINY.text_width)
+
+
+def test_tiny_training_lowers_the_loss_and_resumes_exactly(tmp_path):
+    losses = []
+    config = replace(TINY_RUN, steps=8)
+    train(tmp_path / "straight", config, progress=False, checkpoint_every=4,
+          on_step=lambda step, record: losses.append(record["answer_loss"]))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.3, losses
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_4(step, record):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(tmp_path / "stopped", config, progress=False, checkpoint_every=4, on_step=stop_at_4)
+    with pytest.raises(TrainingExistsError, match="pass --resume"):
+        train(tmp_path / "stopped", config, progress=False)
+    with pytest.raises(TrainingExistsError, match="another config"):
+        train(tmp_path / "stopped", replace(config, lr=1e-2), resume=True, progress=False)
+    train(tmp_path / "stopped", config, resume=True, progress=False, checkpoint_every=4)
+
+    from safetensors.torch import load_file
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0)
