@@ -48,11 +48,13 @@ from ..errors import InputError, ModelError
 from .data import training_example
 from .modeling import (
     EOS_ID,
+    IMAGE_TOKEN_ID,
     IMAGE_TOKENS,
     NEXT_TURN,
     PAD_ID,
     ModelSize,
     build_model,
+    require_transformers,
     build_processor,
     pixel_values,
     vocabulary,
@@ -79,6 +81,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grounding_weight: float = 0.25
     grounding_scale: float = 10.0
+    attention_weight: float = 0.25
     seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
 
@@ -99,6 +102,7 @@ class Batcher:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         vocab = vocabulary()
+        self.vocab = vocab
         self.word_id = {w: i for i, w in enumerate(vocab)}
         # grounding targets: one column per vocabulary word; specials take no part
         self.ground_words = [i for i, w in enumerate(vocab) if not w.startswith("<")]
@@ -107,17 +111,22 @@ class Batcher:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def conversation(self, questions: Sequence[Question]) -> tuple[list[int], list[int]]:
-        """Ids and labels of a multi-turn conversation (labels: answer word and ``</s>`` of each turn)."""
+    def conversation(self, questions: Sequence[Question]) -> tuple[list[int], list[int], list[tuple[int, str]], list[tuple[int, Question]]]:
+        """Ids and labels of a multi-turn conversation (labels: answer word and ``</s>`` of each turn),
+        the positions of the colour / shape words of the questions, and the position each answer is read at."""
         ids: list[int] = list(self._first_prefix)
         labels: list[int] = [IGNORE] * len(ids)
+        words: list[tuple[int, str]] = []
+        answers: list[tuple[int, Question]] = []
         for turn, q in enumerate(questions):
             text = f"{q.text} ASSISTANT:" if turn == 0 else NEXT_TURN.format(question=q.text)
             prompt_ids = self._encode(text)
+            words += [(len(ids) + i, self.vocab[t]) for i, t in enumerate(prompt_ids) if self.vocab[t] in q.words]
+            answers.append((len(ids) + len(prompt_ids) - 1, q))   # the ":" after ASSISTANT predicts the answer
             answer = [self.word_id[q.answer], EOS_ID]
             ids += prompt_ids + answer
             labels += [IGNORE] * len(prompt_ids) + answer
-        return ids, labels
+        return ids, labels, words, answers
 
     def grounding_targets(self, scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
         """``[256, W]`` targets over the grounding words and the ``[256]`` mask of patches that count."""
@@ -138,21 +147,48 @@ class Batcher:
 
     def __call__(self, examples) -> dict[str, torch.Tensor]:
         conversations = [self.conversation(e.questions) for e in examples]
-        length = max(len(ids) for ids, _ in conversations)
+        length = max(len(c[0]) for c in conversations)
         # right padding: causal attention never lets a real token see the pads after it
         input_ids = torch.full((len(examples), length), PAD_ID, dtype=torch.long)
         labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-        for b, (ids, lab) in enumerate(conversations):
+        word_rows, word_targets, answer_rows, answer_targets = [], [], [], []
+        for b, ((ids, lab, words, answers), example) in enumerate(zip(conversations, examples)):
             input_ids[b, : len(ids)] = torch.tensor(ids)
             labels[b, : len(lab)] = torch.tensor(lab)
+            objects = example.scene.objects
+            for position, word in words:
+                holders = [i for i, o in enumerate(objects) if word in (o.colour, o.shape, PLURALS[o.shape])]
+                if holders:   # "is there a red star?" with no star: nothing for "star" to look at
+                    word_rows.append((b, position))
+                    word_targets.append(attention_target(objects, holders))
+            for position, q in answers:
+                if q.targets:   # "no" and "zero" answers come from the absence of an object
+                    answer_rows.append((b, position))
+                    answer_targets.append(attention_target(objects, q.targets))
         grounding = [self.grounding_targets(e.scene) for e in examples]
+        empty = torch.zeros(0, GRID * GRID)
         return {
             "input_ids": input_ids,
             "labels": labels,
             "pixel_values": pixel_values(np.stack([e.scene.image for e in examples])),
             "ground_targets": torch.stack([t for t, _ in grounding]),
             "ground_mask": torch.stack([m for _, m in grounding]),
+            "word_rows": torch.tensor(word_rows, dtype=torch.long).reshape(-1, 2),
+            "word_targets": torch.stack(word_targets) if word_targets else empty,
+            "answer_rows": torch.tensor(answer_rows, dtype=torch.long).reshape(-1, 2),
+            "answer_targets": torch.stack(answer_targets) if answer_targets else empty,
         }
+
+
+def attention_target(objects, indices: Sequence[int]) -> torch.Tensor:
+    """``[256]`` mask of the patches of ``objects[indices]``: those at least ``MIN_COVER`` covered, or
+    an object's best-covered patch if none is."""
+    target = torch.zeros(GRID * GRID)
+    for i in indices:
+        obj = objects[i]
+        main = obj.main_patches(MIN_COVER) or (obj.patches[int(np.argmax(obj.patch_pixels))],)
+        target[list(main)] = 1.0
+    return target
 
 
 def examples_for_step(step: int, config: TrainConfig):
@@ -173,11 +209,26 @@ def grounding_loss(patch_tokens: torch.Tensor, word_embeddings: torch.Tensor, ta
             + (losses * negative).sum() / negative.sum().clamp(min=1))
 
 
+def attention_loss(attention: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, image_start: int) -> torch.Tensor:
+    """``-log`` of the attention mass that ``rows`` ([K, 2] batch, position) put on their target patches.
+
+    ``attention``: one head's ``[B, L, L]`` probabilities; ``targets``: ``[K, 256]``; the image's 256
+    tokens start at ``image_start``.
+    """
+    if len(rows) == 0:
+        return attention.new_zeros(())
+    probabilities = attention[rows[:, 0], rows[:, 1], image_start: image_start + GRID * GRID]
+    mass = (probabilities * targets.to(probabilities.dtype)).sum(-1)
+    return -torch.log(mass.clamp(min=1e-6)).mean()
+
+
 def forward_losses(model, batch: dict[str, torch.Tensor], batcher: Batcher, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """Answer loss, grounding loss, their weighted sum, and answer-word accuracy of one batch."""
+    """Answer, grounding and attention losses, their weighted sum, and answer-word accuracy of one batch."""
     image_outputs = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
     patch_tokens = torch.stack(list(image_outputs.pooler_output))            # [B, 256, D] after the projector
-    out = model(input_ids=batch["input_ids"], mm_encoder_outputs={"image": image_outputs})
+    supervise_attention = config.attention_weight > 0
+    out = model(input_ids=batch["input_ids"], mm_encoder_outputs={"image": image_outputs},
+                output_attentions=supervise_attention)
     logits = out.logits[:, :-1]
     targets = batch["labels"][:, 1:]
     answer_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
@@ -186,8 +237,21 @@ def forward_losses(model, batch: dict[str, torch.Tensor], batcher: Batcher, conf
                             config.grounding_scale)
     words = (targets != IGNORE) & (targets != EOS_ID)
     accuracy = (logits.argmax(-1)[words] == targets[words]).float().mean()
-    return {"loss": answer_loss + config.grounding_weight * ground, "answer_loss": answer_loss,
-            "grounding_loss": ground, "accuracy": accuracy}
+    loss = answer_loss + config.grounding_weight * ground
+    losses = {"answer_loss": answer_loss, "grounding_loss": ground}
+    if supervise_attention:
+        if not out.attentions:
+            raise ModelError("attention supervision needs the language model's attention probabilities: "
+                             "call use_supervised_attention(model) first (train() does)")
+        image_start = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0])
+        # head 0 of the first layer: each colour / shape word looks at the objects that have it
+        word_attention = attention_loss(out.attentions[0][:, 0], batch["word_rows"], batch["word_targets"], image_start)
+        # head 0 of the last layer: the token before the answer looks at the object the answer is read from
+        answer_attention = attention_loss(out.attentions[-1][:, 0], batch["answer_rows"], batch["answer_targets"],
+                                          image_start)
+        loss = loss + config.attention_weight * (word_attention + answer_attention)
+        losses |= {"word_attention_loss": word_attention, "answer_attention_loss": answer_attention}
+    return {"loss": loss, **losses, "accuracy": accuracy}
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -205,6 +269,44 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
         (no_decay if parameter.ndim < 2 or "embed" in name else decay).append(parameter)
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+
+
+SUPERVISED_ATTENTION = "toyvqa_supervised_head"
+
+
+def use_supervised_attention(model) -> None:
+    """Make the language model's attention return head 0's probabilities, computed beside sdpa.
+
+    sdpa keeps no probabilities, and eager attention for every head costs a
+    third more per step on CPU; this runs sdpa for the output and a softmax
+    for the one head the attention loss reads.  Only training uses it: the
+    saved model is set back to sdpa.
+    """
+    require_transformers()
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        kwargs.pop("output_attentions", None)
+        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                           scaling=scaling, **kwargs)
+        # query head 0 shares key head 0 under grouped-query attention
+        scores = (query[:, :1] @ key[:, :1].transpose(-1, -2)) * scaling
+        if attention_mask is None:   # sdpa's is_causal path: the causal mask, made here
+            q_len, k_len = scores.shape[-2:]
+            causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+            scores = scores.masked_fill(~causal, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[:, :1], float("-inf"))
+        else:
+            scores = scores + attention_mask[:, :1]
+        return output, scores.softmax(-1)
+
+    AttentionInterface.register(SUPERVISED_ATTENTION, attention)
+    # masks as sdpa builds them (without this an unknown implementation gets no mask at all)
+    AttentionMaskInterface.register(SUPERVISED_ATTENTION, sdpa_mask)
+    model.set_attn_implementation({"text_config": SUPERVISED_ATTENTION})
 
 
 # ----------------------------------------------------------------- the loop
@@ -246,6 +348,8 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), *, resume: bool 
     processor = build_processor()
     batcher = Batcher(processor.tokenizer)
     model = build_model(config.size, seed=config.seed)
+    if config.attention_weight > 0:
+        use_supervised_attention(model)
     optimizer = make_optimizer(model, config)
     start, elapsed = 0, {"wall_s": 0.0, "cpu_s": 0.0}
     if checkpoint_path.exists():
@@ -311,6 +415,7 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), *, resume: bool 
             bar.stop()
     total = {"wall_s": elapsed["wall_s"] + time.time() - wall0, "cpu_s": elapsed["cpu_s"] + cpu_seconds() - cpu0}
     model.eval()
+    model.set_attn_implementation({"text_config": "sdpa"})   # what users get: the default, fast path
     model.save_pretrained(out)
     processor.save_pretrained(out)
     summary = {"config": config.as_dict(), "steps": config.steps, "threads": torch.get_num_threads(),
