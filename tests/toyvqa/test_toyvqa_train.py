@@ -18,8 +18,10 @@ from arrcoc.toyvqa.train import (  # noqa: E402
     TrainConfig,
     TrainingExistsError,
     examples_for_step,
+    forward_losses,
     grounding_loss,
     train,
+    use_supervised_attention,
 )
 
 TINY_RUN = TrainConfig(steps=4, batch_images=2, questions_per_image=2, lr=3e-3, warmup=1, size=TINY)
@@ -71,6 +73,39 @@ def test_grounding_loss_rewards_alignment():
     aligned = torch.stack([words[1], words[2], -words.sum(0)])[None]
     mask = torch.ones(1, 3, dtype=torch.bool)
     assert grounding_loss(aligned, words, targets, mask, 10.0) < grounding_loss(aligned.flip(1), words, targets, mask, 10.0)
+
+
+def test_attention_supervision_rows_are_the_question_words_and_the_answer_token(processor):
+    batcher = Batcher(processor.tokenizer)
+    examples = examples_for_step(0, TINY_RUN)
+    batch = batcher(examples)
+    tokens = processor.tokenizer.convert_ids_to_tokens
+    words = tokens(batch["input_ids"][batch["word_rows"][:, 0], batch["word_rows"][:, 1]].tolist())
+    named = {w for e in examples for q in e.questions for w in q.words}
+    assert words and set(words) <= named
+    answer_tokens = tokens(batch["input_ids"][batch["answer_rows"][:, 0], batch["answer_rows"][:, 1]].tolist())
+    assert set(answer_tokens) == {":"}
+    # the label after each answer row is the answer word
+    assert (batch["labels"][batch["answer_rows"][:, 0], batch["answer_rows"][:, 1] + 1] >= 0).all()
+    assert (batch["word_targets"].sum(-1) >= 1).all() and (batch["answer_targets"].sum(-1) >= 1).all()
+
+
+def test_supervised_attention_equals_eager_attention(processor):
+    batcher = Batcher(processor.tokenizer)
+    batch = batcher(examples_for_step(0, TINY_RUN))
+    results = []
+    for setup in (lambda m: m.set_attn_implementation({"text_config": "eager"}), use_supervised_attention):
+        model = build_model(TINY, seed=0)
+        setup(model)
+        losses = forward_losses(model, batch, batcher, TINY_RUN)
+        losses["loss"].backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (eager, eager_grads), (supervised, supervised_grads) = results
+    for key in eager:
+        torch.testing.assert_close(eager[key], supervised[key])
+    assert eager_grads.keys() == supervised_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(eager_grads[name], supervised_grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_image_features_are_256_patch_tokens_per_image():
