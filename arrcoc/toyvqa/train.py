@@ -111,18 +111,22 @@ class Batcher:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def conversation(self, questions: Sequence[Question]) -> tuple[list[int], list[int], list[tuple[int, str]], list[tuple[int, Question]]]:
+    def conversation(self, questions: Sequence[Question]) -> tuple[list[int], list[int], list[tuple[int, str]],
+                                                                    list[tuple[int, Question, range]]]:
         """Ids and labels of a multi-turn conversation (labels: answer word and ``</s>`` of each turn),
-        the positions of the colour / shape words of the questions, and the position each answer is read at."""
+        the positions of the colour / shape words of the questions, and for each turn the position the
+        answer is predicted at (the ":" after ASSISTANT), its question, and the positions of its question."""
         ids: list[int] = list(self._first_prefix)
         labels: list[int] = [IGNORE] * len(ids)
         words: list[tuple[int, str]] = []
-        answers: list[tuple[int, Question]] = []
+        answers: list[tuple[int, Question, range]] = []
         for turn, q in enumerate(questions):
             text = f"{q.text} ASSISTANT:" if turn == 0 else NEXT_TURN.format(question=q.text)
             prompt_ids = self._encode(text)
             words += [(len(ids) + i, self.vocab[t]) for i, t in enumerate(prompt_ids) if self.vocab[t] in q.words]
-            answers.append((len(ids) + len(prompt_ids) - 1, q))   # the ":" after ASSISTANT predicts the answer
+            question_length = len(self._encode(q.text))
+            question_start = len(ids) + (0 if turn == 0 else 2)   # after "USER :" in later turns
+            answers.append((len(ids) + len(prompt_ids) - 1, q, range(question_start, question_start + question_length)))
             answer = [self.word_id[q.answer], EOS_ID]
             ids += prompt_ids + answer
             labels += [IGNORE] * len(prompt_ids) + answer
@@ -151,7 +155,7 @@ class Batcher:
         # right padding: causal attention never lets a real token see the pads after it
         input_ids = torch.full((len(examples), length), PAD_ID, dtype=torch.long)
         labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-        word_rows, word_targets, answer_rows, answer_targets = [], [], [], []
+        word_rows, word_targets, answer_rows, answer_targets, read_rows, read_targets = [], [], [], [], [], []
         for b, ((ids, lab, words, answers), example) in enumerate(zip(conversations, examples)):
             input_ids[b, : len(ids)] = torch.tensor(ids)
             labels[b, : len(lab)] = torch.tensor(lab)
@@ -161,7 +165,11 @@ class Batcher:
                 if holders:   # "is there a red star?" with no star: nothing for "star" to look at
                     word_rows.append((b, position))
                     word_targets.append(attention_target(objects, holders))
-            for position, q in answers:
+            for position, q, question in answers:
+                read_rows.append((b, position))
+                read = torch.zeros(length)
+                read[question.start: question.stop] = 1.0
+                read_targets.append(read)
                 if q.targets:   # "no" and "zero" answers come from the absence of an object
                     answer_rows.append((b, position))
                     answer_targets.append(attention_target(objects, q.targets))
@@ -177,6 +185,8 @@ class Batcher:
             "word_targets": torch.stack(word_targets) if word_targets else empty,
             "answer_rows": torch.tensor(answer_rows, dtype=torch.long).reshape(-1, 2),
             "answer_targets": torch.stack(answer_targets) if answer_targets else empty,
+            "read_rows": torch.tensor(read_rows, dtype=torch.long).reshape(-1, 2),
+            "read_targets": torch.stack(read_targets),
         }
 
 
@@ -209,15 +219,15 @@ def grounding_loss(patch_tokens: torch.Tensor, word_embeddings: torch.Tensor, ta
             + (losses * negative).sum() / negative.sum().clamp(min=1))
 
 
-def attention_loss(attention: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, image_start: int) -> torch.Tensor:
-    """``-log`` of the attention mass that ``rows`` ([K, 2] batch, position) put on their target patches.
+def attention_loss(attention: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """``-log`` of the attention mass that ``rows`` ([K, 2] batch, position) put on their targets.
 
-    ``attention``: one head's ``[B, L, L]`` probabilities; ``targets``: ``[K, 256]``; the image's 256
-    tokens start at ``image_start``.
+    ``attention``: one head's ``[B, L, L]`` probabilities; ``targets``: ``[K, W]`` over the key
+    positions ``start .. start + W - 1`` (the 256 image tokens, or the whole sequence).
     """
     if len(rows) == 0:
         return attention.new_zeros(())
-    probabilities = attention[rows[:, 0], rows[:, 1], image_start: image_start + GRID * GRID]
+    probabilities = attention[rows[:, 0], rows[:, 1], start: start + targets.shape[1]]
     mass = (probabilities * targets.to(probabilities.dtype)).sum(-1)
     return -torch.log(mass.clamp(min=1e-6)).mean()
 
@@ -244,13 +254,16 @@ def forward_losses(model, batch: dict[str, torch.Tensor], batcher: Batcher, conf
             raise ModelError("attention supervision needs the language model's attention probabilities: "
                              "call use_supervised_attention(model) first (train() does)")
         image_start = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0])
-        # head 0 of the first layer: each colour / shape word looks at the objects that have it
+        # first layer, head 0: each colour / shape word looks at the objects that have it
         word_attention = attention_loss(out.attentions[0][:, 0], batch["word_rows"], batch["word_targets"], image_start)
-        # head 0 of the last layer: the token before the answer looks at the object the answer is read from
+        # first layer, head 1: the token before the answer reads the question
+        read_attention = attention_loss(out.attentions[0][:, 1], batch["read_rows"], batch["read_targets"])
+        # last layer, head 0: the token before the answer looks at the object the answer is read from
         answer_attention = attention_loss(out.attentions[-1][:, 0], batch["answer_rows"], batch["answer_targets"],
                                           image_start)
-        loss = loss + config.attention_weight * (word_attention + answer_attention)
-        losses |= {"word_attention_loss": word_attention, "answer_attention_loss": answer_attention}
+        loss = loss + config.attention_weight * (word_attention + read_attention + answer_attention)
+        losses |= {"word_attention_loss": word_attention, "read_attention_loss": read_attention,
+                   "answer_attention_loss": answer_attention}
     return {"loss": loss, **losses, "accuracy": accuracy}
 
 
@@ -271,15 +284,16 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
 
 
-SUPERVISED_ATTENTION = "toyvqa_supervised_head"
+SUPERVISED_ATTENTION = "toyvqa_supervised_heads"
+SUPERVISED_HEADS = (0, 1)
 
 
 def use_supervised_attention(model) -> None:
-    """Make the language model's attention return head 0's probabilities, computed beside sdpa.
+    """Make the language model's attention return the probabilities of heads 0 and 1, computed beside sdpa.
 
     sdpa keeps no probabilities, and eager attention for every head costs a
     third more per step on CPU; this runs sdpa for the output and a softmax
-    for the one head the attention loss reads.  Only training uses it: the
+    for the two heads the attention loss reads.  Only training uses it: the
     saved model is set back to sdpa.
     """
     require_transformers()
@@ -291,16 +305,17 @@ def use_supervised_attention(model) -> None:
         kwargs.pop("output_attentions", None)
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                            scaling=scaling, **kwargs)
-        # query head 0 shares key head 0 under grouped-query attention
-        scores = (query[:, :1] @ key[:, :1].transpose(-1, -2)) * scaling
+        # query heads 0 and 1, and the key heads they share under grouped-query attention
+        kv_heads = [h // module.num_key_value_groups for h in SUPERVISED_HEADS]
+        scores = (query[:, list(SUPERVISED_HEADS)] @ key[:, kv_heads].transpose(-1, -2)) * scaling
         if attention_mask is None:   # sdpa's is_causal path: the causal mask, made here
             q_len, k_len = scores.shape[-2:]
             causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
             scores = scores.masked_fill(~causal, float("-inf"))
         elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[:, :1], float("-inf"))
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
-            scores = scores + attention_mask[:, :1]
+            scores = scores + attention_mask
         return output, scores.softmax(-1)
 
     AttentionInterface.register(SUPERVISED_ATTENTION, attention)
