@@ -37,9 +37,9 @@ language model put where the records say the answer is:
 - first layer, head 0: each colour / shape word of a question attends to the
   patches of the objects with that colour / shape;
 - first layer, head 1: the token the answer is predicted at (the ":" after
-  ASSISTANT) attends to its question's words;
-- last layer, head 0: that token attends to the patches of the object(s) the
-  answer is read from (none for "no" / "zero").
+  ASSISTANT) attends to the colour / shape words its question names;
+- second layer, head 0: that token attends to the patches of the object(s)
+  the answer is read from (none for "no" / "zero").
 
 Why: trained on answers alone (with the grounding loss), the model sat at the
 text prior (~37 %) for the first 400 of 1500 steps, not even reading which
@@ -137,21 +137,21 @@ class Batcher:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def conversation(self, questions: Sequence[Question]) -> tuple[list[int], list[int], list[tuple[int, str]],
-                                                                    list[tuple[int, Question, range]]]:
+                                                                    list[tuple[int, Question, list[int]]]]:
         """Ids and labels of a multi-turn conversation (labels: answer word and ``</s>`` of each turn),
         the positions of the colour / shape words of the questions, and for each turn the position the
-        answer is predicted at (the ":" after ASSISTANT), its question, and the positions of its question."""
+        answer is predicted at (the ":" after ASSISTANT), its question, and the positions of the colour /
+        shape words that question names."""
         ids: list[int] = list(self._first_prefix)
         labels: list[int] = [IGNORE] * len(ids)
         words: list[tuple[int, str]] = []
-        answers: list[tuple[int, Question, range]] = []
+        answers: list[tuple[int, Question, list[int]]] = []
         for turn, q in enumerate(questions):
             text = f"{q.text} ASSISTANT:" if turn == 0 else NEXT_TURN.format(question=q.text)
             prompt_ids = self._encode(text)
             words += [(len(ids) + i, self.vocab[t]) for i, t in enumerate(prompt_ids) if self.vocab[t] in q.words]
-            question_length = len(self._encode(q.text))
-            question_start = len(ids) + (0 if turn == 0 else 2)   # after "USER :" in later turns
-            answers.append((len(ids) + len(prompt_ids) - 1, q, range(question_start, question_start + question_length)))
+            named = [len(ids) + i for i, t in enumerate(prompt_ids) if self.vocab[t] in q.words]
+            answers.append((len(ids) + len(prompt_ids) - 1, q, named))
             answer = [self.word_id[q.answer], EOS_ID]
             ids += prompt_ids + answer
             labels += [IGNORE] * len(prompt_ids) + answer
@@ -190,10 +190,10 @@ class Batcher:
                 if holders:   # "is there a red star?" with no star: nothing for "star" to look at
                     word_rows.append((b, position))
                     word_targets.append(attention_target(objects, holders))
-            for position, q, question in answers:
+            for position, q, named in answers:
                 read_rows.append((b, position))
                 read = torch.zeros(length)
-                read[question.start: question.stop] = 1.0
+                read[named] = 1.0
                 read_targets.append(read)
                 if q.targets:   # "no" and "zero" answers come from the absence of an object
                     answer_rows.append((b, position))
@@ -295,11 +295,13 @@ def forward_losses(model, batch: dict[str, torch.Tensor], batcher: Batcher, conf
         image_start = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0])
         # first layer, head 0: each colour / shape word looks at the objects that have it
         word_attention = attention_loss(out.attentions[0][:, 0], batch["word_rows"], batch["word_targets"], image_start)
-        # first layer, head 1: the token before the answer reads the question
+        # first layer, head 1: the token before the answer reads the colour / shape words of its question
         read_attention = attention_loss(out.attentions[0][:, 1], batch["read_rows"], batch["read_targets"])
-        # last layer, head 0: the token before the answer looks at the object the answer is read from
-        answer_attention = attention_loss(out.attentions[-1][:, 0], batch["answer_rows"], batch["answer_targets"],
-                                          image_start)
+        # second layer (of three), head 0: that token, knowing what is asked about, looks at the object the
+        # answer is read from; the layer after it is free to compare, count, decide
+        answer_layer = min(1, len(out.attentions) - 1)
+        answer_attention = attention_loss(out.attentions[answer_layer][:, 0], batch["answer_rows"],
+                                          batch["answer_targets"], image_start)
         loss = loss + config.attention_weight * (word_attention + read_attention + answer_attention)
         losses |= {"word_attention_loss": word_attention, "read_attention_loss": read_attention,
                    "answer_attention_loss": answer_attention}

@@ -89,6 +89,17 @@ def test_patch_records_follow_the_pixels():
     assert s.target_patches() == s.scene.patches_of(s.question.targets)
 
 
+def test_objects_sit_on_patch_corners():
+    # each object's core patches lie in the 2 x 2 block around the patch corner nearest its centre
+    for seed in range(20):
+        for obj in make_sample(seed).objects:
+            corner_row, corner_col = (round((v + 0.5) / PATCH) for v in obj.centre)
+            block = {(corner_row - 1 + i) * GRID + corner_col - 1 + j for i in (0, 1) for j in (0, 1)}
+            assert set(obj.main_patches()) <= block, (seed, obj)
+            # and hold most of it (the 17th pixel of a 16-pixel object may spill into a third patch row)
+            assert sum(n for p, n in zip(obj.patches, obj.patch_pixels) if p in block) >= 0.9 * obj.area
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_shape_is_drawn_around_its_centre(shape):
     mask = object_mask(shape, 60, 70, 7)
