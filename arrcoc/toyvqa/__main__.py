@@ -55,12 +55,13 @@ def accuracy_table(title: str, columns: dict[str, Any]) -> Table:
 @click.option("--questions-per-image", type=click.IntRange(min=1), default=None, help="Conversation turns per image.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--grounding-weight", type=float, default=None, help="Weight of the grounding loss (0: off).")
+@click.option("--attention-weight", type=float, default=None, help="Weight of the attention losses (0: off).")
 @click.option("--seed", type=int, default=None, help="Seed of the initialisation.")
 @click.option("--tiny", is_flag=True, help="A tiny model (for smoke tests), not the shipped size.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's).")
-def train(out: str, steps, batch_images, questions_per_image, lr, grounding_weight, seed, tiny, resume,
+def train(out: str, steps, batch_images, questions_per_image, lr, grounding_weight, attention_weight, seed, tiny, resume,
           checkpoint_every, threads) -> None:
     """Train the ToyVQA model end to end (CPU) and save it in OUT."""
     from dataclasses import replace
@@ -70,7 +71,7 @@ def train(out: str, steps, batch_images, questions_per_image, lr, grounding_weig
 
     config = TrainConfig()
     changes = {"steps": steps, "batch_images": batch_images, "questions_per_image": questions_per_image,
-               "lr": lr, "grounding_weight": grounding_weight, "seed": seed}
+               "lr": lr, "grounding_weight": grounding_weight, "attention_weight": attention_weight, "seed": seed}
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
     if tiny:
         config = replace(config, size=TINY)

@@ -97,7 +97,9 @@ def test_supervised_attention_equals_eager_attention(processor):
     for setup in (lambda m: m.set_attn_implementation({"text_config": "eager"}), use_supervised_attention):
         model = build_model(TINY, seed=0)
         setup(model)
-        losses = forward_losses(model, batch, batcher, TINY_RUN)
+        probe = torch.nn.Linear(TINY.text_width, 2)
+        torch.nn.init.constant_(probe.weight, 0.01)
+        losses = forward_losses(model, batch, batcher, TINY_RUN, probe)
         losses["loss"].backward()
         results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (eager, eager_grads), (supervised, supervised_grads) = results
