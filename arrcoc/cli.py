@@ -43,26 +43,34 @@ def main() -> None:
 @main.command()
 @click.argument("pipeline")
 @click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for a batch).")
-@click.option("--query", default=None, help="Question / text query for query-guided stages.")
+@click.option("--query", "queries", multiple=True,
+              help="Question / text query for query-guided stages: one for all images, one per image, "
+                   "or several for a single image (one row each: compare questions).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the trace as JSON.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a figure (needs the viz extra).")
-def run(pipeline: str, images: tuple[str, ...], query: str | None, device: str, as_json: bool, out: str | None) -> None:
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write a figure, one row per image (needs the viz extra).")
+def run(pipeline: str, images: tuple[str, ...], queries: tuple[str, ...], device: str, as_json: bool,
+        out: str | None) -> None:
     """Run PIPELINE (a built-in name or a YAML file) and print its trace."""
     from .pipeline import load_pipeline
 
+    inputs, query = _pair_queries(list(images), list(queries))
     with err_console.status(f"building pipeline {pipeline!r}", spinner="dots") if not as_json else _nullcontext():
         pipe = load_pipeline(pipeline, device=device)
     with err_console.status("running", spinner="dots") if not as_json else _nullcontext():
-        state = pipe(list(images), query=query)
+        state = pipe(inputs, query=query)
     if out is not None:
         from arrcoc_plugins.visual.figure import render_figure
 
-        render_figure(state, out, title=f"{pipe.spec.name}" + (f": {query}" if query else ""))
+        if isinstance(query, list):   # one row per (image, query), titled by its query
+            render_figure(state, out, title=pipe.spec.name, index=None, row_titles=query)
+        else:
+            render_figure(state, out, title=f"{pipe.spec.name}" + (f": {query}" if query else ""), index=None)
     if as_json:
         payload = {
             "pipeline": pipe.spec.name,
-            "images": list(images),
+            "images": inputs,
             "query": query,
             "device": str(pipe.device),
             "tokens_shape": list(state.tokens.shape),
@@ -92,6 +100,18 @@ def run(pipeline: str, images: tuple[str, ...], query: str | None, device: str, 
             console.print(f"[yellow]warning[/] {record.stage}: {escape(note)}")
     if out is not None:
         console.print(f"figure written to {out}")
+
+
+def _pair_queries(images: list[str], queries: list[str]) -> tuple[list[str], str | list[str] | None]:
+    """``--image``/``--query`` pairs: no query, one for every image, one per image, or k for one image."""
+    if len(queries) <= 1:
+        return images, (queries[0] if queries else None)
+    if len(images) == 1:
+        return images * len(queries), queries
+    if len(queries) == len(images):
+        return images, queries
+    raise click.UsageError(f"got {len(queries)} --query for {len(images)} --image: pass one query, one per "
+                           "image, or several queries for a single image")
 
 
 def _default_needs(info: Any) -> frozenset[str]:

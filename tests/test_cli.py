@@ -148,3 +148,29 @@ def test_bench_times_every_stage(run, tmp_path):
     assert "tiny on cpu: batch 3, 2 runs" in result.output
     assert "compress[0]" in result.output and "17" in result.output and "13" in result.output  # 16+1 -> 12+1
     assert "images/s" in result.output
+
+
+def test_run_compares_several_queries_on_one_image_one_figure_row_each(run, tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("transformers")
+    image = tmp_path / "scene.png"
+    Image.fromarray(__import__("arrcoc.toyvqa", fromlist=["sample"]).sample("test", 11).image).save(image)
+    figure = tmp_path / "fig.png"
+    result = run("run", "arr_coc", "--image", str(image), "--query", "what colour is the triangle?",
+                 "--query", "what shape is the purple object?", "--device", "cpu", "--json", "--out", str(figure))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output[result.output.index("{"):])
+    assert payload["images"] == [str(image)] * 2
+    assert payload["query"] == ["what colour is the triangle?", "what shape is the purple object?"]
+    assert payload["tokens_shape"][0] == 2
+    data = figure.read_bytes()
+    assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (1600, 880)   # two rows
+
+
+def test_run_refuses_queries_that_do_not_pair_with_the_images(run, tmp_path):
+    image = tmp_path / "a.png"
+    Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()).save(image)
+    result = run("run", "tome", "--image", str(image), "--image", str(image), "--image", str(image),
+                 "--query", "a", "--query", "b")
+    assert result.exit_code != 0
+    assert "got 2 --query for 3 --image" in result.output

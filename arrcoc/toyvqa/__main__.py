@@ -142,8 +142,10 @@ def export(source: str, target: str, dtype: str) -> None:
 @main.command()
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--index", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Save the image (PNG), scaled up 4x.")
-def show(split: str, index: int, out: str | None) -> None:
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Save the image (PNG).")
+@click.option("--scale", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Enlarge the saved image this many times (nearest neighbour); 1 keeps the model's 128 px.")
+def show(split: str, index: int, out: str | None, scale: int) -> None:
     """Print a sample's question, answer and object records."""
     from .data import sample
 
@@ -160,7 +162,7 @@ def show(split: str, index: int, out: str | None) -> None:
     if out:
         from PIL import Image
 
-        Image.fromarray(s.image).resize((s.image.shape[1] * 4, s.image.shape[0] * 4), Image.NEAREST).save(out)
+        Image.fromarray(s.image).resize((s.image.shape[1] * scale, s.image.shape[0] * scale), Image.NEAREST).save(out)
         console.print(f"wrote {out}")
 
 

@@ -23,7 +23,6 @@ works without the ``hf`` extra, and :func:`load` says how to install it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -192,12 +191,10 @@ def pixel_values(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
 
 # -------------------------------------------------------------------- shipped
 def model_path() -> Path:
-    """Directory of the shipped model (config, fp16 safetensors, tokenizer, processor)."""
-    path = Path(str(resources.files("arrcoc.toyvqa") / "model"))
-    if not (path / "config.json").is_file():
-        raise ModelError(f"the ToyVQA model is missing from the package: expected {path / 'config.json'}; "
-                         "reinstall arrcoc, or train one with `python -m arrcoc.toyvqa train`")
-    return path
+    """Directory of the shipped model (config, fp16 safetensors, tokenizer, processor): ``arrcoc:toyvqa``."""
+    from ..models import shipped_model_dir
+
+    return shipped_model_dir("toyvqa")
 
 
 def load(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from arrcoc.errors import ModelError
+from arrcoc.models import resolve_model
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Encoder, Params
 from arrcoc.state import TokenState
@@ -45,7 +46,8 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 class HFVisionParams(Params):
     model: str | None = Field(
-        None, description="Model directory (or hub id) loaded with from_pretrained; set by arrcoc.hf.apply inside a model."
+        None, description="Model directory, hub id or shipped model (arrcoc:toyvqa) loaded with from_pretrained; "
+        "set by arrcoc.hf.apply inside a model.",
     )
     project: bool = Field(True, description="Apply the multimodal projector (tokens in the LLM's input space).")
     attention_layer: int | None = Field(
@@ -63,7 +65,11 @@ class HFVisionParams(Params):
 
 @lru_cache(maxsize=4)
 def load_vlm(path: str, dtype: str) -> torch.nn.Module:
-    """``from_pretrained`` once per (path, dtype): encoder and query encoder share the model."""
+    """``from_pretrained`` once per (path, dtype): encoder and query encoder share the model.
+
+    ``path`` is resolved first: ``arrcoc:toyvqa`` is the model shipped in the package.
+    """
+    path = resolve_model(path)
     try:
         from transformers import AutoModelForImageTextToText
     except ImportError as exc:  # pragma: no cover - the hf extra is missing
@@ -112,7 +118,7 @@ class HFVision(Encoder):
     def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std = CLIP_MEAN, CLIP_STD
         if self.params.model is not None:
-            cfg = Path(self.params.model) / "preprocessor_config.json"
+            cfg = Path(resolve_model(self.params.model)) / "preprocessor_config.json"
             if cfg.is_file():
                 data = json.loads(cfg.read_text())
                 mean, std = data.get("image_mean", mean), data.get("image_std", std)

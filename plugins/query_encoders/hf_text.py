@@ -17,11 +17,13 @@ from pydantic import Field
 
 from arrcoc.errors import InputError, ModelError
 from arrcoc.hookspecs import hookimpl
+from arrcoc.models import resolve_model
 from arrcoc.plugin import Params, QueryEncoder
 
 
 class HFTextParams(Params):
-    model: str = Field(..., description="Model directory (or hub id): its tokenizer and LLM input embeddings.")
+    model: str = Field(..., description="Model directory, hub id or shipped model (arrcoc:toyvqa): its tokenizer "
+                       "and LLM input embeddings.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
@@ -39,7 +41,7 @@ class HFText(QueryEncoder):
 
         model = load_vlm(self.params.model, self.params.dtype)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.params.model)
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.params.model))
         except Exception as exc:
             raise ModelError(f"hf_text: cannot load the tokenizer of {self.params.model!r}: {exc}") from None
         self.embeddings = model.get_input_embeddings()

@@ -24,7 +24,7 @@ saves one figure per stage into ``directory``::
 
     observer = StageFigures(directory="figures")
     arrcoc.get_registry().register(observer, name="stage-figures")
-    arrcoc.run_pipeline("arr_coc", ["examples/kitchen_table.png"], query="what is on the table?")
+    arrcoc.run_pipeline("arr_coc", ["examples/toyvqa_scene.png"], query="what colour is the triangle?")
     arrcoc.get_registry().unregister("stage-figures")   # figures/00_encoder.png, 01_compress_0.png, ...
 
 Needs matplotlib (``pip install 'arrcoc[viz]'``); it is imported only when
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from pydantic import Field
@@ -99,14 +99,48 @@ def token_borders(origin: torch.Tensor, sx: float, sy: float) -> list:
     return segments
 
 
-def render_figure(state: TokenState, path: str | Path, title: str | None = None, *, index: int = 0, dpi: int = 100) -> Path:
-    """Write the four-panel PNG of image ``index`` of ``state`` to ``path``; returns the path."""
+def render_figure(state: TokenState, path: str | Path, title: str | None = None, *,
+                  index: int | Sequence[int] | None = 0, row_titles: Sequence[str] | None = None,
+                  dpi: int = 100) -> Path:
+    """Write the four-panel PNG of image ``index`` of ``state`` to ``path``; returns the path.
+
+    ``index`` may be a list of images (or ``None``: the whole batch), drawn as one
+    row each, titled by ``row_titles`` (e.g. the query each row answered).
+    """
     if not isinstance(state, TokenState):
         raise InputError(f"render_figure: expected a TokenState, got {type(state).__name__}")
-    if not 0 <= index < state.B:
-        raise InputError(f"render_figure: index {index} is outside the batch of {state.B} images")
+    rows = list(range(state.B)) if index is None else [index] if isinstance(index, int) else list(index)
+    if not rows:
+        raise InputError("render_figure: no image to draw (index is an empty list)")
+    for i in rows:
+        if not 0 <= i < state.B:
+            raise InputError(f"render_figure: index {i} is outside the batch of {state.B} images")
+    if row_titles is not None and len(row_titles) != len(rows):
+        raise InputError(f"render_figure: {len(row_titles)} row titles for {len(rows)} rows")
     Figure, FigureCanvasAgg = _matplotlib()
     path = Path(path)
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * len(rows)), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), 4, squeeze=False)
+    H0, W0 = state.grid
+    if title is None and len(rows) == 1:
+        i = rows[0]
+        title = (f"{state.token_counts()[i]} tokens ({state.counts[i].item()} visual"
+                 f"{' + cls' if state.cls is not None else ''}) on a {H0}x{W0} patch grid")
+    if title:
+        fig.suptitle(title, fontsize=12)
+    for r, i in enumerate(rows):
+        _draw_row(fig, axes[r], state, i, row_titles[r] if row_titles is not None else None)
+    top = 1 - 0.16 / len(rows) if title else 1 - 0.08 / len(rows)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02 / len(rows), top=top, wspace=0.08,
+                        hspace=0.25 if len(rows) > 1 else 0.2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def _draw_row(fig: Any, axes: Any, state: TokenState, index: int, row_title: str | None) -> None:
+    """Image, relevance per patch, tokens by patch, LOD allocation of image ``index`` on four axes."""
     H0, W0 = state.grid
     if state.images is not None:
         image = state.images[index].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
@@ -115,13 +149,6 @@ def render_figure(state: TokenState, path: str | Path, title: str | None = None,
     H, W = image.shape[:2]
     extent = (0, W, H, 0)
     sy, sx = H / H0, W / W0  # pixels per patch
-
-    fig = Figure(figsize=FIGSIZE, dpi=dpi)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 4)
-    counts = state.token_counts()[index]
-    fig.suptitle(title or f"{counts} tokens ({state.counts[index].item()} visual"
-                 f"{' + cls' if state.cls is not None else ''}) on a {H0}x{W0} patch grid", fontsize=12)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -129,7 +156,7 @@ def render_figure(state: TokenState, path: str | Path, title: str | None = None,
         ax.set_ylim(H, 0)
 
     axes[0].imshow(image, extent=extent)
-    axes[0].set_title("image")
+    axes[0].set_title(row_title or "image", fontsize=10 if row_title else None)
 
     rel, source = patch_relevance(state)
     axes[1].imshow(image, extent=extent, alpha=0.45)
@@ -187,10 +214,6 @@ def render_figure(state: TokenState, path: str | Path, title: str | None = None,
     else:
         axes[3].imshow(image, extent=extent, alpha=0.3)
         axes[3].set_title("no allocation")
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.84, wspace=0.08)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
 
 
 class StageFiguresParams(Params):

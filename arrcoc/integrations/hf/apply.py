@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import torch
 
 from arrcoc.errors import InputError, ModelError
+from arrcoc.models import resolve_model
 from arrcoc.pipeline import Pipeline
 from arrcoc.registry import get_registry
 from arrcoc.plugin import LLMCompressor
@@ -306,9 +307,11 @@ def apply(model: Any, pipeline: Any, *, projector: str = "auto") -> Iterator[Run
 
 
 def load(path: str, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
-    """``(model, processor)`` from a local directory or hub id, through the ordinary ``from_pretrained``."""
+    """``(model, processor)`` from a local directory, hub id or shipped model (``arrcoc:toyvqa``), through
+    the ordinary ``from_pretrained``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    path = resolve_model(path)
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto").eval()
         processor = AutoProcessor.from_pretrained(path)

@@ -5,11 +5,14 @@ import arrcoc
 
 def test_arr_coc_yaml_validates():
     spec = arrcoc.resolve_spec("arr_coc")
+    # the shipped ToyVQA model encodes both the image and the query (tests/toyvqa/test_toyvqa_relevance.py)
+    assert (spec.encoder.use, spec.encoder.params["model"]) == ("hf_vision", "arrcoc:toyvqa")
+    assert (spec.query_encoder.use, spec.query_encoder.params["model"]) == ("hf_text", "arrcoc:toyvqa")
     assert [s.use for s in spec.compress] == ["sparsevlm"]
     assert spec.score[0].params["weights"] == {"query": 0.7, "saliency": 0.3}
     assert spec.allocate.use == "homunculus"
     tiers = spec.allocate.params["tiers"]
-    assert sum(c * k for c, k in tiers) == 273
+    assert sum(c * k for c, k in tiers) == 94   # of the 16 x 16 = 256 patch tokens
 
 
 def test_arr_coc_runs_on_a_tiny_model():

@@ -74,3 +74,13 @@ def test_stage_figures_observer_saves_one_figure_per_stage(tmp_path):
     assert names == ["00_encoder.png", "01_compress_0.png", "02_score_0.png", "03_allocate.png"]
     assert all(png_size(p) == (640, 176) for p in observer.written)
     assert state.counts.tolist() == [8]
+
+
+def test_render_figure_draws_one_row_per_image_with_row_titles(tmp_path):
+    out = render_figure(small_state(), tmp_path / "rows.png", title="two", index=None, row_titles=["q1", "q2"])
+    assert png_size(out) == (1600, 880)
+    assert png_size(render_figure(small_state(), tmp_path / "one.png", index=[1], row_titles=["q2"])) == (1600, 440)
+    with pytest.raises(InputError, match="1 row titles for 2 rows"):
+        render_figure(small_state(), tmp_path / "x.png", index=None, row_titles=["q1"])
+    with pytest.raises(InputError, match="no image to draw"):
+        render_figure(small_state(), tmp_path / "x.png", index=[])
