@@ -37,3 +37,13 @@ def test_several_sequences_per_prompt_keep_the_callers_prompt(model, options):
         out = model.generate(**batch, max_new_tokens=3, **options)
     assert out.shape == (4, L + 3)
     assert torch.equal(out[:, :L], batch["input_ids"].repeat_interleave(2, 0))
+
+
+def test_a_shipped_file_with_its_own_query_encoder_runs_inside_another_model(model):
+    # sparsevlm.yaml names hf_text on the shipped toy model (width 192) for standalone runs; inside a model
+    # the query is the prompt's text in that model's embeddings, so the file's query encoder is never built
+    batch = llava_batch([(1, 4), (3, 2)], seed=3)
+    with arrcoc.hf.apply(model, "sparsevlm") as run:
+        assert run.pipeline.query_encoder is None
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert run.report.visual_tokens_mean == pytest.approx(0.4 * 64, abs=1)

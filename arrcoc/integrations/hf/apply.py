@@ -74,7 +74,9 @@ class Run:
         # The integration's own encoder, found like any plugin (the core imports no plugin module).
         self.encoder = get_registry().get("encoder", VISION_ENCODER).for_model(model, project=False, **options)
         device = next(model.parameters()).device
-        self.pipeline = Pipeline(spec, device=device, encoder=self.encoder)
+        # Inside a model the query is the prompt's own text in the LLM's input embeddings, so the file's
+        # query encoder (e.g. hf_text on the shipped toy model, for standalone runs) is never built.
+        self.pipeline = Pipeline(spec.model_copy(update={"query_encoder": None}), device=device, encoder=self.encoder)
         self.vision_stages, self.projector_stages = _split(self.pipeline.stages, projector)
         llm = []
         for label, plugin in self.pipeline.llm:

@@ -256,7 +256,8 @@ def test_shipped_pipeline_validates():
     spec = arrcoc.resolve_spec("sparsevlm")
     stage = spec.compress[0]
     assert stage.use == "sparsevlm" and stage.params["keep"] == 0.4
-    assert spec.encoder.params["layer"] == -2 and spec.query_encoder.use == "toy_text"
+    assert spec.encoder.params["model"] == spec.query_encoder.params["model"] == "arrcoc:toyvqa"
+    assert (spec.encoder.use, spec.query_encoder.use) == ("hf_vision", "hf_text")
 
 
 # ------------------------------------------------------------ in-LLM core
