@@ -455,6 +455,12 @@ def test_report_counts_real_tokens(model, batch3, spec, kept):
     assert run.report.layer_tokens == [real] * 4
     cfg = model.config.text_config
     assert run.report.layer_flops == [sum(layer_flops(cfg, n) for n in real)] * 4
+    # the tower's time is apart only when arrcoc ran it (pre-LLM stages); otherwise it is in the prefill
+    caption = run.report.table().caption
+    if spec is NO_STAGES or "llm" in spec:
+        assert "vision inside the model's prefill" in caption
+    else:
+        assert f"vision {run.report.vision_ms:.1f} ms" in caption and run.report.vision_ms > 0
 
 
 # --------------------------------------------------------------------------- 6. leaving the context restores
