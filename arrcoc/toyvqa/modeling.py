@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, ModelError
+from ..images import CLIP_MEAN, CLIP_STD
 from .questions import question_words
 from .scenes import GRID, IMAGE_SIZE, PATCH
 
@@ -42,8 +43,6 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_TOKEN_ID = range(len(SPECIAL_TOKENS))
 PROMPT_WORDS: tuple[str, ...] = ("user", ":", "assistant")
 IMAGE_TOKENS = GRID * GRID           # placeholders per image: patch tokens, CLS dropped
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LENGTH = 512
 
 # The prompt of LLaVA-1.5 (llava-hf's chat template, reduced to what ToyVQA asks: one image, text turns).

@@ -36,12 +36,11 @@ from pydantic import Field
 from arrcoc.errors import ModelError
 from arrcoc.models import resolve_model
 from arrcoc.hookspecs import hookimpl
+from arrcoc.images import CLIP_MEAN, CLIP_STD
 from arrcoc.plugin import Encoder, Params
 from arrcoc.state import TokenState
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: CLIP's normalisation, used when the model directory has no preprocessor_config.json.
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 class HFVisionParams(Params):
