@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-#: CLIP's per-channel normalisation (OpenAI CLIP, LLaVA-1.5): the default of ``hf_vision`` and the ToyVQA processor.
+#: CLIP's per-channel normalisation (OpenAI CLIP, LLaVA-1.5): the ToyVQA processor's, and ``hf_vision``'s for a model
+#: directory that saved no image processor.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 

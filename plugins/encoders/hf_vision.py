@@ -115,12 +115,19 @@ class HFVision(Encoder):
         return layer % n
 
     def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own image mean and std; CLIP's when the directory saved no image processor."""
         mean, std = CLIP_MEAN, CLIP_STD
         if self.params.model is not None:
-            cfg = Path(resolve_model(self.params.model)) / "preprocessor_config.json"
-            if cfg.is_file():
-                data = json.loads(cfg.read_text())
-                mean, std = data.get("image_mean", mean), data.get("image_std", std)
+            folder = Path(resolve_model(self.params.model))
+            # transformers < 5 wrote preprocessor_config.json; 5 writes a processor's image settings
+            # inside processor_config.json, under "image_processor"
+            for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+                if (folder / name).is_file():
+                    data = json.loads((folder / name).read_text())
+                    data = (data.get(key) or {}) if key else data
+                    if "image_mean" in data or "image_std" in data:
+                        mean, std = data.get("image_mean", mean), data.get("image_std", std)
+                        break
         return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     @classmethod
