@@ -198,13 +198,16 @@ def model_path() -> Path:
 
 def load(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> tuple["LlavaForConditionalGeneration", "LlavaProcessor"]:
-    """``(model, processor)`` from ``path`` (default: the shipped model) by the ordinary ``from_pretrained``.
+    """``(model, processor)`` from ``path`` (default: the shipped model; ``arrcoc:toyvqa`` names it too) by
+    the ordinary ``from_pretrained``.
 
     The weights ship in fp16; ``dtype`` (default float32, the fast one on CPUs)
     is what they are cast to.  The model is in eval mode.
     """
+    from ..models import resolve_model
+
     transformers = require_transformers()
-    path = Path(path) if path is not None else model_path()
+    path = Path(resolve_model(path)) if path is not None else model_path()
     if not (path / "config.json").is_file():
         raise ModelError(f"ToyVQA model directory: expected {path / 'config.json'}, found none")
     model = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()

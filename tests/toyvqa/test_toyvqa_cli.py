@@ -39,3 +39,15 @@ def test_an_existing_run_is_one_red_line(run, tmp_path):
     result = run("train", "--out", str(tmp_path), "--tiny", "--steps", "1")
     assert result.exit_code == 2
     assert "pass --resume" in result.output and "Traceback" not in result.output
+
+
+def test_export_reads_the_shipped_name(run, tmp_path):
+    pytest.importorskip("transformers")
+    result = run("export", "arrcoc:toyvqa", str(tmp_path / "copy"), "--dtype", "float16")
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    from arrcoc.toyvqa import model_path
+
+    copied, shipped = load_file(tmp_path / "copy" / "model.safetensors"), load_file(model_path() / "model.safetensors")
+    assert copied.keys() == shipped.keys() and all(copied[k].equal(shipped[k]) for k in shipped)
