@@ -178,7 +178,15 @@ def pixel_values(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
     The same numbers as the processor's (rescale, CLIP mean and std; resize and
     crop leave 128 x 128 images alone), without PIL: what training uses.
     """
-    array = np.stack(list(images)) if not isinstance(images, np.ndarray) else images
+    if not isinstance(images, np.ndarray):
+        images = [np.asarray(image) for image in images]
+        shapes = {image.shape for image in images}
+        if len(shapes) > 1:   # np.stack would say only "all input arrays must have the same shape"
+            raise InputError(f"images: expected uint8 [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got images of shapes "
+                             f"{[list(image.shape) for image in images]}")
+        array = np.stack(images)
+    else:
+        array = images
     if array.ndim != 4 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or array.dtype != np.uint8:
         raise InputError(f"images: expected uint8 [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], "
                          f"got {array.dtype} {list(array.shape)}")
