@@ -51,3 +51,12 @@ def test_export_reads_the_shipped_name(run, tmp_path):
 
     copied, shipped = load_file(tmp_path / "copy" / "model.safetensors"), load_file(model_path() / "model.safetensors")
     assert copied.keys() == shipped.keys() and all(copied[k].equal(shipped[k]) for k in shipped)
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "0"), ("--lr", "-1e-3"), ("--grounding-weight", "-0.1"),
+                                           ("--attention-weight", "-1")])
+def test_train_refuses_a_learning_rate_or_weight_out_of_range_before_building_anything(run, tmp_path, option, value):
+    result = run("train", "--out", str(tmp_path / "run"), "--tiny", "--steps", "1", option, value)
+    assert result.exit_code == 2
+    assert f"Invalid value for '{option}'" in result.output
+    assert not (tmp_path / "run").exists()
