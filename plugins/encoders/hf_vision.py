@@ -62,13 +62,17 @@ class HFVisionParams(Params):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
-@lru_cache(maxsize=4)
 def load_vlm(path: str, dtype: str) -> torch.nn.Module:
     """``from_pretrained`` once per (path, dtype): encoder and query encoder share the model.
 
-    ``path`` is resolved first: ``arrcoc:toyvqa`` is the model shipped in the package.
+    ``path`` is resolved first (``arrcoc:toyvqa`` is the model shipped in the package), so that the
+    name and the directory it stands for share one model.
     """
-    path = resolve_model(path)
+    return _load_vlm(resolve_model(path), dtype)
+
+
+@lru_cache(maxsize=4)
+def _load_vlm(path: str, dtype: str) -> torch.nn.Module:
     try:
         from transformers import AutoModelForImageTextToText
     except ImportError as exc:  # pragma: no cover - the hf extra is missing
