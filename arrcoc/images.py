@@ -21,6 +21,11 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
+#: CLIP's per-channel normalisation (OpenAI CLIP, LLaVA-1.5): the ToyVQA processor's, and ``hf_vision``'s for a model
+#: directory that saved no image processor.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
 #: PIL modes of 16-bit grey pixels: scaled by 65535 (``convert("RGB")`` would clip them at 255).
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 

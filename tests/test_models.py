@@ -38,3 +38,11 @@ def test_encoder_query_encoder_and_hf_load_accept_the_shipped_name():
     assert query.shape == (1, 6, 192) and mask.tolist() == [[True] * 6]
     model, processor = arrcoc.hf.load("arrcoc:toyvqa")
     assert type(model).__name__ == "LlavaForConditionalGeneration" and processor.tokenizer.padding_side == "left"
+
+
+def test_the_shipped_name_and_its_directory_share_one_loaded_model():
+    # hf_vision's docstring: encoder and query encoder share the model, whichever way each names it
+    pytest.importorskip("transformers")
+    from arrcoc_plugins.encoders.hf_vision import load_vlm
+
+    assert load_vlm("arrcoc:toyvqa", "float32") is load_vlm(str(shipped_model_dir("toyvqa")), "float32")

@@ -53,9 +53,9 @@ def accuracy_table(title: str, columns: dict[str, Any]) -> Table:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: the recipe's).")
 @click.option("--batch-images", type=click.IntRange(min=1), default=None, help="Images per step.")
 @click.option("--questions-per-image", type=click.IntRange(min=1), default=None, help="Conversation turns per image.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate.")
-@click.option("--grounding-weight", type=float, default=None, help="Weight of the grounding loss (0: off).")
-@click.option("--attention-weight", type=float, default=None, help="Weight of the attention losses (0: off).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate.")
+@click.option("--grounding-weight", type=click.FloatRange(min=0), default=None, help="Weight of the grounding loss (0: off).")
+@click.option("--attention-weight", type=click.FloatRange(min=0), default=None, help="Weight of the attention losses (0: off).")
 @click.option("--seed", type=int, default=None, help="Seed of the initialisation.")
 @click.option("--tiny", is_flag=True, help="A tiny model (for smoke tests), not the shipped size.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
@@ -83,7 +83,7 @@ def train(out: str, steps, batch_images, questions_per_image, lr, grounding_weig
 
 @main.command()
 @click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False),
-              help="Model directory (default: the shipped model).")
+              help="Model directory (default: the shipped model, also named arrcoc:toyvqa).")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
 @click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -126,11 +126,13 @@ def baselines(n_train: int, n_test: int) -> None:
 
 
 @main.command()
-@click.argument("source", type=click.Path(file_okay=False, exists=True))
+# not exists=True: SOURCE may be arrcoc:toyvqa, and load() names a directory without config.json
+@click.argument("source", type=click.Path(file_okay=False))
 @click.argument("target", type=click.Path(file_okay=False))
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
 def export(source: str, target: str, dtype: str) -> None:
-    """Copy the model in SOURCE to TARGET with its weights in DTYPE (the package ships float16)."""
+    """Copy the model in SOURCE (a directory or arrcoc:toyvqa) to TARGET with its weights in DTYPE (the package
+    ships float16)."""
     import torch
 
     from .train import export as run_export

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, ModelError
+from ..images import CLIP_MEAN, CLIP_STD
 from .questions import question_words
 from .scenes import GRID, IMAGE_SIZE, PATCH
 
@@ -42,8 +43,6 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_TOKEN_ID = range(len(SPECIAL_TOKENS))
 PROMPT_WORDS: tuple[str, ...] = ("user", ":", "assistant")
 IMAGE_TOKENS = GRID * GRID           # placeholders per image: patch tokens, CLS dropped
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LENGTH = 512
 
 # The prompt of LLaVA-1.5 (llava-hf's chat template, reduced to what ToyVQA asks: one image, text turns).
@@ -179,7 +178,15 @@ def pixel_values(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
     The same numbers as the processor's (rescale, CLIP mean and std; resize and
     crop leave 128 x 128 images alone), without PIL: what training uses.
     """
-    array = np.stack(list(images)) if not isinstance(images, np.ndarray) else images
+    if not isinstance(images, np.ndarray):
+        images = [np.asarray(image) for image in images]
+        shapes = {image.shape for image in images}
+        if len(shapes) > 1:   # np.stack would say only "all input arrays must have the same shape"
+            raise InputError(f"images: expected uint8 [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got images of shapes "
+                             f"{[list(image.shape) for image in images]}")
+        array = np.stack(images)
+    else:
+        array = images
     if array.ndim != 4 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or array.dtype != np.uint8:
         raise InputError(f"images: expected uint8 [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], "
                          f"got {array.dtype} {list(array.shape)}")
@@ -199,13 +206,16 @@ def model_path() -> Path:
 
 def load(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> tuple["LlavaForConditionalGeneration", "LlavaProcessor"]:
-    """``(model, processor)`` from ``path`` (default: the shipped model) by the ordinary ``from_pretrained``.
+    """``(model, processor)`` from ``path`` (default: the shipped model; ``arrcoc:toyvqa`` names it too) by
+    the ordinary ``from_pretrained``.
 
     The weights ship in fp16; ``dtype`` (default float32, the fast one on CPUs)
     is what they are cast to.  The model is in eval mode.
     """
+    from ..models import resolve_model
+
     transformers = require_transformers()
-    path = Path(path) if path is not None else model_path()
+    path = Path(resolve_model(path)) if path is not None else model_path()
     if not (path / "config.json").is_file():
         raise ModelError(f"ToyVQA model directory: expected {path / 'config.json'}, found none")
     model = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()

@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import InputError
 from .scenes import COLOURS, IMAGE_SIZE, PLURALS, SHAPES, ObjectSpec, Scene, render_scene
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "presence", "position", "count")
@@ -179,7 +180,7 @@ def all_questions(scene: Scene, qtype: str) -> list[Question]:
     elif qtype == "count":
         found = [_count_question(scene, s) for s in SHAPES]
     else:
-        raise ValueError(f"question type: expected one of {list(QUESTION_TYPES)}, got {qtype!r}")
+        raise InputError(f"question type: expected one of {list(QUESTION_TYPES)}, got {qtype!r}")
     return [q for q in found if q is not None]
 
 
@@ -237,7 +238,7 @@ def _scene_for(qtype: str, answer: str, template: str, rng: np.random.Generator)
         specs = [ObjectSpec(shape, _pick(rng, COLOURS)) for _ in range(k)]
         specs += _fillers(rng, max(0, n - k), lambda c, s: s != shape)
         return specs, lambda scene: _count_question(scene, shape)
-    raise ValueError(f"question type: expected one of {list(QUESTION_TYPES)}, got {qtype!r}")
+    raise InputError(f"question type: expected one of {list(QUESTION_TYPES)}, got {qtype!r}")
 
 
 def _shuffled(specs: list[ObjectSpec], rng: np.random.Generator) -> list[ObjectSpec]:
@@ -250,6 +251,9 @@ def make_sample(seed: int) -> Sample:
 
     Same seed, same sample (image bytes included), on any machine.
     """
+    # numpy would take a float or a bool as a seed and fail on a negative one with its own message
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"ToyVQA seed: expected a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(seed)
     qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
     template = qtype

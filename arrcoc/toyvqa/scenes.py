@@ -12,12 +12,14 @@ has the flat index ``i * 16 + j`` (the raster order of a ViT's patch tokens).
 A point in patch units is ``(pixel + 0.5) / 8 - 0.5``, so that a patch's own
 centre has integer coordinates, as in ``TokenState.positions``.
 
-Objects are flat-filled shapes with a diameter of 10-16 pixels (one to two
-patches), never overlapping each other, centred on a corner of the patch
-grid: the 2 x 2 patches around that corner each hold a quadrant of the object.  The background is a muted gradient
-with one texture (noise, stripes, checks or blotches) and *clutter*: thin
-lines and dots in desaturated versions of the object colours, so that colour
-alone does not find an object.
+Objects are flat-filled shapes 8-17 pixels across (radius 5-8 pixels from the
+centre pixel, both ends drawn: a radius-8 circle is 17 pixels wide; squares
+and triangles are smaller), never overlapping each other, centred on a corner
+of the patch grid: the 2 x 2 patches around that corner each hold a quadrant
+of the object (the widest spill one pixel row or column into the next patch).
+The background is a muted gradient with one texture (noise, stripes, checks
+or blotches) and *clutter*: thin lines and dots in desaturated versions of
+the object colours, so that colour alone does not find an object.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ PLURALS: dict[str, str] = {
     "star": "stars", "cross": "crosses", "diamond": "diamonds",
 }
 COLOUR_JITTER = 14      # +- per channel: shades, not new colours
-RADIUS_RANGE = (5, 8)   # half the diameter in pixels: 10-16 px objects
+RADIUS_RANGE = (5, 8)   # pixels from the centre pixel to the farthest drawn one: 11-17 px circles
 MIN_GAP = 3             # pixels between the bounding circles of two objects
 # Object centres sit on patch corners (the pixel just after or before one), so that each of the
 # four patches around the corner holds a whole quadrant of the object, edges included: a patch

@@ -36,12 +36,11 @@ from pydantic import Field
 from arrcoc.errors import ModelError
 from arrcoc.models import resolve_model
 from arrcoc.hookspecs import hookimpl
+from arrcoc.images import CLIP_MEAN, CLIP_STD
 from arrcoc.plugin import Encoder, Params
 from arrcoc.state import TokenState
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: CLIP's normalisation, used when the model directory has no preprocessor_config.json.
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 class HFVisionParams(Params):
@@ -63,13 +62,17 @@ class HFVisionParams(Params):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
-@lru_cache(maxsize=4)
 def load_vlm(path: str, dtype: str) -> torch.nn.Module:
     """``from_pretrained`` once per (path, dtype): encoder and query encoder share the model.
 
-    ``path`` is resolved first: ``arrcoc:toyvqa`` is the model shipped in the package.
+    ``path`` is resolved first (``arrcoc:toyvqa`` is the model shipped in the package), so that the
+    name and the directory it stands for share one model.
     """
-    path = resolve_model(path)
+    return _load_vlm(resolve_model(path), dtype)
+
+
+@lru_cache(maxsize=4)
+def _load_vlm(path: str, dtype: str) -> torch.nn.Module:
     try:
         from transformers import AutoModelForImageTextToText
     except ImportError as exc:  # pragma: no cover - the hf extra is missing
@@ -116,12 +119,19 @@ class HFVision(Encoder):
         return layer % n
 
     def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own image mean and std; CLIP's when the directory saved no image processor."""
         mean, std = CLIP_MEAN, CLIP_STD
         if self.params.model is not None:
-            cfg = Path(resolve_model(self.params.model)) / "preprocessor_config.json"
-            if cfg.is_file():
-                data = json.loads(cfg.read_text())
-                mean, std = data.get("image_mean", mean), data.get("image_std", std)
+            folder = Path(resolve_model(self.params.model))
+            # transformers < 5 wrote preprocessor_config.json; 5 writes a processor's image settings
+            # inside processor_config.json, under "image_processor"
+            for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+                if (folder / name).is_file():
+                    data = json.loads((folder / name).read_text())
+                    data = (data.get(key) or {}) if key else data
+                    if "image_mean" in data or "image_std" in data:
+                        mean, std = data.get("image_mean", mean), data.get("image_std", std)
+                        break
         return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     @classmethod

@@ -33,6 +33,7 @@ a figure is drawn.
 
 from __future__ import annotations
 
+import operator
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -109,7 +110,7 @@ def render_figure(state: TokenState, path: str | Path, title: str | None = None,
     """
     if not isinstance(state, TokenState):
         raise InputError(f"render_figure: expected a TokenState, got {type(state).__name__}")
-    rows = list(range(state.B)) if index is None else [index] if isinstance(index, int) else list(index)
+    rows = list(range(state.B)) if index is None else _image_numbers(index)
     if not rows:
         raise InputError("render_figure: no image to draw (index is an empty list)")
     for i in rows:
@@ -137,6 +138,21 @@ def render_figure(state: TokenState, path: str | Path, title: str | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
     return path
+
+
+def _image_numbers(index: Any) -> list[int]:
+    """``index`` (an integer of any kind: int, numpy, a 0-d tensor; or a sequence of them) as a list of ints."""
+    def number(value: Any) -> int:
+        # operator.index takes exactly the integers (numpy's and torch's too), never a float or a str
+        try:
+            return operator.index(value)
+        except TypeError:
+            raise InputError(f"render_figure: index: expected an image number (an integer, a list of them, or "
+                             f"None for the whole batch), got {value!r}") from None
+
+    if isinstance(index, (str, bytes)) or not hasattr(index, "__iter__") or getattr(index, "ndim", 1) == 0:
+        return [number(index)]
+    return [number(value) for value in index]
 
 
 def _draw_row(fig: Any, axes: Any, state: TokenState, index: int, row_title: str | None) -> None:

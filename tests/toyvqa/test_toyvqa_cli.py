@@ -39,3 +39,24 @@ def test_an_existing_run_is_one_red_line(run, tmp_path):
     result = run("train", "--out", str(tmp_path), "--tiny", "--steps", "1")
     assert result.exit_code == 2
     assert "pass --resume" in result.output and "Traceback" not in result.output
+
+
+def test_export_reads_the_shipped_name(run, tmp_path):
+    pytest.importorskip("transformers")
+    result = run("export", "arrcoc:toyvqa", str(tmp_path / "copy"), "--dtype", "float16")
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    from arrcoc.toyvqa import model_path
+
+    copied, shipped = load_file(tmp_path / "copy" / "model.safetensors"), load_file(model_path() / "model.safetensors")
+    assert copied.keys() == shipped.keys() and all(copied[k].equal(shipped[k]) for k in shipped)
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "0"), ("--lr", "-1e-3"), ("--grounding-weight", "-0.1"),
+                                           ("--attention-weight", "-1")])
+def test_train_refuses_a_learning_rate_or_weight_out_of_range_before_building_anything(run, tmp_path, option, value):
+    result = run("train", "--out", str(tmp_path / "run"), "--tiny", "--steps", "1", option, value)
+    assert result.exit_code == 2
+    assert f"Invalid value for '{option}'" in result.output
+    assert not (tmp_path / "run").exists()

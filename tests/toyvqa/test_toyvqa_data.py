@@ -88,3 +88,8 @@ def test_image_blind_baselines_stay_near_chance():
     # the template prior knows the type: chance per type is 1/6, 1/6, 1/2, 1/2, 1/4 (0.32 on average)
     for name in ("type prior", "template prior", "question lookup"):
         assert scores[name].overall < 0.45, (name, scores[name].as_dict())
+
+
+def test_an_unknown_question_type_is_an_input_error():
+    with pytest.raises(InputError, match=r"question type: expected one of \['colour'.*got 'colours'"):
+        all_questions(sample("test", 0).scene, "colours")

@@ -72,3 +72,10 @@ def test_batched_left_padded_generate_gives_the_evaluated_answers(loaded):
 def test_a_missing_model_directory_is_an_arrcoc_error(tmp_path):
     with pytest.raises(ModelError, match="expected .*config.json"):
         toyvqa.load(tmp_path)
+
+
+def test_load_accepts_the_shipped_name_like_every_other_model_argument():
+    model, _ = toyvqa.load("arrcoc:toyvqa", dtype=torch.float16)
+    reference = toyvqa.load(toyvqa.model_path(), dtype=torch.float16)[0]
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name

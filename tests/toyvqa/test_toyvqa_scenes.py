@@ -125,3 +125,10 @@ def test_bad_specs_say_what_was_expected():
         render_scene([ObjectSpec("hexagon", "red")], rng)
     with pytest.raises(PlacementError, match="leave no room"):
         render_scene([ObjectSpec("circle", "red", cols=(0, 3))], rng)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "7", True])
+def test_a_seed_that_is_not_a_non_negative_integer_is_an_input_error(seed):
+    with pytest.raises(InputError, match=f"ToyVQA seed: expected a non-negative integer, got {seed!r}"):
+        make_sample(seed)
+    assert make_sample(np.int64(5)).image.tobytes() == make_sample(5).image.tobytes()

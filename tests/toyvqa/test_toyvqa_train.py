@@ -146,3 +146,11 @@ def test_tiny_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0)
+
+
+def test_pixel_values_of_images_of_different_sizes_is_an_input_error():
+    from arrcoc.errors import InputError
+
+    image = sample("test", 0).image
+    with pytest.raises(InputError, match=r"images: expected uint8 \[B, 128, 128, 3\].*got .*\[64, 128, 3\]"):
+        pixel_values([image, image[:64]])

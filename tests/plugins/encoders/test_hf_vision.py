@@ -80,3 +80,24 @@ def test_not_a_vlm_is_a_clear_error(tmp_path):
                                  vocab_size=10)).save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="hf_vision: cannot load|no adapter"):
         arrcoc.create("encoder", "hf_vision", model=str(tmp_path))
+
+
+def test_normalisation_comes_from_a_processor_saved_by_transformers_5(tmp_path):
+    # transformers 5 saves a LlavaProcessor's image settings inside processor_config.json (no
+    # preprocessor_config.json); a SigLIP-style mean/std there must not be replaced by CLIP's
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from arrcoc.toyvqa.modeling import build_tokenizer
+
+    vc = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=28, patch_size=14)
+    tc = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, vocab_size=64, pad_token_id=0)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=4)).save_pretrained(tmp_path)
+    LlavaProcessor(image_processor=CLIPImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.5]),
+                   tokenizer=build_tokenizer(), patch_size=14).save_pretrained(tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    enc = arrcoc.create("encoder", "hf_vision", model=str(tmp_path))
+    torch.testing.assert_close(enc.mean.flatten(), torch.tensor([0.5, 0.4, 0.3]))
+    torch.testing.assert_close(enc.std.flatten(), torch.tensor([0.2, 0.25, 0.5]))

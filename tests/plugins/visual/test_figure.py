@@ -84,3 +84,16 @@ def test_render_figure_draws_one_row_per_image_with_row_titles(tmp_path):
         render_figure(small_state(), tmp_path / "x.png", index=None, row_titles=["q1"])
     with pytest.raises(InputError, match="no image to draw"):
         render_figure(small_state(), tmp_path / "x.png", index=[])
+
+
+def test_render_figure_takes_numpy_and_tensor_indices_and_refuses_non_integers(tmp_path):
+    import numpy as np
+
+    # an index taken from numpy or torch (e.g. an argmax) draws that image, as a plain int does
+    assert png_size(render_figure(small_state(), tmp_path / "np.png", index=np.int64(1))) == (1600, 440)
+    assert png_size(render_figure(small_state(), tmp_path / "t.png", index=torch.tensor(0))) == (1600, 440)
+    assert png_size(render_figure(small_state(), tmp_path / "l.png", index=[np.int64(0), 1])) == (1600, 880)
+    with pytest.raises(InputError, match=r"render_figure: index: expected an image number .* got 0.5"):
+        render_figure(small_state(), tmp_path / "x.png", index=0.5)
+    with pytest.raises(InputError, match=r"render_figure: index: expected an image number .* got 1.0"):
+        render_figure(small_state(), tmp_path / "x.png", index=[0, 1.0])
