@@ -138,7 +138,7 @@ def _unreachable(stages: list, ranges: list[tuple[float, float]], need: float, n
 
 
 def plan_budget(spec: PipelineSpec, fraction: float, *, original: int, grid: tuple[int, int], layers: int,
-                has_cls: bool = False) -> BudgetPlan:
+                has_cls: bool = False, encoder_layers: int = 0) -> BudgetPlan:
     """``spec`` with each token-setting stage's params derived for ``fraction`` of ``original`` visual tokens."""
     if not 0.0 < fraction <= 1.0:
         raise BudgetError(f"budget: expected a fraction of the visual tokens in (0, 1], got {fraction!r}")
@@ -147,7 +147,7 @@ def plan_budget(spec: PipelineSpec, fraction: float, *, original: int, grid: tup
 
     def context(tokens: int) -> BudgetContext:
         return BudgetContext(tokens=int(tokens), original=int(original), grid=tuple(grid), layers=int(layers),
-                             has_cls=bool(has_cls))
+                             has_cls=bool(has_cls), encoder_layers=int(encoder_layers))
 
     if spec.encoder.params.get("in_blocks"):
         # Tokens merged inside the encoder's blocks depend on its block count and schedule, which no rule here

@@ -121,7 +121,8 @@ class BudgetContext:
     Counts are per image.  ``tokens`` is what the stage receives (for a
     later stage: what the earlier stages were set to hand on), ``original``
     what the vision tower produced (the budget's 100 %); ``layers`` is the
-    LLM's depth, over which in-LLM stages are averaged.
+    LLM's depth, over which in-LLM stages are averaged; ``encoder_layers``
+    the vision blocks that produced the features (0 when unknown).
     """
 
     tokens: int
@@ -129,6 +130,7 @@ class BudgetContext:
     grid: tuple[int, int]
     layers: int
     has_cls: bool = False
+    encoder_layers: int = 0
 
 
 def budget_count(target: float, tokens: int) -> int:

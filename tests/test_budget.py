@@ -61,6 +61,11 @@ def test_tome_after_the_tower_merges_in_rounds_of_at_most_half(fraction, r):
     assert plan({"compress": [{"use": "tome", "r": 8}]}, fraction).spec.compress[0].params["r"] == r
 
 
+def test_tome_merges_once_per_encoder_block_when_it_knows_them():
+    p = plan({"compress": [{"use": "tome", "r": 8}]}, 0.5, encoder_layers=4)
+    assert p.spec.compress[0].params["r"] == [41, 34, 29, 24]  # 256 -> 215 -> 181 -> 152 -> 128
+
+
 def test_geometric_rounds():
     half = lambda c: -(-c // 2)  # noqa: E731
     assert geometric_rounds(256, 64, 2, half) == [128, 64]

@@ -88,6 +88,7 @@ class Reference:
     grid: tuple[int, int]
     has_cls: bool
     layers: int
+    encoder_layers: int
     acc: dict[str, Any] = field(default_factory=dict)   # the sums of its own row
 
 
@@ -142,9 +143,10 @@ def methods_for(pipelines: Sequence[Any], baselines: bool = True) -> list[Method
     if baselines:
         out.append(Method(DOWNSAMPLE, "baseline"))
         named = {s.name for s in specs}
-        for name in BASELINE_PIPELINES:
-            if name not in named:
-                specs.insert(0, resolve_spec(name))
+        specs += [resolve_spec(name) for name in BASELINE_PIPELINES if name not in named]
+    if baselines:  # the baselines first, in BASELINE_PIPELINES order, then the methods as given
+        rank = {name: i for i, name in enumerate(BASELINE_PIPELINES)}
+        specs.sort(key=lambda s: rank.get(s.name, len(rank)))
     seen: dict[str, str] = {}
     for spec in specs:
         if spec.name in seen or spec.name in (ALL_TOKENS, DOWNSAMPLE):
@@ -519,11 +521,12 @@ def _reference(runner: _Runner, out_dir: Path | None, fingerprint: dict[str, Any
             f"{sorted(set(acc['visual_in']))[:5]} tokens (e.g. LLaVA-NeXT, Qwen2-VL); use a LLaVA-1.5-style model"
         )
     first = next(runner.batches())
-    with torch.inference_mode(), apply(runner.model, spec) as run:  # the tower's grid and class token
+    with torch.inference_mode(), apply(runner.model, spec) as run:  # the tower's grid, class token and depth
         state = run.encoder.encode_inputs(first.inputs["pixel_values"][:1], {})
+        blocks = run.adapter.default_attention_layer + 1  # the layer whose output is the features, counted
     ref = Reference(ids=[s.id for s in runner.samples], predictions=list(acc["predictions"]),
                     logprobs=acc["logprobs"], original=int(acc["visual_in"][0]), grid=tuple(state.grid),
-                    has_cls=state.cls is not None, layers=len(acc["layers"]), acc=acc)
+                    has_cls=state.cls is not None, layers=len(acc["layers"]), encoder_layers=blocks, acc=acc)
     if out_dir is not None:
         torch.save({"fingerprint": fingerprint, "reference": {f.name: getattr(ref, f.name) for f in fields(ref)}},
                    out_dir / "reference.pt")
@@ -543,7 +546,7 @@ def _evaluate_one(runner: _Runner, method: Method, budget: float, reference: Ref
         return _row(method, budget, samples, acc, reference, original, params, method.note, types)
     try:
         plan = plan_budget(method.spec, budget, original=original, grid=reference.grid, layers=reference.layers,
-                           has_cls=reference.has_cls)
+                           has_cls=reference.has_cls, encoder_layers=reference.encoder_layers)
     except BudgetError as exc:
         bar.advance(len(samples))
         return _unreachable(method, budget, str(exc), types)

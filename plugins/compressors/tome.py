@@ -129,10 +129,11 @@ class ToMe(Compressor):
     @classmethod
     def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
         """After the encoder (``compress:``): ``r`` as a list of successive rounds that merge ``n`` down to the
-        target, geometric; bipartite matching merges at most half of a round's tokens, so rounds are added
-        until none has to merge more (256 -> 128: one round of 128; -> 32: three rounds)."""
+        target, geometric, one round per encoder block that produced the features (ToMe merges once in every
+        block; 4 blocks: 256 -> 215 -> 181 -> 152 -> 128), more rounds when one would have to merge more than
+        half of its tokens (bipartite matching cannot)."""
         t = budget_count(target, context.tokens)
-        counts = geometric_rounds(context.tokens, t, 1, lambda c: -(-c // 2))
+        counts = geometric_rounds(context.tokens, t, max(context.encoder_layers, 1), lambda c: -(-c // 2))
         before = [context.tokens, *counts[:-1]]
         return {**{k: v for k, v in params.items() if k != "inflection"},
                 "r": [b - c for b, c in zip(before, counts)]}
