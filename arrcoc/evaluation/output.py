@@ -97,7 +97,7 @@ def plot(result: Any, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     from .runner import ALL_TOKENS
 
@@ -106,9 +106,12 @@ def plot(result: Any, out: Path) -> list[Path]:
     baselines = [m for m in methods if any(r["method"] == m and r["kind"] == "baseline" for r in rows)]
     others = [m for m in methods if m not in baselines]
     grey = ["#222222", "#8c564b", "#7f7f7f", "#bcbd22", "#17becf"]
-    palette = plt.get_cmap("tab10" if len(others) <= 10 else "tab20")
-    style = {m: {"color": grey[i % len(grey)], "linestyle": "--"} for i, m in enumerate(baselines)}
-    style |= {m: {"color": palette(i % palette.N), "linestyle": "-"} for i, m in enumerate(others)}
+    palette = plt.get_cmap("tab20")  # the ten dark colours first, then their light pairs
+    colour = [palette(2 * (i % 10) + (i // 10) % 2) for i in range(len(others))]
+    markers = "osD^vPX<>h"
+    style = {m: {"color": grey[i % len(grey)], "linestyle": "--", "marker": "o"} for i, m in enumerate(baselines)}
+    style |= {m: {"color": colour[i], "linestyle": "-", "marker": markers[i % len(markers)]}
+              for i, m in enumerate(others)}
     full = next((_f(r["visual_tokens"]) for r in rows if r["method"] == ALL_TOKENS), float("nan"))
     budget_ticks = [] if math.isnan(full) else sorted({round(_f(r["budget"]) * full) for r in result.rows})
     written: list[Path] = []
@@ -124,12 +127,14 @@ def plot(result: Any, out: Path) -> list[Path]:
             pts = [(x, y) for x, y in pts if not (math.isnan(x) or math.isnan(y))]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, label=m, **style[m])
+                ax.plot(xs, ys, markersize=4, linewidth=1.4, label=m, **style[m])
 
     def axes_style(ax: Any, xlabel: str, ticks: list[float] | None) -> None:
         ax.set_xscale("log")
         if ticks:
             ax.set_xticks(ticks)
+        else:  # milliseconds: 1, 2, 5, 10, 20, 50 ...
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(-0.02, 1.02)

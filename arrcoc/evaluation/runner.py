@@ -240,6 +240,17 @@ class _Runner:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
             yield _Batch(chunk, inputs, self.lengths[start:start + len(chunk)])
 
+    def warm_up(self) -> None:
+        """One untimed ``generate`` on the first batch: first-call costs (allocations, lazy inits) would
+        otherwise land in the first row's milliseconds."""
+        from ..integrations.hf import apply
+
+        batch = next(self.batches())
+        with warnings.catch_warnings(), torch.inference_mode(), apply(self.model, parse_spec(dict(_NO_STAGES))):
+            warnings.simplefilter("ignore", ArrcocWarning)
+            self.model.generate(**batch.inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                pad_token_id=self.tokenizer.pad_token_id)
+
     def run(self, spec: Any, on_batch: Callable[[int], None], processor_kwargs: dict[str, Any] | None = None,
             context: Any = None) -> dict[str, Any]:
         """Every sample through ``generate`` inside ``apply(model, spec)``; sums and per-sample outputs."""
@@ -424,6 +435,8 @@ def evaluate(
     say = log or (lambda message: None)
     bar = _Progress(progress, total=(len(pending) + (reference is None)) * n)
     try:
+        if reference is None or pending:
+            runner.warm_up()
         if reference is None:
             reference = _reference(runner, out_dir, fingerprint, bar)
         if _key(ALL_TOKENS, 1.0) not in done:
