@@ -13,6 +13,7 @@ from .errors import (
     ArrcocError,
     ArrcocWarning,
     BudgetError,
+    DatasetError,
     InputError,
     MissingInputError,
     ModelError,
@@ -42,10 +43,14 @@ def __getattr__(name: str):
         from .integrations import hf
 
         return hf
+    if name == "evaluate":  # `arrcoc eval`'s Python API (needs the hf extra when it runs)
+        from .evaluation import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'arrcoc' has no attribute {name!r}")
 
 __all__ = [
-    "Allocator", "ArrcocError", "ArrcocWarning", "BudgetError", "Compressor", "Encoder", "InputError",
+    "Allocator", "ArrcocError", "ArrcocWarning", "BudgetError", "Compressor", "DatasetError", "Encoder", "InputError",
     "Keep", "LLMCompressor", "MissingInputError", "ModelError", "Params", "ParamsError", "Pipeline", "PipelineSpec",
     "Plugin", "PluginLoadError", "PluginRef", "QueryEncoder", "Scorer", "SpecError", "StageError", "StageRecord",
     "StateError",

@@ -1,4 +1,4 @@
-"""The ``arrcoc`` command: run | generate | bench | list | show | validate | schema."""
+"""The ``arrcoc`` command: run | generate | eval | bench | list | show | validate | schema."""
 
 from __future__ import annotations
 
@@ -229,6 +229,75 @@ def _to_pil(pixels: Any) -> Any:
 
     array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
+
+
+# -------------------------------------------------------------------- eval
+@main.command("eval")
+@click.argument("pipelines", nargs=-1)
+@click.option("--budgets", default="1.0,0.5,0.25,0.125,0.05", show_default=True,
+              help="Fractions of the visual tokens the LLM sees (mean over decoder layers), comma-separated.")
+@click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True, help="Questions.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for results.csv, results.md and the plots; a rerun resumes from its results.csv.")
+@click.option("--model", "model_dir", default=None,
+              help="Local Hugging Face checkpoint (LLaVA-1.5 style); default: the shipped ToyVQA model.")
+@click.option("--data", default="toyvqa", show_default=True,
+              help="toyvqa[:test|val], a JSONL file (image, question, answer[, type, id]) or a folder with "
+              "metadata.jsonl.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens generated per question (default: the longest answer + 1).")
+@click.option("--no-baselines", is_flag=True, help="Leave out downsampling, random_keep and pool (all tokens stays).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option("--restart", is_flag=True, help="Discard the results already in --out.")
+@click.option("--no-plots", is_flag=True, help="Skip the matplotlib figures.")
+def eval_(pipelines: tuple[str, ...], budgets: str, n: int, out: str, model_dir: str | None, data: str,
+          batch_size: int, max_new_tokens: int | None, no_baselines: bool, device: str, threads: int | None,
+          restart: bool, no_plots: bool) -> None:
+    """Accuracy, loyalty and cost of PIPELINES (default: every shipped one) at each budget, against baselines.
+
+    Writes OUT/results.csv (a row per method and budget, as it finishes), OUT/results.md and plots
+    (accuracy vs visual tokens, vs prefill ms, per question type). See docs/eval.md.
+    """
+    import time
+
+    import torch
+
+    from .errors import BudgetError
+    from .evaluation import evaluate
+
+    try:
+        fractions = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise BudgetError(f"--budgets: expected comma-separated fractions such as 1.0,0.5,0.25, got {budgets!r}") from None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    began = time.perf_counter()
+    result = evaluate(list(pipelines), budgets=fractions, n=n, out=out, model=model_dir, data=data,
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, baselines=not no_baselines,
+                      device=None if device == "auto" else device, restart=restart, plots=not no_plots,
+                      log=lambda line: err_console.print(escape(line), highlight=False))
+    table = Table(title=f"arrcoc eval: accuracy (visual tokens per image), {result.rows[0]['n']} questions")
+    table.add_column("method")
+    shown = sorted({float(r["budget"]) for r in result.rows}, reverse=True)
+    for b in shown:
+        table.add_column(f"{b:g}", justify="right")
+    for method in dict.fromkeys(r["method"] for r in result.rows):
+        cells = []
+        for b in shown:
+            row = next((r for r in result.rows if r["method"] == method and float(r["budget"]) == b), None)
+            if row is None:
+                cells.append("")
+            elif row["status"] != "ok":
+                cells.append("[dim]unreachable[/]")
+            else:
+                cells.append(f"{float(row['accuracy']):.1%} ({float(row['visual_tokens']):.0f})")
+        kind = next(r["kind"] for r in result.rows if r["method"] == method)
+        table.add_row(escape(method) + (" [dim](baseline)[/]" if kind == "baseline" else ""), *cells)
+    console.print(table)
+    console.print(f"wrote {escape(str(result.out))}/results.csv, results.md and plots in "
+                  f"{time.perf_counter() - began:.0f} s")
 
 
 @main.command("list")

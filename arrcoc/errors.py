@@ -47,6 +47,10 @@ class InputError(ArrcocError, ValueError):
     """Images, tensors or queries handed to a pipeline are unusable."""
 
 
+class DatasetError(InputError):
+    """An evaluation dataset file is malformed or does not match what it names (the message gives file:line)."""
+
+
 class StateError(ArrcocError, ValueError):
     """A TokenState (or an op's arguments) has inconsistent shapes, dtypes or devices."""
 

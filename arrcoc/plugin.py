@@ -11,7 +11,9 @@ as ``cls_attention``, ``keys``, ``query``), ``provides`` and ``adaptive``
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence, Union
 
 import numpy as np
@@ -21,7 +23,7 @@ from pydantic import (
 )
 from typing_extensions import Annotated
 
-from .errors import ParamsError
+from .errors import BudgetError, ParamsError
 from .state import TokenState
 
 KINDS = ("encoder", "query_encoder", "compressor", "scorer", "allocator", "pyramid", "visualizer")
@@ -112,6 +114,30 @@ def nested_plugin(kind: str) -> Any:
     return Annotated[PluginRef, AfterValidator(check), WithJsonSchema(schema)]
 
 
+@dataclass(frozen=True)
+class BudgetContext:
+    """What a budget rule may read (:meth:`Plugin.budget_params`), for one stage of one pipeline.
+
+    Counts are per image.  ``tokens`` is what the stage receives (for a
+    later stage: what the earlier stages were set to hand on), ``original``
+    what the vision tower produced (the budget's 100 %); ``layers`` is the
+    LLM's depth, over which in-LLM stages are averaged; ``encoder_layers``
+    the vision blocks that produced the features (0 when unknown).
+    """
+
+    tokens: int
+    original: int
+    grid: tuple[int, int]
+    layers: int
+    has_cls: bool = False
+    encoder_layers: int = 0
+
+
+def budget_count(target: float, tokens: int) -> int:
+    """``target`` tokens as a count: nearest integer, at least 1 and at most ``tokens``."""
+    return int(min(max(int(math.floor(target + 0.5)), 1), max(tokens, 1)))
+
+
 class Plugin(ABC):
     """Common base: validated params, capability flags, a readable repr."""
 
@@ -144,6 +170,27 @@ class Plugin(ABC):
     def requirements(self) -> frozenset[str]:
         """What this instance needs from earlier stages (may depend on params)."""
         return self.needs
+
+    # ------------------------------------------------------------ budgets
+    # ``arrcoc eval`` speaks one budget vocabulary: the fraction of the visual tokens the LLM sees (averaged over
+    # decoder layers for in-LLM stages).  Each method turns a token target into its own params here, in its own
+    # file; the core (arrcoc.budget) only splits a pipeline's target among its stages.
+    @classmethod
+    def budget_bounds(cls, params: dict[str, Any], context: BudgetContext) -> tuple[float, float] | None:
+        """Fewest and most tokens per image this stage can hand on from ``context.tokens`` (for an ``llm:``
+        stage: the mean over the LLM's layers of the visual tokens they see); ``None`` when the stage sets no
+        token count (a scorer).  Raise :class:`~arrcoc.errors.BudgetError` when it cannot be budgeted at all."""
+        return None
+
+    @classmethod
+    def budget_params(cls, params: dict[str, Any], target: float, context: BudgetContext) -> dict[str, Any]:
+        """``params`` (the pipeline's, as in YAML) changed so that this stage hands on about ``target`` tokens
+        per image (for an ``llm:`` stage: on average over the LLM's layers) when it receives ``context.tokens``.
+
+        ``target`` lies within :meth:`budget_bounds`.  Raise
+        :class:`~arrcoc.errors.BudgetError`, saying why, when the target cannot be met.
+        """
+        raise BudgetError(f"{cls.kind} {cls.name!r} declares no budget rule (budget_params)")
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
@@ -197,6 +244,22 @@ class Stage(Plugin):
 
 class Compressor(Stage):
     kind = "compressor"
+
+    @classmethod
+    def budget_bounds(cls, params: dict[str, Any], context: BudgetContext) -> tuple[float, float] | None:
+        """Default for a compressor with a ``keep`` param: any count from 1 to the tokens it receives."""
+        if "keep" not in cls.Params.model_fields:
+            raise BudgetError(
+                f"compressor {cls.name!r} has no `keep` param and no budget rule: define budget_bounds and "
+                "budget_params on its class to use it with a budget (arrcoc eval)"
+            )
+        return 1.0, float(context.tokens)
+
+    @classmethod
+    def budget_params(cls, params: dict[str, Any], target: float, context: BudgetContext) -> dict[str, Any]:
+        """Default for a compressor with a ``keep`` param: ``keep`` = the target as a count."""
+        cls.budget_bounds(params, context)  # the same refusal without `keep`
+        return {**params, "keep": budget_count(target, context.tokens)}
 
     #: Params that give one entry per encoder block when the compressor runs inside an encoder
     #: (``in_blocks``), e.g. ToMe's ``r: [8, 8, 4]``. ``None``: every list-valued param of a class that
@@ -255,6 +318,14 @@ class LLMCompressor(Compressor):
 
     stage = "llm"
 
+    @classmethod
+    def budget_bounds(cls, params: dict[str, Any], context: BudgetContext) -> tuple[float, float] | None:
+        # An in-LLM budget is a mean over decoder layers: no generic rule follows from a `keep` param.
+        raise BudgetError(
+            f"llm stage {cls.name!r} declares no budget rule: define budget_bounds and budget_params on its class "
+            "(the budget of an llm: stage is the mean over decoder layers of the visual tokens they see)"
+        )
+
     @abstractmethod
     def llm_layers(self, num_layers: int) -> tuple[int, ...]:
         """Decoder layers (0-based) at whose input this stage acts, for an LLM of ``num_layers``."""
@@ -276,6 +347,13 @@ class Scorer(Stage):
 
 class Allocator(Stage):
     kind = "allocator"
+
+    @classmethod
+    def budget_bounds(cls, params: dict[str, Any], context: BudgetContext) -> tuple[float, float] | None:
+        # An allocator decides how many tokens come out: without its own rule no budget can be met.
+        raise BudgetError(
+            f"allocator {cls.name!r} declares no budget rule: define budget_bounds and budget_params on its class"
+        )
 
 
 class Pyramid(Plugin):

@@ -61,16 +61,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from arrcoc import ops
-from arrcoc.errors import InputError, MissingInputError, record_warning
+from arrcoc.errors import BudgetError, InputError, MissingInputError, record_warning
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Allocator, Params, PluginRef, nested_plugin
+from arrcoc.plugin import Allocator, BudgetContext, Params, PluginRef, budget_count, nested_plugin
 from arrcoc.state import TokenState
 
 #: A region's k may be at most MAX_MAGNIFICATION * its area (4x per axis).
@@ -212,6 +212,45 @@ def allocate(
     }
 
 
+def budget_tiers(template: Sequence[tuple[int, int]], target: int, regions: int, area: int) -> list[tuple[int, int]]:
+    """Tiers with ``target`` tokens in all, shaped like ``template``, over at most ``regions`` regions.
+
+    The template is read as tokens per region by relevance rank (``[[6, 8], [10, 3], [16, 1]]``: 6 regions of
+    8, 10 of 3, 16 of 1; 94 tokens over 32 regions).  The number of regions scales with the target
+    (``round(32 * target / 94)``, at most ``regions`` and ``target``), the template is stretched over them, its
+    tokens per region scaled to the target, rounded by largest remainder (each 1 to ``16 * area``), and equal
+    neighbours become one tier (128 tokens over at most 64 regions: ``[[9, 7], [30, 2], [5, 1]]``).
+    """
+    ks = [int(k) for c, k in template for _ in range(int(c))]
+    rho, tau = len(ks), sum(ks)
+    most = MAX_MAGNIFICATION * area
+    m = min(max(round(rho * target / tau), 1), regions, target)
+    if target > m * most:
+        raise BudgetError(f"homunculus: {target} tokens over {m} regions of {area} patches exceed the {most} "
+                          f"samples a region can hold")
+    shape = [ks[min(j * rho // m, rho - 1)] for j in range(m)]
+    raw = [k * target / sum(shape) for k in shape]
+    counts = [min(max(math.floor(x), 1), most) for x in raw]
+    order = sorted(range(m), key=lambda j: (-(raw[j] - math.floor(raw[j])), j))  # largest remainder first
+    while sum(counts) < target:
+        j = next(j for j in order if counts[j] < most)
+        counts[j] += 1
+        order.remove(j)
+        order.append(j)
+    while sum(counts) > target:
+        j = next(j for j in reversed(order) if counts[j] > 1)
+        counts[j] -= 1
+        order.remove(j)
+        order.insert(0, j)
+    tiers: list[tuple[int, int]] = []
+    for k in counts:
+        if tiers and tiers[-1][1] == k:
+            tiers[-1] = (tiers[-1][0] + 1, k)
+        else:
+            tiers.append((1, k))
+    return tiers
+
+
 class HomunculusParams(Params):
     tiers: list[tuple[int, int]] = Field(
         default_factory=lambda: [(20, 8), (30, 3), (23, 1)],
@@ -261,7 +300,34 @@ class Homunculus(Allocator):
 
     name = "homunculus"
     Params = HomunculusParams
+    # In a VLM: after the projector, with the query-aware scorers whose relevance it allocates by (they compare
+    # tokens with the query's LLM embeddings), so its samples are read from the projected feature grid.
+    stage = "projector"
     adaptive = False
+
+    @classmethod
+    def _regions(cls, params: dict, context: BudgetContext) -> tuple[int, int]:
+        """``(regions sure to be eligible, patches per region)``: ``n`` present patches fill at least
+        ``ceil(n / area)`` regions, so tiers over no more regions than that are never short."""
+        rh, rw = cls.validate_params(params).region
+        H0, W0 = context.grid
+        if H0 % rh or W0 % rw:
+            raise BudgetError(f"homunculus: region {rh}x{rw} does not divide the {H0}x{W0} patch grid")
+        area = rh * rw
+        return min((H0 // rh) * (W0 // rw), -(-context.tokens // area)), area
+
+    @classmethod
+    def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
+        regions, area = cls._regions(params, context)
+        return 1.0, float(regions * MAX_MAGNIFICATION * area)
+
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        """Tiers of the pipeline's shape with the target's token count (:func:`budget_tiers`)."""
+        regions, area = cls._regions(params, context)
+        template = cls.validate_params(params).tiers
+        t = budget_count(target, regions * MAX_MAGNIFICATION * area)
+        return {**params, "tiers": [list(tier) for tier in budget_tiers(template, t, regions, area)]}
 
     def __init__(self, params: HomunculusParams | None = None, /, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

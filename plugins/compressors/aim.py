@@ -35,15 +35,17 @@ official plain mean.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 
 from arrcoc import ops
+from arrcoc.budget import geometric_rounds
 from arrcoc.errors import BudgetError, MissingInputError, StateError, record_warning
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Keep, LLMCompressor, Params
+from arrcoc.plugin import BudgetContext, Compressor, Keep, LLMCompressor, Params, budget_count
 from arrcoc.state import TokenState
 
 
@@ -189,6 +191,10 @@ def aim_importance(logits: torch.Tensor, mask: torch.Tensor | None = None, *, ta
     return dist.pow(2).mean(1).sqrt().view(B, N).masked_fill(~mask, 0.0)
 
 
+#: Depth of the LLM the official schedule was written for (its Qwen2 decoder: 28 layers); budgets scale from it.
+REFERENCE_LAYERS = 28
+
+
 def aim_retention_schedule(num_layers: int = 28, start_layer: int = 14, step: float = 0.125) -> list[float]:
     """Share of the visual tokens kept after each layer (official ``retain_rate``).
 
@@ -279,6 +285,15 @@ class AIMMerge(Compressor):
     stage = "projector"  # in a VLM: after the projector, where the query embeddings live
     Params = AIMMergeParams
 
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        """Rounds as counts, geometric from ``n`` to the target: as many rounds as the pipeline's (official 2),
+        more when a round would have to merge more than half of its tokens (bipartite matching cannot)."""
+        n, t = context.tokens, budget_count(target, context.tokens)
+        rounds = max(len(cls.validate_params(params).keep), 1)
+        # Bipartite matching merges at most half of a round's tokens: each round keeps at least ceil(c / 2).
+        return {**params, "keep": geometric_rounds(n, t, rounds, lambda c: -(-c // 2))}
+
     def requirements(self) -> frozenset[str]:
         return frozenset({"keys"}) if self.params.metric == "keys" else frozenset()
 
@@ -304,7 +319,8 @@ class AIMMerge(Compressor):
 
 
 class AIMPruneParams(Params):
-    start_layer: int = Field(14, ge=1, description="First layer whose attention prunes (official 14 of 28).")
+    start_layer: int = Field(14, ge=0, description="First layer whose attention prunes (official 14 of 28; 0: layer "
+                             "0's attention prunes the input of layer 1).")
     step: float = Field(0.125, gt=0, le=1, description="Share of the visual tokens dropped per layer from start_layer.")
     tau: float = Field(0.1, gt=0, description="PageRank temperature: softmax(logits / tau).")
     iters: int = Field(5, ge=1, description="PageRank iterations.")
@@ -323,6 +339,50 @@ class AIMPrune(LLMCompressor):
     def schedule(self, num_layers: int) -> list[float]:
         p = self.params
         return aim_retention_schedule(num_layers, p.start_layer, p.step)
+
+    @classmethod
+    def _mean(cls, n: int, num_layers: int, start: int, step: float) -> float:
+        """Mean over the layers of the visual keys each sees: ``n`` at layer 0, then the official
+        ``int(n * rate)`` after each earlier layer."""
+        rates = aim_retention_schedule(num_layers, start, step)[: num_layers - 1]
+        return (n + sum(min(n, math.floor(n * r + 1e-9)) for r in rates)) / num_layers
+
+    @classmethod
+    def _starts(cls, params: dict, context: BudgetContext) -> range:
+        """Start layers a budget may use, latest first: the pipeline's, scaled from the official 28-layer LLM
+        (14 of 28 -> the middle), at most ``L - 2`` (the last layer's output is never pruned), down to 0."""
+        if context.layers < 2:
+            raise BudgetError(f"aim_prune: an LLM of {context.layers} layer(s) has no layer to prune at")
+        scaled = round(cls.validate_params(params).start_layer * context.layers / REFERENCE_LAYERS)
+        return range(min(scaled, context.layers - 2), -1, -1)
+
+    @classmethod
+    def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
+        cls._starts(params, context)
+        return cls._mean(context.tokens, context.layers, 0, 1.0), float(context.tokens)
+
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        """The latest start layer whose linear schedule can reach ``target`` (mean over layers of the visual
+        tokens seen; masked tokens are not seen), and the ``step`` that reaches it (bisection).  A target of
+        every token keeps the schedule at 1.0 in effect: a step so small that ``int(n * (1 - step))`` is ``n``
+        (a step of 0 would prune at no layer, which the integration refuses)."""
+        n, L = context.tokens, context.layers
+        if target >= n:
+            return {**params, "start_layer": L - 2, "step": 1e-9 / max(n, 1) / 2}
+        for start in cls._starts(params, context):
+            if cls._mean(n, L, start, 1.0) > target:
+                continue
+            low, high = 1e-9, 1.0  # the mean falls as the step grows
+            for _ in range(60):
+                mid = (low + high) / 2
+                if cls._mean(n, L, start, mid) > target:
+                    low = mid
+                else:
+                    high = mid
+            step = min((low, high), key=lambda x: abs(cls._mean(n, L, start, x) - target))
+            return {**params, "start_layer": start, "step": step}
+        raise BudgetError(f"aim_prune: a mean of {target:.1f} visual tokens over {L} layers from {n} is out of reach")
 
     def llm_layers(self, num_layers: int) -> tuple[int, ...]:
         # Layer l's attention ranks the tokens kept after it (retain_rate[l]): act at the input of l + 1.

@@ -33,9 +33,9 @@ import torch
 from pydantic import Field
 
 from arrcoc import ops
-from arrcoc.errors import MissingInputError, StateError
+from arrcoc.errors import BudgetError, MissingInputError, StateError
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Keep, LLMCompressor, Params
+from arrcoc.plugin import BudgetContext, Keep, LLMCompressor, Params, budget_count
 from arrcoc.state import TokenState
 
 FIELD = "attn_from_last"
@@ -90,6 +90,34 @@ class FastV(LLMCompressor):
     name = "fastv"
     Params = FastVParams
     needs = frozenset({FIELD})
+
+    @classmethod
+    def _layers(cls, params: dict, context: BudgetContext) -> range:
+        """Layers ``K`` a budget may use: the pipeline's ``K`` first, then earlier ones (``K`` >= 1)."""
+        if context.layers < 2:
+            raise BudgetError(f"fastv: an LLM of {context.layers} layer(s) has no layer K >= 1 to prune at")
+        return range(min(cls.validate_params(params).layer, context.layers - 1), 0, -1)
+
+    @classmethod
+    def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
+        n, L = context.tokens, context.layers
+        K = min(cls._layers(params, context))  # the earliest layer reaches the fewest
+        return (K * n + (L - K) * min(1, n)) / L, float(n)
+
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        """Layers ``0 .. K-1`` see all ``n`` visual tokens and layers ``K .. L-1`` see ``keep``: the mean is
+        ``(K n + (L - K) keep) / L``.  ``K`` is the pipeline's (official 2) when that mean can reach the target,
+        else the latest earlier layer that can; ``keep`` is then the nearest count."""
+        n, L = context.tokens, context.layers
+        for K in cls._layers(params, context):
+            keep = (L * target - K * n) / (L - K)
+            if keep >= 0.5 or n == 0:
+                return {**params, "layer": K, "keep": budget_count(keep, n)}
+        raise BudgetError(
+            f"fastv: a mean of {target:.1f} visual tokens over {L} layers from {n} is out of reach: layers before K "
+            f"see all {n}, so the fewest is {(n + (L - 1)) / L:.1f} at K = 1"
+        )
 
     def llm_layers(self, num_layers: int) -> tuple[int, ...]:
         return (self.params.layer,)

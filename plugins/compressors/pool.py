@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from arrcoc import ops
 from arrcoc.errors import BudgetError, StateError, record_warning
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Keep, Params
+from arrcoc.plugin import BudgetContext, Compressor, Keep, Params, budget_count
 from arrcoc.state import TokenState
 
 
@@ -118,6 +118,17 @@ class Pool(Compressor):
 
     name = "pool"
     Params = PoolParams
+
+    @classmethod
+    def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
+        return 1.0, float(context.tokens)
+
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        # `keep` as a count: the cell grid with about that many cells and the patch grid's aspect ratio
+        # (grid_for_count); the nearest grid may miss the count by a few cells, as the warning says.
+        rest = {k: v for k, v in params.items() if k not in ("grid", "stride", "keep")}
+        return {**rest, "keep": budget_count(target, context.tokens)}
 
     def __call__(self, state: TokenState) -> TokenState:
         p = self.params

@@ -72,6 +72,7 @@ Differences, on purpose:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from pydantic import Field, PositiveInt
@@ -79,7 +80,7 @@ from pydantic import Field, PositiveInt
 from arrcoc import ops
 from arrcoc.errors import InputError, MissingInputError, record_warning
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Keep, Params
+from arrcoc.plugin import BudgetContext, Compressor, Keep, Params
 from arrcoc.state import TokenState
 
 
@@ -197,6 +198,26 @@ class PruMerge(Compressor):
     needs = frozenset({"cls_attention", "keys"})
     adaptive = True
     plus = False
+
+    @classmethod
+    def expected_tokens(cls, n: int, k: int) -> float:
+        """Tokens out for ``k`` selected of ``n``: ``k``, plus the one extra token when anything was pruned."""
+        return float(k + (k < n))
+
+    @classmethod
+    def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
+        n = context.tokens
+        return min(cls.expected_tokens(n, k) for k in range(1, n + 1)), float(n)
+
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        """A fixed ``keep`` (the official ``if_adaptive=False``) whose expected output is nearest the target:
+        PruMerge hands on ``keep + 1`` (the extra token); PruMerge+ adds its uniform samples (see
+        :meth:`PruMergePlus.expected_tokens`), whose stride moves in jumps, so some targets are missed."""
+        n = context.tokens
+        # Ties to the larger keep: more tokens chosen by attention for the same count (at 100 %: nothing pruned).
+        k = min(range(1, n + 1), key=lambda k: (abs(cls.expected_tokens(n, k) - target), -k))
+        return {**params, "keep": k}
 
     def _inputs(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
         attn = state.per_token.get(self.params.score)
@@ -318,6 +339,15 @@ class PruMergePlus(PruMerge):
 
     name = "prumerge_plus"
     plus = True
+
+    @classmethod
+    def expected_tokens(cls, n: int, k: int) -> float:
+        """``k`` outliers, the samples ``arange(0, n - 1, stride)`` not among them (outliers fall on sample
+        positions with probability ``k / n``: attention does not know the stride), and the extra token."""
+        stride = max(math.floor(math.floor(1.0 / (k / n)) / 3.0), 1)
+        samples = -(-(n - 1) // stride)
+        out = k + samples * (1 - k / n)
+        return min(out + (out < n), float(n))
 
 
 @hookimpl

@@ -36,13 +36,15 @@ import torch
 from pydantic import Field, model_validator
 
 from arrcoc import ops
-from arrcoc.errors import MissingInputError, StateError, record_warning
+from arrcoc.errors import BudgetError, MissingInputError, StateError, record_warning
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Keep, LLMCompressor, Params
+from arrcoc.plugin import BudgetContext, Compressor, Keep, LLMCompressor, Params, budget_count
 from arrcoc.state import TokenState
 
 #: Decoder layers where LLaVA-1.5-7B prunes (``layer_dict`` in ``score.py``).
 PRUNING_LAYERS: tuple[int, ...] = (2, 6, 15)
+#: Depth of the LLM those layers and tables were made for (LLaVA-1.5-7B); budgets scale the layers from it.
+REFERENCE_LAYERS = 32
 #: v1.0 visual tokens kept at each pruning layer for a retained budget (``sparse_token_dict``).
 SPARSE_TOKEN_TABLE: dict[int, tuple[int, int, int]] = {
     192: (300, 200, 110),
@@ -196,6 +198,21 @@ def recycle_plan(
     index, valid = ops.topk_per_row(scores.float(), m, deleted, order="score")
     clusters = torch.minimum(torch.div(m, divisor, rounding_mode="floor") + 1, m)  # m = 0 -> 0 clusters
     return index, valid, clusters
+
+
+def recycled_clusters(deleted: int, ratio: float = 0.3, divisor: int = 10) -> int:
+    """Cluster tokens recycling adds when ``deleted`` tokens are deleted (the counts of :func:`recycle_plan`)."""
+    if deleted <= 0:
+        return 0
+    m = min(int(math.floor(deleted * ratio)) + 1, deleted)
+    return min(m // divisor + 1, m)
+
+
+def recycled_keep(tokens: int, target: float, ratio: float = 0.3, divisor: int = 10) -> int:
+    """The selection ``k`` whose output, ``k`` plus the recycled clusters of the ``tokens - k`` deleted, is nearest
+    ``target`` (the output grows with ``k``; ties to the larger ``k``: fewer tokens deleted for the same count)."""
+    outputs = [k + recycled_clusters(tokens - k, ratio, divisor) for k in range(1, tokens + 1)]
+    return 1 + min(range(len(outputs)), key=lambda i: (abs(outputs[i] - target), -i))
 
 
 def dpc_knn(x: torch.Tensor, cluster_num: torch.Tensor | int, mask: torch.Tensor | None = None
@@ -363,6 +380,20 @@ class SparseVLM(Compressor):
     stage = "projector"  # in a VLM: after the projector, where the query embeddings live
     Params = SparseVLMParams
 
+    @classmethod
+    def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
+        p = cls.validate_params(params)
+        fewest = 1 + (recycled_clusters(context.tokens - 1, p.recycle_ratio, p.cluster_divisor) if p.recycle else 0)
+        return float(min(fewest, context.tokens)), float(context.tokens)
+
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        p = cls.validate_params(params)
+        if not p.recycle:
+            return {**params, "keep": budget_count(target, context.tokens)}
+        # Recycling appends cluster tokens of the deleted ones: select fewer so that the total meets the target.
+        return {**params, "keep": recycled_keep(context.tokens, target, p.recycle_ratio, p.cluster_divisor)}
+
     def requirements(self) -> frozenset[str]:
         return frozenset({"query", "cls_attention"}) if self.params.w_sal > 0 else frozenset({"query"})
 
@@ -410,11 +441,20 @@ class SparseVLMLLMParams(Params):
     cluster_divisor: int = Field(10, ge=1, description="Recycled tokens per cluster: clusters = min(m // divisor + 1, m).")
     positions: Literal["compact", "original"] = Field(
         "compact", description="compact: kept tokens renumbered contiguously (v1.0); original: kept ids (v2.0).")
+    keep: list[Keep] | None = Field(
+        None, description="Instead of the budget table: visual tokens selected at each pruning layer (one entry per "
+        "`layers`, before recycling), a count or a ratio of the visual tokens at the LLM input; like the table, "
+        "never more than are present. Set by `arrcoc eval` budgets.")
 
     @model_validator(mode="after")
     def _layers(self) -> "SparseVLMLLMParams":
         if not self.layers or len(self.layers) > len(PRUNING_LAYERS) or sorted(set(self.layers)) != self.layers:
             raise ValueError(f"layers: 1 to {len(PRUNING_LAYERS)} increasing layer indices, got {self.layers}")
+        if self.keep is not None:
+            if len(self.keep) != len(self.layers):
+                raise ValueError(f"keep: one entry per pruning layer {self.layers}, got {self.keep}")
+            if self.count != "table":
+                raise ValueError("keep replaces the budget table; it cannot be combined with count: adaptive")
         return self
 
 
@@ -425,6 +465,59 @@ class SparseVLMLLM(LLMCompressor):
     Params = SparseVLMLLMParams
     needs = frozenset({"attn_from_text"})
     adaptive = True
+
+    @classmethod
+    def budget_layers(cls, params: dict, num_layers: int) -> list[int]:
+        """The pruning layers scaled from the official 32-layer LLaVA-1.5-7B to ``num_layers``.
+
+        Tokens leave at the input of layer ``l + 1`` for each scoring layer ``l``; that input layer is scaled
+        by ``num_layers / 32`` and kept within ``1 .. num_layers - 1`` (duplicates merge).  32 layers: unchanged.
+        """
+        p = cls.validate_params(params)
+        acts = sorted({min(max(round((l + 1) * num_layers / REFERENCE_LAYERS), 1), num_layers - 1) for l in p.layers})
+        return [a - 1 for a in acts]
+
+    @classmethod
+    def _schedule(cls, p: SparseVLMLLMParams, layers: list[int], n: int, num_layers: int, r: float
+                  ) -> tuple[list[int], float]:
+        """Selections ``k_i`` for step outputs ``n r^i`` (recycled clusters included) and the layer mean."""
+        keeps, outs, present = [], [], n
+        for i in range(1, len(layers) + 1):
+            goal = n * r ** i
+            k = recycled_keep(present, goal, p.recycle_ratio, p.cluster_divisor) if p.recycle else budget_count(
+                goal, present)
+            present = k + (recycled_clusters(present - k, p.recycle_ratio, p.cluster_divisor) if p.recycle else 0)
+            keeps.append(k)
+            outs.append(present)
+        acts = [l + 1 for l in layers] + [num_layers]
+        total = acts[0] * n + sum((acts[i + 1] - acts[i]) * outs[i] for i in range(len(layers)))
+        return keeps, total / num_layers
+
+    @classmethod
+    def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
+        if context.layers < 2:
+            raise BudgetError(f"sparsevlm_llm: an LLM of {context.layers} layer(s) has no layer to prune at")
+        p = cls.validate_params(params)
+        layers = cls.budget_layers(params, context.layers)
+        return cls._schedule(p, layers, context.tokens, context.layers, 0.0)[1], float(context.tokens)
+
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        """Pruning layers scaled to the LLM's depth (:meth:`budget_layers`); the visual tokens after pruning step
+        ``i`` are ``n r^i`` (geometric, as the official tables roughly are), ``r`` solved so that the mean over
+        the decoder layers is ``target``; recycled cluster tokens are counted in each step's output."""
+        p = cls.validate_params(params)
+        layers = cls.budget_layers(params, context.layers)
+        n, L = context.tokens, context.layers
+        low, high = 0.0, 1.0
+        for _ in range(60):  # the mean grows with r (in integer steps)
+            mid = (low + high) / 2
+            if cls._schedule(p, layers, n, L, mid)[1] < target:
+                low = mid
+            else:
+                high = mid
+        keeps, _ = min((cls._schedule(p, layers, n, L, r) for r in (low, high)), key=lambda s: abs(s[1] - target))
+        return {**params, "layers": layers, "keep": keeps}
 
     def llm_layers(self, num_layers: int) -> tuple[int, ...]:
         # Official: a pruning layer's own attention scores; its output is pruned (= the next layer's input).
@@ -444,7 +537,12 @@ class SparseVLMLLM(LLMCompressor):
                                     state.query_mask)
         rows = attn.transpose(1, 2)  # [B, T, N]
         scores = rater_scores(rows, raters, state.mask)
-        if p.count == "table":
+        if p.keep is not None:
+            keep = p.keep[step]
+            n0 = state.meta["input_visual_counts"].to(state.counts.device)
+            k = torch.full_like(state.counts, keep) if isinstance(keep, int) else torch.floor(
+                n0.double() * keep).to(torch.int64).clamp(min=1)
+        elif p.count == "table":
             k = table_keep_count(p.budget, PRUNING_LAYERS[step], state.counts)
         else:
             k = adaptive_keep_count(rows, raters, state.mask, p.scale)

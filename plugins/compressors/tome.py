@@ -38,7 +38,8 @@ from pydantic import Field, model_validator
 from arrcoc import ops
 from arrcoc.errors import BudgetError, MissingInputError, ParamsError, record_warning
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Params
+from arrcoc.budget import geometric_rounds
+from arrcoc.plugin import BudgetContext, Compressor, Params, budget_count
 from arrcoc.state import TokenState
 
 
@@ -120,6 +121,22 @@ class ToMe(Compressor):
 
     name = "tome"
     Params = ToMeParams
+
+    @classmethod
+    def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
+        return 1.0, float(context.tokens)
+
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        """After the encoder (``compress:``): ``r`` as a list of successive rounds that merge ``n`` down to the
+        target, geometric, one round per encoder block that produced the features (ToMe merges once in every
+        block; 4 blocks: 256 -> 215 -> 181 -> 152 -> 128), more rounds when one would have to merge more than
+        half of its tokens (bipartite matching cannot)."""
+        t = budget_count(target, context.tokens)
+        counts = geometric_rounds(context.tokens, t, max(context.encoder_layers, 1), lambda c: -(-c // 2))
+        before = [context.tokens, *counts[:-1]]
+        return {**{k: v for k, v in params.items() if k != "inflection"},
+                "r": [b - c for b, c in zip(before, counts)]}
 
     def requirements(self) -> frozenset[str]:
         return frozenset({"keys"}) if self.params.metric == "keys" else frozenset()

@@ -53,7 +53,7 @@ from pydantic import Field, PositiveInt, model_validator
 from arrcoc import ops
 from arrcoc.errors import BudgetError, InputError, MissingInputError
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Keep, Params
+from arrcoc.plugin import BudgetContext, Compressor, Keep, Params, budget_count
 from arrcoc.state import TokenState
 
 #: The README presets' contextual share: 10 / 64 (= 20 / 128 = 30 / 192).
@@ -147,6 +147,12 @@ class VisionZip(Compressor):
     name = "visionzip"
     Params = VisionZipParams
     needs = frozenset({"cls_attention", "keys"})
+
+    @classmethod
+    def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
+        # `keep` counts the class token, which stays apart and never reaches the LLM: one more than the target.
+        rest = {k: v for k, v in params.items() if k not in ("dominant", "contextual", "keep")}
+        return {**rest, "keep": budget_count(target, context.tokens) + int(context.has_cls)}
 
     def budgets(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dominant patches [B], contextual [B])`` per image."""

@@ -463,12 +463,39 @@ def test_report_counts_real_tokens(model, batch3, spec, kept):
         assert f"vision {run.report.vision_ms:.1f} ms" in caption and run.report.vision_ms > 0
 
 
+def test_report_times_the_tower_that_generate_runs_before_prefill(model, batch3):
+    """transformers 5's ``generate`` encodes the images before the prefill forward: ``vision_ms`` holds that
+    time (at least the tower's own) and ``prefill_ms`` includes it; a direct forward runs the tower inside
+    itself, so its ``prefill_ms`` already counts it and ``vision_ms`` is 0."""
+    import time
+
+    spans: list[float] = []
+    tower = model.model.vision_tower
+    handles = [tower.register_forward_pre_hook(lambda *a: spans.append(-time.perf_counter())),
+               tower.register_forward_hook(lambda *a: spans.append(time.perf_counter()))]
+    try:
+        with arrcoc.hf.apply(model, NO_STAGES) as run:
+            greedy(model, batch3)
+            report = run.report
+            tower_ms = sum(spans) * 1e3
+            last_logits(model, batch3)
+            direct = run.report
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(spans) == 4  # the tower ran once per call
+    assert report.vision_ms >= tower_ms > 0
+    assert report.prefill_ms >= report.vision_ms + report.llm_prefill_ms
+    assert direct.vision_ms == 0.0 and direct.prefill_ms > 0
+
+
 # --------------------------------------------------------------------------- 6. leaving the context restores
 def _assert_restored(model, before_hooks, ref_logits, ref_tokens, inputs):
     from arrcoc.integrations.hf import attention
 
     assert "generate" not in vars(model)
     assert model.generate.__func__ is type(model).generate
+    assert "get_image_features" not in vars(model.model)
     assert model.config.text_config._attn_implementation == "sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
     for layer in model.model.language_model.layers:

@@ -94,6 +94,18 @@ class Adapter(ABC):
         """The multimodal projector: vision features -> LLM input space (identity when ``projected``)."""
         return features
 
+    def downsampling(self, processor: Any, tokens: int) -> tuple[dict[str, Any], Any, tuple[int, int]]:
+        """The image-downsampling baseline (``arrcoc eval``): a smaller input image with about ``tokens``
+        visual tokens, through the model's own processor.
+
+        Returns ``(processor kwargs, context manager inside which the model accepts such images, the
+        feature grid (rows, cols))``.
+        """
+        raise ModelError(
+            f"{self.family}: no image-downsampling path is implemented for this family (arrcoc implements it for "
+            "LLaVA-1.5, whose CLIP tower interpolates its position embeddings to a smaller image)"
+        )
+
     def view_layout(self, image_inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
         """Multi-view images (LLaVA-NeXT): each image's crop grid; its ``1 + rows * cols`` views are
         consecutive state rows.  ``None``: one state row per image."""

@@ -28,6 +28,7 @@ implementation and ``generate``: the model computes exactly as before.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from contextlib import contextmanager
@@ -92,6 +93,13 @@ class Run:
         self._generate = model.generate
         self._pre: dict[str, Any] = {}
         self._in_generate = False
+        self._in_forward = False
+        # transformers 5's generate encodes the images (base_model.get_image_features) before the prefill
+        # forward, outside the hooks that time it: timed here, or prefill_ms would leave out the vision tower.
+        self._base = getattr(model, "base_model", model)
+        self._had_image_features = "get_image_features" in vars(self._base)
+        self._image_features = getattr(self._base, "get_image_features", None)
+        self._outside_vision_ms = 0.0
 
     # ----------------------------------------------------------- lifecycle
     def _enter(self) -> "Run":
@@ -104,6 +112,11 @@ class Run:
         self.engine.install()
         self._handles.append(model.register_forward_hook(self._post_hook, with_kwargs=True))
         model.generate = self._wrapped_generate
+        if self._image_features is not None:
+            # Same signature as the original: generate picks the image kwargs it passes by inspecting it.
+            timed = self._timed_image_features
+            self._base.get_image_features = functools.wraps(self._image_features)(
+                lambda *args, **kwargs: timed(*args, **kwargs))
         return self
 
     def _exit(self) -> None:
@@ -117,6 +130,18 @@ class Run:
             self.model.generate = self._generate
         else:
             vars(self.model).pop("generate", None)
+        if self._image_features is not None:
+            if self._had_image_features:
+                self._base.get_image_features = self._image_features
+            else:
+                vars(self._base).pop("get_image_features", None)
+
+    def _timed_image_features(self, *args: Any, **kwargs: Any) -> Any:
+        start = _clock(kwargs.get("pixel_values", args[0] if args else None))
+        out = self._image_features(*args, **kwargs)
+        if not self._in_forward:  # inside a forward, the forward's own time includes it
+            self._outside_vision_ms += (_clock(kwargs.get("pixel_values", args[0] if args else None)) - start) * 1e3
+        return out
 
     # ------------------------------------------------------------ pre-LLM
     @property
@@ -124,6 +149,9 @@ class Run:
         return bool(self.vision_stages or self.projector_stages)
 
     def _pre_llm_hook(self, module: Any, args: tuple, kwargs: dict):
+        self._in_forward = True
+        if not self._in_generate:
+            self._outside_vision_ms = 0.0
         if args:  # every input by name: positional pixel_values must not slip past the stages
             kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
             args = ()
@@ -226,6 +254,8 @@ class Run:
         else:
             self._pre = {}
             self._check_placeholders(original, kwargs)
+        self._outside_vision_ms = 0.0
+        self._in_forward = False  # a forward that raised earlier never reached its post hook
         self._in_generate = True
         try:
             out = self._generate(**kwargs)
@@ -245,6 +275,7 @@ class Run:
         return out
 
     def _post_hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        self._in_forward = False
         self._finish(new_tokens=False)
 
     def _finish(self, new_tokens: bool) -> None:
@@ -253,7 +284,7 @@ class Run:
         pre = self._pre
         records = pre.get("records", [])  # the pre-LLM stages' trace (the encoder adds none here)
         stages_ms = sum(r.ms for r in records)
-        vision_ms = pre.get("vision_ms", 0.0)
+        vision_ms = pre.get("vision_ms", 0.0) + self._outside_vision_ms
         self.report = Report(
             batch=len(t.layers[0].tokens) if t.layers else 0,
             pre_llm=list(records),

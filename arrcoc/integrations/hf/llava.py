@@ -85,6 +85,42 @@ class LlavaAdapter(Adapter):
         return VisionOutput(list(x[:, P:]), [grid] * x.shape[0], x[:, 0] if P else None,
                             hidden if keep_hidden else None)
 
+    def downsampling(self, processor: Any, tokens: int) -> tuple[dict[str, Any], Any, tuple[int, int]]:
+        """A square image of ``side = round(sqrt(tokens))`` patches: the processor resizes (shortest edge) and
+        crops to ``side * patch`` pixels, and counts its placeholders from that size; the CLIP tower
+        interpolates its position embeddings to the smaller grid (``interpolate_pos_encoding``, set on every
+        call of the tower inside the context).  At full size this is exactly the model's own input."""
+        import inspect
+        from contextlib import contextmanager
+
+        image_processor = getattr(processor, "image_processor", None)
+        if image_processor is None or not hasattr(image_processor, "crop_size"):
+            raise ModelError(
+                f"llava: downsampling needs a CLIP-style image processor (size / crop_size), got "
+                f"{type(image_processor).__name__}"
+            )
+        if "interpolate_pos_encoding" not in inspect.signature(self.vision_tower.forward).parameters:
+            raise ModelError(f"llava: the vision tower {type(self.vision_tower).__name__} cannot interpolate its "
+                             "position embeddings (no interpolate_pos_encoding), so it cannot take a smaller image")
+        cfg = self.model.config.vision_config
+        patch, full = int(cfg.patch_size), int(cfg.image_size) // int(cfg.patch_size)
+        side = min(max(round(tokens ** 0.5), 1), full)
+        pixels = side * patch
+        kwargs = {"size": {"shortest_edge": pixels}, "crop_size": {"height": pixels, "width": pixels}}
+
+        @contextmanager
+        def interpolating():
+            def pre_hook(module, args, kwargs):
+                return args, {**kwargs, "interpolate_pos_encoding": True}
+
+            handle = self.vision_tower.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+        return kwargs, interpolating(), (side, side)
+
     def vision_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         block = self._encoder.layers[layer]
         attn = block.self_attn

@@ -1,0 +1,58 @@
+"""Budgets map to the stated visual-token counts, measured from ``run.report`` inside the shipped ToyVQA model.
+
+For every shipped pipeline and every default budget: the params the rules derive, run through
+``arrcoc.hf.apply`` on a batch of four ToyVQA questions, give ``budget * 256`` visual tokens per image
+(mean over the 3 decoder layers) within the tolerance documented in docs/eval.md: half a token (the
+count is rounded to whole tokens), except pool (the nearest cell grid with the patch grid's aspect:
+2 % of the tokens) and PruMerge+ (its uniform samples come in strides: 6 %).  In-LLM methods alone
+cannot go below about a third on a 3-layer LLM: those budgets are declared unreachable.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import arrcoc  # noqa: E402
+from arrcoc.budget import plan_budget  # noqa: E402
+from arrcoc.errors import BudgetError  # noqa: E402
+from arrcoc.evaluation import DEFAULT_BUDGETS, post_tower  # noqa: E402
+from arrcoc.evaluation.runner import prompt_for  # noqa: E402
+from arrcoc.spec import available_pipelines, resolve_spec  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::arrcoc.errors.ArrcocWarning")  # recorded in the trace
+N0 = 256
+TOLERANCE = {"pool": 0.02 * N0, "prumerge_plus": 0.06 * N0}   # tokens; every other pipeline: 0.5
+UNREACHABLE = {("fastv", b) for b in (0.25, 0.125, 0.05)} | {("sparsevlm_llm", b) for b in (0.25, 0.125, 0.05)}
+
+
+@pytest.fixture(scope="module")
+def batch(toy):
+    import arrcoc.toyvqa as toyvqa
+
+    _, processor = toy
+    samples = [toyvqa.sample("test", i) for i in range(4)]
+    return processor(images=[s.image for s in samples], text=[prompt_for(processor, s.question.text) for s in samples],
+                     padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("name", sorted(available_pipelines()))
+def test_budgets_give_the_stated_token_counts(toy, batch, name):
+    model, _ = toy
+    spec, _ = post_tower(resolve_spec(name))
+    for budget in DEFAULT_BUDGETS:
+        try:
+            plan = plan_budget(spec, budget, original=N0, grid=(16, 16), layers=3, has_cls=True)
+        except BudgetError as exc:
+            assert (name, budget) in UNREACHABLE, f"{name} @ {budget}: {exc}"
+            assert "out of reach" in str(exc)
+            continue
+        assert (name, budget) not in UNREACHABLE
+        with torch.inference_mode(), arrcoc.hf.apply(model, plan.spec) as run:
+            model.generate(**batch, max_new_tokens=1, do_sample=False)
+        measured = run.report.visual_tokens_mean
+        assert measured == pytest.approx(budget * N0, abs=TOLERANCE.get(name, 0.5)), (name, budget, plan.params)
+        if budget == 1.0:
+            assert run.report.layer_visual == [[N0] * 4] * 3, name
