@@ -57,16 +57,12 @@ def accuracy_table(title: str, columns: dict[str, Any]) -> Table:
 @click.option("--grounding-weight", type=click.FloatRange(min=0), default=None, help="Weight of the grounding loss (0: off).")
 @click.option("--attention-weight", type=click.FloatRange(min=0), default=None, help="Weight of the attention losses (0: off).")
 @click.option("--seed", type=int, default=None, help="Seed of the initialisation.")
-@click.option("--position-readout", type=click.Choice(["probe", "fixed"]), default=None,
-              help="How the position loss reads (row, col) from patch tokens: a trained probe or a fixed read-out.")
-@click.option("--position-scale", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="With --position-readout fixed: (row, col) targets span [-scale, scale].")
 @click.option("--tiny", is_flag=True, help="A tiny model (for smoke tests), not the shipped size.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's).")
-def train(out: str, steps, batch_images, questions_per_image, lr, grounding_weight, attention_weight, seed,
-          position_readout, position_scale, tiny, resume, checkpoint_every, threads) -> None:
+def train(out: str, steps, batch_images, questions_per_image, lr, grounding_weight, attention_weight, seed, tiny, resume,
+          checkpoint_every, threads) -> None:
     """Train the ToyVQA model end to end (CPU) and save it in OUT."""
     from dataclasses import replace
 
@@ -75,8 +71,7 @@ def train(out: str, steps, batch_images, questions_per_image, lr, grounding_weig
 
     config = TrainConfig()
     changes = {"steps": steps, "batch_images": batch_images, "questions_per_image": questions_per_image,
-               "lr": lr, "grounding_weight": grounding_weight, "attention_weight": attention_weight, "seed": seed,
-               "position_readout": position_readout, "position_scale": position_scale}
+               "lr": lr, "grounding_weight": grounding_weight, "attention_weight": attention_weight, "seed": seed}
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
     if tiny:
         config = replace(config, size=TINY)

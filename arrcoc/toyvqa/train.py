@@ -113,10 +113,6 @@ class TrainConfig:
     grounding_scale: float = 10.0
     attention_weight: float = 0.25
     position_weight: float = 1.0
-    #: "probe": a trained linear probe reads (row, col) in [0, 1]; "fixed": a fixed orthonormal read-out must
-    #: see (row, col) in [-position_scale, position_scale], so position takes a fixed share of each token
-    position_readout: str = "probe"
-    position_scale: float = 1.0
     seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
 
@@ -284,37 +280,9 @@ def attention_loss(attention: torch.Tensor, rows: torch.Tensor, targets: torch.T
     return -torch.log(mass.clamp(min=1e-6)).mean()
 
 
-class FixedReadout(torch.nn.Module):
-    """Two fixed orthonormal directions of the token space (seeded), read as (row, col); nothing to train.
-
-    A trained probe can grow its weights and let the tower keep position in a
-    direction of tiny magnitude, which the LLM's values then barely carry; a
-    fixed unit read-out makes position a fixed, readable share of every token.
-    """
-
-    def __init__(self, width: int, seed: int = 0) -> None:
-        super().__init__()
-        gaussian = torch.randn(width, 2, generator=torch.Generator().manual_seed(seed))
-        self.register_buffer("directions", torch.linalg.qr(gaussian).Q.T.contiguous())   # [2, width], orthonormal
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens @ self.directions.to(tokens.dtype).T
-
-
-def make_position_readout(config: "TrainConfig") -> torch.nn.Module:
-    if config.position_readout == "probe":
-        return torch.nn.Linear(config.size.text_width, 2)
-    if config.position_readout == "fixed":
-        return FixedReadout(config.size.text_width, seed=config.seed)
-    raise InputError(f"position_readout: expected 'probe' or 'fixed', got {config.position_readout!r}")
-
-
-def position_loss(patch_tokens: torch.Tensor, probe: torch.nn.Module, scale: float | None = None) -> torch.Tensor:
-    """Mean squared error of ``probe``'s (row, col) of every patch token: in [0, 1] units of the grid, or in
-    [-scale, scale] when ``scale`` is given (the fixed read-out)."""
+def position_loss(patch_tokens: torch.Tensor, probe: torch.nn.Module) -> torch.Tensor:
+    """Mean squared error of ``probe``'s (row, col) of every patch token, in [0, 1] units of the grid."""
     coords = torch.arange(GRID, dtype=patch_tokens.dtype, device=patch_tokens.device) / (GRID - 1)
-    if scale is not None:
-        coords = (2 * coords - 1) * scale
     grid = torch.stack(torch.meshgrid(coords, coords, indexing="ij"), -1).reshape(GRID * GRID, 2)
     return F.mse_loss(probe(patch_tokens), grid.expand(patch_tokens.shape[0], -1, -1))
 
@@ -357,8 +325,7 @@ def forward_losses(model, batch: dict[str, torch.Tensor], batcher: Batcher, conf
     if config.position_weight > 0:
         if position_probe is None:
             raise ModelError("the position loss needs the position probe (train() makes one)")
-        where = position_loss(patch_tokens, position_probe,
-                              config.position_scale if config.position_readout == "fixed" else None)
+        where = position_loss(patch_tokens, position_probe)
         loss = loss + config.position_weight * where
         losses["position_loss"] = where
     return {"loss": loss, **losses, "accuracy": accuracy}
@@ -465,7 +432,7 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), *, resume: bool 
     if config.attention_weight > 0:
         use_supervised_attention(model)
     # training only, never saved with the model: a linear read-out of each patch token's grid position
-    position_probe = make_position_readout(config)
+    position_probe = torch.nn.Linear(config.size.text_width, 2)
     optimizer = make_optimizer(model, config, position_probe)
     start, elapsed = 0, {"wall_s": 0.0, "cpu_s": 0.0}
     if checkpoint_path.exists():
