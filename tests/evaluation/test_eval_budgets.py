@@ -24,7 +24,18 @@ from arrcoc.spec import available_pipelines, resolve_spec  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::arrcoc.errors.ArrcocWarning")  # recorded in the trace
 N0 = 256
-TOLERANCE = {"pool": 0.02 * N0, "prumerge_plus": 0.06 * N0}   # tokens; every other pipeline: 0.5
+TOLERANCE = {"pool": 0.02 * N0}   # tokens; every other pipeline but prumerge_plus: 0.5
+
+
+def prumerge_plus_range(keep: int) -> tuple[int, int]:
+    """PruMerge+'s exact output range for ``keep`` outliers of N0: the outliers plus the extra token, up to
+    every uniform sample ``arange(0, N0 - 1, stride)`` besides (how many coincide with outliers depends on
+    the model's attention, so its budget rule can only aim at the expected count)."""
+    import math
+
+    stride = max(math.floor(math.floor(1.0 / (keep / N0)) / 3.0), 1)
+    samples = -(-(N0 - 1) // stride)
+    return keep + 1, min(keep + samples + 1, N0)
 UNREACHABLE = {("fastv", b) for b in (0.25, 0.125, 0.05)} | {("sparsevlm_llm", b) for b in (0.25, 0.125, 0.05)}
 
 
@@ -53,6 +64,10 @@ def test_budgets_give_the_stated_token_counts(toy, batch, name):
         with torch.inference_mode(), arrcoc.hf.apply(model, plan.spec) as run:
             model.generate(**batch, max_new_tokens=1, do_sample=False)
         measured = run.report.visual_tokens_mean
+        if name == "prumerge_plus" and budget < 1.0:
+            low, high = prumerge_plus_range(plan.params["compress[0]"]["keep"])
+            assert low <= budget * N0 <= high and low <= measured <= high, (budget, plan.params, measured)
+            continue
         assert measured == pytest.approx(budget * N0, abs=TOLERANCE.get(name, 0.5)), (name, budget, plan.params)
         if budget == 1.0:
             assert run.report.layer_visual == [[N0] * 4] * 3, name
