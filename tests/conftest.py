@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 try:
     from hypothesis import HealthCheck, settings
 except ImportError:  # the property tests skip themselves without Hypothesis
@@ -24,3 +26,14 @@ else:
         "deep", max_examples=400, deadline=None, suppress_health_check=_slow, print_blob=True,
     )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread is far faster than two on a shared, loaded machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,16 +1,11 @@
 """The shipped ToyVQA model, loaded once for the evaluation tests (whatever weights are in arrcoc/toyvqa/model)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is much faster than two on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs on one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
