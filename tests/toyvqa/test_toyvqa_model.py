@@ -12,9 +12,11 @@ pytest.importorskip("transformers")
 import arrcoc.toyvqa as toyvqa  # noqa: E402
 from arrcoc.errors import ModelError  # noqa: E402
 
-# The image-blind "question lookup" baseline scores about 32% (docs/toyvqa.md); random weights score ~0.
-THRESHOLD = 0.8
-SLICE = 64
+# The image-blind "question lookup" baseline scores 31.4% (docs/toyvqa.md); random weights score ~0.  The
+# shipped model scores 83.6% on this slice (88.8% on 2000): the margin absorbs a flipped answer or two from
+# another CPU's float rounding, not a model that stopped looking at the image.
+THRESHOLD = 0.75
+SLICE = 128
 
 
 @pytest.fixture(scope="module")
