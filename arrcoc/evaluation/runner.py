@@ -233,7 +233,9 @@ class _Runner:
             chunk = self.samples[start:start + self.batch_size]
             images = [s.load_image() for s in chunk]
             texts = [prompt_for(self.processor, s.question) for s in chunk]
-            inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt",
+            # Left padding whatever the tokenizer's default: the answer position (the first new token's logits)
+            # is the last column, which is the last prompt token only when every prompt ends there.
+            inputs = self.processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt",
                                     **(processor_kwargs or {}))
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             if "pixel_values" in inputs:

@@ -160,3 +160,19 @@ def test_cli(toy, tmp_path, monkeypatch):
     bad = CliRunner().invoke(main, ["eval", "--data", str(data), "--n", "1", "--out", str(out)])
     assert bad.exit_code == 2 and "data.jsonl:1: missing field(s) answer" in bad.output
     assert issubclass(type(arrcoc.DatasetError("x")), ArrcocError)
+
+
+def test_a_right_padding_processor_is_padded_left_and_left_as_it_was(toy, run):
+    """The answer position is the last prompt token: a processor passed as ``(model, processor)`` whose
+    tokenizer pads on the right (many checkpoints' default) must give the same numbers, and keep its setting."""
+    model, processor = toy
+    processor.tokenizer.padding_side = "right"
+    try:
+        result = evaluate(["random_keep"], budgets=[1.0], n=N, model=(model, processor), batch_size=4,
+                          progress=False, plots=False, baselines=False)
+        assert processor.tokenizer.padding_side == "right"
+    finally:
+        processor.tokenizer.padding_side = "left"
+    assert result.row(ALL_TOKENS, 1.0)["accuracy"] == run[0].row(ALL_TOKENS, 1.0)["accuracy"]
+    row = result.row("random_keep", 1.0)
+    assert row["loyalty"] == 1.0 and row["kl"] == pytest.approx(0.0, abs=1e-9)
