@@ -95,11 +95,13 @@ def _toyvqa(split: str, n: int) -> list[EvalSample]:
 def _jsonl(path: Path, n: int) -> list[EvalSample]:
     out: list[EvalSample] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no part of line 1
     except UnicodeDecodeError as exc:
         line = path.read_bytes().count(b"\n", 0, exc.start) + 1
         raise DatasetError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
-    for number, line in enumerate(text.splitlines(), 1):
+    # Only "\n" ends a JSONL line: str.splitlines also splits at U+2028, U+0085, form feeds ..., which JSON
+    # strings may hold raw, and would cut such a record in two and misnumber the lines after it.
+    for number, line in enumerate(text.split("\n"), 1):
         if len(out) == n:
             break
         if not line.strip():

@@ -87,3 +87,21 @@ def test_mismatches_are_errors(folder):
     latin.write_bytes(record().encode() + b"\n" + '{"question": "caf\xe9"}'.encode("latin-1") + b"\n")
     with pytest.raises(DatasetError, match=r"latin\.jsonl:2: not UTF-8"):
         load_samples(latin, 2)
+
+
+def test_lines_are_split_on_newlines_only(folder):
+    """JSON strings may hold U+2028, U+0085 or a form feed raw (``json.dumps(..., ensure_ascii=False)`` writes
+    them so); only ``\\n`` ends a JSONL line, so such records load and later lines keep their numbers.  A UTF-8
+    byte order mark (Windows editors) is no part of the first record."""
+    text = "\n".join([json.dumps({"image": "a.png", "question": f"what{sep}colour ?", "answer": "red"},
+                                 ensure_ascii=False) for sep in ("\u2028", "\x85", "\x0c")]
+                     + ['{"image": "a.png", "question": "q ?"}']) + "\r\n"
+    path = folder / "data.jsonl"
+    path.write_text(text, encoding="utf-8")
+    samples = load_samples(path, 3)
+    assert [s.question for s in samples] == ["what\u2028colour ?", "what\x85colour ?", "what\x0ccolour ?"]
+    assert [s.where.rsplit(":", 1)[1] for s in samples] == ["1", "2", "3"]
+    with pytest.raises(DatasetError, match=r"data\.jsonl:4: missing field\(s\) answer"):
+        load_samples(path, 4)
+    path.write_text("\r\n".join([record(id="w1"), record(id="w2")]) + "\r\n", encoding="utf-8-sig")
+    assert [s.id for s in load_samples(path, 2)] == ["w1", "w2"]
