@@ -423,6 +423,8 @@ def evaluate(
         "samples": hashlib.sha256("\n".join(f"{s.id}\t{s.question}\t{s.answer}" for s in samples).encode()
                                   ).hexdigest()[:16],
         "max_new_tokens": runner.max_new_tokens,
+        # Per-image KV bytes (left padding as allocated) and milliseconds depend on it.
+        "batch_size": batch_size,
     }
     out_dir = Path(out) if out is not None else None
     rows: list[dict[str, Any]] = []
@@ -495,7 +497,7 @@ def _resume(out_dir: Path, fingerprint: dict[str, Any], restart: bool) -> list[d
             (out_dir / name).unlink(missing_ok=True)
     elif meta.is_file():
         previous = json.loads(meta.read_text())
-        differ = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
+        differ = _differ(previous, fingerprint)
         if differ:
             raise InputError(
                 f"{out_dir}: holds results computed with other settings ({', '.join(differ)}: "
@@ -520,7 +522,17 @@ def _cached_reference(out_dir: Path | None, fingerprint: dict[str, Any]) -> Refe
     if cache is None or not cache.is_file():
         return None
     saved = torch.load(cache, weights_only=True)
-    return Reference(**saved["reference"]) if saved.get("fingerprint") == fingerprint else None
+    return Reference(**saved["reference"]) if not _differ(saved.get("fingerprint") or {}, fingerprint) else None
+
+
+#: Settings recorded in run.json since a later version: a folder written before them still resumes.
+_RECORDED_LATER = ("batch_size",)
+
+
+def _differ(previous: dict[str, Any], fingerprint: dict[str, Any]) -> list[str]:
+    """The settings in which ``previous`` (run.json, reference.pt) and this run differ."""
+    return [k for k in fingerprint
+            if previous.get(k) != fingerprint[k] and not (k in _RECORDED_LATER and k not in previous)]
 
 
 def _reference(runner: _Runner, out_dir: Path | None, fingerprint: dict[str, Any], bar: "_Progress") -> Reference:

@@ -176,3 +176,27 @@ def test_a_right_padding_processor_is_padded_left_and_left_as_it_was(toy, run):
     assert result.row(ALL_TOKENS, 1.0)["accuracy"] == run[0].row(ALL_TOKENS, 1.0)["accuracy"]
     row = result.row("random_keep", 1.0)
     assert row["loyalty"] == 1.0 and row["kl"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_resume_with_another_batch_size_is_an_error(toy, run, tmp_path):
+    """Per-image KV bytes (padding as allocated) and milliseconds depend on the batch size: rows of two batch
+    sizes in one table would not compare.  A run.json from before the batch size was recorded is accepted."""
+    _, out = run
+    with pytest.raises(InputError, match=r"other settings \(batch_size: 4 -> 2\)"):
+        evaluate(PIPELINES, budgets=[1.0, 0.25], n=N, out=out, model=toy, batch_size=2, progress=False, plots=False)
+    older = tmp_path / "older"
+    evaluate(["random_keep"], budgets=[0.25], n=4, out=older, model=toy, batch_size=4, progress=False, plots=False,
+             baselines=False)
+    meta = json.loads((older / "run.json").read_text())
+    assert meta["batch_size"] == 4
+    del meta["batch_size"]
+    (older / "run.json").write_text(json.dumps(meta))
+    calls = []
+    original = runner._Runner.run
+    try:
+        runner._Runner.run = lambda self, spec, *a, **k: calls.append(spec.name) or original(self, spec, *a, **k)
+        evaluate(["random_keep"], budgets=[0.25], n=4, out=older, model=toy, batch_size=4, progress=False,
+                 plots=False, baselines=False)
+    finally:
+        runner._Runner.run = original
+    assert calls == []  # the rows and the cached reference are reused
