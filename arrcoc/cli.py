@@ -280,20 +280,13 @@ def eval_(pipelines: tuple[str, ...], budgets: str, n: int, out: str, model_dir:
                       log=lambda line: err_console.print(escape(line), highlight=False))
     table = Table(title=f"arrcoc eval: accuracy (visual tokens per image), {result.rows[0]['n']} questions")
     table.add_column("method")
-    shown = sorted({float(r["budget"]) for r in result.rows}, reverse=True)
+    from .evaluation.output import accuracy_grid
+
+    shown, grid = accuracy_grid(result.rows, tokens_format=".0f")
     for b in shown:
         table.add_column(f"{b:g}", justify="right")
-    for method in dict.fromkeys(r["method"] for r in result.rows):
-        cells = []
-        for b in shown:
-            row = next((r for r in result.rows if r["method"] == method and float(r["budget"]) == b), None)
-            if row is None:
-                cells.append("")
-            elif row["status"] != "ok":
-                cells.append("[dim]unreachable[/]")
-            else:
-                cells.append(f"{float(row['accuracy']):.1%} ({float(row['visual_tokens']):.0f})")
-        kind = next(r["kind"] for r in result.rows if r["method"] == method)
+    for method, kind, cells in grid:
+        cells = ["[dim]unreachable[/]" if c == "unreachable" else c for c in cells]
         table.add_row(escape(method) + (" [dim](baseline)[/]" if kind == "baseline" else ""), *cells)
     console.print(table)
     console.print(f"wrote {escape(str(result.out))}/results.csv, results.md and plots in "

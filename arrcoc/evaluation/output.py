@@ -33,12 +33,26 @@ def _pct(value: Any) -> str:
     return "n/a" if math.isnan(v) else f"{v:.1%}"
 
 
+def accuracy_grid(rows: list[dict[str, Any]], tokens_format: str = ".1f"
+                  ) -> tuple[list[float], list[tuple[str, str, list[str]]]]:
+    """The accuracy table both the terminal and results.md show: the budgets (largest first) and, per method,
+    its kind and one cell per budget ("88.0% (256.0)", "unreachable", or "" where it was not run)."""
+    budgets = sorted({float(r["budget"]) for r in rows}, reverse=True)
+    cell = {(r["method"], float(r["budget"])): r for r in rows}
+    grid = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for b in budgets:
+            r = cell.get((method, b))
+            cells.append("" if r is None else "unreachable" if r["status"] != "ok"
+                         else f"{_pct(r['accuracy'])} ({_f(r['visual_tokens']):{tokens_format}})")
+        grid.append((method, next(r["kind"] for r in rows if r["method"] == method), cells))
+    return budgets, grid
+
+
 def markdown(result: Any, fingerprint: dict[str, Any]) -> str:
     rows, types = result.rows, result.question_types
-    budgets = sorted({float(r["budget"]) for r in rows}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    kind = {r["method"]: r["kind"] for r in rows}
-    cell = {(r["method"], float(r["budget"])): r for r in rows}
+    budgets, grid = accuracy_grid(rows)
     lines = [
         "# arrcoc eval",
         "",
@@ -52,17 +66,8 @@ def markdown(result: Any, fingerprint: dict[str, Any]) -> str:
         "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
     ]
-    for m in methods:
-        cells = []
-        for b in budgets:
-            r = cell.get((m, b))
-            if r is None:
-                cells.append("")
-            elif r["status"] != "ok":
-                cells.append("unreachable")
-            else:
-                cells.append(f"{_pct(r['accuracy'])} ({_f(r['visual_tokens']):.1f})")
-        lines.append(f"| {m}{' *' if kind[m] == 'baseline' else ''} | " + " | ".join(cells) + " |")
+    for m, kind, cells in grid:
+        lines.append(f"| {m}{' *' if kind == 'baseline' else ''} | " + " | ".join(cells) + " |")
     lines += ["", "## Every row", ""]
     head = ["method", "budget", "visual tokens", "accuracy", *types, "loyalty", "KL", "GFLOPs", "prefill ms",
             "total ms", "KV KiB"]
