@@ -179,7 +179,14 @@ def _draw_row(fig: Any, axes: Any, state: TokenState, index: int, row_title: str
     if rel is not None:
         heat = axes[1].imshow(rel[index].cpu().numpy(), extent=extent, cmap="inferno", alpha=0.75, interpolation="nearest")
         fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02)
-        axes[1].set_title(f"{source} per patch")
+        # Dropped patches have no relevance (NaN): grey them out, or the image shows through and reads as
+        # middling relevance.
+        dropped = torch.isnan(rel[index]).cpu()
+        if dropped.any():
+            veil = torch.zeros(*dropped.shape, 4)
+            veil[dropped] = torch.tensor([0.55, 0.55, 0.55, 0.85])
+            axes[1].imshow(veil.numpy(), extent=extent, interpolation="nearest")
+        axes[1].set_title(f"{source} per patch" + (" (grey: dropped)" if dropped.any() else ""))
     else:
         axes[1].set_title("no relevance scores")
 
