@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -18,6 +17,7 @@ from .plugin import LLM_SIGNALS, Encoder, Plugin, QueryEncoder, Stage
 from .registry import Registry, get_registry
 from .spec import SECTIONS, PipelineSpec, resolve_spec
 from .state import StageRecord, TokenState
+from .timing import clock
 
 @contextlib.contextmanager
 def stage_errors(label: str, plugin: str) -> Iterator[None]:
@@ -179,7 +179,7 @@ class Pipeline:
         B = pixels.shape[0]
 
         hook.arrcoc_stage_started(stage="encoder", plugin=self.encoder, state=None)  # no state before the encoder
-        start = self._clock()
+        start = clock(self.device)
         with collect_warnings() as notes:
             with stage_errors("encoder", self.encoder.name):
                 model_input = self.encoder.preprocess(pixels)
@@ -189,7 +189,7 @@ class Pipeline:
             state = self._attach_query(dataclasses.replace(state, images=pixels), query)
         record = StageRecord(
             "encoder", self.encoder.name, (tokens_in,) * B if tokens_in else state.token_counts(),
-            state.token_counts(), (self._clock() - start) * 1e3, tuple(notes),
+            state.token_counts(), (clock(self.device) - start) * 1e3, tuple(notes),
         )
         state = dataclasses.replace(state, trace=(record,))
         hook.arrcoc_stage_finished(stage="encoder", plugin=self.encoder, state=state, record=record)
@@ -206,20 +206,15 @@ class Pipeline:
                     f"pipeline) or query=<tensor [B, T, D]>"
                 )
             hook.arrcoc_stage_started(stage=label, plugin=plugin, state=state)
-            start = self._clock()
+            start = clock(self.device)
             with collect_warnings() as notes, stage_errors(label, plugin.name):
                 out = plugin(state)
-            ms = (self._clock() - start) * 1e3
+            ms = (clock(self.device) - start) * 1e3
             out = check_stage_output(label, plugin.name, state, out)
             record = StageRecord(label, plugin.name, state.token_counts(), out.token_counts(), ms, tuple(notes))
             state = dataclasses.replace(out, trace=(*state.trace, record))
             hook.arrcoc_stage_finished(stage=label, plugin=plugin, state=state, record=record)
         return state
-
-    def _clock(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
 
     def _attach_query(self, state: TokenState, query: Any) -> TokenState:
         if query is None:

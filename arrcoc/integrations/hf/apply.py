@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -43,6 +42,7 @@ from arrcoc.registry import get_registry
 from arrcoc.plugin import LLMCompressor
 from arrcoc.spec import PipelineSpec, resolve_spec
 from arrcoc.state import TokenState
+from arrcoc.timing import clock
 
 from .adapter import Adapter, adapter_for
 from .attention import scoring_implementation
@@ -137,10 +137,10 @@ class Run:
                 vars(self._base).pop("get_image_features", None)
 
     def _timed_image_features(self, *args: Any, **kwargs: Any) -> Any:
-        start = _clock(kwargs.get("pixel_values", args[0] if args else None))
+        start = clock(kwargs.get("pixel_values", args[0] if args else None))
         out = self._image_features(*args, **kwargs)
         if not self._in_forward:  # inside a forward, the forward's own time includes it
-            self._outside_vision_ms += (_clock(kwargs.get("pixel_values", args[0] if args else None)) - start) * 1e3
+            self._outside_vision_ms += (clock(kwargs.get("pixel_values", args[0] if args else None)) - start) * 1e3
         return out
 
     # ------------------------------------------------------------ pre-LLM
@@ -186,10 +186,10 @@ class Run:
             raise InputError("arrcoc.hf: pre-LLM stages need input_ids (to rebuild the prompt), got inputs_embeds")
         per_image = self.adapter.tokens_per_image(pixels, image_inputs)
         _, image_of, _ = image_slots(ids, self.adapter.image_token_id, per_image)
-        start = _clock(pixels)
+        start = clock(pixels)
         with torch.inference_mode(torch.is_inference_mode_enabled()):
             state = self.encoder.encode_inputs(pixels, image_inputs)
-            vision_ms = (_clock(pixels) - start) * 1e3
+            vision_ms = (clock(pixels) - start) * 1e3
             layout = self.adapter.view_layout(image_inputs)
             if layout is not None:
                 state = state.with_meta(views=layout)
@@ -323,10 +323,6 @@ def _split(stages: list, projector: str) -> tuple[list, list]:
     return list(stages[:first]), list(stages[first:])
 
 
-def _clock(like: Any) -> float:
-    if isinstance(like, torch.Tensor) and like.device.type == "cuda":
-        torch.cuda.synchronize(like.device)
-    return time.perf_counter()
 
 
 @contextmanager

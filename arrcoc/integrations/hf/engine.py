@@ -35,6 +35,7 @@ from arrcoc.errors import InputError, ModelError, StateError
 from arrcoc.pipeline import check_stage_output, stage_errors
 from arrcoc.plugin import LLMCompressor
 from arrcoc.state import TokenState
+from arrcoc.timing import clock
 
 from .adapter import Adapter
 from .attention import Recorder, attach, detach
@@ -162,7 +163,7 @@ class LLMEngine:
     def _top_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self._top_start = _clock(ids)
+        self._top_start = clock(ids)
         self._prefill = cache is None or cache.get_seq_length() == 0
         attention_mask = kwargs.get("attention_mask")
         if not self._prefill:
@@ -190,7 +191,7 @@ class LLMEngine:
 
     def _top_post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.recorder.active = False
-        ms = (_clock(getattr(output, "logits", None)) - self._top_start) * 1e3
+        ms = (clock(getattr(output, "logits", None)) - self._top_start) * 1e3
         if not self._prefill:
             self.trace.decode_ms += ms
             self.trace.decode_steps += 1
@@ -200,11 +201,11 @@ class LLMEngine:
         self.trace.kv_bytes = cache_bytes(cache)
 
     def _lm_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._llm_start = _clock(kwargs.get("inputs_embeds"))
+        self._llm_start = clock(kwargs.get("inputs_embeds"))
 
     def _lm_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self._prefill:
-            self.trace.llm_prefill_ms = (_clock(getattr(output, "last_hidden_state", None)) - self._llm_start) * 1e3
+            self.trace.llm_prefill_ms = (clock(getattr(output, "last_hidden_state", None)) - self._llm_start) * 1e3
 
     # ------------------------------------------------------- decoder layers
     def _make_layer_pre(self, layer: int):
@@ -459,7 +460,3 @@ def cache_bytes(cache: Any) -> int:
     return total
 
 
-def _clock(like: Any) -> float:
-    if isinstance(like, torch.Tensor) and like.device.type == "cuda":
-        torch.cuda.synchronize(like.device)
-    return time.perf_counter()
