@@ -197,15 +197,15 @@ _MISSING = object()
 
 def with_params(spec: PipelineSpec, params: dict[str, dict[str, Any]]) -> PipelineSpec:
     """``spec`` with the stages labelled in ``params`` given those params (validated like a file)."""
-    data: dict[str, Any] = {"name": spec.name, "description": spec.description}
+    data = spec.as_yaml_dict()
     for section, (_, many) in SECTIONS.items():
-        value = getattr(spec, section)
-        if value is None or (many and not value):
+        if section not in data:
             continue
         if many:
-            data[section] = [{"use": s.use, **params.get(f"{section}[{i}]", s.params)} for i, s in enumerate(value)]
-        else:
-            data[section] = {"use": value.use, **params.get(section, value.params)}
+            data[section] = [{"use": s["use"], **params[f"{section}[{i}]"]} if f"{section}[{i}]" in params else s
+                             for i, s in enumerate(data[section])]
+        elif section in params:
+            data[section] = {"use": data[section]["use"], **params[section]}
     return parse_spec(data, source=spec.source)
 
 

@@ -289,7 +289,7 @@ def eval_(pipelines: tuple[str, ...], budgets: str, n: int, out: str, model_dir:
         cells = ["[dim]unreachable[/]" if c == "unreachable" else c for c in cells]
         table.add_row(escape(method) + (" [dim](baseline)[/]" if kind == "baseline" else ""), *cells)
     console.print(table)
-    console.print(f"wrote {escape(str(result.out))}/results.csv, results.md and plots in "
+    console.print(f"wrote {escape(str(result.out))}/results.csv, results.md{'' if no_plots else ' and plots'} in "
                   f"{time.perf_counter() - began:.0f} s")
 
 

@@ -69,14 +69,18 @@ class PipelineSpec(BaseModel):
                 out.append((section, section, value))
         return out
 
-    def to_yaml(self) -> str:
+    def as_yaml_dict(self) -> dict[str, Any]:
+        """The pipeline as a file would write it (``parse_spec`` reads it back); empty sections left out."""
         data: dict[str, Any] = {"name": self.name, "description": self.description}
         for section, (_, many) in SECTIONS.items():
             value = getattr(self, section)
             if value is None or (many and not value):
                 continue
             data[section] = [s.as_yaml_dict() for s in value] if many else value.as_yaml_dict()
-        return yaml.safe_dump(data, sort_keys=False)
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.as_yaml_dict(), sort_keys=False)
 
 
 # ------------------------------------------------------------------ reading

@@ -45,7 +45,9 @@ import torch
 
 from ..budget import plan_budget
 from ..errors import ArrcocError, ArrcocWarning, BudgetError, InputError, ModelError
+from ..models import resolve_model
 from ..spec import PipelineSpec, available_pipelines, parse_spec, resolve_spec
+from ..timing import clock
 from .data import EvalSample, describe, load_samples
 
 DEFAULT_BUDGETS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.05)
@@ -120,16 +122,9 @@ def post_tower(spec: PipelineSpec) -> tuple[PipelineSpec, str]:
     if not inner:
         return spec, ""
     inner = inner.as_yaml_dict() if hasattr(inner, "as_yaml_dict") else dict(inner)
-    data = json.loads(json.dumps({"name": spec.name, "description": spec.description}))
-    data["encoder"] = {"use": spec.encoder.use, **{k: v for k, v in spec.encoder.params.items() if k != "in_blocks"}}
-    for section in ("query_encoder", "allocate"):
-        value = getattr(spec, section)
-        if value is not None:
-            data[section] = value.as_yaml_dict()
-    data["compress"] = [inner, *[s.as_yaml_dict() for s in spec.compress]]
-    for section in ("score", "llm"):
-        if getattr(spec, section):
-            data[section] = [s.as_yaml_dict() for s in getattr(spec, section)]
+    data = spec.as_yaml_dict()
+    del data["encoder"]["in_blocks"]
+    data["compress"] = [inner, *data.get("compress", [])]
     note = (f"encoder.in_blocks ({inner['use']}) runs after the vision tower, on its output features: "
             "arrcoc.hf.apply cannot compress inside a Hugging Face tower")
     return parse_spec(data, source=spec.source), note
@@ -144,7 +139,7 @@ def methods_for(pipelines: Sequence[Any], baselines: bool = True) -> list[Method
         out.append(Method(DOWNSAMPLE, "baseline"))
         named = {s.name for s in specs}
         specs += [resolve_spec(name) for name in BASELINE_PIPELINES if name not in named]
-    if baselines:  # the baselines first, in BASELINE_PIPELINES order, then the methods as given
+        # the baselines first, in BASELINE_PIPELINES order, then the methods as given
         rank = {name: i for i, name in enumerate(BASELINE_PIPELINES)}
         specs.sort(key=lambda s: rank.get(s.name, len(rank)))
     seen: dict[str, str] = {}
@@ -167,10 +162,8 @@ def load_model(model: Any, device: str | None = None) -> tuple[Any, Any, str]:
         return m, processor, getattr(m, "name_or_path", "") or type(m).__name__
     from ..integrations import hf
 
-    if model is None:
-        from ..toyvqa import model_path
-
-        model = str(model_path())
+    # The shipped model by default; `arrcoc:toyvqa` as a directory, so the fingerprint reads its weight files.
+    model = resolve_model("arrcoc:toyvqa" if model is None else model)
     from ..pipeline import _resolve_device
 
     dev = _resolve_device(device)
@@ -257,20 +250,19 @@ class _Runner:
             context: Any = None) -> dict[str, Any]:
         """Every sample through ``generate`` inside ``apply(model, spec)``; sums and per-sample outputs."""
         from ..integrations.hf import apply
-        from ..integrations.hf.report import layer_flops
 
         acc: dict[str, Any] = {"predictions": [], "logprobs": [], "layers": None, "flops": 0.0, "kv": 0.0,
-                               "prefill_ms": 0.0, "llm_prefill_ms": 0.0, "total_ms": 0.0, "warnings": {}}
-        cfg = self.model.config.get_text_config()
+                               "prefill_ms": 0.0, "llm_prefill_ms": 0.0, "total_ms": 0.0, "warnings": {},
+                               "visual_in": []}
         with warnings.catch_warnings(), torch.inference_mode(), apply(self.model, spec) as run, \
                 (context or nullcontext()):
             warnings.simplefilter("ignore", ArrcocWarning)  # collected from the stage records below
             for batch in self.batches(processor_kwargs):
-                start = _clock(self.device)
+                start = clock(self.device)
                 out = self.model.generate(**batch.inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                           return_dict_in_generate=True, output_logits=True,
                                           pad_token_id=self.tokenizer.pad_token_id)
-                acc["total_ms"] += (_clock(self.device) - start) * 1e3
+                acc["total_ms"] += (clock(self.device) - start) * 1e3
                 report = run.report
                 new = out.sequences[:, batch.inputs["input_ids"].shape[1]:]
                 for row, k in zip(new.tolist(), batch.lengths):
@@ -278,23 +270,19 @@ class _Runner:
                 acc["logprobs"].append(torch.log_softmax(out.logits[0].float(), -1).cpu())
                 visual = torch.tensor(report.layer_visual, dtype=torch.float64)  # [layers, B]
                 acc["layers"] = visual.sum(1) if acc["layers"] is None else acc["layers"] + visual.sum(1)
-                acc["flops"] += sum(layer_flops(cfg, n) for layer in report.layer_tokens for n in layer)
+                acc["flops"] += report.prefill_flops
                 acc["kv"] += report.kv_cache_bytes
                 acc["prefill_ms"] += report.prefill_ms
                 acc["llm_prefill_ms"] += report.llm_prefill_ms
                 for record in report.pre_llm:
                     for note in record.warnings:
                         acc["warnings"][note] = acc["warnings"].get(note, 0) + 1
-                acc["visual_in"] = acc.get("visual_in", []) + list(report.visual_tokens_in)
+                acc["visual_in"].extend(report.visual_tokens_in)
                 on_batch(len(batch.samples))
         acc["logprobs"] = torch.cat(acc["logprobs"]) if acc["logprobs"] else torch.zeros(0)
         return acc
 
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _row(method: Method, budget: float, samples: list[EvalSample], acc: dict[str, Any], reference: Reference | None,
