@@ -66,7 +66,7 @@ def _from_pil(image: Any, size: tuple[int, int] | None, where: str) -> torch.Ten
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _open(source: Path | bytes, where: str) -> Any:
+def open_image(source: Path | bytes, where: str) -> Any:
     """Decode an image file (or its bytes) fully, checking what the format can check."""
     from PIL import Image, ImageOps
 
@@ -169,9 +169,9 @@ def load_images(images: Any, size: tuple[int, int] | None = None) -> torch.Tenso
     for i, item in enumerate(images):
         where = f"images[{i}]"
         if isinstance(item, (str, Path)):
-            item = _open(Path(item).expanduser(), where)
+            item = open_image(Path(item).expanduser(), where)
         elif isinstance(item, (bytes, bytearray, memoryview)):
-            item = _open(bytes(item), where)
+            item = open_image(bytes(item), where)
         if isinstance(item, Image.Image):
             batch.append(_from_pil(item, size, where))
         elif isinstance(item, torch.Tensor):

@@ -45,12 +45,12 @@ class EvalSample:
     def load_image(self) -> Any:
         if not isinstance(self.image, Path):
             return self.image
-        from PIL import Image, UnidentifiedImageError
+        from ..errors import InputError
+        from ..images import open_image
 
-        try:
-            with Image.open(self.image) as img:
-                return img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
+        try:  # the pipeline's own decoding: checksums verified, EXIF orientation, decompression bombs refused
+            return open_image(self.image, where="decoding").convert("RGB")
+        except InputError as exc:
             raise DatasetError(f"{self.where}: image {str(self.image)!r} cannot be read ({exc})") from None
 
 
