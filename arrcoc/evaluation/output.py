@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import PluginLoadError
+
 PLOTS = ("accuracy_vs_tokens", "accuracy_vs_prefill_ms", "accuracy_by_type")
 
 
@@ -98,11 +100,20 @@ def markdown(result: Any, fingerprint: dict[str, Any]) -> str:
 
 def plot(result: Any, out: Path) -> list[Path]:
     """The three figures, each as PNG and SVG; returns the files written."""
-    import matplotlib
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    except ImportError as exc:
+        raise PluginLoadError(f"arrcoc eval: the plots need matplotlib, which is not installed ({exc}): "
+                              "pip install 'arrcoc[viz]', or pass --no-plots (plots=False)") from None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    def figure(**kwargs: Any) -> Any:
+        # A Figure with its own Agg canvas, not pyplot: no global backend switch, no figure registry to close.
+        fig = Figure(**kwargs)
+        FigureCanvasAgg(fig)
+        return fig
 
     from .runner import ALL_TOKENS
 
@@ -111,7 +122,7 @@ def plot(result: Any, out: Path) -> list[Path]:
     baselines = [m for m in methods if any(r["method"] == m and r["kind"] == "baseline" for r in rows)]
     others = [m for m in methods if m not in baselines]
     grey = ["#222222", "#8c564b", "#7f7f7f", "#bcbd22", "#17becf"]
-    palette = plt.get_cmap("tab20")  # the ten dark colours first, then their light pairs
+    palette = matplotlib.colormaps["tab20"]  # the ten dark colours first, then their light pairs
     colour = [palette(2 * (i % 10) + (i // 10) % 2) for i in range(len(others))]
     markers = "osD^vPX<>h"
     style = {m: {"color": grey[i % len(grey)], "linestyle": "--", "marker": "o"} for i, m in enumerate(baselines)}
@@ -152,13 +163,13 @@ def plot(result: Any, out: Path) -> list[Path]:
             path = out / f"{name}.{ext}"
             fig.savefig(path, dpi=150, bbox_inches="tight")
             written.append(path)
-        plt.close(fig)
 
     for name, x_key, xlabel, ticks in (
         ("accuracy_vs_tokens", "visual_tokens", "visual tokens per image (mean over LLM layers)", budget_ticks),
         ("accuracy_vs_prefill_ms", "prefill_ms", "prefill ms per image (vision tower + stages + LLM)", None),
     ):
-        fig, ax = plt.subplots(figsize=(8, 5.5))
+        fig = figure(figsize=(8, 5.5))
+        ax = fig.subplots()
         lines(ax, x_key, "accuracy")
         axes_style(ax, xlabel, ticks)
         ax.legend(fontsize=7, ncol=2, loc="lower right")
@@ -168,7 +179,8 @@ def plot(result: Any, out: Path) -> list[Path]:
     if types:
         cols = min(len(types), 3)
         nrows = math.ceil(len(types) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+        fig = figure(figsize=(5 * cols, 3.8 * nrows))
+        axes = fig.subplots(nrows, cols, squeeze=False)
         for ax, t in zip(axes.flat, types):
             lines(ax, "visual_tokens", f"acc_{t}")
             axes_style(ax, "visual tokens per image", budget_ticks)

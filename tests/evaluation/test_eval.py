@@ -200,3 +200,14 @@ def test_resume_with_another_batch_size_is_an_error(toy, run, tmp_path):
     finally:
         runner._Runner.run = original
     assert calls == []  # the rows and the cached reference are reused
+
+
+def test_plots_without_matplotlib_say_how_to_get_it_or_skip_them(monkeypatch, tmp_path):
+    import sys
+
+    from arrcoc.errors import PluginLoadError
+    from arrcoc.evaluation.output import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # makes `import matplotlib` fail
+    with pytest.raises(PluginLoadError, match=r"pip install 'arrcoc\[viz\]', or pass --no-plots"):
+        plot(None, tmp_path)
