@@ -267,8 +267,12 @@ def eval_(pipelines: tuple[str, ...], budgets: str, n: int, out: str, model_dir:
     from .errors import BudgetError
     from .evaluation import evaluate
 
+    # Every item counts: an empty one (``""``, ``","``, ``0.5,,0.25``) is a typo, never a budget left out.
+    items = [b.strip() for b in budgets.split(",")]
     try:
-        fractions = [float(b) for b in budgets.split(",") if b.strip()]
+        if not all(items):
+            raise ValueError
+        fractions = [float(b) for b in items]
     except ValueError:
         raise BudgetError(f"--budgets: expected comma-separated fractions such as 1.0,0.5,0.25, got {budgets!r}") from None
     if threads is not None:

@@ -133,6 +133,9 @@ def _jsonl(path: Path, n: int) -> list[EvalSample]:
         out.append(EvalSample(id=record.get("id", f"{path.name}:{number}"), image=image,
                               question=record["question"], answer=record["answer"], qtype=record.get("type"),
                               where=where))
+    if not out:  # (not "pass --n 0": n >= 1 is required)
+        raise DatasetError(f"{path}: holds no records (the file is empty or only blank lines); expected one JSON "
+                           f"object per line with {', '.join(REQUIRED)}")
     if len(out) < n:
         raise DatasetError(f"{path}: holds {len(out)} records, but {n} were asked for; pass --n {len(out)} or "
                            "fewer")

@@ -401,6 +401,7 @@ def evaluate(
         raise InputError(f"arrcoc eval: batch_size must be >= 1, got {batch_size}")
     methods = methods_for(pipelines, baselines)
     samples = list(data) if isinstance(data, list) else load_samples(data, n)
+    out_dir = _make_out_dir(out)   # before the model loads: a bad --out fails in a second, not after a minute
     n = len(samples)
     types = _question_types(samples)
     m, processor, description = load_model(model, device)
@@ -414,10 +415,8 @@ def evaluate(
         # Per-image KV bytes (left padding as allocated) and milliseconds depend on it.
         "batch_size": batch_size,
     }
-    out_dir = Path(out) if out is not None else None
     rows: list[dict[str, Any]] = []
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         rows = _resume(out_dir, fingerprint, restart)
     done = {_key(r["method"], r["budget"]) for r in rows if r["status"] in DONE}
 
@@ -466,9 +465,39 @@ def _check_budgets(budgets: Sequence[float]) -> list[float]:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < float(b) <= 1.0:
             raise BudgetError(f"arrcoc eval: a budget is a fraction of the visual tokens in (0, 1], got {b!r}")
         out.append(float(b))
-    if len(set(out)) != len(out):
-        raise BudgetError(f"arrcoc eval: budgets repeat: {out}")
+    if not out:
+        raise BudgetError("arrcoc eval: no budget given; pass at least one fraction of the visual tokens in (0, 1], "
+                          f"e.g. {', '.join(f'{b:g}' for b in DEFAULT_BUDGETS)}")
+    # A row is labelled (and found again on resume) by its budget at the precision results.csv writes: two
+    # budgets that print alike would write two rows of one label, and a resume would take one for the other.
+    labels: dict[str, float] = {}
+    for b in out:
+        label = _key("", b)[1]
+        if label in labels:
+            same = "repeats" if labels[label] == b else f"and {labels[label]!r} are one budget at the precision " \
+                                                        f"rows are labelled with ({label})"
+            raise BudgetError(f"arrcoc eval: budget {b!r} {same}; give each budget once, differing in its first "
+                              "6 significant digits")
+        labels[label] = b
     return out
+
+
+def _make_out_dir(out: str | Path | None) -> Path | None:
+    """The output folder, created; an :class:`InputError` saying why when it cannot be."""
+    if out is None:
+        return None
+    out_dir = Path(out).expanduser()
+    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        where = "it" if blocking == out_dir else f"{str(blocking)!r} above it"
+        raise InputError(f"arrcoc eval: output folder {str(out_dir)!r} cannot be created: {where} is a file, "
+                         "not a folder; pass another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"arrcoc eval: output folder {str(out_dir)!r} cannot be created "
+                         f"({exc.strerror or type(exc).__name__}); pass another --out") from None
+    return out_dir
 
 
 def _question_types(samples: list[EvalSample]) -> list[str]:
