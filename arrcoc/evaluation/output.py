@@ -198,7 +198,9 @@ def plot(result: Any, out: Path) -> list[Path]:
 def write_outputs(result: Any, fingerprint: dict[str, Any], plots: bool = True) -> list[Path]:
     out = Path(result.out)
     md = out / "results.md"
-    md.write_text(markdown(result, fingerprint))
+    from .runner import atomic_write
+
+    atomic_write(md, markdown(result, fingerprint).encode("utf-8"))
     written = [out / "results.csv", md]
     if plots:
         written += plot(result, out)

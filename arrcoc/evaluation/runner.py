@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -326,38 +328,94 @@ def _unreachable(method: Method, budget: float, reason: str, types: list[str]) -
 
 
 # ------------------------------------------------------------------ storage
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, flushed to disk, renamed over it.
+
+    A run killed mid-write (SIGKILL, a full disk, a power cut) leaves the previous file or the new one,
+    never half of one, so a resume reads what was finished.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # the rename itself reaches the disk with the folder's entry (POSIX; other systems cannot open a folder)
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
+
+
+def _read_rows(path: Path, say: Callable[[str], None] = lambda message: None) -> list[dict[str, Any]]:
+    """The rows of a results.csv; a last row cut off mid-write (no line end) is dropped, and said so."""
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{path}: not a results file of arrcoc eval (missing columns {', '.join(missing)}); "
-                             "use another --out, or --restart to overwrite")
-        rows = []
-        for line, row in enumerate(reader, 2):
-            try:
-                row["budget"] = float(row["budget"])
-                for key, value in row.items():
-                    if key in _NUMBERS or key.startswith("acc_"):
-                        row[key] = None if value in ("", None) else (int(value) if key == "n" else float(value))
-            except ValueError as exc:
-                raise InputError(f"{path}:{line}: a number column holds something else ({exc}); the file was "
-                                 "edited or truncated: fix the line, or --restart") from None
-            rows.append(row)
-        return rows
+    with path.open(newline="", encoding="utf-8") as f:
+        text = f.read()
+    if not text:
+        return []
+    reader = csv.reader(io.StringIO(text))
+    records: list[tuple[int, list[str]]] = []   # (first line, fields): a quoted field may span lines
+    start = 1
+    try:
+        for record in reader:
+            records.append((start, record))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise InputError(f"{path}:{reader.line_num}: not CSV ({exc}); the file was damaged: --restart to "
+                         "discard it") from None
+    if not text.endswith("\n"):
+        # Only this program writes the file, always ending a row with its line end: an unterminated last row
+        # is one a killed run (or a full disk) left half-written. It is computed again, never read as done.
+        line, partial = records.pop()
+        if not records:
+            return []
+        say(f"{path}:{line}: the last row was cut off mid-write ({','.join(partial)[:60]!r}...); it is dropped and "
+            "computed again")
+    header = records[0][1]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"{path}: not a results file of arrcoc eval (missing columns {', '.join(missing)}); "
+                         "use another --out, or --restart to overwrite")
+    rows = []
+    first_line: dict[tuple[str, str], int] = {}
+    for line, record in records[1:]:
+        if len(record) != len(header):
+            raise InputError(f"{path}:{line}: {len(record)} fields where the header has {len(header)}; the file was "
+                             "edited or damaged: fix the line, or --restart")
+        row: dict[str, Any] = dict(zip(header, record))
+        try:
+            row["budget"] = float(row["budget"])
+            for key, value in row.items():
+                if key in _NUMBERS or key.startswith("acc_"):
+                    row[key] = None if value in ("", None) else (int(value) if key == "n" else float(value))
+        except ValueError as exc:
+            raise InputError(f"{path}:{line}: a number column holds something else ({exc}); the file was "
+                             "edited or truncated: fix the line, or --restart") from None
+        key = _key(row["method"], row["budget"])
+        if key in first_line:
+            raise InputError(f"{path}:{line}: a second row for {key[0]} at budget {key[1]} (first at line "
+                             f"{first_line[key]}); keep one of them, or --restart")
+        first_line[key] = line
+        rows.append(row)
+    return rows
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]], types: list[str]) -> None:
+    """results.csv, rewritten whole and atomically (:func:`atomic_write`) after every finished row."""
     columns = list(COLUMNS) + [f"acc_{t}" for t in types]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: _cell(row.get(c, "")) for c in columns})
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: _cell(row.get(c, "")) for c in columns})
+    atomic_write(path, text.getvalue().encode("utf-8"))
 
 
 def _cell(value: Any) -> Any:
@@ -415,15 +473,16 @@ def evaluate(
         # Per-image KV bytes (left padding as allocated) and milliseconds depend on it.
         "batch_size": batch_size,
     }
+    say = log or (lambda message: None)
     rows: list[dict[str, Any]] = []
     if out_dir is not None:
-        rows = _resume(out_dir, fingerprint, restart)
-    done = {_key(r["method"], r["budget"]) for r in rows if r["status"] in DONE}
+        # A row that is not done (an unknown status: edited by hand) is computed again, and replaced.
+        rows = [r for r in _resume(out_dir, fingerprint, restart, say) if r["status"] in DONE]
+    done = {_key(r["method"], r["budget"]) for r in rows}
 
     configs = [(meth, b) for meth in methods for b in ([1.0] if meth.name == ALL_TOKENS else budgets)]
     pending = [(meth, b) for meth, b in configs if _key(meth.name, b) not in done and meth.name != ALL_TOKENS]
-    reference = _cached_reference(out_dir, fingerprint)
-    say = log or (lambda message: None)
+    reference = _cached_reference(out_dir, fingerprint, say)
     bar = _Progress(progress, total=(len(pending) + (reference is None)) * n)
     try:
         if reference is None or pending:
@@ -507,13 +566,25 @@ def _question_types(samples: list[EvalSample]) -> list[str]:
     return [t for t in QUESTION_TYPES if t in present] + sorted(present - set(QUESTION_TYPES))
 
 
-def _resume(out_dir: Path, fingerprint: dict[str, Any], restart: bool) -> list[dict[str, Any]]:
+def _resume(out_dir: Path, fingerprint: dict[str, Any], restart: bool,
+            say: Callable[[str], None] = lambda message: None) -> list[dict[str, Any]]:
     meta = out_dir / "run.json"
+    previous: Any = None
     if restart:
         for name in ("results.csv", "reference.pt", "run.json"):
             (out_dir / name).unlink(missing_ok=True)
     elif meta.is_file():
-        previous = json.loads(meta.read_text())
+        try:
+            previous = json.loads(meta.read_text(encoding="utf-8"))
+            if not isinstance(previous, dict):
+                raise ValueError(f"a JSON {type(previous).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+            if (out_dir / "results.csv").is_file():
+                raise InputError(
+                    f"{meta}: cannot be read ({exc}); it records what results.csv beside it was computed with, so "
+                    "those rows cannot be resumed: use another --out, or --restart to discard them") from None
+            previous = None  # no row depends on it: written again below
+    if isinstance(previous, dict):
         differ = _differ(previous, fingerprint)
         if differ:
             raise InputError(
@@ -521,11 +592,11 @@ def _resume(out_dir: Path, fingerprint: dict[str, Any], restart: bool) -> list[d
                 f"{', '.join(f'{previous.get(k)!r} -> {fingerprint[k]!r}' for k in differ)}); "
                 "use another --out, or --restart to discard them"
             )
-    elif (out_dir / "results.csv").is_file():
+    elif not meta.is_file() and (out_dir / "results.csv").is_file():
         raise InputError(f"{out_dir}: results.csv has no run.json beside it, so what it was computed with is "
                          "unknown; use another --out, or --restart to discard it")
-    meta.write_text(json.dumps(fingerprint, indent=2) + "\n")
-    return _read_rows(out_dir / "results.csv")
+    atomic_write(meta, (json.dumps(fingerprint, indent=2) + "\n").encode("utf-8"))
+    return _read_rows(out_dir / "results.csv", say)
 
 
 def _save(out_dir: Path | None, rows: list[dict[str, Any]], types: list[str]) -> None:
@@ -533,13 +604,30 @@ def _save(out_dir: Path | None, rows: list[dict[str, Any]], types: list[str]) ->
         write_rows(out_dir / "results.csv", rows, types)
 
 
-def _cached_reference(out_dir: Path | None, fingerprint: dict[str, Any]) -> Reference | None:
-    """The uncompressed run from ``reference.pt``, when it was computed with these settings."""
+def _cached_reference(out_dir: Path | None, fingerprint: dict[str, Any],
+                      say: Callable[[str], None] = lambda message: None) -> Reference | None:
+    """The uncompressed run from ``reference.pt``, when it was computed with these settings.
+
+    The file is a cache of a deterministic run: one that cannot be read (damaged, or from another version) is
+    said so and computed again, which rewrites it.
+    """
     cache = out_dir / "reference.pt" if out_dir is not None else None
     if cache is None or not cache.is_file():
         return None
-    saved = torch.load(cache, weights_only=True)
-    return Reference(**saved["reference"]) if not _differ(saved.get("fingerprint") or {}, fingerprint) else None
+    try:
+        saved = torch.load(cache, weights_only=True)
+        if _differ(saved.get("fingerprint") or {}, fingerprint):
+            return None
+        reference = Reference(**saved["reference"])
+        if not isinstance(reference.logprobs, torch.Tensor) or len(reference.logprobs) != fingerprint["n"] \
+                or len(reference.predictions) != fingerprint["n"]:
+            raise ValueError(f"it holds {len(reference.predictions)} answers for {fingerprint['n']} questions")
+        return reference
+    # Whatever a damaged file makes torch.load or the record raise (zip, unpickling, missing keys ...).
+    except Exception as exc:  # noqa: BLE001
+        say(f"{cache}: cannot be read ({type(exc).__name__}: {str(exc)[:120]}); the uncompressed run is computed "
+            "again")
+        return None
 
 
 #: Settings recorded in run.json since a later version: a folder written before them still resumes.
@@ -572,8 +660,10 @@ def _reference(runner: _Runner, out_dir: Path | None, fingerprint: dict[str, Any
                     logprobs=acc["logprobs"], original=int(acc["visual_in"][0]), grid=tuple(state.grid),
                     has_cls=state.cls is not None, layers=len(acc["layers"]), encoder_layers=blocks, acc=acc)
     if out_dir is not None:
+        buffer = io.BytesIO()
         torch.save({"fingerprint": fingerprint, "reference": {f.name: getattr(ref, f.name) for f in fields(ref)}},
-                   out_dir / "reference.pt")
+                   buffer)
+        atomic_write(out_dir / "reference.pt", buffer.getvalue())
     return ref
 
 
