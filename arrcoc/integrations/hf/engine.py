@@ -37,6 +37,7 @@ from arrcoc.plugin import LLMCompressor
 from arrcoc.state import TokenState
 from arrcoc.timing import clock
 
+from . import compat
 from .adapter import Adapter
 from .attention import Recorder, attach, detach
 from .prompt import pack_end
@@ -443,10 +444,7 @@ def _gather_positions(table: torch.Tensor, index: torch.Tensor, B: int) -> torch
 
 
 def _causal_mask(adapter: Adapter, hidden: torch.Tensor, mask2d: torch.Tensor, cache: Any, layer: int) -> Any:
-    from transformers.masking_utils import create_causal_mask
-
-    return create_causal_mask(config=adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d,
-                              cache=cache, position_ids=None, layer_idx=layer)
+    return compat.causal_mask(adapter.text_config, hidden, mask2d, cache, layer)
 
 
 def cache_bytes(cache: Any) -> int:

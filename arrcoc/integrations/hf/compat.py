@@ -1,0 +1,83 @@
+"""Every difference between the supported ``transformers`` versions, in one place.
+
+arrcoc supports ``transformers >= 5.18, < 6`` (:data:`MIN_VERSION`): 5.18 is
+the first release whose multimodal ``forward`` / ``generate`` take
+pre-computed image features (``mm_encoder_outputs``), which is how
+:mod:`.apply` hands the compressed features to an unmodified model; vLLM
+0.32 / 0.33 pin ``transformers < 5.20`` / ``< 5.21``, so the range must reach
+that low.  What changed inside it and matters to arrcoc:
+
+* 5.24 renamed the cache keyword of model forwards, decoder layers and the
+  mask builders from ``past_key_values`` to ``cache`` (the old name is
+  accepted, with a deprecation warning, until 5.40).  :func:`causal_mask`
+  passes whichever keyword the installed ``create_causal_mask`` declares,
+  and :func:`cache_of` reads whichever the caller used.
+
+Checked, and the same from 5.18 to 5.25 (nothing to adapt): the
+``mm_encoder_outputs`` layout (``{"image": BaseModelOutputWithPooling(pooler_output=[...])}``),
+``get_placeholder_mask``, Qwen2-VL's ``get_rope_index(input_ids,
+mm_token_type_ids, image_grid_thw, ...)``, ``AttentionInterface`` /
+``AttentionMaskInterface`` registration, ``DynamicCache.layers[i].keys`` and
+``get_mask_sizes(q_len, layer_idx)``, rotary embeddings returning
+``(cos, sin)`` ``[B, L, head_dim]``, and model forwards without
+``cache_position``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from arrcoc.errors import ModelError
+
+#: The oldest transformers release arrcoc.hf runs on (see the module docstring for why).
+MIN_VERSION = (5, 18)
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def check_version(version: str | None = None) -> None:
+    """A clear error for a transformers release outside the supported range (``version``: the installed one)."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    # Only the lower bound is checked here: it is known to break (generate rejects mm_encoder_outputs as an
+    # unused argument); the upper one is the packaging pin's, a guess about releases that do not exist yet.
+    if _release(version) < MIN_VERSION:
+        low = ".".join(map(str, MIN_VERSION))
+        raise ModelError(
+            f"arrcoc.hf needs transformers >= {low}, < 6 (pre-computed image features through "
+            f"mm_encoder_outputs appeared in {low}), found {version}; pip install 'transformers>={low},<6'"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(function: Any) -> str:
+    parameters = inspect.signature(function).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def causal_mask(config: Any, inputs_embeds: Any, attention_mask: Any, cache: Any, layer_idx: int) -> Any:
+    """``create_causal_mask`` sized against cache layer ``layer_idx``, under either cache keyword."""
+    from transformers.masking_utils import create_causal_mask
+
+    keyword = _cache_keyword(create_causal_mask)
+    return create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                              position_ids=None, layer_idx=layer_idx, **{keyword: cache})
+
+
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a forward or decoder layer was called with (``cache`` from 5.24, ``past_key_values`` before)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model output carries (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return getattr(output, "past_key_values", None) if cache is None else cache
