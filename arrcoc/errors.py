@@ -106,3 +106,9 @@ def collect_warnings() -> Iterator[list[str]]:
 
 class ModelError(ArrcocError, RuntimeError):
     """A model cannot be built, loaded, or run the way the pipeline asks."""
+
+
+class ActiveRunError(ModelError):
+    """``arrcoc.hf.apply`` on a model that already runs a pipeline (a nested ``with``, or another thread's):
+    one pipeline per model at a time, so that no hook, attention implementation or ``generate`` is ever
+    stacked on another Run's and restored out of order."""

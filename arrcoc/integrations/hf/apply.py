@@ -24,18 +24,21 @@ Inside the context:
 
 Leaving the context removes every hook, restores the attention
 implementation and ``generate``: the model computes exactly as before.
+One Run per model at a time (see :func:`apply`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 
-from arrcoc.errors import InputError, ModelError
+from arrcoc.errors import ActiveRunError, InputError, ModelError
 from arrcoc.models import resolve_model
 from arrcoc.pipeline import Pipeline
 from arrcoc.registry import get_registry
@@ -55,6 +58,9 @@ PROJECTOR_CHOICES = ("auto", "before", "after")
 VISION_ENCODER = "hf_vision"
 #: Encoder settings of a pipeline file that carry over to the model's own tower.
 _ENCODER_OPTIONS = ("attention_layer", "extra_attention_layers", "cls_attention_heads")
+#: The Run active on each model (one at a time, see ``apply``); the lock makes claiming a model atomic.
+_ACTIVE_RUNS: "weakref.WeakKeyDictionary[Any, Run]" = weakref.WeakKeyDictionary()
+_ACTIVE_LOCK = threading.Lock()
 
 
 class Run:
@@ -87,54 +93,118 @@ class Run:
         self.engine = LLMEngine(self.adapter, llm)
         self.report = Report()
         self.state: TokenState | None = None  # the pre-LLM output of the last call
-        self._handles: list[Any] = []
+        self._undo: list[Any] = []  # the undo of each step _enter took, run in reverse by _exit
+        self._active = False
+        self._thread = ""  # the name of the thread that entered, for the message of a second apply
+        # One call at a time: the report, the pre-LLM record and the engine's per-call state belong to the Run.
+        # A generate and the forwards it makes hold it in their thread; another thread's call waits for it.
+        self._call_lock = threading.RLock()
+        self._call_depth = threading.local()
         self._attn: str | None = None
-        self._had_generate = "generate" in vars(model)
-        self._generate = model.generate
+        self._generate: Any = None  # the model's own generate, captured by _enter
         self._pre: dict[str, Any] = {}
         self._in_generate = False
         self._in_forward = False
         # transformers 5's generate encodes the images (base_model.get_image_features) before the prefill
         # forward, outside the hooks that time it: timed here, or prefill_ms would leave out the vision tower.
         self._base = getattr(model, "base_model", model)
-        self._had_image_features = "get_image_features" in vars(self._base)
-        self._image_features = getattr(self._base, "get_image_features", None)
+        self._image_features: Any = None
         self._outside_vision_ms = 0.0
 
     # ----------------------------------------------------------- lifecycle
     def _enter(self) -> "Run":
         model = self.model
+        with _ACTIVE_LOCK:
+            active = _ACTIVE_RUNS.get(model)
+            if active is not None:
+                # Stacked Runs would each capture and restore the other's patches: whichever left last would put
+                # back a stale generate / attention implementation.  So the model is claimed before anything is read.
+                raise ActiveRunError(
+                    f"arrcoc.hf.apply: this {type(model).__name__} already runs pipeline {active.spec.name!r} "
+                    f"(entered in thread {active._thread!r}); one pipeline per model at a time: leave that `with` "
+                    "block first (nested apply on one model is not supported), or apply the second pipeline to a "
+                    "copy of the model (copy.deepcopy(model)) to run both at once"
+                )
+            _ACTIVE_RUNS[model] = self
+            self._thread = threading.current_thread().name
+        self._undo.append(self._release_model)
+        try:
+            self._install()
+        except BaseException:
+            self._exit()  # undo the steps taken before the failure, and release the model
+            raise
+        self._active = True
+        return self
+
+    def _install(self) -> None:
+        """Patch the model; each step records its undo as it is taken, so a failure half-way is undone exactly."""
+        model = self.model
         if self.engine.recorder.requests:
             cfg = self.adapter.text_config
             self._attn = cfg._attn_implementation
-            model.set_attn_implementation({"text_config": scoring_implementation(self._attn)})
-        self._handles.append(model.register_forward_pre_hook(self._pre_llm_hook, with_kwargs=True, prepend=True))
+            scoring = scoring_implementation(self._attn)
+            self._undo.append(lambda: model.set_attn_implementation({"text_config": self._attn}))
+            model.set_attn_implementation({"text_config": scoring})
+        self._undo.append(model.register_forward_pre_hook(self._pre_llm_hook, with_kwargs=True, prepend=True).remove)
+        self._undo.append(self.engine.remove)
         self.engine.install()
-        self._handles.append(model.register_forward_hook(self._post_hook, with_kwargs=True))
-        model.generate = self._wrapped_generate
-        if self._image_features is not None:
+        self._undo.append(model.register_forward_hook(self._post_hook, with_kwargs=True).remove)
+        # The model's last hook, called when a forward raises too: it releases the call lock the pre-hook took.
+        self._undo.append(model.register_forward_hook(self._forward_done, always_call=True).remove)
+        self._generate = self._patch(model, "generate", self._wrapped_generate)
+        image_features = getattr(self._base, "get_image_features", None)
+        if image_features is not None:
+            self._image_features = image_features
             # Same signature as the original: generate picks the image kwargs it passes by inspecting it.
             timed = self._timed_image_features
-            self._base.get_image_features = functools.wraps(self._image_features)(
-                lambda *args, **kwargs: timed(*args, **kwargs))
-        return self
+            self._patch(self._base, "get_image_features",
+                        functools.wraps(image_features)(lambda *args, **kwargs: timed(*args, **kwargs)))
+
+    def _patch(self, owner: Any, name: str, value: Any) -> Any:
+        """``owner.name = value`` until _exit (which restores the instance attribute, or its absence);
+        returns what ``owner.name`` was."""
+        own = vars(owner)
+        had, previous, original = name in own, own.get(name), getattr(owner, name)
+
+        def restore() -> None:
+            if had:
+                setattr(owner, name, previous)
+            else:
+                own.pop(name, None)
+
+        self._undo.append(restore)
+        setattr(owner, name, value)
+        return original
 
     def _exit(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.engine.remove()
-        if self._attn is not None:
-            self.model.set_attn_implementation({"text_config": self._attn})
-        if self._had_generate:
-            self.model.generate = self._generate
-        else:
-            vars(self.model).pop("generate", None)
-        if self._image_features is not None:
-            if self._had_image_features:
-                self._base.get_image_features = self._image_features
-            else:
-                vars(self._base).pop("get_image_features", None)
+        """Undo every step of _enter in reverse, each one even if another fails (the first error is raised)."""
+        error: BaseException | None = None
+        with self._call_lock:  # a call in flight in another thread ends on the model it started on
+            self._active = False
+            while self._undo:
+                try:
+                    self._undo.pop()()
+                except BaseException as exc:
+                    error = error or exc
+        if error is not None:
+            raise error
+
+    def _release_model(self) -> None:
+        with _ACTIVE_LOCK:
+            if _ACTIVE_RUNS.get(self.model) is self:
+                del _ACTIVE_RUNS[self.model]
+
+    def _begin_call(self) -> None:
+        self._call_lock.acquire()
+        self._call_depth.n = getattr(self._call_depth, "n", 0) + 1
+
+    def _end_call(self) -> None:
+        if getattr(self._call_depth, "n", 0):  # only what this thread took (a hook before ours may have raised)
+            self._call_depth.n -= 1
+            self._call_lock.release()
+
+    def _forward_done(self, module: Any, args: tuple, output: Any) -> None:
+        self._end_call()
 
     def _timed_image_features(self, *args: Any, **kwargs: Any) -> Any:
         start = clock(kwargs.get("pixel_values", args[0] if args else None))
@@ -149,6 +219,7 @@ class Run:
         return bool(self.vision_stages or self.projector_stages)
 
     def _pre_llm_hook(self, module: Any, args: tuple, kwargs: dict):
+        self._begin_call()  # released by _forward_done, also when the forward raises
         self._in_forward = True
         if not self._in_generate:
             self._outside_vision_ms = 0.0
@@ -241,6 +312,19 @@ class Run:
 
     # ---------------------------------------------------------- generate
     def _wrapped_generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` inside the block, one call at a time per Run."""
+        if not self._active:
+            raise ModelError(
+                f"arrcoc.hf: the Run of pipeline {self.spec.name!r} has ended (its `with` block was left), but its "
+                "generate was kept and called: call model.generate, or enter arrcoc.hf.apply again"
+            )
+        self._begin_call()
+        try:
+            return self._run_generate(*args, **kwargs)
+        finally:
+            self._end_call()
+
+    def _run_generate(self, *args: Any, **kwargs: Any) -> Any:
         if args:
             kwargs = dict(kwargs, input_ids=args[0])
         original = kwargs.get("input_ids")
@@ -327,7 +411,21 @@ def _split(stages: list, projector: str) -> tuple[list, list]:
 
 @contextmanager
 def apply(model: Any, pipeline: Any, *, projector: str = "auto") -> Iterator[Run]:
-    """Run ``pipeline`` (a name, YAML path, dict or ``PipelineSpec``) inside ``model`` for the ``with`` block."""
+    """Run ``pipeline`` (a name, YAML path, dict or ``PipelineSpec``) inside ``model`` for the ``with`` block.
+
+    One Run per model at a time: ``apply`` on a model that already runs a
+    pipeline (a nested ``with``, or another thread's) raises
+    :class:`~arrcoc.errors.ActiveRunError` naming that pipeline and thread,
+    and touches nothing; to run two pipelines at once, apply them to two
+    copies of the model.  Inside the block every call of the model, from any
+    thread, goes through the Run, one call at a time (a second thread's call
+    waits for the first to end).  Leaving the block, by an exception too,
+    undoes each patch (hooks, attention implementation, ``generate``,
+    ``get_image_features``) even if undoing another one fails, and frees
+    the model; a failure while entering undoes what was done.  Contexts of
+    different models may be left in any order.  A Run's ``generate`` kept
+    past its block refuses to run.
+    """
     run = Run(model, resolve_spec(pipeline), projector=projector)._enter()
     try:
         yield run

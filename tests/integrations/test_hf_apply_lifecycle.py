@@ -1,0 +1,238 @@
+"""``arrcoc.hf.apply``'s lifecycle: nesting, threads, non-LIFO exits, failures while entering, inside and leaving.
+
+The rule under test: one active Run per model.  A second ``apply`` on the
+same model (nested, or from another thread) is an ``ActiveRunError`` naming
+the first; calls made from several threads inside one Run are serialised;
+whatever happens, leaving the block puts back exactly the model's own
+``generate``, ``get_image_features``, attention implementation and hooks.
+"""
+
+import threading
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+
+import arrcoc
+from arrcoc.errors import ActiveRunError, ArrcocError, ModelError
+from arrcoc.integrations.hf import attention
+from arrcoc.integrations.hf.engine import LLMEngine
+from tiny_models import llava_batch, tiny_llava
+
+NEW = 4
+# Pre-LLM and in-LLM stages at once: every kind of patch apply makes (hooks on the model, the language model
+# and each decoder layer, generate, get_image_features, the text attention implementation).
+BOTH = {"name": "both_stages", "encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep", "keep": 32}],
+        "llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]}
+FASTV = {"name": "fastv_only", "encoder": {"use": "timm_vit"}, "llm": [{"use": "fastv", "layer": 2, "keep": 0.25}]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return llava_batch([(1, 4), (3, 2)], seed=5)
+
+
+def greedy(model, inputs, **options):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW, do_sample=False, **options)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
+@pytest.fixture(scope="module")
+def reference(model, batch):
+    """The unmodified model's outputs, and each pipeline's outputs from a plain, single ``with`` block."""
+    out = {"plain": greedy(model, batch), "plain_logits": logits(model, batch), "hooks": hook_counts(model)}
+    for name, spec in (("both", BOTH), ("fastv", FASTV)):
+        with arrcoc.hf.apply(model, spec):
+            out[name] = greedy(model, batch)
+    assert not torch.equal(out["both"][:, -NEW:], out["plain"][:, -NEW:])  # the pipelines do act
+    return out
+
+
+def hook_counts(model) -> dict[str, tuple[int, int]]:
+    return {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()}
+
+
+def assert_restored(model, batch, reference):
+    """Nothing of arrcoc is left on the model, and it computes exactly as before."""
+    assert "generate" not in vars(model)
+    assert model.generate.__func__ is type(model).generate
+    assert "get_image_features" not in vars(model.model)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    for layer in model.model.language_model.layers:
+        assert layer.self_attn.config._attn_implementation == "sdpa"
+        assert layer.self_attn not in attention._RECORDERS
+    for module in [model, model.model, model.model.language_model, *model.model.language_model.layers]:
+        assert not module._forward_pre_hooks and not module._forward_hooks
+    assert torch.equal(greedy(model, batch), reference["plain"])
+    torch.testing.assert_close(logits(model, batch), reference["plain_logits"], rtol=0, atol=0)
+    # transformers' own hooks (it captures the tower's outputs with hooks it installs on first use) remain.
+    assert hook_counts(model) == reference["hooks"]
+
+
+# --------------------------------------------------------------------------- nesting
+def test_nested_apply_on_one_model_is_refused_naming_the_active_run(model, batch, reference):
+    with arrcoc.hf.apply(model, BOTH) as outer:
+        with pytest.raises(ActiveRunError) as err:
+            with arrcoc.hf.apply(model, FASTV):
+                pass  # pragma: no cover - never entered
+        # The refused apply touched nothing: the outer Run computes as it does alone.
+        assert torch.equal(greedy(model, batch), reference["both"])
+        assert outer.report.layer_visual[-1] == [16, 16]
+    msg = str(err.value)
+    assert isinstance(err.value, ModelError)
+    assert "LlavaForConditionalGeneration" in msg and "'both_stages'" in msg and "already" in msg, msg
+    assert threading.current_thread().name in msg and "copy.deepcopy" in msg, msg
+    assert_restored(model, batch, reference)
+    with arrcoc.hf.apply(model, FASTV):  # the model is free again
+        assert torch.equal(greedy(model, batch), reference["fastv"])
+    assert_restored(model, batch, reference)
+
+
+def test_contexts_left_in_non_lifo_order(model, batch, reference):
+    other = tiny_llava()  # the same seeded weights: the same outputs
+    first, second = arrcoc.hf.apply(model, BOTH), arrcoc.hf.apply(other, FASTV)
+    first.__enter__()
+    second.__enter__()
+    assert torch.equal(greedy(model, batch), reference["both"])
+    first.__exit__(None, None, None)  # the first entered leaves first
+    assert_restored(model, batch, reference)
+    assert torch.equal(greedy(other, batch), reference["fastv"])  # the other model's Run is untouched
+    second.__exit__(None, None, None)
+    assert_restored(other, batch, reference)
+
+    # On one model the second context is refused at entry, so it can never be left out of order.
+    first, second = arrcoc.hf.apply(model, BOTH), arrcoc.hf.apply(model, FASTV)
+    first.__enter__()
+    with pytest.raises(ActiveRunError):
+        second.__enter__()
+    first.__exit__(None, None, None)
+    assert_restored(model, batch, reference)
+
+
+# --------------------------------------------------------------------------- threads
+def test_apply_from_a_second_thread_is_refused_while_the_first_is_inside(model, batch, reference):
+    entered, release = threading.Event(), threading.Event()
+    results = {}
+
+    def holder():
+        with arrcoc.hf.apply(model, BOTH):
+            entered.set()
+            release.wait(30)
+            results["holder"] = greedy(model, batch)
+
+    thread = threading.Thread(target=holder, name="holder-thread")
+    thread.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(ActiveRunError) as err:
+            with arrcoc.hf.apply(model, FASTV):
+                pass  # pragma: no cover - never entered
+    finally:
+        release.set()
+        thread.join(60)
+    assert "holder-thread" in str(err.value) and "'both_stages'" in str(err.value)
+    assert torch.equal(results["holder"], reference["both"])
+    assert_restored(model, batch, reference)
+
+
+def test_calls_from_two_threads_inside_one_run_are_serialised(model, batch, reference):
+    """Thread B's forward, started while thread A's generate is between two decoding steps, waits for A's
+    generate to end: A's pruned cache and B's prefill never share the engine's per-call state."""
+    single = llava_batch([(2, 2)], seed=9)
+    with arrcoc.hf.apply(model, FASTV):
+        alone = logits(model, single)
+    results, finished_early = {}, []
+
+    def forward_b():
+        results["b"] = logits(model, single)
+
+    thread_b = threading.Thread(target=forward_b)
+
+    def between_steps(input_ids, scores):  # runs in thread A, after its prefill forward
+        if not thread_b.is_alive() and "b" not in results:
+            thread_b.start()
+            thread_b.join(0.3)
+            finished_early.append(not thread_b.is_alive())
+        return scores
+
+    from transformers import LogitsProcessorList
+
+    with arrcoc.hf.apply(model, FASTV):
+        results["a"] = greedy(model, batch, logits_processor=LogitsProcessorList([between_steps]))
+        thread_b.join(60)
+    assert finished_early == [False]  # B waited for A's generate
+    assert torch.equal(results["a"], reference["fastv"])
+    torch.testing.assert_close(results["b"], alone, rtol=0, atol=0)
+    assert_restored(model, batch, reference)
+
+
+# --------------------------------------------------------------------------- failures
+def test_an_exception_inside_generate_leaves_the_run_usable(model, batch, reference):
+    def explode(input_ids, scores):
+        raise RuntimeError("boom in a logits processor")
+
+    from transformers import LogitsProcessorList
+
+    with arrcoc.hf.apply(model, BOTH) as run:
+        with pytest.raises(RuntimeError, match="boom"):
+            greedy(model, batch, logits_processor=LogitsProcessorList([explode]))
+        assert torch.equal(greedy(model, batch), reference["both"])
+        assert run.report.layer_visual[-1] == [16, 16] and run.report.new_tokens == NEW
+    assert_restored(model, batch, reference)
+
+
+def test_a_failure_while_entering_undoes_what_was_installed(model, batch, reference, monkeypatch):
+    install = LLMEngine.install
+
+    def install_then_fail(self):
+        install(self)  # hooks on every decoder layer are in place when this fails
+        raise RuntimeError("install failed")
+
+    monkeypatch.setattr(LLMEngine, "install", install_then_fail)
+    with pytest.raises(RuntimeError, match="install failed"):
+        with arrcoc.hf.apply(model, BOTH):
+            pass  # pragma: no cover - never entered
+    monkeypatch.undo()
+    assert_restored(model, batch, reference)
+    with arrcoc.hf.apply(model, BOTH):  # the model was released too
+        assert torch.equal(greedy(model, batch), reference["both"])
+
+
+def test_a_failure_while_leaving_still_undoes_everything_else(model, batch, reference, monkeypatch):
+    remove = LLMEngine.remove
+
+    def remove_then_fail(self):
+        remove(self)
+        raise RuntimeError("remove failed")
+
+    monkeypatch.setattr(LLMEngine, "remove", remove_then_fail)
+    with pytest.raises(RuntimeError, match="remove failed"):
+        with arrcoc.hf.apply(model, BOTH):
+            pass
+    monkeypatch.undo()
+    # The steps after the failing one ran too (generate, get_image_features, attention, the Run's own hooks).
+    assert_restored(model, batch, reference)
+    with arrcoc.hf.apply(model, FASTV):  # a failed exit does not keep the model claimed
+        assert torch.equal(greedy(model, batch), reference["fastv"])
+
+
+def test_a_run_whose_block_ended_refuses_calls(model, batch, reference):
+    with arrcoc.hf.apply(model, BOTH):
+        wrapped = model.generate  # the Run's wrapper, kept past the block by mistake
+    with pytest.raises(ModelError) as err:
+        wrapped(**batch, max_new_tokens=NEW)
+    assert "ended" in str(err.value) and "both_stages" in str(err.value)
+    assert isinstance(err.value, ArrcocError)
+    assert_restored(model, batch, reference)
