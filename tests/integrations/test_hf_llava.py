@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 import arrcoc  # noqa: E402
 from tiny_models import left_pad as _left_pad, llava_batch, tiny_llava  # noqa: E402
 from arrcoc.errors import ArrcocError, BudgetError, InputError, MissingInputError, ModelError  # noqa: E402
+from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
 from arrcoc.spec import resolve_spec  # noqa: E402
 
 IMG = 199
@@ -426,15 +427,15 @@ def test_layers_see_all_then_kept_tokens(model, batch3):
             for h in handles:
                 h.remove()
     assert prefill_seen == [(0, L), (1, L), (2, short), (3, short)]
-    assert [layer.keys.shape[2] for layer in out.cache.layers] == [L, L, short, short]
-    assert [layer.values.shape[2] for layer in out.cache.layers] == [L, L, short, short]
+    assert [layer.keys.shape[2] for layer in output_cache(out).layers] == [L, L, short, short]
+    assert [layer.values.shape[2] for layer in output_cache(out).layers] == [L, L, short, short]
     assert report.layer_visual == [[N0] * 3, [N0] * 3, [keep] * 3, [keep] * 3]
     n = lengths(batch3)
     assert report.layer_tokens == [n, n, [x - N0 + keep for x in n], [x - N0 + keep for x in n]]
     # generate: prefill as above, then one token per step in every layer; the cache grows from there.
     assert seen[:4] == [(0, L), (1, L), (2, short), (3, short)]
     assert all(s == 1 for _, s in seen[4:]) and len(seen) == 4 * NEW
-    assert [layer.keys.shape[2] for layer in gen.cache.layers] == [L + NEW - 1] * 2 + [short + NEW - 1] * 2
+    assert [layer.keys.shape[2] for layer in output_cache(gen).layers] == [L + NEW - 1] * 2 + [short + NEW - 1] * 2
     assert run.report.new_tokens == NEW
 
 

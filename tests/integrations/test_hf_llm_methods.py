@@ -35,6 +35,7 @@ import arrcoc  # noqa: E402
 from tiny_models import left_pad as _left_pad, llava_batch, tiny_llava  # noqa: E402
 from arrcoc.errors import ArrcocError  # noqa: E402
 from arrcoc.integrations.hf import layer_flops  # noqa: E402
+from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
 
 IMG = 199
 PAD = 0
@@ -341,7 +342,7 @@ def test_sparsevlm_llm_equals_no_cache_reference(model, batch3, sparsevlm_refs):
         logits = forward_logits(model, batch3)
         states, report = run.llm_states, run.report
         with torch.no_grad():
-            cache = model(**batch3, position_ids=generate_positions(batch3["attention_mask"])).cache
+            cache = output_cache(model(**batch3, position_ids=generate_positions(batch3["attention_mask"])))
         tokens, steps = generate(model, batch3)
         singles = [(forward_logits(model, sample(batch3, b)), generate(model, sample(batch3, b))) for b in range(3)]
     # The table for budget 64 is (66, 30, 17): 64 visual tokens -> min(66, 63) = 63 -> 30.
@@ -478,7 +479,7 @@ def _run_aim(model, batch3, mode: str):
         logits = forward_logits(model, batch3)
         states, report = run.llm_states, run.report
         with torch.no_grad():
-            cache = model(**batch3, position_ids=generate_positions(batch3["attention_mask"])).cache
+            cache = output_cache(model(**batch3, position_ids=generate_positions(batch3["attention_mask"])))
         tokens, steps = generate(model, batch3)
     return logits, states, report, [layer.keys.shape[2] for layer in cache.layers], tokens, steps
 
