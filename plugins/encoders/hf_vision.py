@@ -18,6 +18,17 @@ exposes the same per-token fields as ``timm_vit``:
 Layer indices follow ``timm_vit``: attention "of layer i" is the attention
 computed inside encoder layer ``i`` (whose input is ``hidden_states[i]``);
 the default is the layer whose output is the feature layer (LLaVA-1.5: 22).
+
+A ``vision_feature_layer`` list (several layers concatenated, as
+transformers' LLaVA and LLaVA-NeXT support) gives features of width
+``len(list) * hidden`` before the projector, and a ``cls`` that is the
+concatenation of the listed layers' class tokens (projected like any row).
+The signals (``cls_attn``, ``keys``) still come from ONE layer: the official
+methods read the attention of the layer producing LLaVA-1.5's single feature
+layer ``-2`` (HiRED, VisionZip, VisPruner, SCOPE: layer 22 of 24; PruMerge
+sets ``attention_layer: -1``, the last), so with a list the default is the
+layer producing the deepest listed one (for ``[-24, -20, -12, -1]`` the last
+layer, as PruMerge's).  ``attention_layer`` overrides it.
 ``project: true`` applies the multimodal projector (tokens in the LLM's
 input space, where a query encoded by ``hf_text`` lives).
 """
@@ -158,7 +169,7 @@ class HFVision(Encoder):
     def embed_dim(self) -> int:
         cfg = self.adapter.model.config
         projected = self.params.project or self.adapter.projected
-        return int(cfg.text_config.hidden_size if projected else cfg.vision_config.hidden_size)
+        return int(cfg.text_config.hidden_size if projected else self.adapter.feature_width)
 
     @property
     def input_size(self) -> tuple[int, int]:

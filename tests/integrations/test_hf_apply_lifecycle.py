@@ -236,3 +236,100 @@ def test_a_run_whose_block_ended_refuses_calls(model, batch, reference):
     assert "ended" in str(err.value) and "both_stages" in str(err.value)
     assert isinstance(err.value, ArrcocError)
     assert_restored(model, batch, reference)
+
+
+# --------------------------------------------------------------------------- vision_feature_layer as a list
+LAYERS = [-3, -2]  # hidden states 1 and 2 of the 3-layer tower: features of width 2 x 32 before the projector
+NEXT_SIZES = [[50, 100], [100, 100]]  # crop grids (1, 2) and (2, 2)
+
+
+def with_feature_layers(family, layers):
+    """The tiny LLaVA / LLaVA-NeXT of tiny_models.py with ``vision_feature_layer=layers``."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig
+    from transformers import LlavaNextForConditionalGeneration
+    from tiny_models import IMAGE, LLAMA, _clip
+
+    torch.manual_seed(0)
+    if family == "llava":
+        config = LlavaConfig(vision_config=_clip(112), text_config=LlamaConfig(**LLAMA), image_token_id=IMAGE,
+                             vision_feature_layer=layers)
+        return LlavaForConditionalGeneration(config).eval().to(torch.float64)
+    config = LlavaNextConfig(vision_config=_clip(56), text_config=LlamaConfig(**LLAMA), image_token_id=IMAGE,
+                             image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]], vision_feature_layer=layers)
+    return LlavaNextForConditionalGeneration(config).eval().to(torch.float64)
+
+
+def next_batch(model):
+    from tiny_models import IMAGE, left_pad
+
+    sizes = torch.tensor(NEXT_SIZES)
+    pixels = torch.randn(2, 5, 3, 56, 56, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    per = arrcoc.hf.adapter_for(model).tokens_per_image(pixels, {"image_sizes": sizes})
+    ids, mask = left_pad([[1, 5, 6, *[IMAGE] * per[0], 20, 21, 9], [1, *[IMAGE] * per[1], 22, 9]])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
+
+
+KEEP_ALL = {
+    "random_keep": {"encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep", "keep": 1.0}]},
+    # CLS attention read from the tower while the features are concatenated
+    # (crops: null: each view keeps its own share; HiRED's per-image split floors the crops' shares)
+    "hired": {"encoder": {"use": "timm_vit"}, "compress": [{"use": "hired", "keep": 1.0, "crops": None}]},
+    "fastv": {"encoder": {"use": "timm_vit"}, "llm": [{"use": "fastv", "layer": 2, "keep": 1.0}]},
+}
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def layered(request):
+    model = with_feature_layers(request.param, LAYERS)
+    inputs = llava_batch([(1, 4), (3, 2)], seed=5) if request.param == "llava" else next_batch(model)
+    return model, inputs
+
+
+@pytest.mark.parametrize("pipeline", sorted(KEEP_ALL))
+def test_feature_layer_list_keep_everything_is_the_model(layered, pipeline):
+    model, inputs = layered
+    own_logits, own_tokens = logits(model, inputs), greedy(model, inputs)
+    with arrcoc.hf.apply(model, KEEP_ALL[pipeline]) as run:
+        inside_logits, inside_tokens = logits(model, inputs), greedy(model, inputs)
+    torch.testing.assert_close(inside_logits, own_logits, rtol=0, atol=0)
+    assert torch.equal(inside_tokens, own_tokens)
+    if pipeline != "fastv":
+        assert run.encoder.embed_dim == len(LAYERS) * 32
+
+
+def test_feature_layer_list_pruning_sees_the_concatenated_features(monkeypatch):
+    """HiRED before the projector: tokens of width len(list) x hidden, ranked by the CLS attention of the layer
+    producing the deepest listed layer (hidden state 2: layer 1's output), from the model's own eager attention."""
+    model = with_feature_layers("llava", LAYERS)
+    inputs = llava_batch([(1, 4), (3, 2)], seed=5)
+    pixels = inputs["pixel_values"]
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels, output_hidden_states=True)
+        concatenated = torch.cat([out.hidden_states[1], out.hidden_states[2]], -1)  # [2, 65, 64]
+        projected = model.model.multi_modal_projector(concatenated)
+        model.set_attn_implementation({"vision_config": "eager"})
+        attentions = model.model.vision_tower(pixels, output_attentions=True).attentions
+        model.set_attn_implementation({"vision_config": "sdpa"})
+    kept = attentions[1][:, :, 0, 1:].sum(1).topk(16, dim=1).indices.sort(1).values
+    own = torch.stack(list(model.model.get_image_features(pixels).pooler_output))
+    torch.testing.assert_close(projected[:, 1:], own, rtol=0, atol=1e-15)  # the features the model itself uses
+
+    from arrcoc_plugins.compressors.hired import HiRED
+
+    widths = []
+    call = HiRED.__call__
+    monkeypatch.setattr(HiRED, "__call__", lambda self, state: widths.append(state.D) or call(self, state))
+    with arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}, "compress": [{"use": "hired", "keep": 16}]}) as run:
+        greedy(model, inputs)
+    assert widths == [len(LAYERS) * 32]
+    torch.testing.assert_close(run.state.tokens, projected[:, 1:].gather(1, kept[..., None].expand(-1, -1, 64)),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run.state.cls, projected[:, 0], rtol=1e-12, atol=1e-12)
+    assert run.report.layer_visual[-1] == [16, 16]
+
+
+def test_feature_layer_must_be_an_int_or_a_list_of_ints():
+    model = with_feature_layers("llava", -2)
+    model.config.vision_feature_layer = []
+    with pytest.raises(ModelError, match=r"vision_feature_layer must be an int or a non-empty list of ints, got \[\]"):
+        arrcoc.hf.adapter_for(model)

@@ -77,6 +77,11 @@ class Adapter(ABC):
         """The vision layer whose attention signals are read by default."""
         return self.num_vision_layers - 1
 
+    @property
+    def feature_width(self) -> int:
+        """Width of the tower's features before the projector (several feature layers concatenated: their sum)."""
+        return int(self.model.config.vision_config.hidden_size)
+
     @abstractmethod
     def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
                       ) -> VisionOutput:

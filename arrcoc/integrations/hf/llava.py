@@ -1,7 +1,8 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower, MLP projector, Llama decoder.
 
 Features are ``projector(hidden_states[vision_feature_layer][:, 1:])`` with
-the ``default`` select strategy (``-2`` for LLaVA-1.5); one placeholder
+the ``default`` select strategy (``-2`` for LLaVA-1.5; a list of layers is
+concatenated along the width, as the model does); one placeholder
 ``image_token_id`` per feature row; features go to ``forward`` /
 ``generate`` through ``mm_encoder_outputs`` (transformers 5.x).
 """
@@ -25,11 +26,10 @@ class LlavaAdapter(Adapter):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
         cfg = model.config
-        if not isinstance(cfg.vision_feature_layer, int):
-            raise ModelError(
-                f"llava: vision_feature_layer={cfg.vision_feature_layer!r} (several layers concatenated) is not "
-                "supported; arrcoc needs one feature layer"
-            )
+        layers = cfg.vision_feature_layer
+        if not isinstance(layers, int) and not (
+                isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) for i in layers)):
+            raise ModelError(f"llava: vision_feature_layer must be an int or a non-empty list of ints, got {layers!r}")
         if cfg.vision_feature_select_strategy != "default" and self.has_cls:
             raise ModelError(
                 f"llava: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} keeps the class "
@@ -46,9 +46,21 @@ class LlavaAdapter(Adapter):
         return self.model.model.vision_tower
 
     @property
+    def feature_layers(self) -> list[int]:
+        """Indices into the tower's hidden states (``num_layers + 1`` entries) of the features, in the config's
+        order: one for LLaVA-1.5 (``-2``); several are concatenated along the width, as the model does."""
+        layers = self.model.config.vision_feature_layer
+        return [int(i) % (self.num_vision_layers + 1) for i in ([layers] if isinstance(layers, int) else layers)]
+
+    @property
     def feature_layer(self) -> int:
-        """Index into the tower's hidden states (``num_layers + 1`` entries) of the features."""
-        return int(self.model.config.vision_feature_layer) % (self.num_vision_layers + 1)
+        """The deepest feature layer: the official methods read the attention of the layer producing LLaVA-1.5's
+        one feature layer (``-2``); with several, the deepest plays that role."""
+        return max(self.feature_layers)
+
+    @property
+    def feature_width(self) -> int:
+        return int(self.model.config.vision_config.hidden_size) * len(self.feature_layers)
 
     @property
     def has_cls(self) -> bool:
@@ -62,7 +74,7 @@ class LlavaAdapter(Adapter):
 
     @property
     def default_attention_layer(self) -> int:
-        # The layer whose output is the feature layer (LLaVA-1.5: 22 of 24), as timm_vit's `layer: -2`.
+        # The layer whose output is the (deepest) feature layer (LLaVA-1.5: 22 of 24), as timm_vit's `layer: -2`.
         return self.feature_layer - 1
 
     def _grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
@@ -79,7 +91,9 @@ class LlavaAdapter(Adapter):
         dtype = next(tower.parameters()).dtype
         out = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
         hidden = tuple(out.hidden_states)
-        x = hidden[self.feature_layer]
+        # Several feature layers: concatenated along the width, class token included (the class token handed on
+        # is then the concatenation too, so that the projector takes it like any feature row).
+        x = torch.cat([hidden[i] for i in self.feature_layers], -1)
         P = 1 if self.has_cls else 0
         grid = self._grid(pixel_values)
         return VisionOutput(list(x[:, P:]), [grid] * x.shape[0], x[:, 0] if P else None,
