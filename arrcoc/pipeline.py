@@ -16,7 +16,7 @@ from .images import load_images
 from .plugin import LLM_SIGNALS, Encoder, Plugin, QueryEncoder, Stage
 from .registry import Registry, get_registry
 from .spec import SECTIONS, PipelineSpec, resolve_spec
-from .state import StageRecord, TokenState
+from .state import NonFiniteStateError, StageRecord, TokenState
 from .timing import clock
 
 @contextlib.contextmanager
@@ -68,16 +68,12 @@ def check_stage_output(label: str, plugin: str, before: TokenState | None, out: 
         )
     try:
         out.check()
+    except NonFiniteStateError as exc:
+        raise StateError(
+            f"{label} ({plugin}) returned NaN or inf tokens (images {exc.images or 'class token'}) from finite input"
+        ) from None
     except StateError as exc:
         raise StateError(f"{label} ({plugin}) returned an inconsistent state: {exc}") from None
-    finite = (torch.isfinite(out.tokens).all(-1) | ~out.mask).all()
-    if out.cls is not None:
-        finite = finite & torch.isfinite(out.cls).all()
-    if not bool(finite):
-        rows = (~(torch.isfinite(out.tokens).all(-1) | ~out.mask)).any(1).nonzero().flatten().tolist()
-        raise StateError(
-            f"{label} ({plugin}) returned NaN or inf tokens (images {rows or 'class token'}) from finite input"
-        )
     return out
 
 
@@ -169,7 +165,11 @@ class Pipeline:
 
     # --------------------------------------------------------------------- run
     def __call__(self, images: Any, query: str | Sequence[str] | torch.Tensor | None = None) -> TokenState:
-        """Run the pipeline on ``images`` (paths, PIL images or pixels [B, 3, H, W] in [0, 1])."""
+        """Run the pipeline on ``images`` (paths, PIL images or pixels [B, 3, H, W] in [0, 1]).
+
+        ``query``: one string (or a list of one) for every image, a list of one string per image, embeddings
+        ``[D]``, ``[T, D]``, ``[1, T, D]`` (every image) or ``[B, T, D]``, or None.
+        """
         with torch.inference_mode():
             return self._run(images, query)
 
@@ -229,9 +229,11 @@ class Pipeline:
                 if not isinstance(item, str):
                     raise InputError(f"query[{i}]: expected a string, got {_describe(item)}")
         if isinstance(query, (str, list, tuple)):
-            texts = [query] * B if isinstance(query, str) else list(query)
+            # One string, or a list of one, asks every image the same question (as a [1, T, D] tensor does).
+            texts = [query] * B if isinstance(query, str) else list(query) * (B if len(query) == 1 else 1)
             if len(texts) != B:
-                raise InputError(f"query: got {len(texts)} strings for {B} images; pass one, or one per image")
+                raise InputError(f"query: got a list of {len(texts)} strings for {B} images; pass one string (or a "
+                                 f"list of one) for every image, or a list of {B}, one per image")
             for i, text in enumerate(texts):
                 if not text.strip():
                     raise InputError(f"query[{i}]: empty query string; pass a question, or query=None")

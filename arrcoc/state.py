@@ -9,6 +9,20 @@ The record is immutable; a stage returns ``dataclasses.replace(state, ...)``
 or, for anything that moves tokens, the result of an :mod:`arrcoc.ops` call,
 which keeps ``size``, ``positions``, ``origin`` and every ``per_token`` field
 aligned with ``tokens``.
+
+What is checked where (reading a tensor's values costs a device sync, and
+every op builds a new state, so values are read only at the entry points):
+
+* every construction (``TokenState(...)``, ``dataclasses.replace``, each op):
+  types, shapes, dtypes, devices and the grid; no value is read;
+* :meth:`TokenState.from_patches` (once per encoded batch): the tokens and
+  class token are finite;
+* :meth:`TokenState.replace` handed ``mask``, ``size`` or ``origin``: those
+  bookkeeping invariants (what :meth:`TokenState.check` checks of them).
+  Ops never pass them through ``replace``: they keep them consistent by
+  construction, so no op pays for it;
+* :meth:`TokenState.check` (the pipeline runs it on every stage's output):
+  everything, including finite real tokens and class token.
 """
 
 from __future__ import annotations
@@ -21,6 +35,17 @@ from typing import Any, Mapping
 import torch
 
 from .errors import InputError, MissingInputError, StateError
+
+
+class NonFiniteStateError(StateError):
+    """Real tokens or the class token hold NaN or inf.
+
+    ``images``: the batch rows whose real tokens do (empty when only the class token does).
+    """
+
+    def __init__(self, message: str, images: list[int]) -> None:
+        super().__init__(message)
+        self.images = images
 
 
 @dataclass(frozen=True)
@@ -144,24 +169,42 @@ class TokenState:
                 raise StateError(f"TokenState.images: expected [B={B}, 3, H, W], got {_describe(im)}")
 
     def check(self) -> "TokenState":
-        """Deep check of values (costs a device sync; used by tests and debugging).
+        """Deep check of values (costs a device sync; the pipeline runs it on every stage's output).
 
-        Real tokens form a prefix of each row, sizes are positive and add up
-        to the number of kept patches, and ``origin`` points at real tokens.
+        Real tokens form a prefix of each row, sizes are positive, ``origin``
+        points at real tokens, and the real tokens and the class token are
+        finite (a :class:`NonFiniteStateError` naming the images otherwise).
         """
+        self._check_bookkeeping()
+        self._check_finite("TokenState")
+        return self
+
+    def _check_finite(self, where: str) -> None:
+        """Real tokens and the class token hold no NaN or inf (one sync)."""
+        bad_rows = ~(torch.isfinite(self.tokens).all(-1) | ~self.mask)  # padded slots may hold anything
+        bad_cls = self.cls is not None and not bool(torch.isfinite(self.cls).all())
+        if bad_cls or bool(bad_rows.any()):
+            images = bad_rows.any(1).nonzero().flatten().tolist()
+            what = f"real tokens of images {images}" if images else "the class token"
+            if images and bad_cls:
+                what += " and the class token"
+            raise NonFiniteStateError(f"{where}: NaN or inf in {what}; tokens must be finite", images)
+
+    def _check_bookkeeping(self) -> None:
+        """``mask`` is a prefix mask, real sizes are positive, ``origin`` points at real tokens (one sync)."""
         counts = self.counts
         prefix = torch.arange(self.N, device=self.tokens.device)[None, :] < counts[:, None]
         if not torch.equal(prefix, self.mask):
             raise StateError("TokenState.mask: real tokens must form a prefix of each row")
-        if (self.size[self.mask] <= 0).any():
-            raise StateError("TokenState.size: every real token must stand for > 0 patches")
+        real = self.size[self.mask]
+        if not (torch.isfinite(real) & (real > 0)).all():  # (NaN > 0 is False: NaN is refused too)
+            raise StateError("TokenState.size: every real token must stand for > 0 patches (a finite number)")
         o = self.origin
         if ((o < -1) | (o >= self.N)).any():
             raise StateError(f"TokenState.origin: values must lie in [-1, {self.N}), got [{int(o.min())}, {int(o.max())}]")
         hits = o.clamp(min=0)
         if self.N > 0 and not self.mask.gather(1, hits)[o >= 0].all():  # N == 0: every origin is -1 (checked above)
             raise StateError("TokenState.origin: a patch points at a padded token slot")
-        return self
 
     # -------------------------------------------------------------- properties
     @property
@@ -247,8 +290,18 @@ class TokenState:
         )
 
     def replace(self, **changes: Any) -> "TokenState":
-        """``dataclasses.replace`` (validated). Use :mod:`arrcoc.ops` to move tokens."""
-        return dataclasses.replace(self, **changes)
+        """``dataclasses.replace`` (validated). Use :mod:`arrcoc.ops` to move tokens.
+
+        Shapes, dtypes and devices are checked as at any construction; a
+        hand-made ``mask``, ``size`` or ``origin`` is also checked by value
+        (a prefix mask, positive sizes, ``origin`` in range and on real
+        tokens), which costs one device sync. ``tokens`` are not read here
+        (encoders replace them once per block): :meth:`check` finds NaN.
+        """
+        out = dataclasses.replace(self, **changes)
+        if not changes.keys().isdisjoint(("mask", "size", "origin")):
+            out._check_bookkeeping()
+        return out
 
     def with_per_token(self, **fields: torch.Tensor) -> "TokenState":
         """A copy with ``per_token`` fields added or replaced."""
@@ -300,7 +353,7 @@ class TokenState:
         index = torch.arange(N0, device=device)
         rows = torch.div(index, W0, rounding_mode="floor")
         positions = torch.stack([rows, index - rows * W0], -1).to(torch.float32)
-        return cls(
+        state = cls(
             tokens=tokens,
             mask=torch.ones(B, N0, dtype=torch.bool, device=device),
             size=torch.ones(B, N0, dtype=torch.float32, device=device),
@@ -311,6 +364,8 @@ class TokenState:
             per_token=per_token or {},
             images=images,
         )
+        state._check_finite("TokenState.from_patches")  # once per encoded batch: every token is real
+        return state
 
 
 def _describe(x: Any) -> str:

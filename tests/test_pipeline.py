@@ -6,6 +6,7 @@ patches + a class token), randomly initialised with a fixed seed.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Literal
 
@@ -123,10 +124,10 @@ class Broken(Compressor):
         if how == "holes":  # a real token after a padded slot: not a prefix mask
             mask = state.mask.clone()
             mask[:, 0] = False
-            return state.replace(mask=mask)
+            return dataclasses.replace(state, mask=mask)  # (state.replace would refuse it inside the stage)
         if how == "batch":
             return state.image(0)
-        return state.replace(origin=torch.full_like(state.origin, state.N))
+        return dataclasses.replace(state, origin=torch.full_like(state.origin, state.N))
 
 
 class NanEncoder(Encoder):
@@ -404,7 +405,8 @@ def test_query_tensors_of_every_accepted_shape(query_pipe, shape):
     [
         ("   ", InputError, r"query\[0\]: empty query string; pass a question, or query=None"),
         (["cat", ""], InputError, r"query\[1\]: empty query string"),
-        (["a", "b", "c"], InputError, r"query: got 3 strings for 2 images; pass one, or one per image"),
+        (["a", "b", "c"], InputError, r"^query: got a list of 3 strings for 2 images; pass one string \(or a list of "
+                                      r"one\) for every image, or a list of 2, one per image$"),
         (torch.randn(3, 4, 192), InputError, r"query: expected embeddings \[D\], \[T, D\] or \[B=2, T, D\], got shape \[3, 4, 192\]"),
         (torch.randn(0, 192), InputError, r"got shape \[1, 0, 192\]"),
         (torch.randn(2, 2, 2, 192), InputError, r"got shape \[2, 2, 2, 192\]"),
@@ -428,6 +430,15 @@ def test_query_embeddings_as_a_numpy_array(query_pipe):
     assert torch.equal(state.query, torch.from_numpy(query).expand(2, 3, 192))
     assert torch.equal(query_pipe(pixels(), query=("red apple", "blue")).query,
                        query_pipe(pixels(), query=["red apple", "blue"]).query)
+
+
+def test_a_list_of_one_query_asks_every_image_like_one_string(query_pipe):
+    """Issue 16: ``query=["mug"]`` for two images was refused as 'got 1 strings for 2 images; pass one'."""
+    one = query_pipe(pixels(), query="red mug")
+    listed = query_pipe(pixels(), query=["red mug"])
+    assert torch.equal(listed.query, one.query) and torch.equal(listed.query_mask, one.query_mask)
+    assert torch.equal(listed.per_token["scores"], one.per_token["scores"])
+    assert torch.equal(query_pipe(pixels(), query=("red mug",)).query, one.query)
 
 
 def test_query_strings_without_a_query_encoder():
@@ -523,7 +534,9 @@ def test_a_stage_returning_a_broken_state_is_blamed_not_the_next_one(how, expect
 
 
 def test_an_encoder_returning_nan_from_finite_pixels_is_blamed():
-    with pytest.raises(StateError, match=r"^encoder \(nan_encoder\) returned NaN or inf tokens \(images \[1\]\)"):
+    # TokenState.from_patches refuses them, inside the encoder's stage
+    with pytest.raises(StateError, match=r"^encoder \(nan_encoder\): TokenState\.from_patches: NaN or inf in real "
+                                         r"tokens of images \[1\]"):
         arrcoc.run_pipeline({"encoder": "nan_encoder"}, pixels(2), device="cpu")
 
 

@@ -9,7 +9,7 @@ import torch
 
 from arrcoc import ops
 from arrcoc.errors import StateError
-from arrcoc.state import TokenState
+from arrcoc.state import NonFiniteStateError, TokenState
 
 B, H, W, D = 2, 3, 4, 8
 N = H * W
@@ -140,7 +140,7 @@ def test_check_catches_non_prefix_mask():
     mask[0, 2] = False  # a hole: real tokens are no longer a prefix
     origin = state.origin.clone()
     origin[0, 2] = -1
-    bad = state.replace(mask=mask, origin=origin)  # shapes are fine: only check() sees it
+    bad = dataclasses.replace(state, mask=mask, origin=origin)  # construction reads no values: check() does
     with pytest.raises(StateError, match=r"TokenState\.mask: real tokens must form a prefix of each row"):
         bad.check()
 
@@ -150,7 +150,7 @@ def test_check_catches_non_positive_size():
     size = state.size.clone()
     size[1, 4] = 0.0
     with pytest.raises(StateError, match=r"TokenState\.size: every real token must stand for > 0 patches"):
-        state.replace(size=size).check()
+        dataclasses.replace(state, size=size).check()
 
 
 @pytest.mark.parametrize("value, match", [(N, r"values must lie in \[-1, 12\), got \[0, 12\]"),
@@ -160,7 +160,7 @@ def test_check_catches_origin_out_of_range(value, match):
     origin = state.origin.clone()
     origin[0, 0] = value
     with pytest.raises(StateError, match=r"TokenState\.origin: " + match):
-        state.replace(origin=origin).check()
+        dataclasses.replace(state, origin=origin).check()
 
 
 def test_check_accepts_a_state_with_no_tokens_left():
@@ -173,7 +173,95 @@ def test_check_catches_origin_pointing_at_padding():
     origin = state.origin.clone()
     origin[1, 5] = 2  # slot 2 of image 1 is padding
     with pytest.raises(StateError, match=r"TokenState\.origin: a patch points at a padded token slot"):
-        state.replace(origin=origin).check()
+        dataclasses.replace(state, origin=origin).check()
+
+
+def ragged() -> TokenState:
+    """Image 0 keeps 3 tokens, image 1 keeps 2 (slot 2 is padding)."""
+    return ops.keep(fresh(), torch.tensor([[0, 1, 2], [0, 1, 2]]), torch.tensor([[True] * 3, [True, True, False]]))
+
+
+def with_hole(state: TokenState) -> dict:
+    mask = state.mask.clone()
+    mask[0, 1] = False  # a hole: real tokens are no longer a prefix
+    return {"mask": mask}
+
+
+def origin_set(value: int, b: int = 0, patch: int = 0):
+    def change(state: TokenState) -> dict:
+        origin = state.origin.clone()
+        origin[b, patch] = value
+        return {"origin": origin}
+    return change
+
+
+def size_set(value: float):
+    def change(state: TokenState) -> dict:
+        size = state.size.clone()
+        size[1, 1] = value
+        return {"size": size}
+    return change
+
+
+@pytest.mark.parametrize("change, match", [
+    (with_hole, r"TokenState\.mask: real tokens must form a prefix of each row"),
+    (origin_set(3), r"TokenState\.origin: values must lie in \[-1, 3\), got \[-1, 3\]"),
+    (origin_set(-5), r"TokenState\.origin: values must lie in \[-1, 3\), got \[-5, 2\]"),
+    (origin_set(2, b=1, patch=5), r"TokenState\.origin: a patch points at a padded token slot"),
+    (size_set(0.0), r"TokenState\.size: every real token must stand for > 0 patches"),
+    (size_set(float("nan")), r"TokenState\.size: every real token must stand for > 0 patches \(a finite number\)"),
+    (size_set(float("inf")), r"TokenState\.size: every real token must stand for > 0 patches \(a finite number\)"),
+])
+def test_replace_checks_the_values_of_hand_made_bookkeeping(change, match):
+    """``replace(mask=...)``, ``(origin=...)``, ``(size=...)`` are refused at once, not at the next check()."""
+    state = ragged()
+    with pytest.raises(StateError, match=match):
+        state.replace(**change(state))
+
+
+def test_replace_accepts_consistent_bookkeeping():
+    state = ragged()
+    mask = state.mask.clone()
+    mask[0, 2] = False  # image 0 drops its last token: still a prefix ...
+    origin = state.origin.clone()
+    origin[0][origin[0] == 2] = -1  # ... and no patch points at it
+    out = state.replace(mask=mask, origin=origin)
+    assert out.counts.tolist() == [2, 2]
+    out.check()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_check_catches_non_finite_real_tokens_and_class_token(value):
+    state = ragged()
+    tokens = state.tokens.clone()
+    tokens[1, 1, 3] = value
+    with pytest.raises(NonFiniteStateError, match=r"^TokenState: NaN or inf in real tokens of images \[1\]; tokens "
+                                                  r"must be finite$") as caught:
+        dataclasses.replace(state, tokens=tokens).check()
+    assert caught.value.images == [1] and isinstance(caught.value, StateError)
+    cls = state.cls.clone()
+    cls[0, 0] = value
+    with pytest.raises(NonFiniteStateError, match=r"NaN or inf in the class token;") as caught:
+        dataclasses.replace(state, cls=cls).check()
+    assert caught.value.images == []
+    with pytest.raises(NonFiniteStateError, match=r"NaN or inf in real tokens of images \[1\] and the class token"):
+        dataclasses.replace(state, tokens=tokens, cls=cls).check()
+    padded = state.tokens.clone()
+    padded[1, 2] = value  # slot 2 of image 1 is padding: anything may be there
+    dataclasses.replace(state, tokens=padded).check()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_from_patches_refuses_non_finite_tokens_or_class_token(value):
+    tokens = torch.randn(B, N, D)
+    tokens[1, 5, 0] = value
+    with pytest.raises(NonFiniteStateError, match=r"^TokenState\.from_patches: NaN or inf in real tokens of images "
+                                                  r"\[1\]"):
+        TokenState.from_patches(tokens, (H, W))
+    cls = torch.randn(B, D)
+    cls[0, 1] = value
+    with pytest.raises(NonFiniteStateError, match=r"^TokenState\.from_patches: NaN or inf in the class token"):
+        TokenState.from_patches(torch.randn(B, N, D), (H, W), cls_token=cls)
 
 
 # ------------------------------------------------------------------- copying
