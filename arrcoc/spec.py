@@ -269,6 +269,40 @@ def validate_stages(spec: PipelineSpec, where: Callable[[Iterable[Any]], str] | 
         except ParamsError as exc:
             field = _first_field(exc.__context__ or exc, stage.params)
             raise ParamsError(f"{where(path + field)}: {label} ({stage.use}): {str(exc).split(': ', 1)[-1]}") from None
+        wide = _wide_integer(stage.params)
+        if wide is not None:
+            field, value = wide
+            raise ParamsError(
+                f"{where(path + field)}: {label} ({stage.use}): {_label(field)}: {value} does not fit in 64 bits; "
+                f"an integer parameter lies in [{INT64_RANGE[0]}, {INT64_RANGE[1]}]"
+            )
+
+
+#: The integers a parameter can hold. Seeds, counts and sizes end up in int64 tensors or in
+#: ``torch.Generator.manual_seed``, which fail on anything wider ("Overflow when unpacking long long") only
+#: when the pipeline runs; YAML and pydantic take integers of any size, so the spec checks the range.
+INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
+
+
+def _wide_integer(value: Any, path: tuple = ()) -> tuple[tuple, int] | None:
+    """``(path, value)`` of the first integer in ``value`` (nested mappings, lists, plugins) outside int64."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if INT64_RANGE[0] <= value <= INT64_RANGE[1] else (path, value)
+    if isinstance(value, PluginRef):  # a nested plugin's params sit beside its `use:`, as in the file
+        value = value.as_yaml_dict()
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _wide_integer(item, path + (key,))
+        if found is not None:
+            return found
+    return None
 
 
 def _path_of(label: str) -> tuple:

@@ -254,6 +254,27 @@ def test_nested_plugin_must_exist(registry, tmp_path):
     assert "in_blocks: unknown compressor 'tomee' (did you mean 'tome'?); available: late_drop, tome" in message
 
 
+@pytest.mark.parametrize("text, line, field, value", [
+    ("encoder:\n  use: timm_vit\n  seed: 10000000000000000000000\n", 3, "seed", 10**22),
+    ("encoder: {use: timm_vit}\nquery_encoder:\n  use: toy_text\n  seed: -9223372036854775809\n", 4, "seed",
+     -(2**63) - 1),
+    ("encoder:\n  use: timm_vit\n  in_blocks:\n    use: tome\n    r: 9223372036854775808\n", 5, "in_blocks.r",
+     2**63),
+])
+def test_an_integer_wider_than_64_bits_is_refused_where_it_is_written(registry, tmp_path, text, line, field, value):
+    """Such a seed passed validation and failed in ``run`` with 'Overflow when unpacking long long'."""
+    message, path = load_error(tmp_path, text, ParamsError)
+    stage = "query_encoder (toy_text)" if "toy_text" in text else "encoder (timm_vit)"
+    assert message == (f"{path}:{line}: {stage}: {field}: {value} does not fit in 64 bits; an integer parameter "
+                       "lies in [-9223372036854775808, 9223372036854775807]")
+
+
+def test_64_bit_integers_at_the_edges_are_accepted(registry):
+    spec = resolve_spec({"encoder": {"use": "timm_vit", "seed": 2**63 - 1},
+                         "query_encoder": {"use": "toy_text", "seed": -(2**63)}})
+    assert spec.encoder.params["seed"] == 2**63 - 1 and spec.query_encoder.params["seed"] == -(2**63)
+
+
 def test_errors_from_a_dict_name_the_dict(registry):
     with pytest.raises(ParamsError, match=r"^<dict>: compress\[0\] \(tome\): invalid parameters\n  rr: unknown"):
         resolve_spec({"encoder": {"use": "timm_vit"}, "compress": [{"use": "tome", "rr": 1}]})
