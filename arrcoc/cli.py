@@ -202,16 +202,29 @@ def generate(model_dir: str, pipeline: str, images: tuple[str, ...], prompts: tu
 
     from . import hf
     from .images import load_images
+    from .models import check_model_dir
     from .pipeline import _resolve_device
 
     texts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
     if len(texts) != len(images):
         raise InputError(f"--prompt: got {len(prompts)} prompts for {len(images)} images; pass one, or one per image")
+    for i, text in enumerate(prompts):
+        if text.count("<image>") > 1:  # the processor would fail on it with a raw ValueError after the model loads
+            raise InputError(
+                f"--prompt {i + 1}: holds {text.count('<image>')} '<image>' placeholders, but each prompt goes with "
+                "one --image; write '<image>' once, or leave it out (the prompt is then wrapped as "
+                "'USER: <image>\\n... ASSISTANT:')")
     texts = [t if "<image>" in t else f"USER: <image>\n{t} ASSISTANT:" for t in texts]
+    model_dir = check_model_dir(model_dir)  # a missing directory or file is named before anything loads
     with err_console.status(f"loading {model_dir}", spinner="dots") if not as_json else _nullcontext():
         model, processor = hf.load(model_dir, device=_resolve_device(device))
     pil = [_to_pil(load_images([image], None)[0]) for image in images]  # sizes may differ: one at a time
-    inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    try:
+        inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True)
+    except (ValueError, TypeError) as exc:  # e.g. placeholders that do not match what the model expects
+        raise InputError(f"the processor of {model_dir} refused the prompts {texts!r} with {len(pil)} images: "
+                         f"{exc}") from None
+    inputs = inputs.to(next(model.parameters()).device)
     with err_console.status("generating", spinner="dots") if not as_json else _nullcontext():
         with torch.inference_mode(), hf.apply(model, pipeline, projector=projector) as run:
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

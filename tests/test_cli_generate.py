@@ -63,6 +63,7 @@ def test_generate_unsupported_model_is_a_clear_error(tmp_path):
 
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=10)).save_pretrained(tmp_path / "llama")
+    (tmp_path / "llama" / "tokenizer.json").write_text("{}")  # a tokenizer file: the family is what is refused
     image = tmp_path / "a.png"
     from PIL import Image
 
@@ -71,3 +72,52 @@ def test_generate_unsupported_model_is_a_clear_error(tmp_path):
                                        "--image", str(image), "--prompt", "hi"])
     assert result.exit_code == 2
     assert "cannot load" in result.output or "no adapter" in result.output
+
+
+def _image(tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    return str(image)
+
+
+def test_two_image_placeholders_for_one_image_are_a_usage_error(model_dir, tmp_path):
+    """Was the processor's raw ValueError traceback, after the model had loaded."""
+    result = CliRunner().invoke(main, ["generate", model_dir, "--pipeline", "fastv", "--image", _image(tmp_path),
+                                       "--prompt", "USER: <image> <image>\nwhat colour is the ball ? ASSISTANT:"])
+    assert result.exit_code == 2, result.output
+    assert "--prompt 1: holds 2 '<image>' placeholders, but each prompt goes with one --image" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("missing", ["/no/such/dir/llava", "./no_such_llava", "~/no_such_llava_dir", "a/b/c"])
+def test_a_model_directory_that_does_not_exist_says_so(missing, tmp_path):
+    """Was transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    for command in (["generate", missing, "--pipeline", "fastv", "--image", _image(tmp_path), "--prompt", "hi"],
+                    ["eval", "random_keep", "--model", missing, "--n", "1", "--budgets", "0.5",
+                     "--out", str(tmp_path / "out"), "--no-baselines"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2, result.output
+        assert f"model directory '{missing}' does not exist; pass a local Hugging Face checkpoint directory, a hub " \
+               "id ('org/name'), or arrcoc:toyvqa (the ToyVQA LLaVA that ships inside arrcoc" in result.output
+        assert "Repo id" not in result.output
+
+
+def test_a_model_directory_without_tokenizer_files_names_them(model_dir, tmp_path):
+    """Was transformers' guess that sentencepiece or tiktoken is not installed."""
+    import shutil
+
+    copy = tmp_path / "no_tokenizer"
+    shutil.copytree(model_dir, copy)
+    (copy / "tokenizer.json").unlink()
+    result = CliRunner().invoke(main, ["generate", str(copy), "--pipeline", "fastv", "--image", _image(tmp_path),
+                                       "--prompt", "hi"])
+    assert result.exit_code == 2, result.output
+    assert (f"model directory '{copy}' holds no tokenizer file (tokenizer.json, tokenizer.model, spiece.model, "
+            "vocab.json, vocab.txt or *.tiktoken) (it holds: ") in result.output
+    assert "sentencepiece" not in result.output and "tiktoken library" not in result.output
+    (copy / "config.json").unlink()
+    result = CliRunner().invoke(main, ["generate", str(copy), "--pipeline", "fastv", "--image", _image(tmp_path),
+                                       "--prompt", "hi"])
+    assert result.exit_code == 2 and "holds no config.json and no tokenizer file" in result.output, result.output

@@ -47,7 +47,7 @@ import torch
 
 from ..budget import plan_budget
 from ..errors import ArrcocError, ArrcocWarning, BudgetError, InputError, ModelError
-from ..models import resolve_model
+from ..models import check_model_dir
 from ..spec import PipelineSpec, available_pipelines, parse_spec, resolve_spec
 from ..timing import clock
 from .data import EvalSample, describe, load_samples
@@ -165,7 +165,7 @@ def load_model(model: Any, device: str | None = None) -> tuple[Any, Any, str]:
     from ..integrations import hf
 
     # The shipped model by default; `arrcoc:toyvqa` as a directory, so the fingerprint reads its weight files.
-    model = resolve_model("arrcoc:toyvqa" if model is None else model)
+    model = check_model_dir("arrcoc:toyvqa" if model is None else model)   # missing files named, before loading
     from ..pipeline import _resolve_device
 
     dev = _resolve_device(device)
