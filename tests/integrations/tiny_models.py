@@ -17,28 +17,46 @@ LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_att
              num_key_value_heads=2, vocab_size=200, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=None)
 
 
-def _clip(image_size: int):
-    from transformers import CLIPVisionConfig
+def _clip(image_size: int, tower: str = "clip"):
+    """A 3-layer tower: CLIP (class token) or SigLIP (none, as LLaVA-OneVision / interleave towers)."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                            image_size=image_size, patch_size=14)
+    config = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[tower]
+    return config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=image_size, patch_size=14)
 
 
-def tiny_llava(dtype: torch.dtype = torch.float64):
+def tiny_llava(dtype: torch.dtype = torch.float64, *, tower: str = "clip", strategy: str = "default",
+               attn_implementation: str | None = None):
+    """``strategy``: the config's ``vision_feature_select_strategy`` ("full" keeps a CLIP class token)."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    config = LlavaConfig(vision_config=_clip(112), text_config=LlamaConfig(**LLAMA), image_token_id=IMAGE)
-    return LlavaForConditionalGeneration(config).eval().to(dtype)
+    config = LlavaConfig(vision_config=_clip(112, tower), text_config=LlamaConfig(**LLAMA), image_token_id=IMAGE,
+                         vision_feature_select_strategy=strategy)
+    model = LlavaForConditionalGeneration(config).eval().to(dtype)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    return model
 
 
-def tiny_llava_next(dtype: torch.dtype = torch.float64):
+NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+
+def tiny_llava_next(dtype: torch.dtype = torch.float64, *, image_size: int = 56, pinpoints: list | None = None,
+                    tower: str = "clip", strategy: str = "default", attn_implementation: str | None = None):
+    """Views of ``image_size`` px (``image_size / 14`` patches per side); AnyRes ``pinpoints`` (default 1x2, 2x1,
+    2x2 views of 56 px)."""
     from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(0)
-    config = LlavaNextConfig(vision_config=_clip(56), text_config=LlamaConfig(**LLAMA), image_token_id=IMAGE,
-                             image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
-    return LlavaNextForConditionalGeneration(config).eval().to(dtype)
+    config = LlavaNextConfig(vision_config=_clip(image_size, tower), text_config=LlamaConfig(**LLAMA),
+                             image_token_id=IMAGE, image_grid_pinpoints=pinpoints or NEXT_PINPOINTS,
+                             vision_feature_select_strategy=strategy)
+    model = LlavaNextForConditionalGeneration(config).eval().to(dtype)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    return model
 
 
 def tiny_qwen2_vl(dtype: torch.dtype = torch.float64):
@@ -55,6 +73,26 @@ def tiny_qwen2_vl(dtype: torch.dtype = torch.float64):
         image_token_id=QWEN_IMAGE, video_token_id=901, vision_start_token_id=QWEN_START,
         vision_end_token_id=QWEN_END)
     return Qwen2VLForConditionalGeneration(config).eval().to(dtype)
+
+
+def tiny_qwen2_5_vl(dtype: torch.dtype = torch.float64):
+    """Qwen2.5-VL: the same decoder; a 2-block tower with window attention in block 0 (windows of 56 px: 2 x 2
+    merged tokens, so every image of more than 2 x 2 tokens is reordered into windows and back) and full
+    attention in block 1."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=BOS, eos_token_id=None,
+                         pad_token_id=PAD, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                            "rope_theta": 10000.0}),
+        image_token_id=QWEN_IMAGE, video_token_id=901, vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END)
+    return Qwen2_5_VLForConditionalGeneration(config).eval().to(dtype)
 
 
 def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,8 @@ from arrcoc.timing import clock
 from .adapter import Adapter, adapter_for
 from .attention import scoring_implementation
 from .engine import LLMEngine
-from .prompt import image_slots, pack_end, shrink_prompts, source_cells, source_columns
+from .prompt import (image_slots, pack_end, padding_mask, placeholder_mask, shrink_embeds, shrink_prompts,
+                     source_cells, source_columns)
 from .report import Report, layer_flops
 
 PROJECTOR_CHOICES = ("auto", "before", "after")
@@ -252,11 +253,20 @@ class Run:
         image_inputs = self._image_inputs(kwargs)
         for name in image_inputs:
             kwargs.pop(name)
-        ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        if ids is None:
-            raise InputError("arrcoc.hf: pre-LLM stages need input_ids (to rebuild the prompt), got inputs_embeds")
+        ids = kwargs.get("input_ids")
+        # A forward may get the dict of 4-D masks generate prepares for a static cache or a compiled forward;
+        # the shortened prompt gets a 2-D mask the model expands itself.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        attention_mask = padding_mask(kwargs.get("attention_mask"), 0 if cache is None else cache.get_seq_length())
+        original["attention_mask"] = attention_mask
+        embeds = kwargs.get("inputs_embeds") if ids is None else None
+        if embeds is not None and self.adapter.multimodal_rope:
+            raise InputError(f"arrcoc.hf: pre-LLM stages on {self.adapter.family} need input_ids, got inputs_embeds: "
+                             "its multimodal rotary positions are computed from the prompt's ids")
+        # A prompt given as embeddings: its image slots are where the image token's embedding is (as transformers).
+        is_image = placeholder_mask(ids, embeds, self.adapter.image_token_id, self.adapter.embed)
         per_image = self.adapter.tokens_per_image(pixels, image_inputs)
-        _, image_of, _ = image_slots(ids, self.adapter.image_token_id, per_image)
+        _, image_of, _ = image_slots(ids, self.adapter.image_token_id, per_image, placeholders=is_image)
         start = clock(pixels)
         with torch.inference_mode(torch.is_inference_mode_enabled()):
             state = self.encoder.encode_inputs(pixels, image_inputs)
@@ -265,15 +275,22 @@ class Run:
             if layout is not None:
                 state = state.with_meta(views=layout)
             if any("query" in p.requirements() for _, p in [*self.vision_stages, *self.projector_stages]):
-                state = self._attach_prompt_query(state, ids, attention_mask, image_of, layout)
+                state = self._attach_prompt_query(state, ids, embeds, is_image, attention_mask, image_of, layout)
             state = self.pipeline.run_stages(state, self.vision_stages)
             state = self.encoder.project(state)
             state = self.pipeline.run_stages(state, self.projector_stages)
         features = self.adapter.assemble(state, image_inputs)
-        counts = torch.tensor([f.shape[0] for f in features], device=ids.device)
-        new_ids, new_mask, index, valid = shrink_prompts(ids, attention_mask, self.adapter.image_token_id,
-                                                         self.adapter.pad_token_id, per_image, counts)
-        kwargs.update(input_ids=new_ids, attention_mask=new_mask, **self.adapter.feature_kwargs(features))
+        counts = torch.tensor([f.shape[0] for f in features], device=is_image.device)
+        if embeds is None:
+            new_ids, new_mask, index, valid = shrink_prompts(ids, attention_mask, self.adapter.image_token_id,
+                                                             self.adapter.pad_token_id, per_image, counts)
+            kwargs.update(input_ids=new_ids)
+        else:
+            pad = self.adapter.embed(torch.tensor(self.adapter.pad_token_id, device=embeds.device))
+            new_embeds, new_mask, index, valid = shrink_embeds(embeds, is_image, attention_mask, pad, per_image,
+                                                               counts)
+            kwargs.update(inputs_embeds=new_embeds)
+        kwargs.update(attention_mask=new_mask, **self.adapter.feature_kwargs(features))
         if kwargs.get("position_ids") is not None:
             # The caller's numbering of the long prompt does not fit the short one: number it as generate does.
             kwargs["position_ids"] = (new_mask.cumsum(1) - 1).masked_fill(new_mask == 0, 1)
@@ -284,27 +301,33 @@ class Run:
             index = source_columns(ids, self.adapter.image_token_id, per_image, index, valid, cells)
         kwargs.update(self.adapter.shortened_kwargs({**original, **image_inputs}, index, valid))
         self.state = state
-        self.engine.visual_state = state if state.B == ids.shape[0] else None
+        self.engine.visual_state = state if state.B == is_image.shape[0] else None
         self._pre = {"vision_ms": vision_ms, "records": list(state.trace)}
         return kwargs
 
-    def _attach_prompt_query(self, state: TokenState, ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                             image_of: torch.Tensor, layout: list[tuple[int, int]] | None) -> TokenState:
-        """Each image's query: the LLM input embeddings of its prompt's text after the last image token."""
-        B, L = ids.shape
-        is_image = ids == self.adapter.image_token_id
+    def _attach_prompt_query(self, state: TokenState, ids: torch.Tensor | None, embeds: torch.Tensor | None,
+                             is_image: torch.Tensor, attention_mask: torch.Tensor | None, image_of: torch.Tensor,
+                             layout: list[tuple[int, int]] | None) -> TokenState:
+        """Each image's query: the LLM input embeddings of its prompt's text after the last image token
+        (``embeds``: the prompt given as embeddings, else ``ids``)."""
+        B, L = is_image.shape
+        device = is_image.device
         real = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
-        pos = torch.arange(L, device=ids.device).expand(B, L)
+        pos = torch.arange(L, device=device).expand(B, L)
         last = torch.where(is_image, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
         text = real & ~is_image & (pos > last)
         index, valid = pack_end(text)
-        emb = self.adapter.embed(ids.gather(1, index)) * valid[..., None]
+        if embeds is None:
+            emb = self.adapter.embed(ids.gather(1, index))
+        else:
+            emb = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+        emb = emb * valid[..., None]
         images = state.B if layout is None else len(layout)
-        row_of_image = torch.zeros(images, dtype=torch.long, device=ids.device)
-        rows = torch.arange(B, device=ids.device)[:, None].expand(B, L)
+        row_of_image = torch.zeros(images, dtype=torch.long, device=device)
+        rows = torch.arange(B, device=device)[:, None].expand(B, L)
         row_of_image[image_of[is_image]] = rows[is_image]
         if layout is not None:  # every view of an image asks its image's question
-            views = torch.tensor([1 + r * c for r, c in layout], device=ids.device)
+            views = torch.tensor([1 + r * c for r, c in layout], device=device)
             row_of_image = row_of_image.repeat_interleave(views)
         if bool((~valid.any(1))[row_of_image].any()):
             raise InputError("arrcoc.hf: a query-aware stage needs text after the image in every prompt")
@@ -334,6 +357,9 @@ class Run:
                 "would prune again at every step; llm: stages prune once, in prefill, and need the KV cache"
             )
         if self.has_pre_llm and kwargs.get("pixel_values") is not None:
+            if kwargs.get("attention_mask") is None and original is not None:
+                # The prompt gets an explicit mask below: the one generate would infer from this prompt's pad ids.
+                kwargs["attention_mask"] = self._generate_mask(original, kwargs)
             kwargs = self._compress(kwargs)
         else:
             self._pre = {}
@@ -357,6 +383,17 @@ class Run:
             return torch.cat([prompts, out[:, cut:]], 1)
         out.sequences = torch.cat([prompts, out.sequences[:, cut:]], 1)
         return out
+
+    def _generate_mask(self, ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The attention mask ``generate`` infers for ``ids`` when none is given: 0 on pad ids, unless the pad id
+        is unset or is an end-of-sequence id (then every column is real)."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
+        eos = set() if eos is None else set(torch.as_tensor(eos).flatten().tolist())
+        if pad is None or int(pad) in eos:
+            return torch.ones_like(ids)
+        return (ids != int(pad)).long()
 
     def _post_hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         self._in_forward = False

@@ -40,7 +40,7 @@ from arrcoc.timing import clock
 from . import compat
 from .adapter import Adapter
 from .attention import Recorder, attach, detach
-from .prompt import pack_end
+from .prompt import pack_end, padding_mask, placeholder_mask
 
 #: per_token field numbering the visual tokens handed to a stage.
 SLOT = "llm_slot"
@@ -66,6 +66,7 @@ class Segment:
     position_ids: torch.Tensor | None
     mask: Any
     hidden: torch.Tensor | None = None  # replacement hidden states at ``start`` (removal only)
+    present: torch.Tensor | None = None  # the entry holds an original column (real or the caller's padding)
 
 
 @dataclass
@@ -135,7 +136,7 @@ class LLMEngine:
         self._text_index: tuple[torch.Tensor, torch.Tensor] | None = None
         self._input_hidden: torch.Tensor | None = None
         self._carried: TokenState | None = None  # the visual tokens' bookkeeping, in sequence order
-        self._ids: torch.Tensor | None = None
+        self._placeholders: torch.Tensor | None = None  # the prefill prompt's image slots [B, L]
         self._real: torch.Tensor | None = None
 
     @property
@@ -165,8 +166,10 @@ class LLMEngine:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._top_start = clock(ids)
-        self._prefill = cache is None or cache.get_seq_length() == 0
-        attention_mask = kwargs.get("attention_mask")
+        past = 0 if cache is None else cache.get_seq_length()
+        self._prefill = past == 0
+        # generate with a static cache (and compiled forwards) pass a dict of 4-D masks: read the 2-D one behind it.
+        attention_mask = padding_mask(kwargs.get("attention_mask"), past)
         if not self._prefill:
             self._decode_masks.clear()
             self._decode_attention_mask = attention_mask
@@ -174,18 +177,23 @@ class LLMEngine:
         self.trace = ForwardTrace()
         self._segments = []
         self._carried = None
-        self._ids = ids
+        embeds = kwargs.get("inputs_embeds")
+        # A prompt given as embeddings: its image slots hold the image token's embedding (found as transformers does).
+        self._placeholders = None if ids is None and embeds is None else placeholder_mask(
+            ids, embeds, self.adapter.image_token_id, self.adapter.embed)
         self._real = None if attention_mask is None else attention_mask.bool()
         if not self.active:
             return None
-        if ids is None:
-            raise InputError("arrcoc.hf: llm stages need input_ids (to find the image positions), got inputs_embeds")
-        B, L = ids.shape
-        real = torch.ones(B, L, dtype=torch.bool, device=ids.device) if attention_mask is None else attention_mask.bool()
-        visual = (ids == self.adapter.image_token_id) & real
-        index = torch.arange(L, device=ids.device).expand(B, L)
-        self._segments = [Segment(0, index, real, real.clone(), visual, None, None, None)]
-        self._ids = ids
+        if self._placeholders is None:
+            raise InputError("arrcoc.hf: llm stages need input_ids or inputs_embeds (to find the image positions), "
+                             "got neither")
+        B, L = self._placeholders.shape
+        device = self._placeholders.device
+        real = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        visual = self._placeholders & real
+        index = torch.arange(L, device=device).expand(B, L)
+        self._segments = [Segment(0, index, real, real.clone(), visual, None, None, None,
+                                  present=torch.ones_like(real))]
         self.recorder.results.clear()
         self.recorder.active = True
         return None
@@ -246,8 +254,8 @@ class LLMEngine:
             real = self._real if self._real is not None and self._real.shape == (B, n) else torch.ones(
                 B, n, dtype=torch.bool, device=hidden.device)
             tokens, visual = real.sum(1).tolist(), [0] * B
-            if self._ids is not None and self._ids.shape == (B, n):
-                visual = ((self._ids == self.adapter.image_token_id) & real).sum(1).tolist()
+            if self._placeholders is not None and self._placeholders.shape == (B, n):
+                visual = (self._placeholders & real).sum(1).tolist()
         else:
             tokens = seg.real.sum(1).tolist()
             visual = (seg.visual & seg.keys).sum(1).tolist()
@@ -302,7 +310,8 @@ class LLMEngine:
         self.trace.states[f"{label}@{layer}"] = record
         self.trace.stage_ms[f"{label}@{layer}"] = (time.perf_counter() - start) * 1e3
         if stage.removes:
-            new, visual_order = self._remove(seg, hidden, out.tokens, out.mask, slots, vidx, stage.position_rule, layer)
+            new, visual_order = self._remove(seg, hidden, out.tokens, out.mask, slots, vidx, stage.position_rule, layer,
+                                             kwargs.get("cache", kwargs.get("past_key_values")))
             self._segments.append(new)
             self._carried = ops.keep(record, *visual_order)
             return new.hidden
@@ -388,7 +397,7 @@ class LLMEngine:
         return ops.pack(first.real & ~first.visual & (pos > last_visual))
 
     def _remove(self, seg: Segment, hidden: torch.Tensor, vis_tokens: torch.Tensor, vis_mask: torch.Tensor,
-                slots: torch.Tensor, vidx: torch.Tensor, rule: str, layer: int) -> Segment:
+                slots: torch.Tensor, vidx: torch.Tensor, rule: str, layer: int, cache: Any) -> Segment:
         """The sequence with the stage's visual tokens in place of the old ones; ragged rows left-padded."""
         B, S = seg.index.shape
         device = hidden.device
@@ -398,7 +407,9 @@ class LLMEngine:
         run_start = run_start.cummax(1).values
         src_pos = vidx.gather(1, slots.clamp(min=0))  # sequence position of each output token's source
         M = S + 2
-        text = seg.real & ~seg.visual
+        # Text and the caller's padding stay in place (padding masked): a stage that keeps every visual token
+        # leaves the sequence, its cache and its outputs as the model's own.
+        text = seg.present & ~seg.visual
         key = torch.cat([pos * M, run_start.gather(1, src_pos) * M + 1 + torch.arange(
             vis_tokens.shape[1], device=device)[None, :]], 1)
         select = torch.cat([text, vis_mask], 1)
@@ -408,6 +419,7 @@ class LLMEngine:
         orig = torch.cat([seg.index, seg.index.gather(1, src_pos)], 1).gather(1, order).masked_fill(~valid, 0)
         current = torch.cat([pos, src_pos], 1).gather(1, order).masked_fill(~valid, 0)  # column in ``seg``
         is_visual = torch.cat([torch.zeros_like(text), vis_mask], 1).gather(1, order) & valid
+        real = torch.cat([seg.real, vis_mask], 1).gather(1, order) & valid
         # Positions as the tokens have them NOW (an earlier compact stage may have renumbered them).
         cur_cos_sin = seg.cos_sin or self._layer_kwargs.get("position_embeddings")
         cur_pos = seg.position_ids if seg.position_ids is not None else self._layer_kwargs.get("position_ids")
@@ -422,19 +434,20 @@ class LLMEngine:
         if rule == "compact":
             # Renumber the kept tokens contiguously from the row's first original position (SparseVLM v1.0).
             first = cur_pos.masked_fill(~seg.real, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
-            position_ids = torch.where(valid, first + valid.long().cumsum(1) - 1, torch.ones_like(orig))
+            position_ids = torch.where(real, first + real.long().cumsum(1) - 1, torch.ones_like(orig))
             cos_sin = self.adapter.rotary(new_hidden, position_ids)
         elif rule == "original":
             position_ids = cur_pos.gather(1, current).masked_fill(~valid, 1)
             cos_sin = tuple(_gather_positions(t, current, B) for t in cur_cos_sin)
         else:
             raise StateError(f"arrcoc.hf: unknown position rule {rule!r} (expected 'original' or 'compact')")
-        mask = _causal_mask(self.adapter, new_hidden, valid.long(), None, layer)
+        mask = _causal_mask(self.adapter, new_hidden, real.long(), cache, layer)
         # The stage's output tokens in the order they now stand in the sequence.
         visual_order = ops.pack(is_visual)
         from_output = (order - S).clamp(min=0)
         visual_order = (from_output.gather(1, visual_order[0]), visual_order[1])
-        return Segment(layer, orig, valid, valid.clone(), is_visual, cos_sin, position_ids, mask, new_hidden), visual_order
+        return Segment(layer, orig, real, real.clone(), is_visual, cos_sin, position_ids, mask, new_hidden,
+                       present=valid), visual_order
 
 
 def _gather_positions(table: torch.Tensor, index: torch.Tensor, B: int) -> torch.Tensor:

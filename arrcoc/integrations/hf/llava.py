@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from arrcoc.errors import ModelError
+from arrcoc.state import TokenState
 
 from .adapter import Adapter, VisionOutput, register_adapter
 
@@ -30,10 +31,17 @@ class LlavaAdapter(Adapter):
         if not isinstance(layers, int) and not (
                 isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) for i in layers)):
             raise ModelError(f"llava: vision_feature_layer must be an int or a non-empty list of ints, got {layers!r}")
-        if cfg.vision_feature_select_strategy != "default" and self.has_cls:
+        strategy = cfg.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ModelError(f"{self.family}: vision_feature_select_strategy must be 'default' or 'full' (as in "
+                             f"transformers), got {strategy!r}")
+        if strategy == "default" and not self.has_cls:
+            # transformers drops the first row whatever it is; without a class token that is the first patch.
             raise ModelError(
-                f"llava: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} keeps the class "
-                "token among the features; arrcoc supports 'default' (LLaVA-1.5), which drops it"
+                f"{self.family}: vision_feature_select_strategy 'default' drops the first row of the tower's output, "
+                f"and {type(self.vision_tower).__name__} has no class token, so the model drops the first image "
+                "patch and its features no longer cover the patch grid arrcoc compresses; set "
+                "vision_feature_select_strategy='full' (what checkpoints with such towers use)"
             )
         inner = getattr(self.vision_tower, "vision_model", self.vision_tower)
         self._encoder = getattr(inner, "encoder", None)
@@ -81,9 +89,21 @@ class LlavaAdapter(Adapter):
         patch = int(self.model.config.vision_config.patch_size)
         return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
 
+    @property
+    def features_keep_cls(self) -> bool:
+        """``vision_feature_select_strategy="full"`` on a tower with a class token: the model's features are the
+        class token, then the patches.  arrcoc keeps the class token apart (never dropped) and puts it first."""
+        return self.model.config.vision_feature_select_strategy == "full" and self.has_cls
+
     def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
         rows, cols = self._grid(pixel_values)
-        return [rows * cols] * pixel_values.shape[0]
+        return [rows * cols + int(self.features_keep_cls)] * pixel_values.shape[0]
+
+    def assemble(self, state: TokenState, image_inputs: dict[str, Any]) -> list[torch.Tensor]:
+        rows = super().assemble(state, image_inputs)
+        if not self.features_keep_cls:
+            return rows
+        return [torch.cat([state.cls[i, None].to(row.dtype), row]) for i, row in enumerate(rows)]
 
     def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
                       ) -> VisionOutput:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from arrcoc.errors import InputError, ModelError
+from arrcoc.errors import InputError, MissingImageInputError, ModelError
 from arrcoc.state import TokenState
 
 from .adapter import VisionOutput, register_adapter
@@ -48,6 +48,17 @@ class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
     image_input_names = ("image_sizes",)
 
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        if self.features_keep_cls:
+            # transformers' pack_image_features views each crop as side x side rows: a class token row more
+            # breaks it (a RuntimeError inside the model); said here, before any work.
+            raise ModelError(
+                "llava_next: vision_feature_select_strategy 'full' keeps the class token of "
+                f"{type(self.vision_tower).__name__} in every view, which the model's own packing of the crops "
+                "cannot reshape to its patch grid; use 'default' with a tower that has a class token"
+            )
+
     @property
     def side(self) -> int:
         vc = self.model.config.vision_config
@@ -63,7 +74,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def _sizes(self, image_inputs: dict[str, Any]) -> torch.Tensor:
         sizes = image_inputs.get("image_sizes")
         if sizes is None:
-            raise InputError("llava_next: pixel_values come with image_sizes (build inputs with the processor)")
+            raise MissingImageInputError(
+                "llava_next: pixel_values come with image_sizes (build inputs with the processor)")
         return torch.as_tensor(sizes)
 
     def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
