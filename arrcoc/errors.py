@@ -112,3 +112,14 @@ class ActiveRunError(ModelError):
     """``arrcoc.hf.apply`` on a model that already runs a pipeline (a nested ``with``, or another thread's):
     one pipeline per model at a time, so that no hook, attention implementation or ``generate`` is ever
     stacked on another Run's and restored out of order."""
+
+
+class PlaceholderMismatchError(InputError):
+    """A model's images and image placeholders do not match.  Like every InputError it is a ``ValueError``, the
+    type the model's own ``get_placeholder_mask`` raises for the same input (transformers 5.25, every supported
+    family): code written to catch the model's error catches arrcoc's, whose message says more."""
+
+
+class MissingImageInputError(InputError, TypeError):
+    """``pixel_values`` came without another image input the model needs (LLaVA-NeXT's ``image_sizes``); also a
+    ``TypeError``, what the model itself raises then (a missing required argument of ``generate``)."""

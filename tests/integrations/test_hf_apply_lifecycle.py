@@ -333,3 +333,66 @@ def test_feature_layer_must_be_an_int_or_a_list_of_ints():
     model.config.vision_feature_layer = []
     with pytest.raises(ModelError, match=r"vision_feature_layer must be an int or a non-empty list of ints, got \[\]"):
         arrcoc.hf.adapter_for(model)
+
+
+# --------------------------------------------------------------------------- the model's own exception types
+SPECS = {
+    "no_stages": {"encoder": {"use": "timm_vit"}},
+    "pre_llm": {"encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep", "keep": 4}]},
+    "llm": {"encoder": {"use": "timm_vit"}, "llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]},
+}
+
+
+def mismatched(family):
+    """A model and inputs whose images and placeholders do not match (3 placeholders short, or 2 images for the
+    placeholders of 1)."""
+    from tiny_models import tiny_llava_next, tiny_qwen2_vl
+
+    if family == "llava":
+        batch = llava_batch([(1, 4)], seed=5)
+        return tiny_llava(), dict(batch, pixel_values=batch["pixel_values"].repeat(2, 1, 1, 1))
+    if family == "llava_next":
+        model = tiny_llava_next()
+        batch = next_batch(model)
+        keep = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+        keep[0, (batch["input_ids"][0] == 199).nonzero()[:3, 0]] = False  # the first prompt loses 3 placeholders
+        ids = torch.stack([batch["input_ids"][0][keep[0]], batch["input_ids"][1][keep[1]][3:]])
+        return model, dict(batch, input_ids=ids, attention_mask=(ids != 0).long())
+    model = tiny_qwen2_vl()
+    ids = torch.tensor([[1, 10, 11, 902, *[900] * 20, 903, 50, 51]])  # 20 placeholders, the image has 24 tokens
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == 900).int(),
+                   "pixel_values": torch.randn(96, 1176, dtype=torch.float64), "image_grid_thw": torch.tensor([[1, 8, 12]])}
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_a_placeholder_mismatch_is_arrcocs_message_as_the_models_exception_type(family):
+    from arrcoc.errors import PlaceholderMismatchError
+
+    model, bad = mismatched(family)
+    with pytest.raises(Exception) as own:
+        logits(model, bad)
+    assert type(own.value) is ValueError and "do not match" in str(own.value)  # transformers' get_placeholder_mask
+    for spec in SPECS.values():
+        for call in (logits, greedy):
+            with pytest.raises(PlaceholderMismatchError) as err:
+                with arrcoc.hf.apply(model, spec):
+                    call(model, bad)
+            assert isinstance(err.value, ValueError) and isinstance(err.value, ArrcocError)
+            assert "image placeholders" in str(err.value) and "build the inputs with the model's processor" in str(err.value)
+
+
+def test_next_images_without_image_sizes_raise_the_models_type_error():
+    from arrcoc.errors import InputError
+    from tiny_models import tiny_llava_next
+
+    model = tiny_llava_next()
+    bad = next_batch(model)
+    del bad["image_sizes"]
+    for call in (logits, greedy):
+        with pytest.raises(TypeError):  # the model: generate's missing argument, forward's None
+            call(model, bad)
+        for spec in SPECS.values():
+            with pytest.raises(TypeError) as err:
+                with arrcoc.hf.apply(model, spec):
+                    call(model, bad)
+            assert isinstance(err.value, InputError) and "image_sizes" in str(err.value)
