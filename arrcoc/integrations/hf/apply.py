@@ -261,7 +261,7 @@ class Run:
         original["attention_mask"] = attention_mask
         embeds = kwargs.get("inputs_embeds") if ids is None else None
         if embeds is not None and self.adapter.multimodal_rope:
-            raise InputError(f"arrcoc.hf: pre-LLM stages on {self.adapter.family} need input_ids, got inputs_embeds: "
+            raise InputError(f"arrcoc.hf: pre-LLM stages need input_ids on {self.adapter.family}, got inputs_embeds: "
                              "its multimodal rotary positions are computed from the prompt's ids")
         # A prompt given as embeddings: its image slots are where the image token's embedding is (as transformers).
         is_image = placeholder_mask(ids, embeds, self.adapter.image_token_id, self.adapter.embed)
