@@ -146,10 +146,14 @@ def test_keep_everything_is_the_unmodified_model(model, batch1, batch3, spec, ba
 
 # --------------------------------------------------------------------------- 2. pre-LLM = hand-built prompt
 def prompt_with_features(inputs: dict, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts with ``counts[b]`` image placeholders in place of the 64, left-padded."""
+    """The prompts with ``counts[b]`` image placeholders in place of the 64, left-padded again.
+
+    Each prompt keeps its own padding (arrcoc drops only placeholders: a prompt that keeps every one is left as
+    it came), shorter rows get more in front.
+    """
     rows = []
     for b, k in enumerate(counts):
-        ids = inputs["input_ids"][b, inputs["attention_mask"][b].bool()].tolist()
+        ids = inputs["input_ids"][b].tolist()
         first = ids.index(IMG)
         assert ids[first:first + N0] == [IMG] * N0
         rows.append(ids[:first] + [IMG] * k + ids[first + N0:])

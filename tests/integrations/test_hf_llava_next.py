@@ -118,15 +118,15 @@ def test_selection_equals_the_models_packing_of_the_kept_tokens(model, stages):
     # Positions the LLM sees: the per-view budgets inside the unpadded window plus the implied newlines.
     assert visual == [f.shape[0] for f in features]
     ids, mask = [], []
-    real = batch["attention_mask"].sum(1)
-    L = max(int(n) - p.shape[0] + f.shape[0] for n, p, f in zip(real, packed, features))  # no extra padding
+    # Each prompt keeps its own padding (arrcoc drops only placeholders); shorter rows get more in front.
+    L = max(len(row) - p.shape[0] + f.shape[0] for row, p, f in zip(batch["input_ids"], packed, features))
     for i, f in enumerate(features):
-        row = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+        row = batch["input_ids"][i]
         text_before = row[: (row == IMAGE).nonzero()[0, 0]]
         text_after = row[(row == IMAGE).nonzero()[-1, 0] + 1:]
         r = torch.cat([text_before, torch.full((f.shape[0],), IMAGE), text_after])
         ids.append(torch.cat([torch.zeros(L - len(r), dtype=torch.long), r]))
-        mask.append(torch.cat([torch.zeros(L - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]))
+        mask.append((ids[-1] != 0).long())  # pad id 0 is nowhere else in these prompts
     ids, mask = torch.stack(ids), torch.stack(mask)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask,

@@ -69,14 +69,22 @@ class Qwen2VLAdapter(Adapter):
     def shortened_kwargs(self, kwargs: dict[str, Any], index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
         ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         mm = kwargs.get("mm_token_type_ids")
-        if mm is None:
+        if mm is None or mm.shape != ids.shape:
+            # Absent, or the first turn's when a conversation goes on from past_key_values: the model reads the
+            # new prompt's image tokens from the ids too.
             mm = (ids == self.image_token_id).int()
-        rope_kwargs = {k: kwargs[k] for k in ("second_per_grid_ts",) if k in kwargs}
-        positions, _ = self.model.model.get_rope_index(
+        rope_kwargs = {k: kwargs[k] for k in ("video_grid_thw", "second_per_grid_ts") if kwargs.get(k) is not None}
+        positions, deltas = self.model.model.get_rope_index(
             ids, mm, image_grid_thw=self._grid_thw(kwargs), attention_mask=mask, **rope_kwargs)
+        # What the model's own position set-up leaves for later calls (skipped, as the positions are given):
+        # a conversation continued from past_key_values numbers its new text from these offsets.
+        self.model.model.rope_deltas = deltas
         positions = positions.gather(2, index[None].expand(positions.shape[0], -1, -1))
-        positions = positions.masked_fill(~valid[None], 1)
-        text = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)
+        # The numbering generate gives the unshortened prompt: padding (the caller's, kept in place, and the
+        # columns added in front of shorter rows) at 0, text row cumsum(mask) - 1 over the real columns.
+        real = valid if mask is None else mask.gather(1, index).bool() & valid
+        positions = positions.masked_fill(~real[None], 0)
+        text = (real.long().cumsum(1) - 1).masked_fill(~real, 0)
         return {"position_ids": torch.cat([text[None], positions], 0),
                 "mm_token_type_ids": mm.gather(1, index).masked_fill(~valid, 0)}
 

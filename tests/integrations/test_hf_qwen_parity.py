@@ -1,0 +1,273 @@
+"""Qwen2-VL / Qwen2.5-VL: ``arrcoc.hf.apply`` with a pipeline that keeps everything is invisible.
+
+Every prompt shape (:data:`PROMPTS`) x family (:data:`FAMILIES`) x keep-everything
+pipeline (:data:`PIPELINES`: pre-LLM and in-LLM) x generation mode
+(:data:`MODES`) runs once on the bare model and once inside ``apply``: token ids
+equal; scores, logits, attentions and hidden states of the same shapes and
+allclose at 1e-5 (float64); caches of equal lengths per layer.
+
+The prompt shapes are the ones where a token used to go missing (attention
+``[.., 38, 38]`` instead of ``39, 39``, a cache one shorter, a mask of 42
+against 39 keys when continuing from ``past_key_values``): arrcoc rebuilt the
+prompt from its real tokens only, so any column the caller had masked (left
+padding when every row has some, a pad id inside a prompt) was dropped.  And
+``generate`` with a static cache hands the model a dict of 4-D masks, which
+arrcoc read as a tensor (``'dict' object has no attribute 'bool'``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+
+import arrcoc
+from arrcoc.errors import InputError
+from arrcoc.integrations.hf.prompt import padding_mask, shrink_prompts
+from tiny_models import BOS, PAD, QWEN_END as END, QWEN_IMAGE as IMAGE, QWEN_START as START
+from tiny_models import tiny_qwen2_5_vl, tiny_qwen2_vl
+
+NEW = 3  # new tokens per generate call
+ATOL = 1e-5
+#: (t, h, w) patch grids; 2 x 2 patches merge into one token: 8, 9 and 4 placeholders.
+GRIDS = {"wide": (1, 4, 8), "square": (1, 6, 6), "small": (1, 4, 4)}
+
+
+# ------------------------------------------------------------------ inputs
+def qwen_batch(rows: list[list[Any]], with_mask: bool = True) -> dict:
+    """Prompts from token rows where a grid name stands for that image's placeholders; left-padded with PAD, and
+    every PAD masked.  ``with_mask=False`` passes no attention mask (``generate`` infers the same one)."""
+    grids, pixels, prompts = [], [], []
+    for row in rows:
+        prompt = []
+        for item in row:
+            if isinstance(item, str):
+                t, h, w = GRIDS[item]
+                grids.append([t, h, w])
+                pixels.append(torch.randn(t * h * w, 1176, dtype=torch.float64,
+                                          generator=torch.Generator().manual_seed(len(grids))))
+                prompt += [IMAGE] * (t * h * w // 4)
+            else:
+                prompt.append(item)
+        prompts.append(prompt)
+    L = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (L - len(p)) + p for p in prompts])
+    batch = {"input_ids": ids, "pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids),
+             "mm_token_type_ids": (ids == IMAGE).int()}
+    if with_mask:
+        batch["attention_mask"] = (ids != PAD).long()
+    return batch
+
+
+#: name -> (batch builder, the modes it runs).  The first two run every mode.
+PROMPTS: dict[str, tuple[Callable[[], dict], tuple[str, ...] | None]] = {
+    # Two sizes in one batch, text before and after, left padding.
+    "sizes": (lambda: qwen_batch([[BOS, 10, 11, START, "wide", END, 50, 51, 52], [BOS, START, "square", END, 50]]),
+              None),
+    # Two images in one prompt with text between them, one in the other.
+    "two_images": (lambda: qwen_batch([[BOS, START, "wide", END, 12, 13, START, "small", END, 50, 51],
+                                       [BOS, 14, START, "square", END, 50, 51, 52]]), None),
+    # One prompt, left-padded: every row starts with padding.
+    "padded_alone": (lambda: qwen_batch([[PAD, PAD, BOS, 10, START, "small", END, 50]]),
+                     ("greedy", "dict_outputs", "past_key_values", "forward")),
+    # A prompt starting with an image (no BOS, no vision_start) and one ending with it (nothing after).
+    "image_first_and_last": (lambda: qwen_batch([["small", 50, 51], [BOS, 10, START, "wide"]]),
+                             ("greedy", "dict_outputs", "past_key_values")),
+    # Text between vision_start and the image, and between the image and vision_end.
+    "text_inside_vision": (lambda: qwen_batch([[BOS, START, 20, "wide", 21, END, 50]]), ("greedy", "dict_outputs")),
+    # A pad id inside the prompt and no attention mask: generate masks it.
+    "pad_inside": (lambda: qwen_batch([[BOS, 10, PAD, START, "small", END, 50],
+                                       [BOS, 11, START, "square", END, PAD, 51]], with_mask=False),
+                   ("greedy", "dict_outputs", "past_key_values")),
+}
+
+FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+
+#: Pipelines that keep every token: before the LLM and inside it.
+PIPELINES = {
+    "pre_llm": {"encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep", "keep": 1.0}]},
+    "in_llm": {"encoder": {"use": "timm_vit"}, "llm": [{"use": "fastv", "layer": 2, "keep": 1.0}]},
+}
+
+
+# ------------------------------------------------------------------- modes
+def _generate(model: Any, batch: dict, **options: Any) -> Any:
+    torch.manual_seed(0)
+    return model.generate(**batch, max_new_tokens=NEW, **options)
+
+
+def _continued(model: Any, batch: dict) -> dict:
+    """Generate, then go on from the returned cache with the grown sequences (a second turn; its images are in
+    the cache already: Qwen's own generate refuses them again, tokens: 0, features: n)."""
+    model.model.rope_deltas = None  # as loaded: no rotary offsets left behind by an earlier call
+    first = _generate(model, batch, do_sample=False, return_dict_in_generate=True)
+    follow = {"input_ids": first.sequences}
+    if "attention_mask" in batch:
+        grown = first.sequences.shape[1] - batch["input_ids"].shape[1]
+        follow["attention_mask"] = torch.cat([batch["attention_mask"], batch["attention_mask"].new_ones(
+            batch["attention_mask"].shape[0], grown)], 1)
+    second = _generate(model, follow, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                       past_key_values=first.past_key_values)
+    return {"first": first.sequences, "second": second.sequences, "scores": second.scores,
+            "cache": second.past_key_values}
+
+
+def _embeds(model: Any, batch: dict) -> Any:
+    batch = dict(batch)
+    batch["inputs_embeds"] = model.get_input_embeddings()(batch.pop("input_ids"))
+    return _generate(model, batch, do_sample=False)
+
+
+def _forward(model: Any, batch: dict) -> dict:
+    """A forward's outputs; of ``image_outputs`` the features the LLM got.  (A pre-LLM pipeline hands the model
+    its features through ``mm_encoder_outputs``, so the tower's own hidden states and attentions, which the
+    model returns there when asked, are not returned: a documented difference, docs/hf.md.)"""
+    out = model(**batch, output_attentions=True, output_hidden_states=True)
+    fields = {k: v for k, v in out.items() if k != "image_outputs"}
+    return {**fields, "image_features": out.image_outputs.pooler_output}
+
+
+DICT = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, output_attentions=True,
+            output_hidden_states=True)
+
+MODES: dict[str, Callable[[Any, dict], Any]] = {
+    "greedy": lambda m, b: _generate(m, b, do_sample=False),
+    "sampling": lambda m, b: _generate(m, b, do_sample=True, top_k=0),
+    "beam": lambda m, b: _generate(m, b, do_sample=False, num_beams=2, return_dict_in_generate=True,
+                                   output_scores=True),
+    "static_cache": lambda m, b: _generate(m, b, do_sample=False, cache_implementation="static",
+                                           return_dict_in_generate=True, output_scores=True),
+    "past_key_values": _continued,
+    "dict_outputs": lambda m, b: _generate(m, b, do_sample=False, **DICT),
+    "forward": _forward,
+    "inputs_embeds": _embeds,
+}
+
+#: (pipeline, mode) -> a fragment of the error ``apply`` raises instead of running (docs/hf.md).  The multimodal
+#: rotary positions come from the prompt's ids (the model alone, given embeddings and images, fails inside
+#: generate on transformers 5.25: "Sizes of tensors must match").
+_NEED_IDS = r"need input_ids.*got inputs_embeds: its multimodal rotary positions are computed from the prompt's ids"
+REFUSALS = {("pre_llm", "inputs_embeds"): _NEED_IDS, ("in_llm", "inputs_embeds"): _NEED_IDS}
+
+
+# ---------------------------------------------------------------- compare
+def assert_same(got: Any, want: Any, where: str) -> None:
+    """Token ids equal; float tensors of the same shape allclose at ``ATOL``; caches of equal lengths per layer."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), f"{where}: {type(got).__name__} instead of a tensor"
+        assert got.shape == want.shape, f"{where}: shape {tuple(got.shape)} instead of {tuple(want.shape)}"
+        if want.is_floating_point():
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m: f"{where}: {m}")
+        else:
+            assert torch.equal(got, want), f"{where}: {got.tolist()} instead of {want.tolist()}"
+    elif hasattr(want, "layers") and hasattr(want, "get_seq_length"):  # a transformers Cache
+        assert type(got) is type(want), f"{where}: {type(got).__name__} instead of {type(want).__name__}"
+        lengths = [[c.get_seq_length(i) for i in range(len(c.layers))] for c in (got, want)]
+        assert lengths[0] == lengths[1], f"{where}: cache lengths {lengths[0]} instead of {lengths[1]}"
+    elif isinstance(want, (tuple, list)):
+        assert isinstance(got, (tuple, list)) and len(got) == len(want), f"{where}: {len(want)} entries expected"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    elif isinstance(want, dict) or hasattr(want, "keys"):
+        keys = sorted(k for k in want.keys() if want[k] is not None)
+        assert sorted(k for k in got.keys() if got[k] is not None) == keys, f"{where}: other fields"
+        for k in keys:
+            assert_same(got[k], want[k], f"{where}.{k}")
+    else:
+        assert got == want, f"{where}: {got!r} instead of {want!r}"
+
+
+# ------------------------------------------------------------------ tests
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    """``(name, model, reference cache)``: each model built once; each reference computed once."""
+    return request.param, FAMILIES[request.param](), {}
+
+
+CASES = [(prompt, mode) for prompt, (_, modes) in PROMPTS.items() for mode in (modes or MODES)]
+
+
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+@pytest.mark.parametrize("prompt, mode", CASES, ids=[f"{p}-{m}" for p, m in CASES])
+def test_keep_everything_is_invisible(family, prompt, mode, pipeline):
+    name, model, references = family
+    batch = PROMPTS[prompt][0]()
+    run = MODES[mode]
+    refusal = REFUSALS.get((pipeline, mode))
+    with torch.no_grad():
+        if refusal is not None:
+            with pytest.raises(InputError, match=refusal), arrcoc.hf.apply(model, PIPELINES[pipeline]):
+                run(model, batch)
+            return
+        if (prompt, mode) not in references:
+            references[prompt, mode] = run(model, batch)
+        with arrcoc.hf.apply(model, PIPELINES[pipeline]):
+            got = run(model, batch)
+    assert_same(got, references[prompt, mode], f"{name}/{prompt}/{pipeline}/{mode}")
+
+
+def test_forward_with_a_prepared_dict_mask(family):
+    """A forward handed the dict of 4-D masks ``generate`` prepares for a static cache (as compiled decoding
+    does) gives the model's own logits; arrcoc reads the padding behind the dict."""
+    from transformers import StaticCache
+    from transformers.masking_utils import create_masks_for_generate
+
+    name, model, _ = family
+    batch = PROMPTS["sizes"][0]()
+    B, L = batch["input_ids"].shape
+
+    def forward():
+        cache = StaticCache(config=model.config.text_config, max_cache_len=L + 4)
+        mask = create_masks_for_generate(
+            config=model.config.text_config, inputs_embeds=torch.empty(B, L, 0, dtype=model.dtype),
+            attention_mask=batch["attention_mask"], cache=cache, position_ids=None)
+        assert isinstance(mask, dict)
+        position_ids, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                     batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+        return model(**{**batch, "attention_mask": mask}, position_ids=position_ids, past_key_values=cache).logits
+
+    with torch.no_grad():
+        want = forward()
+        for pipeline in PIPELINES.values():
+            with arrcoc.hf.apply(model, pipeline):
+                assert_same(forward(), want, f"{name}/dict mask")
+
+
+# ------------------------------------------------------ the prompt helpers
+def test_shrinking_keeps_masked_columns_in_place():
+    """Dropping placeholders leaves every other column where it was, padding and masked pad ids included;
+    shorter rows get padding in front."""
+    ids = torch.tensor([[PAD, BOS, IMAGE, IMAGE, IMAGE, 7, PAD, 8],
+                        [BOS, 5, IMAGE, IMAGE, IMAGE, IMAGE, 9, 9]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    new_ids, new_mask, index, valid = shrink_prompts(ids, mask, IMAGE, PAD, [3, 4], torch.tensor([3, 1]))
+    assert new_ids.tolist() == [[PAD, BOS, IMAGE, IMAGE, IMAGE, 7, PAD, 8],
+                                [PAD, PAD, PAD, BOS, 5, IMAGE, 9, 9]]
+    assert new_mask.tolist() == [[0, 1, 1, 1, 1, 1, 0, 1], [0, 0, 0, 1, 1, 1, 1, 1]]
+    assert valid.tolist() == [[True] * 8, [False] * 3 + [True] * 5]
+    assert index[1, 3:].tolist() == [0, 1, 2, 6, 7]
+    # Keeping everything is the identity, even when every row starts with padding.
+    kept = shrink_prompts(ids[:1], mask[:1], IMAGE, PAD, [3], torch.tensor([3]))
+    assert torch.equal(kept[0], ids[:1]) and torch.equal(kept[1], mask[:1])
+
+
+def test_padding_mask_reads_every_mask_form():
+    mask2d = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 1]])
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    bool4d = causal[None, None] & mask2d.bool()[:, None, None, :]
+    eager4d = torch.zeros(2, 1, 4, 4, dtype=torch.float64).masked_fill(~bool4d, torch.finfo(torch.float64).min)
+    static = torch.cat([bool4d, torch.zeros(2, 1, 4, 3, dtype=torch.bool)], -1)  # a static cache's spare room
+    for form in (mask2d, bool4d, eager4d, {"full_attention": bool4d}, {"full_attention": static}):
+        assert padding_mask(form).tolist() == mask2d.tolist()
+    assert padding_mask(None) is None and padding_mask({"full_attention": None}) is None
+    # Decoding: one query after 4 cached columns; the mask covers past + 1 keys (of a static cache's 7).
+    step = torch.tensor([[0, 1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 0, 0]], dtype=torch.bool)[:, None, None, :]
+    assert padding_mask({"full_attention": step}, past=4).tolist() == [[0, 1, 1, 1, 1], [1, 1, 0, 1, 1]]
+    with pytest.raises(InputError, match=r"2-D \[batch, length\] or 4-D .* got shape \(2, 4, 4\)"):
+        padding_mask(bool4d[:, 0])
+    with pytest.raises(InputError, match="attention mask as a tensor .* got str"):
+        padding_mask({"full_attention": "block"})
