@@ -163,7 +163,7 @@ class LLMEngine:
 
     # ---------------------------------------------------------- top level
     def _top_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = compat.cache_of(kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._top_start = clock(ids)
         past = 0 if cache is None else cache.get_seq_length()
@@ -209,7 +209,7 @@ class LLMEngine:
             self.trace.decode_steps += 1
             return
         self.trace.prefill_ms = ms
-        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        cache = compat.output_cache(output)
         self.trace.kv_bytes = cache_bytes(cache)
 
     def _lm_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -273,7 +273,7 @@ class LLMEngine:
             return None
         if seg.start not in self._decode_masks:
             hidden = args[0] if args else kwargs["hidden_states"]
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = compat.cache_of(kwargs)
             new = self._decode_attention_mask
             if new is None:  # no padding anywhere: every column since the prompt is real
                 steps = cache.get_seq_length(0) + hidden.shape[1] - self._prefill_length()
@@ -314,7 +314,7 @@ class LLMEngine:
         self.trace.stage_ms[f"{label}@{layer}"] = (time.perf_counter() - start) * 1e3
         if stage.removes:
             new, visual_order = self._remove(seg, hidden, out.tokens, out.mask, slots, vidx, stage.position_rule, layer,
-                                             kwargs.get("cache", kwargs.get("past_key_values")))
+                                             compat.cache_of(kwargs))
             self._segments.append(new)
             self._carried = ops.keep(record, *visual_order)
             return new.hidden
@@ -326,7 +326,7 @@ class LLMEngine:
         keys = seg.keys & (~seg.visual | keep)
         by_slot = torch.sort(slots.masked_fill(~out.mask, slots.shape[1] + vidx.shape[1]), dim=1).indices
         self._carried = ops.keep(record, by_slot, out.mask.gather(1, by_slot))
-        mask = _causal_mask(self.adapter, hidden, keys.long(), kwargs.get("cache", kwargs.get("past_key_values")), layer)
+        mask = _causal_mask(self.adapter, hidden, keys.long(), compat.cache_of(kwargs), layer)
         cos_sin = seg.cos_sin or self._layer_kwargs.get("position_embeddings")
         pos = seg.position_ids if seg.position_ids is not None else self._layer_kwargs.get("position_ids")
         self._segments.append(dataclasses.replace(seg, start=layer, keys=keys, mask=mask, cos_sin=cos_sin,
