@@ -1,0 +1,285 @@
+"""``arrcoc.hf.apply`` with a pipeline that keeps everything is invisible to ``generate`` and ``forward``.
+
+One systematic check instead of one test per symptom: every family config
+(:data:`CONFIGS`: a model factory and an input builder) x every keep-everything
+pipeline (:data:`PIPELINES`: pre-LLM and in-LLM) x every generation mode
+(:data:`MODES`) runs once without arrcoc and once inside ``apply``; the
+outputs must be identical (token ids equal; scores, logits, attentions and
+hidden states equal in shape and allclose at 1e-5 in float64; cache lengths
+equal), or the call must be refused with the :class:`arrcoc.ArrcocError`
+listed in :data:`REFUSALS` (docs/hf.md, "What `apply` supports").
+
+Every batch is two prompts of different lengths, left-padded, whose images
+differ (LLaVA-NeXT: different crop grids).  The reference runs the model
+alone; the placeholder counts of the prompts come from the model's own
+``get_image_features``, never from arrcoc.
+
+Adding a family: a factory in ``tiny_models.py``, an input builder
+``(model) -> batch`` here, and a row in :data:`CONFIGS`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch
+
+import arrcoc
+from tiny_models import BOS, IMAGE, PAD, left_pad, tiny_llava, tiny_llava_next
+
+NEW = 3  # new tokens per generate call
+ATOL = 1e-5
+
+
+# ------------------------------------------------------------------ inputs
+def _pixels(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _prompts(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts ``bos, text, n x <image>, question`` of different lengths, left-padded."""
+    texts = [(2, 4), (0, 7)]
+    rows = [[BOS, *range(5, 5 + pre), *[IMAGE] * n, *range(30, 30 + post)] for n, (pre, post) in zip(counts, texts)]
+    return left_pad(rows)
+
+
+def _model_counts(model: Any, **image_inputs: Any) -> list[int]:
+    """Placeholders per image as the model itself counts them (the reference owes nothing to arrcoc)."""
+    with torch.no_grad():
+        features = model.model.get_image_features(**image_inputs).pooler_output
+    return [f.shape[0] for f in features]
+
+
+def llava_inputs(model: Any) -> dict:
+    size = model.config.vision_config.image_size
+    pixels = _pixels((2, 3, size, size), seed=1, dtype=model.dtype)
+    ids, mask = _prompts(_model_counts(model, pixel_values=pixels))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def llava_next_inputs(model: Any, sizes: tuple[tuple[int, int], ...] = ((50, 100), (90, 40))) -> dict:
+    """Two images of different aspect ratios (crop grids 1x2 and 2x1 with the default pinpoints)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    side = model.config.vision_config.image_size
+    views = max(image_size_to_num_patches(s, model.config.image_grid_pinpoints, side) for s in sizes)
+    pixels = _pixels((2, views, 3, side, side), seed=1, dtype=model.dtype)
+    image_sizes = torch.tensor(sizes)
+    ids, mask = _prompts(_model_counts(model, pixel_values=pixels, image_sizes=image_sizes))
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": image_sizes}
+
+
+@dataclass(frozen=True)
+class Config:
+    family: str                       # the column of docs/hf.md's table
+    build: Callable[[], Any]          # () -> model (eval; float64 unless said otherwise)
+    inputs: Callable[[Any], dict]     # model -> batch of 2 left-padded prompts with their images
+
+
+#: name -> family config.  Several configs per family: other towers, select strategies, grids.
+CONFIGS = {
+    "llava": Config("llava", tiny_llava, llava_inputs),
+    "llava-siglip-full": Config(
+        "llava", functools.partial(tiny_llava, tower="siglip", strategy="full"), llava_inputs),
+    # Eager attention returns attention weights (sdpa returns none).  float32: in float64 the model's own eager
+    # attention turns a left-padded row into NaN (its mask minimum overflows), arrcoc or not.
+    "llava-clip-full": Config(  # the class token is the first feature row
+        "llava", functools.partial(tiny_llava, strategy="full"), llava_inputs),
+    "llava-eager": Config("llava", functools.partial(tiny_llava, torch.float32, attn_implementation="eager"),
+                          llava_inputs),
+    "llava_next": Config("llava_next", tiny_llava_next, llava_next_inputs),
+    "llava_next-2x2-patches": Config(  # views of 28 px: 2 patches per side, pinpoints of 1x2, 2x1, 2x2 views
+        "llava_next", functools.partial(tiny_llava_next, image_size=28, pinpoints=[[28, 56], [56, 28], [56, 56]]),
+        llava_next_inputs),
+    "llava_next-3x3-1x3": Config(  # 3 patches per side, a 1x3 / 3x1 grid among the pinpoints
+        "llava_next", functools.partial(tiny_llava_next, image_size=42,
+                                        pinpoints=[[42, 126], [126, 42], [84, 84]]),
+        functools.partial(llava_next_inputs, sizes=((30, 100), (100, 30)))),
+    "llava_next-siglip-full": Config(
+        "llava_next", functools.partial(tiny_llava_next, tower="siglip", strategy="full"), llava_next_inputs),
+    "llava_next-eager": Config(
+        "llava_next", functools.partial(tiny_llava_next, torch.float32, attn_implementation="eager"),
+        llava_next_inputs),
+}
+
+#: Pipelines that keep every token: before the LLM and inside it.
+PIPELINES = {
+    "pre_llm": {"encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep", "keep": 1.0}]},
+    "in_llm": {"encoder": {"use": "timm_vit"}, "llm": [{"use": "fastv", "layer": 2, "keep": 1.0}]},
+}
+
+
+# ------------------------------------------------------------------- modes
+def _generate(model: Any, batch: dict, **options: Any) -> Any:
+    return model.generate(**batch, max_new_tokens=NEW, pad_token_id=PAD, **options)
+
+
+def _seeded(options: dict) -> Callable[[Any, dict], Any]:
+    def run(model, batch):
+        torch.manual_seed(0)
+        return _generate(model, batch, **options)
+    return run
+
+
+def _with_embeds(options: dict) -> Callable[[Any, dict], Any]:
+    """The same prompts as ``inputs_embeds``: each placeholder is the image token's embedding."""
+    def run(model, batch):
+        batch = dict(batch)
+        ids = batch.pop("input_ids")
+        batch["inputs_embeds"] = model.get_input_embeddings()(ids)
+        return _generate(model, batch, **options)
+    return run
+
+
+def _continued(model: Any, batch: dict) -> Any:
+    """Generate, then continue the same sequences from the returned cache (multi-turn reuse)."""
+    first = _generate(model, batch, do_sample=False, return_dict_in_generate=True)
+    grown = first.sequences
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(grown[:, batch["input_ids"].shape[1]:])], 1)
+    # The images live in the cache now: transformers itself refuses them again (no placeholder is uncached).
+    follow = {"input_ids": grown, "attention_mask": mask}
+    second = _generate(model, follow, do_sample=False, return_dict_in_generate=True,
+                       past_key_values=first.past_key_values)
+    return {"first": first.sequences, "second": second.sequences, "cache": second.past_key_values}
+
+
+DICT = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, output_attentions=True,
+            output_hidden_states=True)
+
+
+def _forward(model: Any, batch: dict) -> Any:
+    return model(**batch, output_attentions=True, output_hidden_states=True)
+
+
+MODES: dict[str, Callable[[Any, dict], Any]] = {
+    "greedy": _seeded(dict(do_sample=False)),
+    "sampling": _seeded(dict(do_sample=True, top_k=0)),
+    "beam": _seeded(dict(do_sample=False, num_beams=2)),
+    "beam_sampling": _seeded(dict(do_sample=True, num_beams=2, top_k=0)),
+    "static_cache": _seeded(dict(do_sample=False, cache_implementation="static")),
+    "embeds": _with_embeds(dict(do_sample=False)),
+    "embeds_beam": _with_embeds(dict(do_sample=False, num_beams=2)),
+    "embeds_static_cache": _with_embeds(dict(do_sample=False, cache_implementation="static")),
+    "past_key_values": _continued,
+    "dict_outputs": _seeded(dict(do_sample=False, **DICT)),
+    "dict_outputs_beam": _seeded(dict(do_sample=False, num_beams=2, **DICT)),
+    "forward": _forward,
+}
+
+#: (config family, pipeline, mode) -> a fragment of the ArrcocError ``apply`` raises instead (docs/hf.md).
+REFUSALS: dict[tuple[str, str, str], str] = {}
+
+#: Configs ``apply`` refuses when the block is entered: name -> (model factory, a fragment of the ModelError).
+REFUSED_CONFIGS = {
+    # transformers drops the first row of a SigLIP tower's output too, an image patch: no patch grid is left
+    "llava-siglip-default": (functools.partial(tiny_llava, tower="siglip", strategy="default"),
+                             "no class token, so the model drops the first image patch"),
+    # transformers itself cannot pack such views (a RuntimeError in pack_image_features): refused up front
+    "llava_next-clip-full": (functools.partial(tiny_llava_next, strategy="full"),
+                             "cannot reshape to its patch grid"),
+}
+
+
+# ---------------------------------------------------------------- compare
+def _cache_lengths(cache: Any) -> list[int]:
+    return [cache.get_seq_length(i) for i in range(len(cache.layers))]
+
+
+def assert_same(got: Any, want: Any, where: str = "output") -> None:
+    """Token ids equal; float tensors of the same shape allclose at ``ATOL``; caches of equal lengths."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), f"{where}: {type(got).__name__} instead of a tensor"
+        assert got.shape == want.shape, f"{where}: shape {tuple(got.shape)} instead of {tuple(want.shape)}"
+        if want.is_floating_point():
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m: f"{where}: {m}")
+        else:
+            assert torch.equal(got, want), f"{where}: {got.tolist()} instead of {want.tolist()}"
+    elif hasattr(want, "layers") and hasattr(want, "get_seq_length"):  # a transformers Cache
+        assert type(got) is type(want), f"{where}: {type(got).__name__} instead of {type(want).__name__}"
+        assert _cache_lengths(got) == _cache_lengths(want), f"{where}: cache lengths differ"
+    elif isinstance(want, (tuple, list)):
+        assert isinstance(got, (tuple, list)) and len(got) == len(want), (
+            f"{where}: {len(got) if isinstance(got, (tuple, list)) else type(got).__name__} entries instead of "
+            f"{len(want)}")
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    elif isinstance(want, dict) or hasattr(want, "keys"):
+        keys = [k for k in want.keys() if want[k] is not None]
+        assert sorted(k for k in got.keys() if got[k] is not None) == sorted(keys), f"{where}: other fields"
+        for k in keys:
+            assert_same(got[k], want[k], f"{where}.{k}")
+    else:
+        assert got == want, f"{where}: {got!r} instead of {want!r}"
+
+
+# ------------------------------------------------------------------ tests
+@functools.lru_cache(maxsize=None)
+def _built(name: str) -> tuple[Any, dict]:
+    """Each config's model and batch, built once per test session."""
+    model = CONFIGS[name].build()
+    return model, CONFIGS[name].inputs(model)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def config(request):
+    """``(name, config, model, batch)``."""
+    return request.param, CONFIGS[request.param], *_built(request.param)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+def test_keep_everything_is_invisible(config, pipeline, mode):
+    name, cfg, model, batch = config
+    run = MODES[mode]
+    refusal = REFUSALS.get((cfg.family, pipeline, mode))
+    with torch.no_grad():
+        want = run(model, batch)
+        if refusal is not None:
+            with pytest.raises(arrcoc.ArrcocError, match=refusal):
+                with arrcoc.hf.apply(model, PIPELINES[pipeline]):
+                    run(model, batch)
+            return
+        with arrcoc.hf.apply(model, PIPELINES[pipeline]):
+            got = run(model, batch)
+    if getattr(want, "image_outputs", None) is not None:
+        # With pre-LLM stages the model gets the features arrcoc assembled (mm_encoder_outputs), so its
+        # image_outputs holds those alone (docs/hf.md): the features must be the model's own.
+        assert_same(got.image_outputs.pooler_output, want.image_outputs.pooler_output, f"{name}: image features")
+        want, got = dict(want, image_outputs=None), dict(got, image_outputs=None)
+    assert_same(got, want, f"{name}/{pipeline}/{mode}")
+
+
+@pytest.mark.parametrize("name", list(REFUSED_CONFIGS))
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+def test_unsupported_configs_are_refused_when_entering(name, pipeline):
+    build, message = REFUSED_CONFIGS[name]
+    model = build()
+    with pytest.raises(arrcoc.errors.ModelError, match=message):
+        with arrcoc.hf.apply(model, PIPELINES[pipeline]):
+            pass
+    assert "generate" not in vars(model)  # nothing was left patched
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next"])
+@pytest.mark.parametrize("sections", [{"compress": [{"use": "random_keep", "keep": 0.5}]},
+                                      {"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]}], ids=["pre_llm", "in_llm"])
+def test_a_prompt_given_as_embeddings_is_pruned_as_its_ids_are(name, sections):
+    model, batch = _built(name)
+    spec = {"encoder": {"use": "timm_vit"}, **sections}
+    embeds = {**{k: v for k, v in batch.items() if k != "input_ids"},
+              "inputs_embeds": model.get_input_embeddings()(batch["input_ids"])}
+    with torch.no_grad(), arrcoc.hf.apply(model, spec) as run:
+        from_ids = _generate(model, batch, do_sample=False, num_beams=2)
+        seen_from_ids = run.report.layer_visual
+        from_embeds = _generate(model, embeds, do_sample=False, num_beams=2)
+        seen_from_embeds = run.report.layer_visual
+    assert torch.equal(from_embeds, from_ids[:, batch["input_ids"].shape[1]:])
+    assert seen_from_embeds == seen_from_ids
+    full = [int(n) for n in (batch["input_ids"] == IMAGE).sum(1)]
+    assert max(seen_from_ids[-1]) < min(full)  # the last layer saw fewer visual tokens in every (beam) row
