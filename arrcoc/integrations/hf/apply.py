@@ -47,6 +47,7 @@ from arrcoc.spec import PipelineSpec, resolve_spec
 from arrcoc.state import TokenState
 from arrcoc.timing import clock
 
+from . import compat
 from .adapter import Adapter, adapter_for
 from .attention import scoring_implementation
 from .engine import LLMEngine
@@ -256,7 +257,7 @@ class Run:
         ids = kwargs.get("input_ids")
         # A forward may get the dict of 4-D masks generate prepares for a static cache or a compiled forward;
         # the shortened prompt gets a 2-D mask the model expands itself.
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = compat.cache_of(kwargs)
         attention_mask = padding_mask(kwargs.get("attention_mask"), 0 if cache is None else cache.get_seq_length())
         original["attention_mask"] = attention_mask
         embeds = kwargs.get("inputs_embeds") if ids is None else None
