@@ -1,4 +1,4 @@
-"""The ``arrcoc`` command: run | generate | eval | bench | list | show | validate | schema."""
+"""The ``arrcoc`` command: run | generate | eval | bench | serve | list | show | validate | schema."""
 
 from __future__ import annotations
 
@@ -308,6 +308,23 @@ def eval_(pipelines: tuple[str, ...], budgets: str, n: int, out: str, model_dir:
     console.print(table)
     console.print(f"wrote {escape(str(result.out))}/results.csv, results.md{'' if no_plots else ' and plots'} in "
                   f"{time.perf_counter() - began:.0f} s")
+
+
+# ------------------------------------------------------------------- serve
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("model")
+@click.option("--pipeline", required=True, help="Built-in pipeline name or YAML file (pre-LLM stages only).")
+@click.option("--tokens", type=click.IntRange(min=1), required=True, help="Visual tokens each image keeps (K).")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(model: str, pipeline: str, tokens: int, vllm_args: tuple[str, ...]) -> None:
+    """Serve MODEL with vLLM's OpenAI-compatible server, PIPELINE keeping TOKENS visual tokens per image.
+
+    Every other argument goes to `vllm serve` (e.g. --port 8000 --tensor-parallel-size 2). Needs
+    pip install "arrcoc[vllm]"; see docs/vllm.md.
+    """
+    from .vllm.serve import serve as serve_with_vllm  # imports vLLM only when it runs
+
+    serve_with_vllm(model, pipeline, tokens, vllm_args, say=lambda line: console.print(escape(line), highlight=False))
 
 
 @main.command("list")

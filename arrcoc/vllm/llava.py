@@ -1,0 +1,264 @@
+"""LLaVA-1.5 in vLLM with arrcoc's pre-LLM stages: ``ArrcocLlavaForConditionalGeneration``.
+
+vLLM's own ``LlavaForConditionalGeneration`` (its CLIP tower, projector and
+Llama) with three changes:
+
+* the processor gives every image ``K`` placeholders instead of one per
+  patch (``get_num_image_tokens``), so prompts are compact: text + ``K`` per
+  image, numbered contiguously (as the official pre-LLM methods do);
+* ``embed_multimodal`` returns the ``K`` tokens the pipeline keeps of each
+  image (:class:`~arrcoc.vllm.selection.PreLLMSelection`);
+* for a query-aware pipeline the processor adds each prompt's text after its
+  last image (token ids, field :data:`QUERY_FIELD`) to every image of it, and
+  folds those ids into the image's hash: vLLM keys its encoder-output cache
+  and its prefix cache by that hash, so one prompt's selection is never
+  handed to another prompt about the same image.  Its processor cache is
+  bypassed for such pipelines (it would cache an image's inputs without the
+  prompt).
+
+An adapter (:class:`VllmLlavaAdapter`) exposes vLLM's modules to arrcoc's
+``hf_vision`` encoder exactly as :class:`arrcoc.integrations.hf.llava.LlavaAdapter`
+exposes transformers' (whose code it reuses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from functools import cached_property
+from typing import Any
+
+import torch
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaImageEmbeddingInputs,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.model_executor.models.utils import WeightsMapper
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldConfig, MultiModalFieldElem, MultiModalKwargsItem
+from vllm.multimodal.parse import ImageEmbeddingItems
+
+from arrcoc.errors import BudgetError, InputError, ModelError
+from arrcoc.integrations.hf.adapter import VisionOutput, register_adapter
+from arrcoc.integrations.hf.llava import LlavaAdapter
+
+from .selection import PreLLMSelection
+from .settings import Settings, plan_for_model, query_aware, settings_from_config
+
+ARCHITECTURE = "ArrcocLlavaForConditionalGeneration"
+#: Multimodal field holding, per image, the token ids of its prompt's text after the last image (query-aware).
+QUERY_FIELD = "arrcoc_query_ids"
+
+
+# ------------------------------------------------------------------ adapter
+@register_adapter
+class VllmLlavaAdapter(LlavaAdapter):
+    """vLLM's LLaVA modules seen through arrcoc's adapter contract (``arrcoc.integrations.hf.adapter``)."""
+
+    family = "llava (vLLM)"
+    model_classes = (ARCHITECTURE,)
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.vision_tower
+
+    @property
+    def num_vision_layers(self) -> int:
+        # vLLM builds the tower only up to the feature layer; layer indices keep the checkpoint's depth.
+        return int(self.model.config.vision_config.num_hidden_layers)
+
+    def _check_built(self, layer: int, what: str) -> None:
+        built = len(self._encoder.layers)
+        if layer >= built:
+            raise ModelError(
+                f"llava (vLLM): {what} needs vision layer {layer}, but vLLM builds the tower only up to the feature "
+                f"layer ({built} of {self.num_vision_layers} layers); read attention from layers 0..{built - 1}"
+            )
+
+    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
+                      ) -> VisionOutput:
+        inner = self.vision_tower.vision_model
+        self._check_built(self.feature_layer - 1, "the feature layer")
+        x = inner.pre_layrnorm(inner.embeddings(pixel_values.to(inner.dtype)))
+        hidden = tuple(inner.encoder(inputs_embeds=x, return_all_hidden_states=True))
+        features = hidden[self.feature_layer]
+        grid = self._grid(pixel_values)
+        return VisionOutput(list(features[:, 1:]), [grid] * features.shape[0], features[:, 0],
+                            hidden if keep_hidden else None)
+
+    def vision_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        self._check_built(layer, "an attention signal (CLS attention or keys)")
+        block = self._encoder.layers[layer]
+        attn = block.self_attn
+        if attn.num_heads_per_partition != attn.num_heads:
+            raise ModelError(
+                "llava (vLLM): the vision tower's heads are split across tensor-parallel ranks, so no rank sees the "
+                "whole CLS attention; start the engine with mm_encoder_tp_mode='data' (--mm-encoder-tp-mode data)"
+            )
+        h = block.layer_norm1(hidden)
+        qkv, _ = attn.qkv_proj(h)
+        q, k, _ = qkv.chunk(3, dim=-1)
+        B, N, _ = h.shape
+        q = q.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = k.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+        return q, k, float(attn.scale)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.multi_modal_projector(features)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_index)
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.language_model.model
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.language_model.embed_input_ids(input_ids)
+
+
+# ------------------------------------------------------------------ helpers
+def query_ids(prompt: list[int], image_token_id: int) -> list[int]:
+    """The prompt's text after its last image placeholder (what ``arrcoc.hf.apply`` embeds as the query)."""
+    last = max((i for i, t in enumerate(prompt) if t == image_token_id), default=-1)
+    return [t for t in prompt[last + 1:] if t != image_token_id]
+
+
+def keyed_hash(item_hash: str, ids: list[int]) -> str:
+    """An image's hash made specific to one query (the encoder-output and prefix caches key by it)."""
+    return hashlib.sha256(f"{item_hash}|arrcoc-query|{','.join(map(str, ids))}".encode()).hexdigest()
+
+
+def tower_context(config: Any) -> dict[str, Any]:
+    """The budget context of a LLaVA-1.5 config: tokens per image, grid, depths, class token."""
+    vision = config.vision_config
+    if getattr(vision, "model_type", "") != "clip_vision_model":
+        raise ModelError(f"arrcoc.vllm: LLaVA with a {getattr(vision, 'model_type', type(vision).__name__)!r} "
+                         "tower is not supported; arrcoc's vLLM LLaVA class runs CLIP towers (LLaVA-1.5)")
+    if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
+        raise ModelError(
+            f"arrcoc.vllm: LLaVA with vision_feature_layer={config.vision_feature_layer!r} and select strategy "
+            f"{config.vision_feature_select_strategy!r} is not supported; arrcoc needs one feature layer and the "
+            "'default' strategy (LLaVA-1.5)"
+        )
+    side = int(vision.image_size) // int(vision.patch_size)
+    depth = int(vision.num_hidden_layers)
+    return {"original": side * side, "grid": (side, side), "layers": int(config.text_config.num_hidden_layers),
+            "has_cls": True, "encoder_layers": int(config.vision_feature_layer) % (depth + 1)}
+
+
+# --------------------------------------------------------------- processing
+class ArrcocLlavaProcessingInfo(LlavaProcessingInfo):
+    @cached_property
+    def arrcoc_settings(self) -> Settings:
+        return settings_from_config(self.get_hf_config())
+
+    @cached_property
+    def arrcoc_query_aware(self) -> bool:
+        return query_aware(self.arrcoc_settings.spec)
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        tokens = self.arrcoc_settings.tokens_per_image
+        if tokens > full:
+            raise BudgetError(
+                f"arrcoc.vllm: tokens_per_image={tokens} is above the {full} visual tokens this model gives an image; "
+                f"pass 1..{full}"
+            )
+        return tokens
+
+
+class ArrcocLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Any) -> dict[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if self.info.arrcoc_query_aware:
+            fields[QUERY_FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _query(self, prompt: list[int]) -> list[int]:
+        ids = query_ids(list(prompt), int(self.info.get_hf_config().image_token_index))
+        if not ids:
+            raise InputError(
+                f"arrcoc.vllm: pipeline {self.info.arrcoc_settings.spec.name!r} is query-aware and needs text after "
+                "the last image of the prompt (the question); the prompt has none"
+            )
+        return ids
+
+    def _get_mm_hashes(self, inputs: Any) -> Any:
+        hashes = super()._get_mm_hashes(inputs)
+        if not self.info.arrcoc_query_aware:
+            return hashes
+        ids = self._query(inputs.prompt)
+        return {modality: [keyed_hash(h, ids) for h in items] for modality, items in hashes.items()}
+
+    def _cached_apply_hf_processor(self, inputs: Any, timing_ctx: Any) -> Any:
+        images = inputs.mm_data_items.get("image")
+        if isinstance(images, ImageEmbeddingItems):
+            raise InputError(
+                "arrcoc.vllm: image embeddings cannot be reduced by arrcoc (the pipeline needs the tower's "
+                "attention and the features of the pixels); send the images themselves"
+            )
+        if self.info.arrcoc_query_aware:
+            # The processor cache keys an image's inputs by its hash alone; a query-aware image carries its prompt.
+            return self._apply_hf_processor(inputs, timing_ctx)
+        return super()._cached_apply_hf_processor(inputs, timing_ctx)
+
+    def _apply_hf_processor(self, inputs: Any, timing_ctx: Any) -> Any:
+        result = super()._apply_hf_processor(inputs, timing_ctx)
+        if not self.info.arrcoc_query_aware or "image" not in result.kwargs:
+            return result
+        ids = torch.tensor(self._query(inputs.prompt), dtype=torch.long)
+        field = MultiModalBatchedField()
+        items = [MultiModalKwargsItem({**item, QUERY_FIELD: MultiModalFieldElem(data=ids, field=field)})
+                 for item in result.kwargs["image"]]
+        result.kwargs["image"] = items
+        return result
+
+    def get_dummy_inputs(self, seq_len: int, mm_counts: Any, mm_options: Any) -> Any:
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        if not self.info.arrcoc_query_aware:
+            return inputs
+        # The profiling prompt is images only; a query-aware pipeline needs a word after them.
+        eos = getattr(self.info.get_tokenizer(), "eos_token_id", None)
+        return dataclasses.replace(inputs, prompt=[*inputs.prompt, 0 if eos is None else int(eos)])
+
+
+# -------------------------------------------------------------------- model
+@MULTIMODAL_REGISTRY.register_processor(
+    ArrcocLlavaMultiModalProcessor, info=ArrcocLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder)
+class ArrcocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """vLLM's LLaVA running an arrcoc pipeline on each image's features: ``K`` tokens per image."""
+
+    # transformers 5 saves the CLIP tower flat (`vision_tower.embeddings...`); vLLM's tower nests it in
+    # `vision_model`.  Older checkpoints (`vision_tower.vision_model...`) are left as they are.
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
+    ) | LlavaForConditionalGeneration.hf_to_vllm_mapper
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        settings = settings_from_config(self.config)
+        spec = plan_for_model(settings.spec, settings.tokens_per_image, **tower_context(self.config))
+        self.arrcoc = PreLLMSelection(self, spec, settings.tokens_per_image)
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        queries = kwargs.pop(QUERY_FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if isinstance(image_input, LlavaImageEmbeddingInputs):
+            raise InputError("arrcoc.vllm: image embeddings cannot be reduced by arrcoc; send the images themselves")
+        pixels = image_input["pixel_values"]
+        embedded = None
+        if self.arrcoc.query_aware:
+            if queries is None:
+                raise InputError(f"arrcoc.vllm: the query-aware pipeline got images without their prompt's text "
+                                 f"({QUERY_FIELD!r} is missing)")
+            rows = list(queries) if not isinstance(queries, torch.Tensor) or queries.ndim == 2 else [queries]
+            embedded = [self.language_model.embed_input_ids(ids.to(pixels.device).long()) for ids in rows]
+        return tuple(self.arrcoc(pixels, embedded))

@@ -1,0 +1,86 @@
+"""The pre-LLM stages inside a vLLM model: the model's own tower, arrcoc's ``hf_vision`` encoder and
+:class:`arrcoc.pipeline.Pipeline`, exactly ``K`` tokens out per image.
+
+What runs is what :mod:`arrcoc.integrations.hf` runs inside a Hugging Face
+model: the ``hf_vision`` encoder around the live tower (features of
+``vision_feature_layer``, CLS attention and keys read from the tower's own
+layers where a stage needs them), the stages before the projector, the
+projector, the stages after it; a query-aware stage gets the prompt's text
+after the image, embedded by the LLM's own input embeddings.
+
+The tower runs once on the whole batch; the stages run image by image,
+because vLLM batches whatever requests its scheduler puts together, and an
+image's selection must not depend on them (e.g. ``random_keep`` seeds image
+``b`` of a batch with ``seed + b``: here every image is image 0 of its own
+batch, as in a one-image ``arrcoc.hf.apply`` call).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from arrcoc.errors import InputError, StateError
+from arrcoc.pipeline import Pipeline
+from arrcoc.registry import get_registry
+from arrcoc.spec import PipelineSpec
+from arrcoc.state import TokenState
+
+#: The encoder plugin that wraps a live model's tower (``plugins/encoders/hf_vision.py``), as in arrcoc.hf.
+VISION_ENCODER = "hf_vision"
+#: Encoder settings of a pipeline file that carry over to the model's own tower (as in arrcoc.hf).
+ENCODER_OPTIONS = ("attention_layer", "extra_attention_layers", "cls_attention_heads")
+
+
+class PreLLMSelection:
+    """``spec`` (already set to ``tokens_per_image``) around a model with an arrcoc adapter."""
+
+    def __init__(self, model: torch.nn.Module, spec: PipelineSpec, tokens_per_image: int) -> None:
+        from arrcoc.integrations.hf.apply import _split
+
+        options = {k: v for k, v in spec.encoder.params.items() if k in ENCODER_OPTIONS}
+        self.encoder = get_registry().get("encoder", VISION_ENCODER).for_model(model, project=False, **options)
+        self.adapter = self.encoder.adapter
+        device = next(model.parameters()).device
+        # Inside a model the query is the prompt's own text (see the module docstring), never a query encoder.
+        self.pipeline = Pipeline(spec.model_copy(update={"query_encoder": None}), device=device, encoder=self.encoder)
+        self.vision_stages, self.projector_stages = _split(self.pipeline.stages, "auto")
+        self.tokens_per_image = tokens_per_image
+        self.query_aware = any("query" in p.requirements() for _, p in self.pipeline.stages)
+        #: The final state of each image of the last call (provenance in ``origin``), for inspection and tests.
+        self.last_states: list[TokenState] = []
+
+    def __call__(self, pixel_values: torch.Tensor, queries: Sequence[torch.Tensor] | None = None
+                 ) -> list[torch.Tensor]:
+        """Pixels ``[B, 3, H, W]`` (and, when query-aware, each image's query embeddings ``[T_i, D]``) ->
+        per image ``[K, D]`` tokens in the LLM's input space."""
+        if self.query_aware and (queries is None or len(queries) != pixel_values.shape[0]):
+            got = "none" if queries is None else len(queries)
+            raise InputError(f"arrcoc.vllm: a query-aware pipeline needs one query per image; got {got} for "
+                             f"{pixel_values.shape[0]} images")
+        state = self.encoder.encode_inputs(pixel_values, {})
+        out, states = [], []
+        for b in range(state.B):  # one image per run: see the module docstring
+            one = state.image(b)
+            if self.query_aware:
+                query = queries[b].to(device=one.device, dtype=one.dtype)
+                one = one.replace(query=query[None], query_mask=torch.ones(1, query.shape[0], dtype=torch.bool,
+                                                                            device=one.device))
+            one = self.pipeline.run_stages(one, self.vision_stages)
+            one = self.encoder.project(one)
+            one = self.pipeline.run_stages(one, self.projector_stages)
+            (features,) = self.adapter.assemble(one, {})
+            if features.shape[0] != self.tokens_per_image:
+                raise StateError(
+                    f"arrcoc.vllm: pipeline {self.pipeline.spec.name!r} handed on {features.shape[0]} tokens for an "
+                    f"image, but vLLM reserved {self.tokens_per_image} placeholders for it"
+                )
+            out.append(features)
+            states.append(one)
+        self.last_states = states
+        return out
+
+
+def shape_of(x: Any) -> str:
+    return f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
