@@ -396,3 +396,24 @@ def test_next_images_without_image_sizes_raise_the_models_type_error():
                 with arrcoc.hf.apply(model, spec):
                     call(model, bad)
             assert isinstance(err.value, InputError) and "image_sizes" in str(err.value)
+
+
+def test_a_per_call_feature_layer_other_than_the_config_is_refused_not_ignored(model, batch, reference):
+    """The model encodes with a call's ``vision_feature_layer``; pre-LLM stages encode with the config's, so such a
+    call is refused (it was silently answered from the config's layer).  In-LLM stages leave the encoding to the
+    model, which honours it."""
+    from arrcoc.errors import InputError
+
+    other_layer = dict(batch, vision_feature_layer=-1)
+    own_logits, own_tokens = logits(model, other_layer), greedy(model, other_layer)
+    assert not torch.equal(own_tokens, reference["plain"])  # the layer matters
+    with arrcoc.hf.apply(model, KEEP_ALL["random_keep"]):
+        for call in (logits, greedy):
+            with pytest.raises(InputError) as err:
+                call(model, other_layer)
+            assert "vision_feature_layer=-1" in str(err.value) and "model.config.vision_feature_layer" in str(err.value)
+        assert torch.equal(greedy(model, dict(batch, vision_feature_layer=-2)), reference["plain"])  # the config's
+    with arrcoc.hf.apply(model, KEEP_ALL["fastv"]):
+        torch.testing.assert_close(logits(model, other_layer), own_logits, rtol=0, atol=0)
+        assert torch.equal(greedy(model, other_layer), own_tokens)
+    assert_restored(model, batch, reference)

@@ -57,6 +57,9 @@ class Adapter(ABC):
     projected: ClassVar[bool] = False
     #: Whether the LLM uses multimodal rotary positions (a compact renumbering is then undefined).
     multimodal_rope: ClassVar[bool] = False
+    #: Model keyword arguments that change the image features per call (LLaVA's ``vision_feature_layer``): pre-LLM
+    #: stages encode the images as the config says, so a call giving another value is refused, not ignored.
+    config_only_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model

@@ -251,6 +251,15 @@ class Run:
         original = dict(kwargs)
         kwargs = dict(kwargs)
         pixels = kwargs.pop("pixel_values")
+        for name in self.adapter.config_only_inputs:
+            given, configured = kwargs.get(name), getattr(self.model.config, name, None)
+            if given is not None and _as_list(given) != _as_list(configured):
+                # The model would encode the images with the call's value; the stages run on the config's.
+                raise InputError(
+                    f"arrcoc.hf: this call gives {name}={given!r}, the model's config {configured!r}; pre-LLM stages "
+                    f"encode the images as the config says: set model.config.{name} = {given!r} before "
+                    "arrcoc.hf.apply instead of passing it to the call"
+                )
         image_inputs = self._image_inputs(kwargs)
         for name in image_inputs:
             kwargs.pop(name)
@@ -427,6 +436,10 @@ class Run:
     def llm_states(self) -> dict[str, TokenState]:
         """The visual tokens after each in-LLM stage of the last prefill, by ``"llm[i]@layer"``."""
         return dict(self.engine.trace.states)
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _split(stages: list, projector: str) -> tuple[list, list]:

@@ -23,6 +23,7 @@ from .adapter import Adapter, VisionOutput, register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    config_only_inputs = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
