@@ -283,3 +283,20 @@ def test_a_prompt_given_as_embeddings_is_pruned_as_its_ids_are(name, sections):
     assert seen_from_embeds == seen_from_ids
     full = [int(n) for n in (batch["input_ids"] == IMAGE).sum(1)]
     assert max(seen_from_ids[-1]) < min(full)  # the last layer saw fewer visual tokens in every (beam) row
+
+
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_a_fullgraph_compiled_forward_is_refused_before_it_runs(call):
+    # Refused before dynamo traces anything, so nothing is compiled here (a compile would take minutes on CPU).
+    model, batch = _built("llava")
+    compiled = torch.compile(model.forward, fullgraph=True)
+    model.forward = compiled
+    try:
+        with torch.no_grad(), arrcoc.hf.apply(model, PIPELINES["in_llm"]) as run:
+            with pytest.raises(arrcoc.errors.ModelError, match="fullgraph=True.*Compile without fullgraph"):
+                model(**batch) if call == "forward" else _generate(model, batch, do_sample=False)
+            # the refusal left nothing behind: the model still answers, uncompiled
+            model.forward = compiled._torchdynamo_orig_callable
+            assert_same(model(**batch).logits, run.model.forward(**batch).logits)
+    finally:
+        vars(model).pop("forward", None)

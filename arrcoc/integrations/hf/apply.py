@@ -221,6 +221,7 @@ class Run:
         return bool(self.vision_stages or self.projector_stages)
 
     def _pre_llm_hook(self, module: Any, args: tuple, kwargs: dict):
+        _refuse_fullgraph_forward(module)  # before the call lock: nothing to release
         self._begin_call()  # released by _forward_done, also when the forward raises
         self._in_forward = True
         if not self._in_generate:
@@ -358,6 +359,7 @@ class Run:
             self._end_call()
 
     def _run_generate(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_fullgraph_forward(self.model)  # before the pre-LLM stages run
         if args:
             kwargs = dict(kwargs, input_ids=args[0])
         original = kwargs.get("input_ids")
@@ -440,6 +442,27 @@ class Run:
 
 def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _refuse_fullgraph_forward(model: Any) -> None:
+    """A ``torch.compile(model.forward, fullgraph=True)`` forward is refused before it runs: dynamo would trace
+    arrcoc's hooks inside it (timing, ragged bookkeeping, pipeline stages) and fail there with an unrelated
+    message.  Without ``fullgraph`` the hooks become graph breaks and the outputs are the model's own."""
+    forward = vars(model).get("forward")
+    if getattr(forward, "_torchdynamo_orig_callable", None) is None:
+        return
+    # torch.compile's wrapper keeps its OptimizeContext (with the fullgraph flag) in its closure.
+    try:
+        context = inspect.getclosurevars(forward).nonlocals.get("self")
+    except (TypeError, ValueError):  # another wrapper: dynamo's own error, if any, will say what failed
+        return
+    if getattr(context, "fullgraph", False) is True:
+        raise ModelError(
+            f"arrcoc.hf: {type(model).__name__}.forward is torch.compile(..., fullgraph=True); arrcoc's hooks run "
+            "Python between the model's layers (pipeline stages, prompt rebuilding, timing) that cannot be traced "
+            "into one graph.  Compile without fullgraph (the hooks become graph breaks; outputs equal the "
+            "uncompiled model's), or use a fullgraph-compiled forward only outside arrcoc.hf.apply"
+        )
 
 
 def _split(stages: list, projector: str) -> tuple[list, list]:
