@@ -296,3 +296,24 @@ def test_padding_mask_reads_every_mask_form():
         padding_mask(bool4d[:, 0])
     with pytest.raises(InputError, match="attention mask as a tensor .* got str"):
         padding_mask({"full_attention": "block"})
+
+
+# ------------------------------------------------------- pruning, static cache
+@pytest.mark.parametrize("stages", [{"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]},
+                                    {"compress": [{"use": "random_keep", "keep": 0.5}]}], ids=["in_llm", "pre_llm"])
+@pytest.mark.parametrize("family", ["qwen2_vl"], indirect=True)
+def test_pruning_with_a_static_cache_equals_the_dynamic_cache(family, stages):
+    """Half the visual tokens dropped: a static cache (its layers past the pruning layer hold fewer entries, and
+    the model gets its masks as a dict) decodes exactly as the dynamic one."""
+    name, model, _ = family
+    batch = PROMPTS["sizes"][0]()
+    pipeline = {"encoder": {"use": "timm_vit"}, **stages}
+    runs = {}
+    with torch.no_grad(), arrcoc.hf.apply(model, pipeline) as run:
+        for cache in ("dynamic", "static"):
+            runs[cache] = _generate(model, batch, do_sample=False, cache_implementation=cache,
+                                    return_dict_in_generate=True, output_scores=True)
+            visual = run.report.layer_visual
+    assert visual[-1] == [4, 4]  # of 8 and 9 image tokens
+    assert torch.equal(runs["static"].sequences, runs["dynamic"].sequences)
+    assert_same(runs["static"].scores, runs["dynamic"].scores, f"{name}/static cache scores")
