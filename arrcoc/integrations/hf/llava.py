@@ -36,14 +36,6 @@ class LlavaAdapter(Adapter):
         if strategy not in ("default", "full"):
             raise ModelError(f"{self.family}: vision_feature_select_strategy must be 'default' or 'full' (as in "
                              f"transformers), got {strategy!r}")
-        if strategy == "default" and not self.has_cls:
-            # transformers drops the first row whatever it is; without a class token that is the first patch.
-            raise ModelError(
-                f"{self.family}: vision_feature_select_strategy 'default' drops the first row of the tower's output, "
-                f"and {type(self.vision_tower).__name__} has no class token, so the model drops the first image "
-                "patch and its features no longer cover the patch grid arrcoc compresses; set "
-                "vision_feature_select_strategy='full' (what checkpoints with such towers use)"
-            )
         inner = getattr(self.vision_tower, "vision_model", self.vision_tower)
         self._encoder = getattr(inner, "encoder", None)
         if self._encoder is None or not hasattr(self._encoder, "layers"):
@@ -98,7 +90,22 @@ class LlavaAdapter(Adapter):
 
     def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
         rows, cols = self._grid(pixel_values)
-        return [rows * cols + int(self.features_keep_cls)] * pixel_values.shape[0]
+        return [rows * cols + int(self.features_keep_cls) - int(self.drops_first_patch)] * pixel_values.shape[0]
+
+    @property
+    def drops_first_patch(self) -> bool:
+        """``default`` on a tower without a class token: transformers drops the first row whatever it is, here the
+        first image patch, so the features no longer cover the patch grid."""
+        return self.model.config.vision_feature_select_strategy == "default" and not self.has_cls
+
+    def _refuse_partial_grid(self) -> None:
+        if self.drops_first_patch:
+            raise ModelError(
+                f"{self.family}: vision_feature_select_strategy 'default' drops the first row of the tower's output, "
+                f"and {type(self.vision_tower).__name__} has no class token, so the model drops the first image "
+                "patch and its features no longer cover the patch grid pre-LLM stages compress; set "
+                "vision_feature_select_strategy='full' (what checkpoints with such towers use), or use llm: stages only"
+            )
 
     def assemble(self, state: TokenState, image_inputs: dict[str, Any]) -> list[torch.Tensor]:
         rows = super().assemble(state, image_inputs)
@@ -108,6 +115,7 @@ class LlavaAdapter(Adapter):
 
     def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
                       ) -> VisionOutput:
+        self._refuse_partial_grid()
         tower = self.vision_tower
         dtype = next(tower.parameters()).dtype
         out = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)

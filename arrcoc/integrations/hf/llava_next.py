@@ -50,6 +50,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
+        self._refuse_partial_grid()  # transformers' own packing fails there too: said before any work
         if self.features_keep_cls:
             # transformers' pack_image_features views each crop as side x side rows: a class token row more
             # breaks it (a RuntimeError inside the model); said here, before any work.
