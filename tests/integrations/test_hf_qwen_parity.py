@@ -317,3 +317,21 @@ def test_pruning_with_a_static_cache_equals_the_dynamic_cache(family, stages):
     assert visual[-1] == [4, 4]  # of 8 and 9 image tokens
     assert torch.equal(runs["static"].sequences, runs["dynamic"].sequences)
     assert_same(runs["static"].scores, runs["dynamic"].scores, f"{name}/static cache scores")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl"], indirect=True)
+def test_a_fullgraph_compiled_forward_is_refused_before_it_runs(family):
+    """Refused before dynamo traces anything (nothing is compiled here), and the model is left as it was."""
+    name, model, _ = family
+    batch = PROMPTS["sizes"][0]()
+    compiled = torch.compile(model.forward, fullgraph=True)
+    model.forward = compiled
+    try:
+        with torch.no_grad(), arrcoc.hf.apply(model, PIPELINES["pre_llm"]):
+            with pytest.raises(arrcoc.errors.ModelError, match="fullgraph=True.*Compile without fullgraph"):
+                model(**batch)
+            with pytest.raises(arrcoc.errors.ModelError, match="fullgraph=True"):
+                _generate(model, batch, do_sample=False)
+    finally:
+        del model.forward
+    assert "forward" not in vars(model) and "generate" not in vars(model)
