@@ -17,7 +17,7 @@ batch, as in a one-image ``arrcoc.hf.apply`` call).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -48,8 +48,9 @@ class PreLLMSelection:
         self.vision_stages, self.projector_stages = _split(self.pipeline.stages, "auto")
         self.tokens_per_image = tokens_per_image
         self.query_aware = any("query" in p.requirements() for _, p in self.pipeline.stages)
-        #: The final state of each image of the last call (provenance in ``origin``), for inspection and tests.
-        self.last_states: list[TokenState] = []
+        #: Set to a list to collect each image's final state (provenance in ``origin``), e.g. to inspect which
+        #: tokens were kept; ``None`` (the default) keeps nothing, so a server's memory does not grow.
+        self.record: list[TokenState] | None = None
 
     def __call__(self, pixel_values: torch.Tensor, queries: Sequence[torch.Tensor] | None = None
                  ) -> list[torch.Tensor]:
@@ -60,7 +61,7 @@ class PreLLMSelection:
             raise InputError(f"arrcoc.vllm: a query-aware pipeline needs one query per image; got {got} for "
                              f"{pixel_values.shape[0]} images")
         state = self.encoder.encode_inputs(pixel_values, {})
-        out, states = [], []
+        out = []
         for b in range(state.B):  # one image per run: see the module docstring
             one = state.image(b)
             if self.query_aware:
@@ -77,10 +78,6 @@ class PreLLMSelection:
                     f"image, but vLLM reserved {self.tokens_per_image} placeholders for it"
                 )
             out.append(features)
-            states.append(one)
-        self.last_states = states
+            if self.record is not None:
+                self.record.append(one)
         return out
-
-
-def shape_of(x: Any) -> str:
-    return f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__

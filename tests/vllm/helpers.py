@@ -1,0 +1,110 @@
+"""Engines and references shared by the vLLM tests: the shipped ToyVQA model, 16 test questions."""
+
+from __future__ import annotations
+
+import gc
+import math
+from typing import Any
+
+import torch
+
+#: Engine settings for the CPU build: small KV cache, no CUDA graphs, float32 like the reference.
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, limit_mm_per_prompt={"image": 1},
+              kv_cache_memory_bytes=256 << 20, distributed_executor_backend="uni", seed=0)
+#: Visual tokens the ToyVQA model gives an image (128 px, patch 8), and the budget the tests use.
+ALL, K = 256, 64
+MAX_NEW = 3
+
+
+def toy_samples(n: int = 16, start: int = 0) -> list[Any]:
+    import arrcoc.toyvqa as toyvqa
+
+    return list(toyvqa.samples("test", n, start=start))
+
+
+def request(sample: Any, question: str | None = None) -> dict[str, Any]:
+    import arrcoc.toyvqa as toyvqa
+    from PIL import Image
+
+    return {"prompt": toyvqa.prompt(question or sample.question.text),
+            "multi_modal_data": {"image": Image.fromarray(sample.image)}}
+
+
+class Engines:
+    """One vLLM engine at a time (each takes seconds to start and memory to hold), keyed by its settings."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.llm: Any = None
+
+    def get(self, pipeline: str, tokens: int) -> Any:
+        from vllm import LLM
+
+        import arrcoc.vllm
+        from arrcoc.models import resolve_model
+
+        key = (pipeline, tokens)
+        if key != self.key:
+            self.close()
+            self.llm = LLM(model=resolve_model("arrcoc:toyvqa"), **ENGINE,
+                           **arrcoc.vllm.engine_args(pipeline, tokens_per_image=tokens, model="arrcoc:toyvqa"))
+            self.key = key
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            engine = getattr(self.llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+        self.llm, self.key = None, None
+        gc.collect()
+
+
+def generate(llm: Any, requests: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """Greedy outputs of ``requests`` in one batch, and the pre-LLM state of each image the engine encoded."""
+    from vllm import SamplingParams
+
+    llm.apply_model(lambda model: setattr(model.arrcoc, "record", []))
+    outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=5), use_tqdm=False)
+    states = llm.apply_model(lambda model: [s.to("cpu") for s in model.arrcoc.record])[0]
+    llm.apply_model(lambda model: setattr(model.arrcoc, "record", None))
+    return outs, states
+
+
+def hf_generate(model: Any, processor: Any, sample: Any, question: str | None = None) -> tuple[list[int], list[dict]]:
+    """transformers' greedy ids and, per step, the top-5 ``{token: logprob}`` of the raw logits (one prompt)."""
+    import arrcoc.toyvqa as toyvqa
+
+    inputs = processor(images=[sample.image], text=[toyvqa.prompt(question or sample.question.text)],
+                       return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    tops = []
+    for logits in out.logits:
+        logp = torch.log_softmax(logits[0].double(), -1)
+        values, index = logp.topk(5)
+        tops.append(dict(zip(index.tolist(), values.tolist())))
+    return ids, tops
+
+
+def vllm_ids_and_tops(out: Any) -> tuple[list[int], list[dict]]:
+    completion = out.outputs[0]
+    tops = [{t: lp.logprob for t, lp in step.items() if lp.rank is not None and lp.rank <= 5}
+            for step in completion.logprobs]
+    return list(completion.token_ids), tops
+
+
+def assert_same_generation(got: tuple[list[int], list[dict]], want: tuple[list[int], list[dict]], tol: float,
+                           where: str) -> None:
+    ids, tops = got
+    want_ids, want_tops = want
+    # transformers stops at eos like vLLM (one prompt, no padding): the same ids, eos included
+    assert ids == want_ids[: len(ids)] and len(ids) == len(want_ids), f"{where}: ids {ids} != {want_ids}"
+    for step, (top, want_top) in enumerate(zip(tops, want_tops)):
+        assert set(top) == set(want_top), f"{where} step {step}: top-5 tokens {sorted(top)} != {sorted(want_top)}"
+        worst = max(abs(top[t] - want_top[t]) for t in top)
+        assert worst <= tol, f"{where} step {step}: logprobs differ by {worst:.3g} (> {tol})"
+        assert all(math.isfinite(v) for v in top.values())

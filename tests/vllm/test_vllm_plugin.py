@@ -1,0 +1,122 @@
+"""arrcoc in vLLM (CPU build, the shipped ToyVQA model): the same answers as transformers and arrcoc.hf.apply.
+
+* keep-everything (random_keep at K = 256 of 256): greedy ids and top-5
+  logprobs equal transformers' ``generate`` without arrcoc on 16 prompts;
+* random_keep, visionzip, hired and sparsevlm (query-aware) at K = 64: the
+  engine's prompt is text + K, the kept tokens (``origin``) are those of
+  ``arrcoc.hf.apply`` with the same pipeline set to the same K, and the
+  answers and logprobs equal its answers (1e-4);
+* two questions on one image in one batch: different kept sets, each the
+  one ``apply`` keeps for its question (the caches do not mix them).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+from helpers import ALL, K, Engines, assert_same_generation, generate, hf_generate, request, toy_samples, \
+    vllm_ids_and_tops  # noqa: E402
+
+PIPELINES = ["random_keep", "visionzip", "hired", "sparsevlm"]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    engines = Engines()
+    yield engines
+    engines.close()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    import arrcoc.toyvqa as toyvqa
+
+    torch.manual_seed(0)
+    model, processor = toyvqa.load(dtype=torch.float32)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return toy_samples(16)
+
+
+def planned(pipeline: str, model):
+    """``pipeline`` set to K tokens per image by the budget rules, with the context read off the HF model."""
+    from arrcoc.integrations import hf
+    from arrcoc.budget import plan_budget
+    from arrcoc.spec import resolve_spec
+
+    spec = resolve_spec(pipeline)
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    adapter = hf.adapter_for(model)
+    return plan_budget(spec, K / ALL, original=side * side, grid=(side, side),
+                       layers=model.config.text_config.num_hidden_layers, has_cls=adapter.has_cls,
+                       encoder_layers=adapter.default_attention_layer + 1).spec
+
+
+def apply_reference(model, processor, spec, sample, question=None):
+    """``arrcoc.hf.apply``'s answer for one prompt (batch of one, as each vLLM image runs) and its kept tokens."""
+    from arrcoc.integrations import hf
+
+    with hf.apply(model, spec) as run:
+        result = hf_generate(model, processor, sample, question)
+        origin = run.state.origin[0].cpu()
+    return result, origin
+
+
+def test_keep_everything_equals_transformers(engines, toy, samples):
+    model, processor = toy
+    llm = engines.get("random_keep", ALL)
+    outs, states = generate(llm, [request(s) for s in samples])
+    assert len(states) == len(samples)
+    for state in states:  # every patch kept, in its own place
+        assert torch.equal(state.origin[0], torch.arange(ALL))
+    for i, (sample, out) in enumerate(zip(samples, outs)):
+        text = len(processor(images=[sample.image], text=[request(sample)["prompt"]])["input_ids"][0]) - ALL
+        assert len(out.prompt_token_ids) == text + ALL
+        assert_same_generation(vllm_ids_and_tops(out), hf_generate(model, processor, sample), 1e-4, f"prompt {i}")
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_pipeline_equals_apply(engines, toy, samples, pipeline):
+    model, processor = toy
+    spec = planned(pipeline, model)
+    llm = engines.get(pipeline, K)
+    outs, states = generate(llm, [request(s) for s in samples])
+    assert len(states) == len(samples)
+    origins = []
+    for i, (sample, out) in enumerate(zip(samples, outs)):
+        text = len(processor(images=[sample.image], text=[request(sample)["prompt"]])["input_ids"][0]) - ALL
+        assert len(out.prompt_token_ids) == text + K, f"prompt {i}: {len(out.prompt_token_ids)} tokens"
+        want, origin = apply_reference(model, processor, spec, sample)
+        assert int((origin >= 0).sum()) >= K  # K tokens stand for at least K patches
+        origins.append(origin)
+        assert_same_generation(vllm_ids_and_tops(out), want, 1e-4, f"{pipeline}, prompt {i}")
+    # The kept tokens: the engine encodes images in its own order, so compare them as a multiset.
+    key = lambda o: tuple(o.tolist())  # noqa: E731
+    assert sorted(map(key, (s.origin[0] for s in states))) == sorted(map(key, origins))
+    for state in states:
+        assert int(state.counts[0]) == K
+
+
+def test_two_questions_on_one_image_keep_their_own_tokens(engines, toy, samples):
+    model, processor = toy
+    spec = planned("sparsevlm", model)
+    sample = samples[0]
+    # questions no earlier test asked about this image: nothing of them is in the engine's caches yet
+    questions = ["is there a red circle ?", "how many stars are there ?"]
+    llm = engines.get("sparsevlm", K)
+    outs, states = generate(llm, [request(sample, q) for q in questions] * 2)
+    refs = [apply_reference(model, processor, spec, sample, q) for q in questions]
+    assert not torch.equal(refs[0][1], refs[1][1]), "the two questions should keep different tokens"
+    for i, out in enumerate(outs):
+        assert_same_generation(vllm_ids_and_tops(out), refs[i % 2][0], 1e-4, f"question {i % 2}")
+    # One encoding per (image, question): the repeated prompts share theirs, the two questions do not.
+    assert sorted(tuple(s.origin[0].tolist()) for s in states) == sorted(tuple(r[1].tolist()) for r in refs)
