@@ -10,7 +10,8 @@ equal), or the call must be refused with the :class:`arrcoc.ArrcocError`
 listed in :data:`REFUSALS` (docs/hf.md, "What `apply` supports").
 
 Every batch is two prompts of different lengths, left-padded, whose images
-differ (LLaVA-NeXT: different crop grids).  The reference runs the model
+differ (LLaVA-NeXT: different crop grids); one config puts both images in
+the first prompt and none in the second.  The reference runs the model
 alone; the placeholder counts of the prompts come from the model's own
 ``get_image_features``, never from arrcoc.
 
@@ -75,6 +76,16 @@ def llava_next_inputs(model: Any, sizes: tuple[tuple[int, int], ...] = ((50, 100
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": image_sizes}
 
 
+def two_images_and_none(inputs: Callable[[Any], dict]) -> Callable[[Any], dict]:
+    """The same two images, both in the first prompt (text between them); the second prompt has none."""
+    def build(model: Any) -> dict:
+        batch = inputs(model)
+        counts = _model_counts(model, **{k: v for k, v in batch.items() if k in ("pixel_values", "image_sizes")})
+        ids, mask = left_pad([[BOS, 5, *[IMAGE] * counts[0], 6, *[IMAGE] * counts[1], 30, 31], [BOS, 7, 8, 9]])
+        return {**batch, "input_ids": ids, "attention_mask": mask}
+    return build
+
+
 @dataclass(frozen=True)
 class Config:
     family: str                       # the column of docs/hf.md's table
@@ -105,6 +116,7 @@ CONFIGS = {
         functools.partial(llava_next_inputs, sizes=((30, 100), (100, 30)))),
     "llava_next-siglip-full": Config(
         "llava_next", functools.partial(tiny_llava_next, tower="siglip", strategy="full"), llava_next_inputs),
+    "llava_next-2-images-and-none": Config("llava_next", tiny_llava_next, two_images_and_none(llava_next_inputs)),
     "llava_next-eager": Config(
         "llava_next", functools.partial(tiny_llava_next, torch.float32, attn_implementation="eager"),
         llava_next_inputs),
