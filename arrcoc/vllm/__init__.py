@@ -30,6 +30,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
                                       "arrcoc.vllm.llava:ArrcocLlavaForConditionalGeneration"),
 }
 
+#: Hugging Face ``model_type`` -> the architecture of :data:`ARCHITECTURES` that serves it.
+MODEL_TYPES: dict[str, str] = {"llava": "LlavaForConditionalGeneration"}
+
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: make vLLM know arrcoc's model classes.
@@ -67,8 +70,8 @@ def arrcoc_architecture(names: list[str], where: str) -> str:
         if name in (target for target, _ in ARCHITECTURES.values()):
             return name
     raise ModelError(
-        f"arrcoc.vllm: {where} is a {', '.join(names) or 'model of unknown architecture'}; arrcoc has vLLM classes "
-        f"for {', '.join(sorted(ARCHITECTURES))}"
+        f"arrcoc.vllm: {where} is a {', '.join(names) or 'model of an architecture arrcoc does not know'}; arrcoc "
+        f"has vLLM classes for {', '.join(sorted(ARCHITECTURES))}"
     )
 
 
@@ -80,8 +83,13 @@ class ArrcocOverrides:
         self.settings = dict(settings)
 
     def __call__(self, config: Any) -> Any:
+        # vLLM may hand over a config whose `architectures` is unset: its model type names the family then.
         names = list(getattr(config, "architectures", None) or [])
-        config.architectures = [arrcoc_architecture(names, where="the model")]
+        model_type = getattr(config, "model_type", None)
+        if not names and model_type in MODEL_TYPES:
+            names = [MODEL_TYPES[model_type]]
+        where = f"the model (model_type {model_type!r})" if model_type else "the model"
+        config.architectures = [arrcoc_architecture(names, where=where)]
         for key, value in self.settings.items():
             setattr(config, key, value)
         return config
