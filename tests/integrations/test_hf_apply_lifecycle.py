@@ -5,6 +5,12 @@ same model (nested, or from another thread) is an ``ActiveRunError`` naming
 the first; calls made from several threads inside one Run are serialised;
 whatever happens, leaving the block puts back exactly the model's own
 ``generate``, ``get_image_features``, attention implementation and hooks.
+
+Model-level corners too: ``vision_feature_layer`` as a list (features
+concatenated as the model does; signals from the layer producing the
+deepest one), a per-call ``vision_feature_layer`` under pre-LLM stages, and
+arrcoc's errors for bad image inputs being also the exception type the model
+itself raises for them.
 """
 
 import threading
