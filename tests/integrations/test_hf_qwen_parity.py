@@ -335,3 +335,32 @@ def test_a_fullgraph_compiled_forward_is_refused_before_it_runs(family):
     finally:
         del model.forward
     assert "forward" not in vars(model) and "generate" not in vars(model)
+
+
+# ------------------------------------------------- a pruned conversation goes on
+HALF = {"in_llm": {"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]},
+        "pre_llm": {"compress": [{"use": "random_keep", "keep": 0.5}]}}
+
+
+@pytest.mark.parametrize("stages", list(HALF))
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"], indirect=True)
+def test_a_pruned_conversation_goes_on_from_its_cache(family, stages):
+    """Three new tokens, then three more from the returned cache, equal six in one generate.  With pre-LLM
+    pruning the cache holds the shortened prompt while generate returned the caller's: the second call is
+    rebuilt on the short one (it used to read the wrong columns as uncached and number them wrongly)."""
+    name, model, _ = family
+    batch = PROMPTS["sizes"][0]()
+    with torch.no_grad(), arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}, **HALF[stages]}):
+        whole = model.generate(**batch, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                               output_scores=True)
+        first = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, 3, dtype=torch.long)], 1)
+        second = model.generate(input_ids=first.sequences, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                past_key_values=first.past_key_values, return_dict_in_generate=True,
+                                output_scores=True)
+        if stages == "pre_llm":
+            with pytest.raises(InputError, match="shortened before the LLM; continue them with the sequences"):
+                model.generate(input_ids=first.sequences[:, 1:], attention_mask=mask[:, 1:], max_new_tokens=1,
+                               past_key_values=first.past_key_values)
+    assert torch.equal(second.sequences, whole.sequences)
+    assert_same(second.scores, whole.scores[3:], f"{name}/{stages}: scores of the second call")

@@ -105,6 +105,9 @@ class Run:
         self._attn: str | None = None
         self._generate: Any = None  # the model's own generate, captured by _enter
         self._pre: dict[str, Any] = {}
+        # cache -> (the caller's prompt, the shortened prompt's sequence-aligned kwargs) for each generate whose
+        # prompt was shortened: a conversation going on from that cache must go on from the short prompt.
+        self._shortened: "weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, dict]]" = weakref.WeakKeyDictionary()
         self._in_generate = False
         self._in_forward = False
         # transformers 5's generate encodes the images (base_model.get_image_features) before the prefill
@@ -376,6 +379,7 @@ class Run:
         else:
             self._pre = {}
             self._check_placeholders(original, kwargs)
+            kwargs = self._resume_shortened(kwargs)
         self._outside_vision_ms = 0.0
         self._in_forward = False  # a forward that raised earlier never reached its post hook
         self._in_generate = True
@@ -384,6 +388,10 @@ class Run:
         finally:
             self._in_generate = False
         self._finish(new_tokens=True)
+        cache = kwargs.get("past_key_values", kwargs.get("cache", getattr(out, "past_key_values", None)))
+        if self.has_pre_llm and original is not None and cache is not None and "input_ids" in kwargs:
+            aligned = ("input_ids", "attention_mask", "mm_token_type_ids")
+            self._shortened[cache] = (original, {k: kwargs[k] for k in aligned if kwargs.get(k) is not None})
         if original is None or "input_ids" not in kwargs or kwargs["input_ids"] is original:
             return out
         # The caller's prompt, then the new tokens: exactly the layout of generate without arrcoc.
@@ -395,6 +403,33 @@ class Run:
             return torch.cat([prompts, out[:, cut:]], 1)
         out.sequences = torch.cat([prompts, out.sequences[:, cut:]], 1)
         return out
+
+    def _resume_shortened(self, kwargs: dict) -> dict:
+        """A conversation going on from the cache of a prompt shortened before the LLM: the cache holds the short
+        prompt, the caller's ids the long one it was given (``generate`` returned it), so ``generate`` gets the
+        short prompt followed by what came after the long one (its positions go on from the cached ones)."""
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        ids = kwargs.get("input_ids")
+        record = self._shortened.get(cache) if cache is not None else None
+        if record is None or ids is None:
+            return kwargs
+        prompt, short = record
+        rows = ids.shape[0] // prompt.shape[0] if ids.shape[0] % prompt.shape[0] == 0 else 0
+        L = prompt.shape[1]
+        if not rows or ids.shape[1] < L or not torch.equal(ids[:, :L], prompt.repeat_interleave(rows, 0)):
+            raise InputError(
+                f"arrcoc.hf: past_key_values holds {prompt.shape[0]} prompt(s) of {L} tokens that pipeline "
+                f"{self.spec.name!r} shortened before the LLM; continue them with the sequences generate returned "
+                f"(those prompts, then the new tokens), got input_ids of shape {tuple(ids.shape)} that do not start "
+                "with them"
+            )
+        kwargs = dict(kwargs)
+        for name, head in short.items():
+            tail = kwargs.get(name)
+            if tail is None or tail.shape[-1] != ids.shape[1]:  # not given: the new columns are real text
+                tail = torch.full_like(ids, 1 if name == "attention_mask" else 0, dtype=head.dtype)
+            kwargs[name] = torch.cat([head.repeat_interleave(rows, 0), tail[:, L:].to(head.dtype)], 1)
+        return kwargs
 
     def _generate_mask(self, ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The attention mask ``generate`` infers for ``ids`` when none is given: 0 on pad ids, unless the pad id

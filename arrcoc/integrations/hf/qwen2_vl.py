@@ -76,13 +76,15 @@ class Qwen2VLAdapter(Adapter):
         rope_kwargs = {k: kwargs[k] for k in ("video_grid_thw", "second_per_grid_ts") if kwargs.get(k) is not None}
         positions, deltas = self.model.model.get_rope_index(
             ids, mm, image_grid_thw=self._grid_thw(kwargs), attention_mask=mask, **rope_kwargs)
-        # What the model's own position set-up leaves for later calls (skipped, as the positions are given):
-        # a conversation continued from past_key_values numbers its new text from these offsets.
-        self.model.model.rope_deltas = deltas
         positions = positions.gather(2, index[None].expand(positions.shape[0], -1, -1))
         # The numbering generate gives the unshortened prompt: padding (the caller's, kept in place, and the
         # columns added in front of shorter rows) at 0, text row cumsum(mask) - 1 over the real columns.
         real = valid if mask is None else mask.gather(1, index).bool() & valid
+        # What the model's own position set-up leaves for later calls (skipped, as the positions are given): a
+        # conversation continued from past_key_values numbers its new text as text position + rope_deltas, over
+        # the SHORT prompt in the cache, so the tokens dropped count into the offset.
+        dropped = (torch.ones_like(ids) if mask is None else mask).sum(1, keepdim=True) - real.sum(1, keepdim=True)
+        self.model.model.rope_deltas = deltas + dropped.to(deltas.device)
         positions = positions.masked_fill(~real[None], 0)
         text = (real.long().cumsum(1) - 1).masked_fill(~real, 0)
         return {"position_ids": torch.cat([text[None], positions], 0),
