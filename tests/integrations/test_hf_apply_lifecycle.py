@@ -423,3 +423,22 @@ def test_a_per_call_feature_layer_other_than_the_config_is_refused_not_ignored(m
         torch.testing.assert_close(logits(model, other_layer), own_logits, rtol=0, atol=0)
         assert torch.equal(greedy(model, other_layer), own_tokens)
     assert_restored(model, batch, reference)
+
+
+def test_a_call_that_waited_while_the_block_was_left_computes_as_the_model(model, batch, reference):
+    """A thread's forward that read the model's hooks before another thread left the block, and waited for the
+    Run meanwhile, then runs the Run's pre-hook on a restored model: it must neither compress (the in-LLM hooks
+    and the post-hook are gone) nor keep the Run's call lock (the hook that releases it is gone too)."""
+    with arrcoc.hf.apply(model, BOTH) as run:
+        pass
+    stale = model.register_forward_pre_hook(run._pre_llm_hook, with_kwargs=True, prepend=True)  # as torch read it
+    try:
+        torch.testing.assert_close(logits(model, batch), reference["plain_logits"], rtol=0, atol=0)
+    finally:
+        stale.remove()
+    released = []
+    thread = threading.Thread(target=lambda: released.append(run._call_lock.acquire(timeout=5)))
+    thread.start()
+    thread.join(10)
+    assert released == [True]  # another thread can take it: the stale call did not keep it
+    assert_restored(model, batch, reference)

@@ -226,6 +226,11 @@ class Run:
     def _pre_llm_hook(self, module: Any, args: tuple, kwargs: dict):
         _refuse_fullgraph_forward(module)  # before the call lock: nothing to release
         self._begin_call()  # released by _forward_done, also when the forward raises
+        if not self._active:
+            # The block was left while this call waited for the Run (torch read the hooks before _exit removed
+            # them, so _forward_done will not run): the model computes on its own.
+            self._end_call()
+            return None
         self._in_forward = True
         if not self._in_generate:
             self._outside_vision_ms = 0.0
