@@ -98,12 +98,12 @@ CONFIGS = {
     "llava": Config("llava", tiny_llava, llava_inputs),
     "llava-siglip-full": Config(
         "llava", functools.partial(tiny_llava, tower="siglip", strategy="full"), llava_inputs),
-    # Eager attention returns attention weights (sdpa returns none).  float32: in float64 the model's own eager
-    # attention turns a left-padded row into NaN (its mask minimum overflows), arrcoc or not.
     "llava-clip-full": Config(  # the class token is the first feature row
         "llava", functools.partial(tiny_llava, strategy="full"), llava_inputs),
     "llava-siglip-default": Config(  # transformers drops the first patch: pre-LLM stages are refused (REFUSALS)
         "llava", functools.partial(tiny_llava, tower="siglip", strategy="default"), llava_inputs),
+    # Eager attention returns attention weights (sdpa returns none).  float32: in float64 the model's own eager
+    # attention turns a left-padded row into NaN (its mask minimum overflows), arrcoc or not.
     "llava-eager": Config("llava", functools.partial(tiny_llava, torch.float32, attn_implementation="eager"),
                           llava_inputs),
     "llava_next": Config("llava_next", tiny_llava_next, llava_next_inputs),
