@@ -1,9 +1,12 @@
 """Qwen2-VL / Qwen2.5-VL: ``arrcoc.hf.apply`` with a pipeline that keeps everything is invisible.
 
-Every prompt shape (:data:`PROMPTS`) x family (:data:`FAMILIES`) x keep-everything
-pipeline (:data:`PIPELINES`: pre-LLM and in-LLM) x generation mode
-(:data:`MODES`) runs once on the bare model and once inside ``apply``: token ids
-equal; scores, logits, attentions and hidden states of the same shapes and
+``test_hf_generate_parity.py`` runs every generate mode on one batch of each
+family (two image sizes, left-padded) and its comparison, ``assert_same``,
+is used here.  This file adds the prompt shapes Qwen's prompts take
+(:data:`PROMPTS`) x family (:data:`FAMILIES`, eager attention too) x
+keep-everything pipeline (:data:`PIPELINES`: pre-LLM and in-LLM) x mode
+(:data:`MODES`), each once on the bare model and once inside ``apply``: token
+ids equal; scores, logits, attentions and hidden states of the same shapes and
 allclose at 1e-5 (float64); caches of equal lengths per layer.
 
 The prompt shapes are the ones where a token used to go missing (attention
@@ -29,6 +32,7 @@ import arrcoc
 from arrcoc.errors import InputError
 from arrcoc.integrations.hf.prompt import padding_mask, shrink_prompts
 from tiny_models import BOS, PAD, QWEN_END as END, QWEN_IMAGE as IMAGE, QWEN_START as START
+from test_hf_generate_parity import assert_same
 from tiny_models import tiny_qwen2_5_vl, tiny_qwen2_vl
 
 NEW = 3  # new tokens per generate call
@@ -63,11 +67,11 @@ def qwen_batch(rows: list[list[Any]], with_mask: bool = True) -> dict:
     return batch
 
 
-#: name -> (batch builder, the modes it runs).  The first two run every mode.
+#: name -> (batch builder, the modes it runs; None: every mode).
 PROMPTS: dict[str, tuple[Callable[[], dict], tuple[str, ...] | None]] = {
-    # Two sizes in one batch, text before and after, left padding.
+    # Two sizes in one batch, text before and after, left padding (every mode: test_hf_generate_parity.py).
     "sizes": (lambda: qwen_batch([[BOS, 10, 11, START, "wide", END, 50, 51, 52], [BOS, START, "square", END, 50]]),
-              None),
+              ("past_key_values",)),
     # Two images in one prompt with text between them, one in the other.
     "two_images": (lambda: qwen_batch([[BOS, START, "wide", END, 12, 13, START, "small", END, 50, 51],
                                        [BOS, 14, START, "square", END, 50, 51, 52]]), None),
@@ -174,33 +178,6 @@ MODES: dict[str, Callable[[Any, dict], Any]] = {
 #: generate on transformers 5.25: "Sizes of tensors must match").
 _NEED_IDS = r"need input_ids.*got inputs_embeds: its multimodal rotary positions are computed from the prompt's ids"
 REFUSALS = {("pre_llm", "inputs_embeds"): _NEED_IDS, ("in_llm", "inputs_embeds"): _NEED_IDS}
-
-
-# ---------------------------------------------------------------- compare
-def assert_same(got: Any, want: Any, where: str) -> None:
-    """Token ids equal; float tensors of the same shape allclose at ``ATOL``; caches of equal lengths per layer."""
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor), f"{where}: {type(got).__name__} instead of a tensor"
-        assert got.shape == want.shape, f"{where}: shape {tuple(got.shape)} instead of {tuple(want.shape)}"
-        if want.is_floating_point():
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m: f"{where}: {m}")
-        else:
-            assert torch.equal(got, want), f"{where}: {got.tolist()} instead of {want.tolist()}"
-    elif hasattr(want, "layers") and hasattr(want, "get_seq_length"):  # a transformers Cache
-        assert type(got) is type(want), f"{where}: {type(got).__name__} instead of {type(want).__name__}"
-        lengths = [[c.get_seq_length(i) for i in range(len(c.layers))] for c in (got, want)]
-        assert lengths[0] == lengths[1], f"{where}: cache lengths {lengths[0]} instead of {lengths[1]}"
-    elif isinstance(want, (tuple, list)):
-        assert isinstance(got, (tuple, list)) and len(got) == len(want), f"{where}: {len(want)} entries expected"
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_same(g, w, f"{where}[{i}]")
-    elif isinstance(want, dict) or hasattr(want, "keys"):
-        keys = sorted(k for k in want.keys() if want[k] is not None)
-        assert sorted(k for k in got.keys() if got[k] is not None) == keys, f"{where}: other fields"
-        for k in keys:
-            assert_same(got[k], want[k], f"{where}.{k}")
-    else:
-        assert got == want, f"{where}: {got!r} instead of {want!r}"
 
 
 # ------------------------------------------------------------------ tests
