@@ -42,9 +42,10 @@ GRIDS = {"wide": (1, 4, 8), "square": (1, 6, 6), "small": (1, 4, 4)}
 
 
 # ------------------------------------------------------------------ inputs
-def qwen_batch(rows: list[list[Any]], with_mask: bool = True) -> dict:
+def qwen_batch(rows: list[list[Any]], with_mask: bool = True, side: str = "left") -> dict:
     """Prompts from token rows where a grid name stands for that image's placeholders; left-padded with PAD, and
-    every PAD masked.  ``with_mask=False`` passes no attention mask (``generate`` infers the same one)."""
+    every PAD masked.  ``with_mask=False`` passes no attention mask (``generate`` infers the same one);
+    ``side="right"`` pads on the right (transformers warns, and generates after the padding)."""
     grids, pixels, prompts = [], [], []
     for row in rows:
         prompt = []
@@ -59,7 +60,7 @@ def qwen_batch(rows: list[list[Any]], with_mask: bool = True) -> dict:
                 prompt.append(item)
         prompts.append(prompt)
     L = max(map(len, prompts))
-    ids = torch.tensor([[PAD] * (L - len(p)) + p for p in prompts])
+    ids = torch.tensor([[PAD] * (L - len(p)) + p if side == "left" else p + [PAD] * (L - len(p)) for p in prompts])
     batch = {"input_ids": ids, "pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids),
              "mm_token_type_ids": (ids == IMAGE).int()}
     if with_mask:
@@ -86,6 +87,12 @@ PROMPTS: dict[str, tuple[Callable[[], dict], tuple[str, ...] | None]] = {
                              ("greedy", "dict_outputs", "past_key_values")),
     # Text between vision_start and the image, and between the image and vision_end.
     "text_inside_vision": (lambda: qwen_batch([[BOS, START, 20, "wide", 21, END, 50]]), ("greedy", "dict_outputs")),
+    # Both images in one prompt, none in the other.
+    "no_image_row": (lambda: qwen_batch([[BOS, START, "wide", END, START, "small", END, 50], [BOS, 10, 11, 12]]),
+                     ("greedy", "dict_outputs", "past_key_values")),
+    # Right padding.
+    "right_padded": (lambda: qwen_batch([[BOS, 10, START, "small", END, 50, 51, 52, 53], [BOS, START, "wide", END]],
+                                        side="right"), ("greedy", "dict_outputs")),
     # A pad id inside the prompt and no attention mask: generate masks it.
     "pad_inside": (lambda: qwen_batch([[BOS, 10, PAD, START, "small", END, 50],
                                        [BOS, 11, START, "square", END, PAD, 51]], with_mask=False),
