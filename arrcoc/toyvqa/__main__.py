@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -47,16 +48,27 @@ def accuracy_table(title: str, columns: dict[str, Any]) -> Table:
     return table
 
 
+class _FiniteRange(click.FloatRange):
+    """A float range that also refuses nan and inf (click's FloatRange lets nan through: no comparison fails)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 @main.command()
 @click.option("--out", default="runs/toyvqa", show_default=True, type=click.Path(file_okay=False),
               help="Directory for checkpoints, the log and the final model.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: the recipe's).")
 @click.option("--batch-images", type=click.IntRange(min=1), default=None, help="Images per step.")
 @click.option("--questions-per-image", type=click.IntRange(min=1), default=None, help="Conversation turns per image.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate.")
-@click.option("--grounding-weight", type=click.FloatRange(min=0), default=None, help="Weight of the grounding loss (0: off).")
-@click.option("--attention-weight", type=click.FloatRange(min=0), default=None, help="Weight of the attention losses (0: off).")
-@click.option("--seed", type=int, default=None, help="Seed of the initialisation.")
+@click.option("--lr", type=_FiniteRange(min=0, min_open=True), default=None, help="Peak learning rate.")
+@click.option("--grounding-weight", type=_FiniteRange(min=0), default=None, help="Weight of the grounding loss (0: off).")
+@click.option("--attention-weight", type=_FiniteRange(min=0), default=None, help="Weight of the attention losses (0: off).")
+@click.option("--seed", type=click.IntRange(min=0, max=(1 << 63) - 1), default=None,
+              help="Seed of the initialisation.")
 @click.option("--tiny", is_flag=True, help="A tiny model (for smoke tests), not the shipped size.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True)

@@ -99,6 +99,10 @@ MIN_COVER = 0.25        # of a patch's pixels: an object's patch for the groundi
 IGNORE = -100
 
 
+#: The largest seed (and step count) a setting may hold: torch.manual_seed and int64 tensors take no more.
+SEED_MAX = (1 << 63) - 1
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1500
@@ -115,6 +119,23 @@ class TrainConfig:
     position_weight: float = 1.0
     seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
+
+    def __post_init__(self) -> None:
+        """Every setting is checked here, before a model is built: a NaN learning rate trained NaN weights."""
+        positive = ("lr", "grad_clip", "grounding_scale")
+        non_negative = ("weight_decay", "grounding_weight", "attention_weight", "position_weight")
+        for name in positive + non_negative + ("min_lr_ratio",):
+            value = getattr(self, name)
+            low = "> 0" if name in positive else ">= 0"
+            bound = f"{low}" + (" and <= 1" if name == "min_lr_ratio" else "")
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and (value > 0 if name in positive else value >= 0) and (name != "min_lr_ratio" or value <= 1))
+            if not ok:
+                raise InputError(f"TrainConfig.{name}: expected a finite number {bound}, got {value!r}")
+        for name, least in (("steps", 1), ("batch_images", 1), ("questions_per_image", 1), ("warmup", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= SEED_MAX:
+                raise InputError(f"TrainConfig.{name}: expected an integer in [{least}, {SEED_MAX}], got {value!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
