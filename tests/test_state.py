@@ -251,6 +251,17 @@ def test_check_catches_non_finite_real_tokens_and_class_token(value):
     dataclasses.replace(state, tokens=padded).check()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("at", [0, D - 1])
+def test_non_finite_values_are_found_in_any_dtype_and_channel(dtype, at):
+    for value in (float("nan"), float("inf"), -float("inf")):
+        tokens = torch.randn(B, N, D).to(dtype)
+        tokens[0, 7, at] = value
+        with pytest.raises(NonFiniteStateError, match=r"NaN or inf in real tokens of images \[0\]"):
+            TokenState.from_patches(tokens, (H, W))
+    TokenState.from_patches(torch.zeros(B, N, 0, dtype=dtype), (H, W)).check()  # no channel: nothing to check
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_from_patches_refuses_non_finite_tokens_or_class_token(value):
     tokens = torch.randn(B, N, D)
