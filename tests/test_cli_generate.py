@@ -121,3 +121,28 @@ def test_a_model_directory_without_tokenizer_files_names_them(model_dir, tmp_pat
     result = CliRunner().invoke(main, ["generate", str(copy), "--pipeline", "fastv", "--image", _image(tmp_path),
                                        "--prompt", "hi"])
     assert result.exit_code == 2 and "holds no config.json and no tokenizer file" in result.output, result.output
+
+
+def test_a_processor_refusing_the_inputs_is_one_error_line(model_dir, tmp_path, monkeypatch):
+    """Whatever else a model's processor refuses (its own ValueError) is an InputError, not a traceback."""
+    from arrcoc.integrations import hf
+
+    real_load = hf.load
+
+    class Refusing:
+        def __init__(self, processor):
+            self.processor = processor
+
+        def __call__(self, **kwargs):
+            raise ValueError("Image features and image tokens do not match: tokens: 3, features 16")
+
+        def __getattr__(self, name):
+            return getattr(self.processor, name)
+
+    monkeypatch.setattr(hf, "load", lambda *a, **k: (lambda m, p: (m, Refusing(p)))(*real_load(*a, **k)))
+    result = CliRunner().invoke(main, ["generate", model_dir, "--pipeline", "fastv", "--image", _image(tmp_path),
+                                       "--prompt", "hi"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"the processor of {model_dir} refused the prompts" in text
+    assert "with 1 images: Image features and image tokens do not match" in text
