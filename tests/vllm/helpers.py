@@ -72,12 +72,14 @@ def generate(llm: Any, requests: list[dict[str, Any]]) -> tuple[list[Any], list[
     return outs, states
 
 
-def hf_generate(model: Any, processor: Any, sample: Any, question: str | None = None) -> tuple[list[int], list[dict]]:
-    """transformers' greedy ids and, per step, the top-5 ``{token: logprob}`` of the raw logits (one prompt)."""
+def hf_generate(model: Any, processor: Any, sample: Any, question: str | None = None, bos: bool = True
+                ) -> tuple[list[int], list[dict]]:
+    """transformers' greedy ids and, per step, the top-5 ``{token: logprob}`` of the raw logits (one prompt;
+    ``bos=False``: tokenised as vLLM's chat endpoint does, without the tokenizer's special tokens)."""
     import arrcoc.toyvqa as toyvqa
 
     inputs = processor(images=[sample.image], text=[toyvqa.prompt(question or sample.question.text)],
-                       return_tensors="pt")
+                       return_tensors="pt", add_special_tokens=bos)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
@@ -108,3 +110,28 @@ def assert_same_generation(got: tuple[list[int], list[dict]], want: tuple[list[i
         worst = max(abs(top[t] - want_top[t]) for t in top)
         assert worst <= tol, f"{where} step {step}: logprobs differ by {worst:.3g} (> {tol})"
         assert all(math.isfinite(v) for v in top.values())
+
+
+def planned(pipeline: str, model):
+    """``pipeline`` set to K tokens per image by the budget rules, with the context read off the HF model."""
+    from arrcoc.integrations import hf
+    from arrcoc.budget import plan_budget
+    from arrcoc.spec import resolve_spec
+
+    spec = resolve_spec(pipeline)
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    adapter = hf.adapter_for(model)
+    return plan_budget(spec, K / ALL, original=side * side, grid=(side, side),
+                       layers=model.config.text_config.num_hidden_layers, has_cls=adapter.has_cls,
+                       encoder_layers=adapter.default_attention_layer + 1).spec
+
+
+def apply_reference(model, processor, spec, sample, question=None, bos=True):
+    """``arrcoc.hf.apply``'s answer for one prompt (batch of one, as each vLLM image runs) and its kept tokens."""
+    from arrcoc.integrations import hf
+
+    with hf.apply(model, spec) as run:
+        result = hf_generate(model, processor, sample, question, bos)
+        origin = run.state.origin[0].cpu()
+    return result, origin

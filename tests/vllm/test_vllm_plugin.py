@@ -18,8 +18,8 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from helpers import ALL, K, Engines, assert_same_generation, generate, hf_generate, request, toy_samples, \
-    vllm_ids_and_tops  # noqa: E402
+from helpers import ALL, K, Engines, apply_reference, assert_same_generation, generate, hf_generate, planned, \
+    request, toy_samples, vllm_ids_and_tops  # noqa: E402
 
 PIPELINES = ["random_keep", "visionzip", "hired", "sparsevlm"]
 
@@ -32,43 +32,8 @@ def engines():
 
 
 @pytest.fixture(scope="module")
-def toy():
-    import arrcoc.toyvqa as toyvqa
-
-    torch.manual_seed(0)
-    model, processor = toyvqa.load(dtype=torch.float32)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
-
-
-@pytest.fixture(scope="module")
 def samples():
     return toy_samples(16)
-
-
-def planned(pipeline: str, model):
-    """``pipeline`` set to K tokens per image by the budget rules, with the context read off the HF model."""
-    from arrcoc.integrations import hf
-    from arrcoc.budget import plan_budget
-    from arrcoc.spec import resolve_spec
-
-    spec = resolve_spec(pipeline)
-    vision = model.config.vision_config
-    side = vision.image_size // vision.patch_size
-    adapter = hf.adapter_for(model)
-    return plan_budget(spec, K / ALL, original=side * side, grid=(side, side),
-                       layers=model.config.text_config.num_hidden_layers, has_cls=adapter.has_cls,
-                       encoder_layers=adapter.default_attention_layer + 1).spec
-
-
-def apply_reference(model, processor, spec, sample, question=None):
-    """``arrcoc.hf.apply``'s answer for one prompt (batch of one, as each vLLM image runs) and its kept tokens."""
-    from arrcoc.integrations import hf
-
-    with hf.apply(model, spec) as run:
-        result = hf_generate(model, processor, sample, question)
-        origin = run.state.origin[0].cpu()
-    return result, origin
 
 
 def test_keep_everything_equals_transformers(engines, toy, samples):
