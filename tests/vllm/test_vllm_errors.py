@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.entrypoints")  # not just "vllm": tests/vllm itself imports as a namespace package
 
-from helpers import ALL, ENGINE, K  # noqa: E402
+from vllm_helpers import ALL, ENGINE, K  # noqa: E402
 
 from arrcoc.errors import ArrcocError, BudgetError, ModelError, SpecError, UnknownPipelineError  # noqa: E402
 

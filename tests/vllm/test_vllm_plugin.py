@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.entrypoints")  # not just "vllm": tests/vllm itself imports as a namespace package
 
 import torch  # noqa: E402
 
-from helpers import ALL, K, Engines, apply_reference, assert_same_generation, generate, hf_generate, planned, \
+from vllm_helpers import ALL, K, Engines, apply_reference, assert_same_generation, generate, hf_generate, planned, \
     request, toy_samples, vllm_ids_and_tops  # noqa: E402
 
 PIPELINES = ["random_keep", "visionzip", "hired", "sparsevlm"]
@@ -85,3 +85,16 @@ def test_two_questions_on_one_image_keep_their_own_tokens(engines, toy, samples)
         assert_same_generation(vllm_ids_and_tops(out), refs[i % 2][0], 1e-4, f"question {i % 2}")
     # One encoding per (image, question): the repeated prompts share theirs, the two questions do not.
     assert sorted(tuple(s.origin[0].tolist()) for s in states) == sorted(tuple(r[1].tolist()) for r in refs)
+
+
+def test_register_is_idempotent():
+    """vLLM calls the entry point in every process it starts; calling it again changes nothing."""
+    from vllm import ModelRegistry
+
+    import arrcoc.vllm
+
+    before = set(ModelRegistry.get_supported_archs())
+    assert "ArrcocLlavaForConditionalGeneration" in before  # the entry point ran when vLLM loaded its plugins
+    arrcoc.vllm.register()
+    arrcoc.vllm.register()
+    assert set(ModelRegistry.get_supported_archs()) == before
