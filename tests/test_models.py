@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import arrcoc
@@ -9,12 +11,28 @@ from arrcoc.errors import ModelError
 from arrcoc.models import resolve_model, shipped_model_dir
 
 
-def test_a_shipped_name_resolves_to_its_package_directory_and_anything_else_is_unchanged():
+def test_a_shipped_name_resolves_to_its_package_directory_and_anything_else_is_unchanged(tmp_path, monkeypatch):
     path = shipped_model_dir("toyvqa")
     assert (path / "config.json").is_file() and path.name == "model" and path.parent.name == "toyvqa"
     assert resolve_model("arrcoc:toyvqa") == str(path)
     assert resolve_model("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "arrcoc:toyvqa").mkdir()
     assert resolve_model("./arrcoc:toyvqa") == "./arrcoc:toyvqa"   # a path that happens to contain the prefix
+
+
+@pytest.mark.parametrize("missing", ["./arrcoc:toyvqa", "/no/such/llava", "../llava", "~/no_such_llava_x", "a/b/c",
+                                     "models\\llava"])
+def test_a_local_path_that_does_not_exist_is_a_model_error_saying_so(missing, tmp_path, monkeypatch):
+    """Was transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=rf"^model directory {re.escape(repr(missing))} does not exist; pass a local "
+                                         r"Hugging Face checkpoint directory, a hub id \('org/name'\), or "
+                                         r"arrcoc:toyvqa \(the ToyVQA LLaVA that ships inside arrcoc, no download\)$"):
+        resolve_model(missing)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelError, match=r"^model 'file' is a file, not a model directory; pass a local"):
+        resolve_model("file")
 
 
 def test_an_unknown_shipped_name_lists_what_ships():
