@@ -442,3 +442,69 @@ def test_a_call_that_waited_while_the_block_was_left_computes_as_the_model(model
     thread.join(10)
     assert released == [True]  # another thread can take it: the stale call did not keep it
     assert_restored(model, batch, reference)
+
+
+def test_a_generate_that_waited_while_the_block_was_left_generates_as_the_model(model, batch, reference):
+    """Thread B calls ``model.generate`` (the Run's wrapper) while a call of thread A holds the Run, and A leaves the
+    block meanwhile: B generates as the model alone.  It ran the pre-LLM stages and then the model's own generate
+    without the in-LLM hooks (neither the pipeline's tokens nor the model's)."""
+    import time
+
+    results, waiting = {}, threading.Event()
+    thread_b = threading.Thread(target=lambda: results.setdefault("b", greedy(model, batch)), daemon=True)
+    with arrcoc.hf.apply(model, BOTH) as run:
+        begin = run._begin_call
+
+        def observed_begin():
+            if threading.current_thread() is thread_b:
+                waiting.set()
+            return begin()
+
+        run._begin_call = observed_begin
+        run._begin_call()  # a call of this thread in flight (as a generate's) until after the block is left
+        thread_b.start()
+        assert waiting.wait(30)
+        time.sleep(0.2)  # B is past its check of the Run, blocked on the call lock
+    run._end_call()
+    thread_b.join(120)
+    assert torch.equal(results["b"], reference["plain"])
+    assert_restored(model, batch, reference)
+
+
+@pytest.mark.parametrize("call", ["generate", "forward"])
+def test_a_call_stopped_by_keyboard_interrupt_does_not_keep_the_run(model, batch, reference, call):
+    """Ctrl-C inside a forward, caught inside the block (as a chat loop does): torch runs the always_call hook that
+    gives the Run back on ``Exception`` only, so the interrupted thread kept the Run and another thread's call waited
+    forever.  The next call of the interrupted thread (or the end of its generate) gives it back."""
+    fired = []
+
+    def interrupt(module, args):
+        if not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    run_call = greedy if call == "generate" else logits
+    with arrcoc.hf.apply(model, FASTV) as run:
+        alone = logits(model, batch)
+        handle = model.model.language_model.layers[1].register_forward_pre_hook(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_call(model, batch)
+        finally:
+            handle.remove()
+        if call == "forward":  # the interrupted thread's next forward
+            torch.testing.assert_close(logits(model, batch), alone, rtol=0, atol=0)
+        out = {}
+        thread = threading.Thread(target=lambda: out.setdefault("b", greedy(model, batch)), daemon=True)
+        thread.start()
+        thread.join(30)
+        waited_forever = thread.is_alive()
+        while waited_forever:  # let the test end: give back what this thread kept
+            try:
+                run._call_lock.release()
+            except RuntimeError:
+                break
+        thread.join(60)
+    assert not waited_forever, "another thread's call waited for a Run the interrupted call kept"
+    assert torch.equal(out["b"], reference["fastv"])
+    assert_restored(model, batch, reference)

@@ -199,12 +199,18 @@ class Run:
             if _ACTIVE_RUNS.get(self.model) is self:
                 del _ACTIVE_RUNS[self.model]
 
-    def _begin_call(self) -> None:
+    def _begin_call(self) -> int:
+        """Take the Run for this thread; returns how many holds the thread had before (for ``_end_call``)."""
+        depth = getattr(self._call_depth, "n", 0)
         self._call_lock.acquire()
-        self._call_depth.n = getattr(self._call_depth, "n", 0) + 1
+        self._call_depth.n = depth + 1
+        return depth
 
-    def _end_call(self) -> None:
-        if getattr(self._call_depth, "n", 0):  # only what this thread took (a hook before ours may have raised)
+    def _end_call(self, depth: int | None = None) -> None:
+        """Give back one hold, or (``depth``) every hold this thread took beyond ``depth``: a forward interrupted by
+        a BaseException (Ctrl-C) never reaches _forward_done, torch runs always_call hooks on Exception only."""
+        n = getattr(self._call_depth, "n", 0)  # only what this thread took (a hook before ours may have raised)
+        for _ in range(n - max(n - 1 if depth is None else depth, 0)):
             self._call_depth.n -= 1
             self._call_lock.release()
 
@@ -225,12 +231,14 @@ class Run:
 
     def _pre_llm_hook(self, module: Any, args: tuple, kwargs: dict):
         _refuse_fullgraph_forward(module)  # before the call lock: nothing to release
-        self._begin_call()  # released by _forward_done, also when the forward raises
+        depth = self._begin_call()  # released by _forward_done, also when the forward raises
         if not self._active:
             # The block was left while this call waited for the Run (torch read the hooks before _exit removed
             # them, so _forward_done will not run): the model computes on its own.
             self._end_call()
             return None
+        if depth and not self._in_generate:  # what an earlier forward of this thread kept when Ctrl-C stopped it
+            self._end_call(1)
         self._in_forward = True
         if not self._in_generate:
             self._outside_vision_ms = 0.0
@@ -360,11 +368,16 @@ class Run:
                 f"arrcoc.hf: the Run of pipeline {self.spec.name!r} has ended (its `with` block was left), but its "
                 "generate was kept and called: call model.generate, or enter arrcoc.hf.apply again"
             )
-        self._begin_call()
+        depth = self._begin_call()
+        if not self._active:
+            # The block was left while this call waited for the Run: the model generates as it is now (its own
+            # generate; the Run's hooks are gone), not with the pre-LLM stages and without the in-LLM ones.
+            self._end_call(depth)
+            return self.model.generate(*args, **kwargs)
         try:
             return self._run_generate(*args, **kwargs)
         finally:
-            self._end_call()
+            self._end_call(depth)  # with what a forward stopped by Ctrl-C kept (it never reached _forward_done)
 
     def _run_generate(self, *args: Any, **kwargs: Any) -> Any:
         _refuse_fullgraph_forward(self.model)  # before the pre-LLM stages run
