@@ -7,6 +7,7 @@ naming the file. Each test counts the ``generate`` passes a resume makes (``_Run
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -111,10 +112,16 @@ def test_a_damaged_run_json_is_an_error_naming_it(toy, finished, tmp_path, passe
                                          r"beside it was computed with, so those rows cannot be resumed"):
         run_eval(out, toy)
     assert passes == []
-    (out / "results.csv").unlink()   # nothing depends on it any more: written again
-    (out / "reference.pt").unlink()
+
+
+def test_a_damaged_run_json_with_no_results_beside_it_is_written_again(toy, finished, tmp_path, passes):
+    out = copy(finished, tmp_path)
+    (out / "run.json").write_bytes(b'{"model": "arrc')
+    (out / "results.csv").unlink()   # nothing depends on it
     run_eval(out, toy, budgets=[0.5])
+    assert passes == ["random_keep"]   # the reference.pt beside it records its own settings: reused
     assert keys_of(out) == KEYS[:2]
+    assert json.loads((out / "run.json").read_text())["n"] == N
 
 
 def test_a_second_row_for_one_method_and_budget_is_an_error_naming_both_lines(toy, finished, tmp_path):
