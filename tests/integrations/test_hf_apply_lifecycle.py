@@ -106,6 +106,28 @@ def test_nested_apply_on_one_model_is_refused_naming_the_active_run(model, batch
     assert_restored(model, batch, reference)
 
 
+def test_the_active_run_errors_advice_runs_two_pipelines_at_once(model, batch, reference):
+    """The ActiveRunError's way to run two pipelines at once, a copy of the model, works when the copy is made
+    outside every block; inside one, where the nested apply was refused, deepcopy fails (the model carries the Run's
+    hooks), so the message says where to copy (it said only copy.deepcopy(model))."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with arrcoc.hf.apply(model, BOTH):
+        with pytest.raises(ActiveRunError) as err:
+            with arrcoc.hf.apply(model, FASTV):
+                pass  # pragma: no cover - never entered
+        with pytest.raises(Exception):
+            copy.deepcopy(model)
+        with arrcoc.hf.apply(twin, FASTV):
+            assert torch.equal(greedy(twin, batch), reference["fastv"])
+            assert torch.equal(greedy(model, batch), reference["both"])
+    msg = str(err.value)
+    assert "copy.deepcopy(model) before entering" in msg and "outside every apply block" in msg, msg
+    assert_restored(model, batch, reference)
+    assert_restored(twin, batch, reference)
+
+
 def test_contexts_left_in_non_lifo_order(model, batch, reference):
     other = tiny_llava()  # the same seeded weights: the same outputs
     first, second = arrcoc.hf.apply(model, BOTH), arrcoc.hf.apply(other, FASTV)

@@ -127,8 +127,10 @@ class Run:
                 raise ActiveRunError(
                     f"arrcoc.hf.apply: this {type(model).__name__} already runs pipeline {active.spec.name!r} "
                     f"(entered in thread {active._thread!r}); one pipeline per model at a time: leave that `with` "
-                    "block first (nested apply on one model is not supported), or apply the second pipeline to a "
-                    "copy of the model (copy.deepcopy(model)) to run both at once"
+                    "block first (nested apply on one model is not supported), or, to run both at once, apply the "
+                    "second pipeline to a copy of the model made outside every apply block (twin = "
+                    "copy.deepcopy(model) before entering: inside a block the model carries the Run's hooks and "
+                    "cannot be copied)"
                 )
             _ACTIVE_RUNS[model] = self
             self._thread = threading.current_thread().name
