@@ -31,12 +31,10 @@ import torch
 import arrcoc
 from arrcoc.errors import InputError
 from arrcoc.integrations.hf.prompt import padding_mask, shrink_prompts
+from test_hf_generate_parity import NEW, PIPELINES, assert_same
 from tiny_models import BOS, PAD, QWEN_END as END, QWEN_IMAGE as IMAGE, QWEN_START as START
-from test_hf_generate_parity import assert_same
 from tiny_models import tiny_qwen2_5_vl, tiny_qwen2_vl
 
-NEW = 3  # new tokens per generate call
-ATOL = 1e-5
 #: (t, h, w) patch grids; 2 x 2 patches merge into one token: 8, 9 and 4 placeholders.
 GRIDS = {"wide": (1, 4, 8), "square": (1, 6, 6), "small": (1, 4, 4)}
 
@@ -99,30 +97,24 @@ PROMPTS: dict[str, tuple[Callable[[], dict], tuple[str, ...] | None]] = {
                    ("greedy", "dict_outputs", "past_key_values")),
 }
 
-def _eager(build: Callable[[], Any]) -> Callable[[], Any]:
+
+def _eager(build: Callable[..., Any]) -> Callable[[], Any]:
+    """The model in float32 with eager attention (in float64 the model's own eager attention turns a padded
+    prompt into NaN, arrcoc or not)."""
     def eager():
-        model = build()
+        model = build(torch.float32)
         model.set_attn_implementation("eager")
         return model
     return eager
 
 
 #: name -> (model factory, the prompts and the modes it runs; None: all).  With eager attention the attentions
-#: are returned (sdpa returns empty tuples) and compared too; on prompts without padding only, as eager attention
-#: in float64 turns a fully masked padding row into NaN (a mask of finfo.min plus a negative logit is -inf), which
-#: the next layer spreads over the whole prompt, in the model alone.
+#: are returned (sdpa returns empty tuples) and compared too.
 FAMILIES: dict[str, tuple[Callable[[], Any], tuple[str, ...] | None, tuple[str, ...] | None]] = {
     "qwen2_vl": (tiny_qwen2_vl, None, None),
     "qwen2_5_vl": (tiny_qwen2_5_vl, None, None),
-    "qwen2_vl-eager": (_eager(tiny_qwen2_vl), ("same_length", "text_inside_vision"), ("dict_outputs", "forward")),
-    "qwen2_5_vl-eager": (_eager(tiny_qwen2_5_vl), ("same_length", "text_inside_vision"),
-                         ("dict_outputs", "forward")),
-}
-
-#: Pipelines that keep every token: before the LLM and inside it.
-PIPELINES = {
-    "pre_llm": {"encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep", "keep": 1.0}]},
-    "in_llm": {"encoder": {"use": "timm_vit"}, "llm": [{"use": "fastv", "layer": 2, "keep": 1.0}]},
+    **{f"{name}-eager": (_eager(build), ("two_images", "padded_alone", "same_length"), ("dict_outputs", "forward"))
+       for name, build in (("qwen2_vl", tiny_qwen2_vl), ("qwen2_5_vl", tiny_qwen2_5_vl))},
 }
 
 
