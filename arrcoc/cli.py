@@ -18,6 +18,10 @@ from .errors import ArrcocError, ArrcocWarning, InputError
 console = Console()
 err_console = Console(stderr=True)
 
+#: The most torch threads a --threads option takes: torch.set_num_threads overflows past 2^31 - 1 with a
+#: ValueError, and a value such as 100000 is accepted and crashes the process (a segmentation fault at exit).
+MAX_THREADS = 1024
+
 
 class _Group(click.Group):
     """Turns every ArrcocError into one red line and exit code 2 (no traceback)."""
@@ -262,7 +266,7 @@ def _to_pil(pixels: Any) -> Any:
               help="Tokens generated per question (default: the longest answer + 1).")
 @click.option("--no-baselines", is_flag=True, help="Leave out downsampling, random_keep and pool (all tokens stays).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None, help="torch intra-op threads.")
 @click.option("--restart", is_flag=True, help="Discard the results already in --out.")
 @click.option("--no-plots", is_flag=True, help="Skip the matplotlib figures.")
 def eval_(pipelines: tuple[str, ...], budgets: str, n: int, out: str, model_dir: str | None, data: str,

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..cli import MAX_THREADS
 from ..errors import ArrcocError
 
 console = Console()
@@ -72,7 +73,8 @@ class _FiniteRange(click.FloatRange):
 @click.option("--tiny", is_flag=True, help="A tiny model (for smoke tests), not the shipped size.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's).")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
+              help="torch threads (default: torch's).")
 def train(out: str, steps, batch_images, questions_per_image, lr, grounding_weight, attention_weight, seed, tiny, resume,
           checkpoint_every, threads) -> None:
     """Train the ToyVQA model end to end (CPU) and save it in OUT."""

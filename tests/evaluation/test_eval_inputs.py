@@ -75,3 +75,12 @@ def test_an_empty_jsonl_says_it_is_empty(text, tmp_path):
     result = CliRunner().invoke(main, ["eval", "random_keep", "--data", str(data), "--n", "1",
                                        "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "holds no records" in result.output and "--n 0" not in result.output
+
+
+def test_threads_beyond_what_torch_takes_are_a_usage_error(tmp_path):
+    """torch.set_num_threads(100000) is accepted and crashes the process; 2^31 overflows."""
+    for threads in ("100000", str(2**31)):
+        result = CliRunner().invoke(main, ["eval", "random_keep", "--budgets", "0.5", "--n", "2", "--threads", threads,
+                                           "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '--threads': {threads} is not in the range 1<=x<=1024." in result.output

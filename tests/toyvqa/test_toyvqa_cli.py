@@ -70,6 +70,7 @@ def test_train_refuses_a_learning_rate_or_weight_out_of_range_before_building_an
     ("--seed", str(10**22), "Invalid value for '--seed': 10000000000000000000000 is not in the range"),
     ("--seed", "-1", "Invalid value for '--seed': -1 is not in the range"),
     ("--steps", str(10**30), f"TrainConfig.steps: expected an integer in [1, {2**63 - 1}], got {10**30}"),
+    ("--threads", "100000", "Invalid value for '--threads': 100000 is not in the range 1<=x<=1024."),
 ])
 def test_train_refuses_non_finite_or_too_large_numbers_before_building_anything(run, tmp_path, option, value, message):
     """``--lr nan`` passed click's FloatRange (no comparison with nan fails) and trained NaN weights; a seed
