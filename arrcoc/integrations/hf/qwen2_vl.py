@@ -10,7 +10,11 @@ Positions are multimodal (``[3, B, L]`` rotary ids, ``get_rope_index``).
 A prompt shortened before the LLM keeps each kept token's ORIGINAL
 positions: computed from the unshortened prompt, gathered per sample,
 left-padded, with the text row ``cumsum(mask) - 1`` prepended (the
-``[4, B, L']`` layout ``generate`` extends by ``last + 1`` per step).
+``[4, B, L']`` layout ``generate`` extends by ``last + 1`` per step; padding
+at 0, as ``generate`` numbers it).  As the positions are given, the model's
+own set-up of ``rope_deltas`` is skipped: the adapter sets them, counting the
+dropped tokens, so a conversation continued from ``past_key_values`` numbers
+its new text after the kept ones.
 Inside the LLM the engine gathers ``(cos, sin)`` (``[B, L, head_dim]``)
 with the kept index.  A compact renumbering is undefined for 3-D
 positions and refused.  The tower has no class token: methods that need
