@@ -8,6 +8,9 @@ import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# vLLM's CPU build still compiles a few kernels with inductor; its pool of compile workers failed once on a
+# loaded 2-core machine (BlockingIOError: Resource temporarily unavailable): compile in the test process.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 import pytest  # noqa: E402

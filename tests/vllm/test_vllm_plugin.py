@@ -7,7 +7,8 @@
   ``arrcoc.hf.apply`` with the same pipeline set to the same K, and the
   answers and logprobs equal its answers (1e-4);
 * two questions on one image in one batch: different kept sets, each the
-  one ``apply`` keeps for its question (the caches do not mix them).
+  one ``apply`` keeps for its question (the caches do not mix them);
+* a batch mixing one- and two-image prompts of different lengths.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ pytest.importorskip("vllm.entrypoints")  # not just "vllm": tests/vllm itself im
 import torch  # noqa: E402
 
 from vllm_helpers import ALL, K, Engines, apply_reference, assert_same_generation, generate, hf_generate, planned, \
-    request, toy_samples, vllm_ids_and_tops  # noqa: E402
+    request, top5, toy_samples, vllm_ids_and_tops  # noqa: E402
 
 PIPELINES = ["random_keep", "visionzip", "hired", "sparsevlm"]
 
@@ -85,6 +86,32 @@ def test_two_questions_on_one_image_keep_their_own_tokens(engines, toy, samples)
         assert_same_generation(vllm_ids_and_tops(out), refs[i % 2][0], 1e-4, f"question {i % 2}")
     # One encoding per (image, question): the repeated prompts share theirs, the two questions do not.
     assert sorted(tuple(s.origin[0].tolist()) for s in states) == sorted(tuple(r[1].tolist()) for r in refs)
+
+
+def test_mixed_batch_of_one_and_two_images_and_prompt_lengths(engines, toy, samples):
+    """One batch: prompts of different lengths, with one or two images; each equals apply on its own."""
+    from PIL import Image
+
+    from arrcoc.integrations import hf
+
+    model, processor = toy
+    spec = planned("visionzip", model)  # no seed: a two-image prompt's images are treated alike by apply and vLLM
+    a, b = samples[1], samples[2]
+    prompts = [("USER: <image>\n" + a.question.text + " ASSISTANT:", [a.image]),
+               ("USER: <image>\n<image>\nlook at both images . " + b.question.text + " ASSISTANT:", [a.image, b.image]),
+               ("USER: <image>\n" + b.question.text + " ? ? ? ASSISTANT:", [b.image])]
+    llm = engines.get("visionzip", K, images_per_prompt=2)
+    outs, _ = generate(llm, [{"prompt": text, "multi_modal_data": {"image": [Image.fromarray(i) for i in images]}}
+                             for text, images in prompts])
+    for (text, images), out in zip(prompts, outs):
+        inputs = processor(images=images, text=[text], return_tensors="pt")
+        assert len(out.prompt_token_ids) == inputs["input_ids"].shape[1] - len(images) * (ALL - K)
+        with hf.apply(model, spec), torch.inference_mode():
+            ref = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        want_ids = ref.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        want_tops = [top5(logits[0]) for logits in ref.logits]
+        assert_same_generation(vllm_ids_and_tops(out), (want_ids, want_tops), 1e-4, text)
 
 
 def test_register_is_idempotent():

@@ -37,16 +37,17 @@ class Engines:
         self.key: tuple | None = None
         self.llm: Any = None
 
-    def get(self, pipeline: str, tokens: int) -> Any:
+    def get(self, pipeline: str, tokens: int, images_per_prompt: int = 1) -> Any:
         from vllm import LLM
 
         import arrcoc.vllm
         from arrcoc.models import resolve_model
 
-        key = (pipeline, tokens)
+        key = (pipeline, tokens, images_per_prompt)
         if key != self.key:
             self.close()
-            self.llm = LLM(model=resolve_model("arrcoc:toyvqa"), **ENGINE,
+            settings = {**ENGINE, "limit_mm_per_prompt": {"image": images_per_prompt}}
+            self.llm = LLM(model=resolve_model("arrcoc:toyvqa"), **settings,
                            **arrcoc.vllm.engine_args(pipeline, tokens_per_image=tokens, model="arrcoc:toyvqa"))
             self.key = key
         return self.llm
@@ -84,12 +85,13 @@ def hf_generate(model: Any, processor: Any, sample: Any, question: str | None = 
         out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
     ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    tops = []
-    for logits in out.logits:
-        logp = torch.log_softmax(logits[0].double(), -1)
-        values, index = logp.topk(5)
-        tops.append(dict(zip(index.tolist(), values.tolist())))
-    return ids, tops
+    return ids, [top5(logits[0]) for logits in out.logits]
+
+
+def top5(logits: torch.Tensor) -> dict[int, float]:
+    """``{token: logprob}`` of the five most likely tokens of one step's raw logits ``[vocab]``."""
+    values, index = torch.log_softmax(logits.double(), -1).topk(5)
+    return dict(zip(index.tolist(), values.tolist()))
 
 
 def vllm_ids_and_tops(out: Any) -> tuple[list[int], list[dict]]:
