@@ -530,3 +530,28 @@ def test_a_call_stopped_by_keyboard_interrupt_does_not_keep_the_run(model, batch
     assert not waited_forever, "another thread's call waited for a Run the interrupted call kept"
     assert torch.equal(out["b"], reference["fastv"])
     assert_restored(model, batch, reference)
+
+
+def test_a_per_call_select_strategy_under_in_llm_stages_is_left_to_the_model(model):
+    """``vision_feature_select_strategy='full'`` in a call gives each image one placeholder more (its class token);
+    the model honours it, and so must a pipeline that leaves the encoding to the model (in-LLM stages, or none).
+    arrcoc's placeholder check counted with the config's 'default' and refused the right prompt as a
+    PlaceholderMismatchError telling the caller to use the processor.  Pre-LLM stages still refuse the call."""
+    from arrcoc.errors import InputError, PlaceholderMismatchError
+    from tiny_models import BOS, IMAGE, left_pad
+
+    ids, mask = left_pad([[BOS, 5, *[IMAGE] * 65, 30, 31, 32], [BOS, 5, 6, 7, *[IMAGE] * 65, 30]])
+    pixels = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    full = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "vision_feature_select_strategy": "full"}
+    own_logits, own_tokens = logits(model, full), greedy(model, full)
+    for spec in (KEEP_ALL["fastv"], SPECS["no_stages"]):
+        with arrcoc.hf.apply(model, spec):
+            torch.testing.assert_close(logits(model, full), own_logits, rtol=0, atol=0)
+            assert torch.equal(greedy(model, full), own_tokens)
+    with arrcoc.hf.apply(model, FASTV) as run:
+        greedy(model, full)
+    assert run.report.layer_visual[0] == [65, 65] and run.report.layer_visual[-1] == [16, 16]  # a quarter of 65
+    with arrcoc.hf.apply(model, KEEP_ALL["random_keep"]):
+        with pytest.raises(InputError, match="vision_feature_select_strategy='full'") as err:
+            greedy(model, full)
+        assert not isinstance(err.value, PlaceholderMismatchError)

@@ -258,10 +258,19 @@ class Run:
     def _image_inputs(self, kwargs: dict) -> dict:
         return {name: kwargs[name] for name in self.adapter.image_input_names if kwargs.get(name) is not None}
 
+    def _encoding_overrides(self, kwargs: dict) -> dict:
+        """The call's arguments that make the model encode its images otherwise than its config says (LLaVA's
+        ``vision_feature_layer`` / ``vision_feature_select_strategy``)."""
+        config = self.model.config
+        return {name: kwargs[name] for name in self.adapter.config_only_inputs
+                if kwargs.get(name) is not None and _as_list(kwargs[name]) != _as_list(getattr(config, name, None))}
+
     def _check_placeholders(self, ids: torch.Tensor | None, kwargs: dict) -> None:
-        """Images and placeholders must match (the model itself would fail with a less helpful message)."""
+        """Images and placeholders must match (the model itself would fail with a less helpful message).  A call
+        encoding otherwise than the config is left to the model's own check: the counts here follow the config
+        (a per-call select strategy 'full' gives each image one placeholder more)."""
         pixels = kwargs.get("pixel_values")
-        if pixels is not None and ids is not None:
+        if pixels is not None and ids is not None and not self._encoding_overrides(kwargs):
             counts = self.adapter.tokens_per_image(pixels, self._image_inputs(kwargs))
             image_slots(ids, self.adapter.image_token_id, counts)
 
@@ -270,15 +279,14 @@ class Run:
         original = dict(kwargs)
         kwargs = dict(kwargs)
         pixels = kwargs.pop("pixel_values")
-        for name in self.adapter.config_only_inputs:
-            given, configured = kwargs.get(name), getattr(self.model.config, name, None)
-            if given is not None and _as_list(given) != _as_list(configured):
-                # The model would encode the images with the call's value; the stages run on the config's.
-                raise InputError(
-                    f"arrcoc.hf: this call gives {name}={given!r}, the model's config {configured!r}; pre-LLM stages "
-                    f"encode the images as the config says: set model.config.{name} = {given!r} before "
-                    "arrcoc.hf.apply instead of passing it to the call"
-                )
+        for name, given in self._encoding_overrides(kwargs).items():
+            # The model would encode the images with the call's value; the stages run on the config's.
+            configured = getattr(self.model.config, name, None)
+            raise InputError(
+                f"arrcoc.hf: this call gives {name}={given!r}, the model's config {configured!r}; pre-LLM stages "
+                f"encode the images as the config says: set model.config.{name} = {given!r} before "
+                "arrcoc.hf.apply instead of passing it to the call"
+            )
         image_inputs = self._image_inputs(kwargs)
         for name in image_inputs:
             kwargs.pop(name)
