@@ -159,16 +159,17 @@ def test_a_run_killed_by_pid_resumes_where_it_stopped(tmp_path, passes):
     second method row; the resume evaluates only the rows that were not written."""
     out = tmp_path / "killed"
     budgets = "0.5,0.25,0.125"
+    stderr = (tmp_path / "stderr.txt").open("wb")  # a file, not a pipe nobody reads (a full pipe would block it)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, "eval", "random_keep", "--budgets", budgets, "--n", str(N), "--batch-size", "4",
          "--no-baselines", "--no-plots", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=subprocess.PIPE, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
         line = b""
         while b"waiting" not in line and time.monotonic() < deadline and child.poll() is None:
             line = child.stdout.readline()
-        assert b"waiting" in line, child.stderr.read().decode()[-2000:]
+        assert b"waiting" in line, (tmp_path / "stderr.txt").read_text()[-2000:]
         os.kill(child.pid, signal.SIGKILL)
         assert child.wait(30) == -signal.SIGKILL
     finally:
@@ -176,7 +177,7 @@ def test_a_run_killed_by_pid_resumes_where_it_stopped(tmp_path, passes):
             child.kill()
             child.wait()
         child.stdout.close()
-        child.stderr.close()
+        stderr.close()
     assert keys_of(out) == KEYS[:2]   # what was finished, whole
     evaluate(["random_keep"], budgets=[float(b) for b in budgets.split(",")], n=N, out=out, batch_size=4,
              progress=False, plots=False, baselines=False)
