@@ -555,3 +555,24 @@ def test_a_per_call_select_strategy_under_in_llm_stages_is_left_to_the_model(mod
         with pytest.raises(InputError, match="vision_feature_select_strategy='full'") as err:
             greedy(model, full)
         assert not isinstance(err.value, PlaceholderMismatchError)
+
+
+def test_a_generate_bound_before_the_block_does_not_skip_the_pre_llm_stages_silently(model, batch, reference):
+    """``gen = model.generate`` (or a functools.partial of it) taken before ``apply`` is the model's own generate:
+    it encodes the images itself and hands the forward ``mm_encoder_outputs``, so the pre-LLM stages were skipped
+    without a word (64 tokens per image reached the LLM, the report had no pre-LLM record) while the in-LLM ones
+    ran.  Such a forward is an InputError saying what happened; in-LLM-only pipelines run as usual."""
+    from arrcoc.errors import InputError
+
+    bound = model.generate
+    with arrcoc.hf.apply(model, BOTH):
+        with pytest.raises(InputError, match=r"gen = model.generate") as err:
+            with torch.no_grad():
+                bound(**batch, max_new_tokens=NEW, do_sample=False)
+        assert "'both_stages'" in str(err.value)
+        assert torch.equal(greedy(model, batch), reference["both"])  # the block's own generate is unaffected
+    with arrcoc.hf.apply(model, FASTV) as run:
+        with torch.no_grad():
+            assert torch.equal(bound(**batch, max_new_tokens=NEW, do_sample=False), reference["fastv"])
+    assert run.report.layer_visual[-1] == [16, 16]
+    assert_restored(model, batch, reference)
