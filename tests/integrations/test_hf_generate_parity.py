@@ -340,3 +340,88 @@ def test_a_fullgraph_compiled_forward_is_refused_before_it_runs(call):
             assert_same(model(**batch).logits, run.model.forward(**batch).logits)
     finally:
         vars(model).pop("forward", None)
+
+
+@pytest.mark.parametrize("sections", [{"compress": [{"use": "random_keep", "keep": 0.5}]},
+                                      {"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]}], ids=["pre_llm", "in_llm"])
+def test_a_prompt_given_as_embeddings_and_ids_is_pruned_as_its_ids_are(sections):
+    # generate(input_ids=..., inputs_embeds=...): the embeddings are the prefill's prompt, the ids what it returns
+    # before the new tokens.  Only the ids were shortened: the model got a long prompt for the kept features
+    # ("Image features and image tokens do not match").
+    model, batch = _built("llava")
+    spec = {"encoder": {"use": "timm_vit"}, **sections}
+    both = {**batch, "inputs_embeds": model.get_input_embeddings()(batch["input_ids"])}
+    with torch.no_grad(), arrcoc.hf.apply(model, spec) as run:
+        from_ids = _generate(model, batch, do_sample=False)
+        seen_from_ids = run.report.layer_visual
+        from_both = _generate(model, both, do_sample=False)
+        assert run.report.layer_visual == seen_from_ids
+    assert torch.equal(from_both, from_ids)
+
+
+def test_a_pad_embedding_equal_to_the_image_tokens_pads_no_placeholder():
+    # Rows a pre-LLM stage shortens more get padding in front; given embeddings, the padding must not be the image
+    # token's embedding (transformers would count it as a placeholder): here the pad row equals the image row, as in
+    # a checkpoint whose added tokens were initialised alike (zeros).
+    model = tiny_llava()
+    batch = llava_inputs(model)
+    n = int((batch["input_ids"] == IMAGE).sum()) // 2
+    # both images in the first prompt, none in the second (it gets 2 x n / 2 columns of padding), no caller padding
+    rows = [[BOS, 5, *[IMAGE] * n, 6, *[IMAGE] * n, 30, 31], [BOS, *range(7, 7 + 2 * n + 4)]]
+    batch.update(input_ids=torch.tensor(rows), attention_mask=torch.ones(2, len(rows[0]), dtype=torch.long))
+    table = model.get_input_embeddings().weight
+    with torch.no_grad():
+        table[PAD] = table[IMAGE] = 0.0
+    spec = {"encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep", "keep": 0.5}]}
+    embeds = {**{k: v for k, v in batch.items() if k != "input_ids"},
+              "inputs_embeds": model.get_input_embeddings()(batch["input_ids"])}
+    with torch.no_grad(), arrcoc.hf.apply(model, spec):
+        from_ids = _generate(model, batch, do_sample=False)
+        from_embeds = _generate(model, embeds, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, batch["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+def test_generate_arguments_given_by_position_or_as_inputs(pipeline):
+    # generate(inputs, generation_config, ...): the generation config given by position was dropped (other lengths,
+    # other tokens), and generate(inputs=ids) was an InputError with pre-LLM stages.
+    from transformers import GenerationConfig
+
+    model, batch = _built("llava")
+    images = {k: v for k, v in batch.items() if k != "input_ids"}
+    config = GenerationConfig(max_new_tokens=NEW + 2, do_sample=False, pad_token_id=PAD)
+    calls = {
+        "positional": lambda: model.generate(batch["input_ids"], config, **images),
+        "inputs=": lambda: model.generate(inputs=batch["input_ids"], generation_config=config, **images),
+    }
+    with torch.no_grad():
+        want = {name: call() for name, call in calls.items()}
+        with arrcoc.hf.apply(model, PIPELINES[pipeline]):
+            got = {name: call() for name, call in calls.items()}
+    assert want["positional"].shape[1] == batch["input_ids"].shape[1] + NEW + 2
+    assert_same(got, want, pipeline)
+
+
+def test_a_fullgraph_compiled_module_or_generate_compile_config_is_refused():
+    # model.compile(fullgraph=True) compiles the call, arrcoc's hooks included, and generate's compile_config
+    # compiles the decoding steps: both failed inside dynamo on arrcoc's call lock ("RLock acquire"), unnamed.
+    from transformers import CompileConfig
+
+    model, batch = _built("llava")
+    model.compile(fullgraph=True)
+    try:
+        with pytest.raises(arrcoc.errors.ModelError, match=r"model.compile\(fullgraph=True\).*Compile without"):
+            with arrcoc.hf.apply(model, PIPELINES["in_llm"]):
+                pass
+        assert "generate" not in vars(model)
+    finally:
+        vars(model).pop("_compiled_call_impl", None)
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # what a GPU does with a static cache, here on the CPU
+    for pipeline in PIPELINES:
+        with torch.no_grad(), arrcoc.hf.apply(model, PIPELINES[pipeline]):
+            with pytest.raises(arrcoc.errors.ModelError, match="compile_config fullgraph=True.*disable_compile"):
+                _generate(model, batch, do_sample=False, cache_implementation="static", compile_config=config)
+            assert_same(_generate(model, batch, do_sample=False, cache_implementation="static"),
+                        _generate(model, batch, do_sample=False))
+        assert "get_compiled_call" not in vars(model)

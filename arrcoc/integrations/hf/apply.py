@@ -146,6 +146,10 @@ class Run:
     def _install(self) -> None:
         """Patch the model; each step records its undo as it is taken, so a failure half-way is undone exactly."""
         model = self.model
+        if _fullgraph(vars(model).get("_compiled_call_impl")):
+            # model.compile(fullgraph=True) compiles the call, hooks included: a forward would fail inside dynamo
+            # before any hook could refuse it, so it is refused here.
+            _refuse_fullgraph_forward(model)
         if self.engine.recorder.requests:
             cfg = self.adapter.text_config
             self._attn = cfg._attn_implementation
@@ -159,6 +163,12 @@ class Run:
         # The model's last hook, called when a forward raises too: it releases the call lock the pre-hook took.
         self._undo.append(model.register_forward_hook(self._forward_done, always_call=True).remove)
         self._generate = self._patch(model, "generate", self._wrapped_generate)
+        compiled_call = getattr(model, "get_compiled_call", None)
+        if compiled_call is not None:  # generate's auto-compile of the decoding steps, fullgraph refused
+            def get_compiled_call(compile_config: Any = None, *args: Any, **kwargs: Any) -> Any:
+                _refuse_fullgraph_compile_config(model, compile_config)
+                return compiled_call(compile_config, *args, **kwargs)
+            self._patch(model, "get_compiled_call", functools.wraps(compiled_call)(get_compiled_call))
         image_features = getattr(self._base, "get_image_features", None)
         if image_features is not None:
             self._image_features = image_features
@@ -251,15 +261,6 @@ class Run:
         if not self.has_pre_llm or pixels is None:
             if not self._in_generate:  # a direct forward: the last pre-LLM record is not this call's
                 self._pre = {}
-                if self.has_pre_llm and kwargs.get("mm_encoder_outputs"):
-                    # The model's own generate encodes the images before this forward: the stages were skipped.
-                    raise InputError(
-                        f"arrcoc.hf: a forward got image features computed outside pipeline {self.spec.name!r} "
-                        "(mm_encoder_outputs, no pixel_values), so its pre-LLM stages cannot run: this is what a "
-                        "generate bound before arrcoc.hf.apply was entered does (gen = model.generate, "
-                        "functools.partial(model.generate, ...)); call model.generate inside the block, or give the "
-                        "forward pixel_values"
-                    )
             self._check_placeholders(kwargs.get("input_ids"), kwargs)
             return args, kwargs
         return args, self._compress(kwargs)
@@ -305,12 +306,14 @@ class Run:
         cache = compat.cache_of(kwargs)
         attention_mask = padding_mask(kwargs.get("attention_mask"), 0 if cache is None else cache.get_seq_length())
         original["attention_mask"] = attention_mask
-        embeds = kwargs.get("inputs_embeds") if ids is None else None
-        if embeds is not None and self.adapter.multimodal_rope:
+        # generate may get both: the embeddings are the prefill's prompt, the ids what it returns before the new tokens.
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and ids is None and self.adapter.multimodal_rope:
             raise InputError(f"arrcoc.hf: pre-LLM stages need input_ids on {self.adapter.family}, got inputs_embeds: "
                              "its multimodal rotary positions are computed from the prompt's ids")
         # A prompt given as embeddings: its image slots are where the image token's embedding is (as transformers).
-        is_image = placeholder_mask(ids, embeds, self.adapter.image_token_id, self.adapter.embed)
+        is_image = placeholder_mask(ids if embeds is None else None, embeds, self.adapter.image_token_id,
+                                    self.adapter.embed)
         per_image = self.adapter.tokens_per_image(pixels, image_inputs)
         _, image_of, _ = image_slots(ids, self.adapter.image_token_id, per_image, placeholders=is_image)
         start = clock(pixels)
@@ -333,9 +336,12 @@ class Run:
             kwargs.update(input_ids=new_ids)
         else:
             pad = self.adapter.embed(torch.tensor(self.adapter.pad_token_id, device=embeds.device))
+            image = self.adapter.embed(torch.tensor(self.adapter.image_token_id, device=embeds.device))
             new_embeds, new_mask, index, valid = shrink_embeds(embeds, is_image, attention_mask, pad, per_image,
-                                                               counts)
+                                                               counts, image)
             kwargs.update(inputs_embeds=new_embeds)
+            if ids is not None:  # the same columns, or generate's output would not line up with its prompt
+                kwargs.update(input_ids=ids.gather(1, index).masked_fill(~valid, self.adapter.pad_token_id))
         kwargs.update(attention_mask=new_mask, **self.adapter.feature_kwargs(features))
         if kwargs.get("position_ids") is not None:
             # The caller's numbering of the long prompt does not fit the short one: number it as generate does.
@@ -400,8 +406,7 @@ class Run:
 
     def _run_generate(self, *args: Any, **kwargs: Any) -> Any:
         _refuse_fullgraph_forward(self.model)  # before the pre-LLM stages run
-        if args:
-            kwargs = dict(kwargs, input_ids=args[0])
+        kwargs = self._by_name(args, kwargs)
         original = kwargs.get("input_ids")
         if self.engine.active and kwargs.get("use_cache") is False:
             raise InputError(
@@ -409,8 +414,9 @@ class Run:
                 "would prune again at every step; llm: stages prune once, in prefill, and need the KV cache"
             )
         if self.has_pre_llm and kwargs.get("pixel_values") is not None:
-            if kwargs.get("attention_mask") is None and original is not None:
-                # The prompt gets an explicit mask below: the one generate would infer from this prompt's pad ids.
+            if kwargs.get("attention_mask") is None and original is not None and kwargs.get("inputs_embeds") is None:
+                # The prompt gets an explicit mask below: the one generate would infer from this prompt's pad ids
+                # (given embeddings too, generate infers none from the ids: every column is real).
                 kwargs["attention_mask"] = self._generate_mask(original, kwargs)
             kwargs = self._compress(kwargs)
         else:
@@ -440,6 +446,27 @@ class Run:
             return torch.cat([prompts, out[:, cut:]], 1)
         out.sequences = torch.cat([prompts, out.sequences[:, cut:]], 1)
         return out
+
+    def _by_name(self, args: tuple, kwargs: dict) -> dict:
+        """``generate``'s arguments by name, as the model's own generate reads them: positional ones
+        (``inputs``, ``generation_config``, ``logits_processor``, ...) are kept, and the prompt given as
+        ``inputs`` (positionally or by name) is the ``input_ids`` the pre-LLM stages read and shorten."""
+        if args:  # (too many of them: the TypeError generate itself raises)
+            signature = inspect.signature(self._generate)
+            if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
+                if len(args) > 1:  # a wrapped generate that names nothing: only the prompt can be placed
+                    raise InputError("arrcoc.hf: this model's generate takes *args; pass its arguments after the "
+                                     "prompt by name")
+                return dict(kwargs, input_ids=args[0])
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            extra = next((bound.pop(p.name, {}) for p in signature.parameters.values()
+                          if p.kind is inspect.Parameter.VAR_KEYWORD), {})
+            kwargs = {**bound, **extra}
+        name = getattr(self.model, "main_input_name", "input_ids")
+        if kwargs.get("inputs") is not None and name == "input_ids" and kwargs.get("input_ids") is None:
+            kwargs = dict(kwargs)
+            kwargs["input_ids"] = kwargs.pop("inputs")
+        return kwargs
 
     def _resume_shortened(self, kwargs: dict) -> dict:
         """A conversation going on from the cache of a prompt shortened before the LLM: the cache holds the short
@@ -516,25 +543,47 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _refuse_fullgraph_forward(model: Any) -> None:
-    """A ``torch.compile(model.forward, fullgraph=True)`` forward is refused before it runs: dynamo would trace
-    arrcoc's hooks inside it (timing, ragged bookkeeping, pipeline stages) and fail there with an unrelated
-    message.  Without ``fullgraph`` the hooks become graph breaks and the outputs are the model's own."""
-    forward = vars(model).get("forward")
-    if getattr(forward, "_torchdynamo_orig_callable", None) is None:
-        return
+_FULLGRAPH_HELP = ("arrcoc's hooks run Python between the model's layers (pipeline stages, prompt rebuilding, "
+                   "timing) that cannot be traced into one graph.  Compile without fullgraph (the hooks become graph "
+                   "breaks; outputs equal the uncompiled model's), or use a fullgraph-compiled model only outside "
+                   "arrcoc.hf.apply")
+
+
+def _fullgraph(compiled: Any) -> bool:
+    """Whether ``compiled`` is a ``torch.compile(..., fullgraph=True)`` function (False for anything else)."""
+    if getattr(compiled, "_torchdynamo_orig_callable", None) is None:
+        return False
     # torch.compile's wrapper keeps its OptimizeContext (with the fullgraph flag) in its closure.
     try:
-        context = inspect.getclosurevars(forward).nonlocals.get("self")
+        context = inspect.getclosurevars(compiled).nonlocals.get("self")
     except (TypeError, ValueError):  # another wrapper: dynamo's own error, if any, will say what failed
-        return
-    if getattr(context, "fullgraph", False) is True:
-        raise ModelError(
-            f"arrcoc.hf: {type(model).__name__}.forward is torch.compile(..., fullgraph=True); arrcoc's hooks run "
-            "Python between the model's layers (pipeline stages, prompt rebuilding, timing) that cannot be traced "
-            "into one graph.  Compile without fullgraph (the hooks become graph breaks; outputs equal the "
-            "uncompiled model's), or use a fullgraph-compiled forward only outside arrcoc.hf.apply"
-        )
+        return False
+    return getattr(context, "fullgraph", False) is True
+
+
+def _refuse_fullgraph_forward(model: Any) -> None:
+    """A forward compiled with ``fullgraph=True`` is refused before it runs: dynamo would trace arrcoc's hooks
+    inside it (timing, ragged bookkeeping, pipeline stages) and fail there with an unrelated message.  Both
+    ``torch.compile(model.forward, fullgraph=True)`` and ``model.compile(fullgraph=True)`` (which compiles the
+    call, hooks included) are read.  Without ``fullgraph`` the hooks become graph breaks and the outputs are the
+    model's own."""
+    own = vars(model)
+    for name, what in (("forward", f"{type(model).__name__}.forward is torch.compile(..., fullgraph=True)"),
+                       ("_compiled_call_impl", f"this {type(model).__name__} was model.compile(fullgraph=True)")):
+        if _fullgraph(own.get(name)):
+            raise ModelError(f"arrcoc.hf: {what}; {_FULLGRAPH_HELP}")
+
+
+def _refuse_fullgraph_compile_config(model: Any, compile_config: Any) -> None:
+    """``generate`` compiles the model's call for its decoding steps (a static cache on a GPU, or a
+    ``compile_config``) with ``compile_config``, or the model's default one: ``fullgraph=True`` is refused."""
+    if compile_config is None:
+        default = getattr(model, "_default_compile_config", None)
+        compile_config = default() if callable(default) else None
+    if getattr(compile_config, "fullgraph", False) is True:
+        raise ModelError(f"arrcoc.hf: generate would compile the decoding steps of this {type(model).__name__} "
+                         f"with compile_config fullgraph=True; {_FULLGRAPH_HELP} (pass "
+                         "compile_config=CompileConfig(fullgraph=False), or disable_compile=True)")
 
 
 def _split(stages: list, projector: str) -> tuple[list, list]:

@@ -88,19 +88,29 @@ def shrink_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
 
 
 def shrink_embeds(inputs_embeds: torch.Tensor, placeholders: torch.Tensor, attention_mask: torch.Tensor | None,
-                  pad_embedding: torch.Tensor, tokens_per_image: list[int], kept: torch.Tensor
+                  pad_embedding: torch.Tensor, tokens_per_image: list[int], kept: torch.Tensor,
+                  image_embedding: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`shrink_prompts` for a prompt given as embeddings ``[B, L, D]`` (``placeholders``: its image slots).
 
     The padding added in front of shorter rows is ``pad_embedding``, never a
-    copy of another column: the model finds image slots by comparing
-    embeddings with the image token's, so a copied placeholder would count.
+    copy of another column nor ``image_embedding`` (the image token's): the
+    model finds image slots by comparing embeddings with the image token's,
+    so such padding would count as placeholders.  A pad embedding equal to
+    the image token's (added tokens initialised alike) gives way to zeros, or
+    to ones where the image token's embedding is zero.
     """
     ids = torch.where(placeholders, 1, 0)  # stands in for the ids: only the placeholder pattern is read
     _, mask, index, valid = shrink_prompts(ids, attention_mask, 1, 0, tokens_per_image, kept)
     D = inputs_embeds.shape[-1]
     embeds = inputs_embeds.gather(1, index[..., None].expand(-1, -1, D))
-    embeds = torch.where(valid[..., None], embeds, pad_embedding.to(embeds.dtype).expand_as(embeds))
+    pad = pad_embedding.to(embeds.dtype)
+    if image_embedding is not None and not bool(valid.all()):
+        for filler in (pad, torch.zeros_like(pad), torch.ones_like(pad)):
+            if not bool((filler == image_embedding).all()):  # compared as the model compares them
+                pad = filler
+                break
+    embeds = torch.where(valid[..., None], embeds, pad.expand_as(embeds))
     return embeds, mask, index, valid
 
 
