@@ -83,13 +83,15 @@ class ArrcocOverrides:
         self.settings = dict(settings)
 
     def __call__(self, config: Any) -> Any:
-        # vLLM may hand over a config whose `architectures` is unset: its model type names the family then.
-        names = list(getattr(config, "architectures", None) or [])
+        names = [name for name in getattr(config, "architectures", None) or [] if name]
         model_type = getattr(config, "model_type", None)
-        if not names and model_type in MODEL_TYPES:
+        if not names and model_type in MODEL_TYPES:  # a config without `architectures`: its type names the family
             names = [MODEL_TYPES[model_type]]
-        where = f"the model (model_type {model_type!r})" if model_type else "the model"
-        config.architectures = [arrcoc_architecture(names, where=where)]
+        if not names:
+            # Nothing to map. vLLM also calls the function on a blank probe config (architectures [""],
+            # model_type "dummy_<type>") only to see whether it changes the model type: leave it as it came.
+            return config
+        config.architectures = [arrcoc_architecture(names, where=f"the model ({model_type or 'no model_type'})")]
         for key, value in self.settings.items():
             setattr(config, key, value)
         return config

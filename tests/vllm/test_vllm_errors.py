@@ -98,5 +98,5 @@ def test_model_without_an_arrcoc_class(qwen_dir):
                                          "LlavaForConditionalGeneration"):
         arrcoc.vllm.engine_args("random_keep", tokens_per_image=K, model=qwen_dir)
     # not told the model: the engine finds out from the model's config when it starts
-    with pytest.raises(ModelError, match="qwen2_vl.*arrcoc has vLLM classes for LlavaForConditionalGeneration"):
+    with pytest.raises(ModelError, match="Qwen2VLForConditionalGeneration; arrcoc has vLLM classes for Llava"):
         start(qwen_dir, **arrcoc.vllm.engine_args("random_keep", tokens_per_image=K))

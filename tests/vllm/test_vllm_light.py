@@ -33,6 +33,9 @@ def test_engine_args_without_model_defer_the_architecture():
     config = args["hf_overrides"](config)
     assert config.architectures == ["ArrcocLlavaForConditionalGeneration"]
     assert (config.arrcoc_pipeline, config.arrcoc_tokens_per_image) == ("random_keep", 64)
+    # vLLM first calls the function on a blank probe, only to see whether it changes the model type
+    probe = type("Config", (), {"architectures": [""], "model_type": "dummy_llava"})()
+    assert args["hf_overrides"](probe).model_type == "dummy_llava"
 
 
 def test_a_pipeline_file_travels_as_its_content(tmp_path):

@@ -39,7 +39,7 @@ def samples():
 
 def test_keep_everything_equals_transformers(engines, toy, samples):
     model, processor = toy
-    llm = engines.get("random_keep", ALL)
+    llm = engines.get("random_keep", ALL, tell_model=False)
     outs, states = generate(llm, [request(s) for s in samples])
     assert len(states) == len(samples)
     for state in states:  # every patch kept, in its own place

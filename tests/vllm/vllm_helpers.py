@@ -37,18 +37,21 @@ class Engines:
         self.key: tuple | None = None
         self.llm: Any = None
 
-    def get(self, pipeline: str, tokens: int, images_per_prompt: int = 1) -> Any:
+    def get(self, pipeline: str, tokens: int, images_per_prompt: int = 1, tell_model: bool = True) -> Any:
+        """The engine for these settings; ``tell_model=False`` starts it as a user who does not pass the model
+        to ``engine_args`` does (arrcoc's class is then picked from the config vLLM loads)."""
         from vllm import LLM
 
         import arrcoc.vllm
         from arrcoc.models import resolve_model
 
-        key = (pipeline, tokens, images_per_prompt)
+        key = (pipeline, tokens, images_per_prompt, tell_model)
         if key != self.key:
             self.close()
             settings = {**ENGINE, "limit_mm_per_prompt": {"image": images_per_prompt}}
             self.llm = LLM(model=resolve_model("arrcoc:toyvqa"), **settings,
-                           **arrcoc.vllm.engine_args(pipeline, tokens_per_image=tokens, model="arrcoc:toyvqa"))
+                           **arrcoc.vllm.engine_args(pipeline, tokens_per_image=tokens,
+                                                     model="arrcoc:toyvqa" if tell_model else None))
             self.key = key
         return self.llm
 
