@@ -55,6 +55,17 @@ class StateError(ArrcocError, ValueError):
     """A TokenState (or an op's arguments) has inconsistent shapes, dtypes or devices."""
 
 
+class NonFiniteStateError(StateError):
+    """Real tokens or the class token hold NaN or inf.
+
+    ``images``: the batch rows whose real tokens do (empty when only the class token does).
+    """
+
+    def __init__(self, message: str, images: list[int]) -> None:
+        super().__init__(message)
+        self.images = images
+
+
 class MissingInputError(ArrcocError, ValueError):
     """A stage needs something (CLS attention, keys, a query) nobody provides."""
 

@@ -34,18 +34,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import InputError, MissingInputError, StateError
-
-
-class NonFiniteStateError(StateError):
-    """Real tokens or the class token hold NaN or inf.
-
-    ``images``: the batch rows whose real tokens do (empty when only the class token does).
-    """
-
-    def __init__(self, message: str, images: list[int]) -> None:
-        super().__init__(message)
-        self.images = images
+from .errors import InputError, MissingInputError, NonFiniteStateError, StateError
 
 
 @dataclass(frozen=True)
