@@ -631,3 +631,25 @@ def test_apply_accepts_name_dict_path_and_spec(model, batch1, tmp_path):
     with pytest.raises(arrcoc.UnknownPipelineError, match="no_such_pipeline"):
         with arrcoc.hf.apply(model, "no_such_pipeline"):
             pass
+
+
+@pytest.mark.parametrize("spec", [fastv(layer=2, keep=0.5), compress({"use": "random_keep", "keep": 0.5})],
+                         ids=["fastv", "random_keep"])
+def test_a_conversation_goes_on_from_its_own_cache_after_another_generate(model, spec):
+    """Conversation A pauses, another generate (other prompts: rows of other lengths) runs in the same block, then A
+    goes on from its cache: it equals A's one longer generate.  The in-LLM masks of layers >= K are those of the
+    prompt A's cache holds (they used to be the last prefill's: other padding per row, scores off by ~2e-2)."""
+    a = llava_batch([(1, 3), (6, 1)], seed=1)
+    b = llava_batch([(6, 1), (1, 3)], seed=2)
+    with torch.no_grad(), arrcoc.hf.apply(model, spec):
+        whole = model.generate(**a, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                               output_scores=True)
+        first = model.generate(**a, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        model.generate(**b, max_new_tokens=3, do_sample=False)
+        mask = torch.cat([a["attention_mask"], torch.ones(2, 3, dtype=torch.long)], 1)
+        second = model.generate(input_ids=first.sequences, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                past_key_values=first.past_key_values, return_dict_in_generate=True,
+                                output_scores=True)
+    assert torch.equal(second.sequences, whole.sequences)
+    for got, want in zip(second.scores, whole.scores[3:]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

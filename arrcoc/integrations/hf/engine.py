@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,9 @@ class LLMEngine:
         self.visual_state: TokenState | None = None  # the pre-LLM state of this batch's images, if any
         self.trace = ForwardTrace()
         self._segments: list[Segment] = []
+        # Each cache's own prefill segments: a conversation continued from one cache after another generate
+        # (other prompts, same Run) decodes with the masks of the prompt that cache holds, not the last prefill's.
+        self._segments_of: "weakref.WeakKeyDictionary[Any, list[Segment]]" = weakref.WeakKeyDictionary()
         self._prefill = False
         self._decode_masks: dict[int, Any] = {}
         self._layer_kwargs: dict[str, Any] = {}
@@ -173,6 +177,9 @@ class LLMEngine:
         if not self._prefill:
             self._decode_masks.clear()
             self._decode_attention_mask = attention_mask
+            segments = None if cache is None else _lookup(self._segments_of, cache)
+            if segments is not None:
+                self._segments = segments
             return None
         self.trace = ForwardTrace()
         self._segments = []
@@ -211,6 +218,11 @@ class LLMEngine:
         self.trace.prefill_ms = ms
         cache = compat.output_cache(output)
         self.trace.kv_bytes = cache_bytes(cache)
+        if cache is not None and self.active:
+            try:
+                self._segments_of[cache] = self._segments
+            except TypeError:  # a cache that cannot be weakly referenced: its decoding uses the last prefill's
+                pass
 
     def _lm_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._llm_start = clock(kwargs.get("inputs_embeds"))
@@ -474,3 +486,9 @@ def cache_bytes(cache: Any) -> int:
     return total
 
 
+def _lookup(table: "weakref.WeakKeyDictionary[Any, Any]", key: Any) -> Any:
+    """``table.get(key)``, ``None`` for a key that cannot be weakly referenced."""
+    try:
+        return table.get(key)
+    except TypeError:
+        return None
