@@ -261,6 +261,15 @@ class Run:
         if not self.has_pre_llm or pixels is None:
             if not self._in_generate:  # a direct forward: the last pre-LLM record is not this call's
                 self._pre = {}
+                if self.has_pre_llm and kwargs.get("mm_encoder_outputs"):
+                    # The model's own generate encodes the images before this forward: the stages were skipped.
+                    raise InputError(
+                        f"arrcoc.hf: a forward got image features computed outside pipeline {self.spec.name!r} "
+                        "(mm_encoder_outputs, no pixel_values), so its pre-LLM stages cannot run: this is what a "
+                        "generate bound before arrcoc.hf.apply was entered does (gen = model.generate, "
+                        "functools.partial(model.generate, ...)); call model.generate inside the block, or give the "
+                        "forward pixel_values"
+                    )
             self._check_placeholders(kwargs.get("input_ids"), kwargs)
             return args, kwargs
         return args, self._compress(kwargs)
