@@ -151,6 +151,32 @@ def test_batched_equals_per_sample(model, stages):
             assert torch.equal(alone[0, one["input_ids"].shape[1]:], together[b, L:])
 
 
+@pytest.mark.parametrize("side", ["pre", "both"])
+def test_batched_equals_per_sample_when_rows_lose_different_counts(model, side):
+    """Half of each image dropped (24, 9, 8 tokens: rows lose 12, 5 and 4), so the shortened rows get different
+    amounts of padding in front: each row's scores equal a one-prompt run's (random_keep draws image b with
+    seed + b; its one-image run takes seed b).  tome above drops the same count from every image."""
+    def stages(seed):
+        pre = {"compress": [{"use": "random_keep", "keep": 0.5, "seed": seed}]}
+        return spec(**pre, llm=[{"use": "fastv", "layer": 2, "keep": 0.5}]) if side == "both" else spec(**pre)
+
+    texts = ((3, 5), (2, 8), (4, 2))
+    batch = inputs()
+    options = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        with arrcoc.hf.apply(model, stages(0)) as run:
+            together = model.generate(**batch, **options)
+        assert run.report.layer_visual[0] == [12, 4, 4]
+        L = batch["input_ids"].shape[1]
+        for b in range(3):
+            one = inputs((b,), [texts[b]])
+            with arrcoc.hf.apply(model, stages(b)):
+                alone = model.generate(**one, **options)
+            assert torch.equal(alone.sequences[0, one["input_ids"].shape[1]:], together.sequences[b, L:])
+            for got, want in zip(together.scores, alone.scores):
+                torch.testing.assert_close(got[b], want[0], atol=1e-8, rtol=0)
+
+
 def test_methods_that_need_a_class_token_are_refused(model):
     with pytest.raises(MissingInputError, match="no class token"):
         with arrcoc.hf.apply(model, spec(compress=[{"use": "hired", "keep": 0.5}])):
