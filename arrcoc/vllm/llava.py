@@ -39,7 +39,12 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldConfig, MultiModalFieldElem, MultiModalKwargsItem
+from vllm.multimodal.inputs import (
+    MultiModalBatchedField,
+    MultiModalFieldConfig,
+    MultiModalFieldElem,
+    MultiModalKwargsItem,
+)
 from vllm.multimodal.parse import ImageEmbeddingItems
 
 from arrcoc.errors import BudgetError, InputError, ModelError

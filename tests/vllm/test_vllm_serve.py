@@ -80,7 +80,7 @@ def test_serve_answers_a_chat_completion_with_an_image(toy, tmp_path):
                 server.wait()
         log.seek(0)
         printed = log.read()
-    assert f"pipeline 'random_keep'" in printed and f"{K} visual tokens per image" in printed
+    assert "pipeline 'random_keep'" in printed and f"{K} visual tokens per image" in printed
     # The chat template renders the ToyVQA prompt: its text plus K placeholders, and apply's answer.
     import arrcoc.toyvqa as toyvqa
 
