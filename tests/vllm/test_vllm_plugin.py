@@ -88,6 +88,20 @@ def test_two_questions_on_one_image_keep_their_own_tokens(engines, toy, samples)
     assert sorted(tuple(s.origin[0].tolist()) for s in states) == sorted(tuple(r[1].tolist()) for r in refs)
 
 
+def test_query_aware_prompt_without_a_question_is_rejected(engines, samples):
+    """Refused when the prompt is processed, before the engine: the engine goes on serving."""
+    from PIL import Image
+    from vllm import SamplingParams
+
+    from arrcoc.errors import InputError
+
+    llm = engines.get("sparsevlm", K)
+    image = Image.fromarray(samples[0].image)
+    with pytest.raises(InputError, match="query-aware and needs text after the last image"):
+        llm.generate([{"prompt": "USER: <image>", "multi_modal_data": {"image": image}}], use_tqdm=False)
+    out = llm.generate([request(samples[0])], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 1
+
 def test_mixed_batch_of_one_and_two_images_and_prompt_lengths(engines, toy, samples):
     """One batch: prompts of different lengths, with one or two images; each equals apply on its own."""
     from PIL import Image
