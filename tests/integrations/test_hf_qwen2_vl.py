@@ -189,3 +189,69 @@ def test_compact_positions_are_refused_with_multimodal_rope(model):
         with torch.no_grad(), arrcoc.hf.apply(model, spec(llm=[{"use": "fastv", "layer": 2, "keep": 0.5,
                                                                  "positions": "compact"}])):
             model(**batch)
+
+
+# ------------------------------------------------- sliding-window text models
+def _windowed_qwen2_vl(window: int):
+    """The tiny Qwen2-VL with every decoder layer attending in a window of ``window`` keys."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=None,
+                         pad_token_id=0, use_sliding_window=True, sliding_window=window, max_window_layers=0,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+        image_token_id=IMAGE, video_token_id=901, vision_start_token_id=START, vision_end_token_id=END)
+    return Qwen2VLForConditionalGeneration(config).eval().to(torch.float64)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_behind_a_sliding_window_dict_mask(attn):
+    """A model whose every layer attends in a window gets ``{"sliding_attention": 4-D}`` only: its last row hides
+    the real columns before the window, so each new column is read from its own row (it read them as padding)."""
+    from transformers import DynamicCache, Qwen2Config
+    from transformers.masking_utils import create_masks_for_generate
+
+    from arrcoc.integrations.hf.prompt import padding_mask
+
+    config = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         use_sliding_window=True, sliding_window=3, max_window_layers=0, vocab_size=100)
+    config._attn_implementation = attn
+    mask2d = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1]])
+    masks = create_masks_for_generate(config=config, inputs_embeds=torch.empty(2, 8, 0), attention_mask=mask2d,
+                                      cache=DynamicCache(config=config), position_ids=None)
+    assert list(masks) == ["sliding_attention"]
+    assert padding_mask(masks).tolist() == mask2d.tolist()
+    # Two new columns after six cached ones (a 4-D mask handed over as is): the new ones read from their rows.
+    step = masks["sliding_attention"][:, :, 6:, :]
+    assert padding_mask({"sliding_attention": step}, past=6)[:, 6:].tolist() == mask2d[:, 6:].tolist()
+
+
+def test_a_forward_handed_a_sliding_window_dict_mask_is_the_model(model):
+    """Pre-LLM stages on a windowed model handed the dict of masks a static cache uses: the model's own logits (the
+    padding read from the window's last row masked real tokens; get_rope_index then failed)."""
+    from transformers import StaticCache
+    from transformers.masking_utils import create_masks_for_generate
+
+    windowed = _windowed_qwen2_vl(6)
+    batch = inputs((1, 2), ((2, 8), (4, 2)))
+    B, L = batch["input_ids"].shape
+
+    def forward():
+        cache = StaticCache(config=windowed.config.text_config, max_cache_len=L + 4)
+        mask = create_masks_for_generate(config=windowed.config.text_config, attention_mask=batch["attention_mask"],
+                                         inputs_embeds=torch.empty(B, L, 0, dtype=windowed.dtype), cache=cache,
+                                         position_ids=None)
+        assert list(mask) == ["sliding_attention"]
+        positions, _ = windowed.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                     batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+        return windowed(**{**batch, "attention_mask": mask}, position_ids=positions, past_key_values=cache).logits
+
+    with torch.no_grad():
+        want = forward()
+        with arrcoc.hf.apply(windowed, spec(compress=[{"use": "random_keep", "keep": 1.0}])):
+            got = forward()
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

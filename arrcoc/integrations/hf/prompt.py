@@ -122,10 +122,20 @@ def padding_mask(attention_mask: Any, past: int = 0) -> torch.Tensor | None:
     the keys the LAST query row may attend to are the real columns up to it
     (causal), over the first ``past + q`` key columns (a static cache's mask
     spans its whole capacity).  ``None`` stays ``None`` (no padding).
+
+    The full-attention mask is read when the dict has one.  A model whose
+    every layer attends in a window (``sliding_attention`` only) hides the
+    columns before the window from the last row, so there each of the ``q``
+    new columns is read from its own row (a real column attends to itself,
+    padding to nothing); cached columns outside the window cannot be told
+    apart from padding and read as padding (that window's layers never see
+    them).
     """
+    windowed = False
     if isinstance(attention_mask, dict):
         if not attention_mask:
             return None
+        windowed = "full_attention" not in attention_mask
         attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values())))
     if attention_mask is None:
         return None
@@ -143,6 +153,9 @@ def padding_mask(attention_mask: Any, past: int = 0) -> torch.Tensor | None:
             f"shape {tuple(attention_mask.shape)}"
         )
     last = attention_mask[:, 0, -1, : past + attention_mask.shape[2]]
+    if windowed:
+        own = attention_mask[:, 0].diagonal(offset=past, dim1=-2, dim2=-1)  # column past + i from query row i
+        last = torch.cat([last[:, :past], own], 1)
     allowed = last if last.dtype == torch.bool else last == 0  # eager masks: 0 where allowed, min float elsewhere
     return allowed.long()
 
