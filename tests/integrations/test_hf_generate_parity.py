@@ -206,13 +206,10 @@ MODES: dict[str, Callable[[Any, dict], Any]] = {
 }
 
 #: (config name, pipeline) -> a fragment of the ArrcocError every mode gets instead, or (config name, pipeline,
-#: mode) -> the one that mode gets (docs/hf.md).  Qwen's multimodal rotary positions come from the prompt's ids:
-#: inputs_embeds is refused (the model alone, given embeddings and images, fails inside generate on 5.25).
+#: mode) -> the one that mode gets (docs/hf.md).  (Qwen given inputs_embeds numbers the prompt as text, the model
+#: alone as inside apply: no refusal; it was refused, the model alone running.)
 REFUSALS: dict[tuple[str, ...], str] = {
     ("llava-siglip-default", "pre_llm"): "no class token, so the model drops the first image patch",
-    **{(name, pipeline, mode): "need input_ids.*got inputs_embeds: its multimodal rotary positions"
-       for name in ("qwen2_vl", "qwen2_5_vl") for pipeline in PIPELINES
-       for mode in ("embeds", "embeds_beam", "embeds_static_cache")},
 }
 
 #: Configs ``apply`` refuses when the block is entered: name -> (model factory, a fragment of the ModelError).
@@ -425,3 +422,17 @@ def test_a_fullgraph_compiled_module_or_generate_compile_config_is_refused():
             assert_same(_generate(model, batch, do_sample=False, cache_implementation="static"),
                         _generate(model, batch, do_sample=False))
         assert "get_compiled_call" not in vars(model)
+
+
+@pytest.mark.parametrize("sections", [{"compress": [{"use": "random_keep", "keep": 0.5}]},
+                                      {"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]}], ids=["pre_llm", "in_llm"])
+def test_qwen_prunes_a_prompt_given_as_embeddings(sections):
+    # Was refused ("need input_ids"), although the model alone runs on embeddings (numbered as text).
+    model, batch = _built("qwen2_vl")
+    embeds = {**{k: v for k, v in batch.items() if k != "input_ids"},
+              "inputs_embeds": model.get_input_embeddings()(batch["input_ids"])}
+    with torch.no_grad(), arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}, **sections}) as run:
+        out = _generate(model, embeds, do_sample=False, num_beams=2)
+    assert out.shape == (2, NEW)
+    full = [int(n) for n in (batch["input_ids"] == QWEN_IMAGE).sum(1)]
+    assert max(run.report.layer_visual[-1]) < min(full)  # every (beam) row saw fewer visual tokens

@@ -317,9 +317,6 @@ class Run:
         original["attention_mask"] = attention_mask
         # generate may get both: the embeddings are the prefill's prompt, the ids what it returns before the new tokens.
         embeds = kwargs.get("inputs_embeds")
-        if embeds is not None and ids is None and self.adapter.multimodal_rope:
-            raise InputError(f"arrcoc.hf: pre-LLM stages need input_ids on {self.adapter.family}, got inputs_embeds: "
-                             "its multimodal rotary positions are computed from the prompt's ids")
         # A prompt given as embeddings: its image slots are where the image token's embedding is (as transformers).
         is_image = placeholder_mask(ids if embeds is None else None, embeds, self.adapter.image_token_id,
                                     self.adapter.embed)
@@ -355,12 +352,19 @@ class Run:
         if kwargs.get("position_ids") is not None:
             # The caller's numbering of the long prompt does not fit the short one: number it as generate does.
             kwargs["position_ids"] = (new_mask.cumsum(1) - 1).masked_fill(new_mask == 0, 1)
-        if self.adapter.multimodal_rope:
-            # Each kept token takes the position of its own original cell, not of the j-th placeholder.
-            grids = state.meta.get("grids") or [state.grid] * state.B
-            cells = source_cells(state.positions, state.mask, grids)
-            index = source_columns(ids, self.adapter.image_token_id, per_image, index, valid, cells)
-        kwargs.update(self.adapter.shortened_kwargs({**original, **image_inputs}, index, valid))
+        if self.adapter.multimodal_rope and ids is None:
+            # A prompt given as embeddings alone: the model numbers it as text (generate's own rule without ids),
+            # the short one too; only each column's modality goes with it.
+            mm = original.get("mm_token_type_ids")
+            if mm is not None and mm.shape == is_image.shape:
+                kwargs["mm_token_type_ids"] = mm.gather(1, index).masked_fill(~valid, 0)
+        else:
+            if self.adapter.multimodal_rope:
+                # Each kept token takes the position of its own original cell, not of the j-th placeholder.
+                grids = state.meta.get("grids") or [state.grid] * state.B
+                cells = source_cells(state.positions, state.mask, grids)
+                index = source_columns(ids, self.adapter.image_token_id, per_image, index, valid, cells)
+            kwargs.update(self.adapter.shortened_kwargs({**original, **image_inputs}, index, valid))
         self.state = state
         self.engine.visual_state = state if state.B == is_image.shape[0] else None
         self._pre = {"vision_ms": vision_ms, "records": list(state.trace)}

@@ -194,9 +194,6 @@ class LLMEngine:
         if self._placeholders is None:
             raise InputError("arrcoc.hf: llm stages need input_ids or inputs_embeds (to find the image positions), "
                              "got neither")
-        if ids is None and self.adapter.multimodal_rope:
-            raise InputError(f"arrcoc.hf: llm stages need input_ids on {self.adapter.family}, got inputs_embeds: its "
-                             "multimodal rotary positions are computed from the prompt's ids")
         B, L = self._placeholders.shape
         device = self._placeholders.device
         real = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
