@@ -110,20 +110,14 @@ def engine_args(pipeline: Any, tokens_per_image: int, *, model: str | Path | Non
     rest (``K`` against the model's tokens, the budget rules) when the engine
     starts.
     """
-    from arrcoc.errors import BudgetError
     from arrcoc.spec import resolve_spec
 
-    from .settings import PIPELINE_KEY, TOKENS_KEY, check_spec, check_tokens, pipeline_text, query_aware, stage_plugins
+    from .settings import PIPELINE_KEY, TOKENS_KEY, check_spec, check_tokens, pipeline_text, query_aware
 
     spec = check_spec(resolve_spec(pipeline))
     tokens = check_tokens(tokens_per_image)
-    for label, plugin in stage_plugins(spec):
-        if getattr(plugin, "adaptive", False):
-            raise BudgetError(
-                f"{spec.source}: {label} ({plugin.name}) hands on a number of tokens that depends on the image "
-                "(adaptive), but vLLM fixes each image's placeholders before the model runs; use a method with a "
-                "fixed count, or arrcoc.hf.apply"
-            )
+    # A stage whose count depends on the image is refused when the engine starts (settings.plan_for_model): only
+    # after its budget rule has set its params is it known whether it has a fixed count (PruMerge's ``keep``).
     settings = {PIPELINE_KEY: pipeline_text(pipeline), TOKENS_KEY: tokens}
     overrides: Any
     if model is not None:

@@ -12,8 +12,9 @@ image must come out of the pipeline with exactly ``K`` tokens:
 
 * the pipeline is set to ``K`` by the budget rules every arrcoc method
   declares (:func:`arrcoc.budget.plan_budget`, as ``arrcoc eval`` does);
-* a stage whose count depends on the image (``adaptive``, e.g. PruMerge's
-  outlier count) is refused: its count cannot be fixed in advance;
+* a stage whose count still depends on the image once the budget rules set
+  its params (``adaptive``: PruMerge+'s samples; PruMerge with its ``keep``
+  set is fixed) is refused: its count cannot be fixed in advance;
 * ``llm:`` stages are refused: vLLM's paged KV cache and scheduler allot a
   request's cache blocks from its prompt length, so tokens cannot leave the
   sequence between decoder layers;

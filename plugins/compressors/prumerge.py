@@ -196,8 +196,14 @@ class PruMerge(Compressor):
     name = "prumerge"
     Params = PruMergeParams
     needs = frozenset({"cls_attention", "keys"})
-    adaptive = True
     plus = False
+
+    @property
+    def adaptive(self) -> bool:  # type: ignore[override]
+        """The official adaptive count (IQR outliers) depends on the image; a fixed ``keep`` (the official
+        ``if_adaptive=False``) hands on ``keep + 1``, known in advance. PruMerge+'s uniform samples skip the
+        outliers, so its count depends on the image whatever ``keep`` is."""
+        return self.plus or self.params.keep is None
 
     @classmethod
     def expected_tokens(cls, n: int, k: int) -> float:

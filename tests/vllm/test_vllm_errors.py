@@ -84,11 +84,23 @@ def test_llm_stages_are_refused():
         arrcoc.vllm.engine_args("fastv", tokens_per_image=K)
 
 
-def test_adaptive_count_is_refused():
+def test_a_count_that_depends_on_the_image_is_refused_when_the_engine_starts(toy_dir):
+    """PruMerge+'s uniform samples skip its outliers: no keep fixes its count, and vLLM needs K in advance."""
     import arrcoc.vllm
 
-    with pytest.raises(BudgetError, match=r"compress\[0\] \(prumerge\).*depends on the image"):
-        arrcoc.vllm.engine_args("prumerge", tokens_per_image=K)
+    with pytest.raises(BudgetError, match=r"compress\[0\] \(prumerge_plus\).*depends on the image"):
+        start(toy_dir, **arrcoc.vllm.engine_args("prumerge_plus", tokens_per_image=K, model="arrcoc:toyvqa"))
+
+
+def test_prumerge_runs_in_its_fixed_count_mode():
+    """PruMerge's adaptive count is replaced by the fixed keep its budget rule derives: keep + 1 = K tokens."""
+    from arrcoc.spec import resolve_spec
+    from arrcoc.vllm.settings import plan_for_model, stage_plugins
+
+    planned = plan_for_model(resolve_spec("prumerge"), K, original=ALL, grid=(16, 16), layers=3, has_cls=True,
+                             encoder_layers=4)
+    ((_, stage),) = stage_plugins(planned)
+    assert stage.params.keep == K - 1 and not stage.adaptive
 
 
 def test_model_without_an_arrcoc_class(qwen_dir):

@@ -72,7 +72,16 @@ def test_matches_official_code(cls):
         assert out.origin[b].tolist() == owner
     torch.testing.assert_close(out.size, torch.stack([torch.bincount(o, minlength=out.N) for o in out.origin]).float())
     assert out.size.sum(1).tolist() == [float(N0)] * 3
-    assert cls.adaptive
+    assert cls().adaptive  # the outlier count depends on the image
+
+
+def test_a_fixed_keep_makes_prumerge_count_known_in_advance_but_not_prumerge_plus():
+    """``keep`` (the official ``if_adaptive=False``) gives keep + 1 tokens whatever the image: a fixed count that
+    serving engines (arrcoc.vllm) can reserve placeholders for; PruMerge+'s samples still depend on the image."""
+    fixed = PruMerge(keep=9)
+    assert not fixed.adaptive
+    assert fixed(make_state()).check().counts.tolist() == [10] * 3
+    assert PruMergePlus(keep=9).adaptive
 
 
 def test_adaptive_counts_follow_iqr_per_image():
