@@ -118,6 +118,7 @@ class Row:
     seconds: float
     requests: int
     generated: int
+    block_size: int
 
     @property
     def requests_per_s(self) -> float:
@@ -159,7 +160,8 @@ def serve(model_dir: Path, tokens: int, args: argparse.Namespace, pictures: list
         cache = llm.llm_engine.vllm_config.cache_config
         return Row(tokens, "keep everything (stock vLLM)" if tokens == FULL else args.pipeline,
                    PROMPT_TEXT + tokens, max_model_len, int(cache.kv_cache_size_tokens or 0),
-                   float(cache.kv_cache_max_concurrency or 0.0), seconds, len(requests), generated)
+                   float(cache.kv_cache_max_concurrency or 0.0), seconds, len(requests), generated,
+                   int(cache.block_size))
     finally:
         del llm
         gc.collect()
@@ -169,7 +171,8 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
     base = next((r for r in rows if r.tokens == FULL), rows[0])
     lines = [
         f"{args.requests} requests of {PROMPT_TEXT} text tokens + 1 image, {args.new_tokens} new tokens each; decoder "
-        f"{args.layers} x {args.width} ({args.dtype}), KV cache {args.kv_cache_mib} MiB for every engine",
+        f"{args.layers} x {args.width} ({args.dtype}), KV cache {args.kv_cache_mib} MiB for every engine in blocks of "
+        f"{sorted({r.block_size for r in rows})} tokens (a request holds whole blocks)",
         "",
         "| K | method | prompt tokens | max_model_len | KV-cache tokens | max concurrency | requests/s | "
         "prompt tok/s | generated tok/s | requests/s vs 576 | concurrency vs 576 |",
