@@ -640,3 +640,15 @@ def test_generate_without_cache_is_refused_with_llm_stages(model, batch3):
     with arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}, "llm": [{"use": "fastv", "layer": 2}]}):
         with pytest.raises(arrcoc.InputError, match="use_cache=False"):
             model.generate(**batch3, max_new_tokens=2, use_cache=False)
+        # the same setting read from a generation config (given, or the model's): it pruned again at every step
+        from transformers import GenerationConfig
+
+        with pytest.raises(arrcoc.InputError, match="use_cache=False"):
+            model.generate(**batch3, generation_config=GenerationConfig(max_new_tokens=2, use_cache=False))
+        default = model.generation_config.use_cache
+        model.generation_config.use_cache = False
+        try:
+            with pytest.raises(arrcoc.InputError, match="use_cache=False"):
+                model.generate(**batch3, max_new_tokens=2)
+        finally:
+            model.generation_config.use_cache = default

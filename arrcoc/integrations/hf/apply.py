@@ -421,7 +421,10 @@ class Run:
         _refuse_fullgraph_forward(self.model)  # before the pre-LLM stages run
         kwargs = self._by_name(args, kwargs)
         original = kwargs.get("input_ids")
-        if self.engine.active and kwargs.get("use_cache") is False:
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:  # as generate reads it: the call's generation config, or the model's
+            use_cache = getattr(kwargs.get("generation_config") or self.model.generation_config, "use_cache", True)
+        if self.engine.active and use_cache is False:
             raise InputError(
                 "arrcoc.hf: generate(use_cache=False) recomputes the whole sequence at every step, so llm: stages "
                 "would prune again at every step; llm: stages prune once, in prefill, and need the KV cache"
