@@ -192,8 +192,8 @@ def test_compact_positions_are_refused_with_multimodal_rope(model):
 
 
 # ------------------------------------------------- sliding-window text models
-def _windowed_qwen2_vl(window: int):
-    """The tiny Qwen2-VL with every decoder layer attending in a window of ``window`` keys."""
+def _windowed_qwen2_vl(window: int, full_layers: int = 0):
+    """The tiny Qwen2-VL whose decoder layers from ``full_layers`` on attend in a window of ``window`` keys."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def _windowed_qwen2_vl(window: int):
                            spatial_merge_size=2, temporal_patch_size=2),
         text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=None,
-                         pad_token_id=0, use_sliding_window=True, sliding_window=window, max_window_layers=0,
+                         pad_token_id=0, use_sliding_window=True, sliding_window=window, max_window_layers=full_layers,
                          rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
         image_token_id=IMAGE, video_token_id=901, vision_start_token_id=START, vision_end_token_id=END)
     return Qwen2VLForConditionalGeneration(config).eval().to(torch.float64)
@@ -255,3 +255,33 @@ def test_a_forward_handed_a_sliding_window_dict_mask_is_the_model(model):
         with arrcoc.hf.apply(windowed, spec(compress=[{"use": "random_keep", "keep": 1.0}])):
             got = forward()
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("full_layers", [0, 3], ids=["all_windowed", "windowed_from_3"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_in_llm_stages_keep_each_layers_window(full_layers, cache):
+    """llm: stages on a model whose layers attend in windows: each layer from the stage's on gets the mask of its
+    own attention type (they all got one full causal mask).  Keeping everything is the model; dropping half
+    decodes alike with either cache."""
+    windowed = _windowed_qwen2_vl(6, full_layers)
+    batch = inputs((1, 2), ((2, 8), (4, 2)))
+    options = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True,
+                   cache_implementation=cache)
+    with torch.no_grad():
+        want = windowed.generate(**batch, **options)
+        for layer in (1, 2):
+            with arrcoc.hf.apply(windowed, spec(llm=[{"use": "fastv", "layer": layer, "keep": 1.0}])):
+                got = windowed.generate(**batch, **options)
+            assert torch.equal(got.sequences, want.sequences)
+            for a, b in zip(got.scores, want.scores):
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_in_llm_stages_refuse_attention_types_whose_masks_they_cannot_build():
+    windowed = _windowed_qwen2_vl(6, 3)
+    windowed.config.text_config.layer_types = ["full_attention"] * 3 + ["chunked_attention"]
+    with pytest.raises(ModelError, match=r"attention type \['chunked_attention'\].*pre-LLM stages only"):
+        with arrcoc.hf.apply(windowed, spec(llm=[{"use": "fastv", "layer": 2, "keep": 0.5}])):
+            pass
+    with arrcoc.hf.apply(windowed, spec(compress=[{"use": "random_keep", "keep": 0.5}])):  # pre-LLM only: runs
+        pass

@@ -62,13 +62,16 @@ def _cache_keyword(function: Any) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def causal_mask(config: Any, inputs_embeds: Any, attention_mask: Any, cache: Any, layer_idx: int) -> Any:
-    """``create_causal_mask`` sized against cache layer ``layer_idx``, under either cache keyword."""
-    from transformers.masking_utils import create_causal_mask
+def causal_mask(config: Any, inputs_embeds: Any, attention_mask: Any, cache: Any, layer_idx: int,
+                sliding: bool = False) -> Any:
+    """``create_causal_mask`` (``sliding``: ``create_sliding_window_causal_mask``, the config's window) sized
+    against cache layer ``layer_idx``, under either cache keyword."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    keyword = _cache_keyword(create_causal_mask)
-    return create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                              position_ids=None, layer_idx=layer_idx, **{keyword: cache})
+    create = create_sliding_window_causal_mask if sliding else create_causal_mask
+    keyword = _cache_keyword(create)
+    return create(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=None,
+                  layer_idx=layer_idx, **{keyword: cache})
 
 
 def cache_of(kwargs: dict[str, Any]) -> Any:

@@ -124,6 +124,13 @@ class LLMEngine:
                 self.plan.setdefault(layer, []).append((label, stage))
                 signals = {_SIGNAL_ROWS[s] for s in stage.requirements() if s in _SIGNAL_ROWS}
                 requests.setdefault(layer - 1, set()).update(signals)
+        other = sorted(set(getattr(adapter.text_config, "layer_types", None) or ()) - set(_MASK_TYPES))
+        if self.plan and other:
+            raise ModelError(
+                f"arrcoc.hf: llm: stages rebuild each decoder layer's attention mask; this model has layers of "
+                f"attention type {other}, whose masks arrcoc cannot build (supported: {list(_MASK_TYPES)}); use "
+                "pre-LLM stages only"
+            )
         self.recorder = Recorder(requests=requests, text_rows=self._text_rows)
         self.handles: list[Any] = []
         self.visual_state: TokenState | None = None  # the pre-LLM state of this batch's images, if any
@@ -173,7 +180,12 @@ class LLMEngine:
         past = 0 if cache is None else cache.get_seq_length()
         self._prefill = past == 0
         # generate with a static cache (and compiled forwards) pass a dict of 4-D masks: read the 2-D one behind it.
-        attention_mask = padding_mask(kwargs.get("attention_mask"), past)
+        raw = kwargs.get("attention_mask")
+        if not self._prefill and isinstance(raw, dict) and raw and "full_attention" not in raw:
+            # Windowed masks only (a static window cache rolls its columns): the columns since the prefill, which
+            # are all decoding reads, are generate's own tokens, all real.
+            raw = None
+        attention_mask = padding_mask(raw, past)
         if not self._prefill:
             self._decode_masks.clear()
             self._decode_attention_mask = attention_mask
@@ -254,7 +266,8 @@ class LLMEngine:
         self._record_layer(layer, hidden, seg)
         if seg is None or seg.start == 0:
             return None
-        kwargs = dict(kwargs, attention_mask=seg.mask, position_embeddings=seg.cos_sin, position_ids=seg.position_ids)
+        kwargs = dict(kwargs, attention_mask=_layer_mask(self.adapter, seg.mask, layer),
+                      position_embeddings=seg.cos_sin, position_ids=seg.position_ids)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
@@ -289,7 +302,7 @@ class LLMEngine:
                 new = torch.ones(hidden.shape[0], self._prefill_length() + steps, dtype=torch.long, device=hidden.device)
             mask2d = torch.cat([seg.keys.long(), new[:, self._prefill_length():].long()], 1)
             self._decode_masks[seg.start] = _causal_mask(self.adapter, hidden, mask2d, cache, seg.start)
-        return args, dict(kwargs, attention_mask=self._decode_masks[seg.start])
+        return args, dict(kwargs, attention_mask=_layer_mask(self.adapter, self._decode_masks[seg.start], layer))
 
     def _prefill_length(self) -> int:
         return self._segments[0].index.shape[1]
@@ -468,8 +481,29 @@ def _gather_positions(table: torch.Tensor, index: torch.Tensor, B: int) -> torch
     return table.gather(1, index[:, :, None].expand(-1, -1, table.shape[-1]))
 
 
+#: The attention types of decoder layers whose masks the engine builds (``config.layer_types``).
+_MASK_TYPES = ("full_attention", "sliding_attention")
+
+
 def _causal_mask(adapter: Adapter, hidden: torch.Tensor, mask2d: torch.Tensor, cache: Any, layer: int) -> Any:
-    return compat.causal_mask(adapter.text_config, hidden, mask2d, cache, layer)
+    """The 4-D mask of layers ``>= layer`` over ``mask2d``; a model whose layers attend in windows gets one mask
+    per attention type (``{type: mask}``, each sized against the first cache layer of its type from ``layer``
+    on; :func:`_layer_mask` picks a layer's)."""
+    config = adapter.text_config
+    types = list(getattr(config, "layer_types", None) or ())
+    if not types or set(types) == {"full_attention"}:
+        return compat.causal_mask(config, hidden, mask2d, cache, layer)
+    masks = {}
+    for i in range(layer, len(types)):
+        if types[i] not in masks:
+            masks[types[i]] = compat.causal_mask(config, hidden, mask2d, cache, i,
+                                                 sliding=types[i] == "sliding_attention")
+    return masks
+
+
+def _layer_mask(adapter: Adapter, mask: Any, layer: int) -> Any:
+    """Layer ``layer``'s mask from what :func:`_causal_mask` built."""
+    return mask[adapter.text_config.layer_types[layer]] if isinstance(mask, dict) else mask
 
 
 def cache_bytes(cache: Any) -> int:

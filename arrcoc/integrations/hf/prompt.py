@@ -154,6 +154,11 @@ def padding_mask(attention_mask: Any, past: int = 0) -> torch.Tensor | None:
         )
     last = attention_mask[:, 0, -1, : past + attention_mask.shape[2]]
     if windowed:
+        if attention_mask.shape[-1] < past + attention_mask.shape[2]:
+            raise InputError(
+                f"arrcoc.hf: a windowed attention mask of {attention_mask.shape[-1]} key columns after {past} cached "
+                "tokens (a static window cache rolls its columns): the padding behind it cannot be read"
+            )
         own = attention_mask[:, 0].diagonal(offset=past, dim1=-2, dim2=-1)  # column past + i from query row i
         last = torch.cat([last[:, :past], own], 1)
     allowed = last if last.dtype == torch.bool else last == 0  # eager masks: 0 where allowed, min float elsewhere
