@@ -81,9 +81,13 @@ class LayerRecord:
 
 @dataclass
 class ForwardTrace:
-    """Bookkeeping of one ``generate`` / forward call (reset at each prefill)."""
+    """Bookkeeping of one ``generate`` / forward call (reset at each prefill).
 
-    layers: list[LayerRecord] = field(default_factory=list)
+    The prefill records each layer's counts as tensors (``counts``: ``(layer, tokens [B], visual [B])``); they
+    are read back to the host once, when :attr:`layers` is first read, not at every layer.
+    """
+
+    counts: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     states: dict[str, TokenState] = field(default_factory=dict)  # "label@layer" -> visual tokens after the stage
     stage_ms: dict[str, float] = field(default_factory=dict)
     kv_bytes: int = 0
@@ -91,6 +95,16 @@ class ForwardTrace:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     decode_steps: int = 0
+    _layers: list[LayerRecord] | None = field(default=None, repr=False)
+
+    @property
+    def layers(self) -> list[LayerRecord]:
+        """What each decoder layer saw in prefill (one host sync for all layers)."""
+        if self._layers is None or len(self._layers) != len(self.counts):
+            rows = torch.stack([torch.stack([t, v]) for _, t, v in self.counts]).tolist() if self.counts else []
+            self._layers = [LayerRecord(layer, tokens, visual)
+                            for (layer, _, _), (tokens, visual) in zip(self.counts, rows)]
+        return self._layers
 
 
 class LLMEngine:
@@ -153,6 +167,31 @@ class LLMEngine:
     @property
     def active(self) -> bool:
         return bool(self.plan)
+
+    # ------------------------------------------------------ one call's state
+    #: What belongs to the call in progress (a generate, or a forward on its own): the prefill's bookkeeping and
+    #: trace, the current decoding step's masks, the pre-LLM state of its images.  A model call made in the middle
+    #: of another in the same thread (a logits processor's forward inside generate) gets a fresh one and gives the
+    #: outer call's back when it ends (:meth:`begin_nested_call` / :meth:`end_nested_call`).
+    _CALL_STATE = ("visual_state", "trace", "_segments", "_prefill", "_decode_masks", "_decode_attention_mask",
+                   "_layer_kwargs", "_top_start", "_llm_start", "_input_hidden", "_carried", "_placeholders", "_real")
+
+    def begin_nested_call(self) -> dict[str, Any]:
+        """Set the state of the call in progress aside (returned) and start a fresh one."""
+        saved = {name: getattr(self, name, None) for name in self._CALL_STATE}
+        saved["recorder"] = (self.recorder.results, self.recorder.active)
+        self.visual_state, self.trace, self._segments, self._prefill = None, ForwardTrace(), [], False
+        self._decode_masks, self._decode_attention_mask, self._layer_kwargs = {}, None, {}
+        self._top_start = self._llm_start = 0.0
+        self._input_hidden = self._carried = self._placeholders = self._real = None
+        self.recorder.results, self.recorder.active = {}, False
+        return saved
+
+    def end_nested_call(self, saved: dict[str, Any]) -> None:
+        """Give the call set aside by :meth:`begin_nested_call` its state back."""
+        self.recorder.results, self.recorder.active = saved["recorder"]
+        for name in self._CALL_STATE:
+            setattr(self, name, saved[name])
 
     # ----------------------------------------------------------- hooks
     def install(self) -> None:
@@ -278,13 +317,15 @@ class LLMEngine:
             B, n = hidden.shape[:2]
             real = self._real if self._real is not None and self._real.shape == (B, n) else torch.ones(
                 B, n, dtype=torch.bool, device=hidden.device)
-            tokens, visual = real.sum(1).tolist(), [0] * B
+            tokens = real.sum(1)
             if self._placeholders is not None and self._placeholders.shape == (B, n):
-                visual = (self._placeholders & real).sum(1).tolist()
+                visual = (self._placeholders & real).sum(1)
+            else:
+                visual = torch.zeros_like(tokens)
         else:
-            tokens = seg.real.sum(1).tolist()
-            visual = (seg.visual & seg.keys).sum(1).tolist()
-        self.trace.layers.append(LayerRecord(layer, tokens, visual))
+            tokens = seg.real.sum(1)
+            visual = (seg.visual & seg.keys).sum(1)
+        self.trace.counts.append((layer, tokens, visual.to(tokens.device)))
 
     def _decode_layer(self, layer: int, args: tuple, kwargs: dict):
         seg = None
