@@ -653,3 +653,24 @@ def test_a_conversation_goes_on_from_its_own_cache_after_another_generate(model,
     assert torch.equal(second.sequences, whole.sequences)
     for got, want in zip(second.scores, whole.scores[3:]):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [fastv(layer=2, keep=0.5)], ids=["fastv"])
+def test_a_conversation_goes_on_from_a_copy_of_its_cache(model, spec):
+    """transformers' prompt-reuse pattern: each continuation from ``copy.deepcopy`` of the returned cache, here
+    after another generate on other prompts.  The copy holds the in-LLM masks of its own prompt as the original
+    does (layers >= K decoded with the last prefill's masks: silently other scores)."""
+    a = llava_batch([(1, 3), (6, 1)], seed=1)
+    with torch.no_grad(), arrcoc.hf.apply(model, spec):
+        whole = model.generate(**a, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                               output_scores=True)
+        first = model.generate(**a, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        model.generate(**llava_batch([(6, 1), (1, 3)], seed=2), max_new_tokens=3, do_sample=False)
+        mask = torch.cat([a["attention_mask"], torch.ones(2, 3, dtype=torch.long)], 1)
+        for _ in range(2):  # two continuations from copies of one cache
+            second = model.generate(input_ids=first.sequences, attention_mask=mask, max_new_tokens=3,
+                                    do_sample=False, past_key_values=copy.deepcopy(first.past_key_values),
+                                    return_dict_in_generate=True, output_scores=True)
+            assert torch.equal(second.sequences, whole.sequences)
+            for got, want in zip(second.scores, whole.scores[3:]):
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

@@ -46,6 +46,8 @@ from .prompt import pack_end, padding_mask, placeholder_mask
 #: per_token field numbering the visual tokens handed to a stage.
 SLOT = "llm_slot"
 _SIGNAL_ROWS = {"attn_from_last": "last", "attn_from_text": "text", "attn_logits": "logits"}
+#: The attribute a KV cache filled by a prefill with llm: stages carries: that prefill's segments (its masks).
+SEGMENTS = "_arrcoc_segments"
 
 
 @dataclass
@@ -152,6 +154,8 @@ class LLMEngine:
         self._segments: list[Segment] = []
         # Each cache's own prefill segments: a conversation continued from one cache after another generate
         # (other prompts, same Run) decodes with the masks of the prompt that cache holds, not the last prefill's.
+        # Kept ON the cache (the attribute SEGMENTS), so a copy.deepcopy of it (transformers' way of reusing a
+        # prompt's cache) has them too; a cache that takes no attribute is looked up here instead.
         self._segments_of: "weakref.WeakKeyDictionary[Any, list[Segment]]" = weakref.WeakKeyDictionary()
         self._prefill = False
         self._decode_masks: dict[int, Any] = {}
@@ -228,7 +232,7 @@ class LLMEngine:
         if not self._prefill:
             self._decode_masks.clear()
             self._decode_attention_mask = attention_mask
-            segments = None if cache is None else _lookup(self._segments_of, cache)
+            segments = None if cache is None else getattr(cache, SEGMENTS, None) or _lookup(self._segments_of, cache)
             if segments is not None:
                 self._segments = segments
             return None
@@ -267,10 +271,14 @@ class LLMEngine:
         cache = compat.output_cache(output)
         self.trace.kv_bytes = cache_bytes(cache)
         if cache is not None and self.active:
+            segments = [dataclasses.replace(s, hidden=None) for s in self._segments]  # decoding reads no hidden
             try:
-                self._segments_of[cache] = self._segments
-            except TypeError:  # a cache that cannot be weakly referenced: its decoding uses the last prefill's
-                pass
+                setattr(cache, SEGMENTS, segments)
+            except (AttributeError, TypeError):  # no instance attributes
+                try:
+                    self._segments_of[cache] = segments
+                except TypeError:  # nor weakly referenceable: its decoding uses the last prefill's
+                    pass
 
     def _lm_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._llm_start = clock(kwargs.get("inputs_embeds"))
