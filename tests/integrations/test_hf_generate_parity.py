@@ -32,6 +32,7 @@ pytest.importorskip("transformers")
 import torch
 
 import arrcoc
+from transformers import GenerationConfig
 from tiny_models import BOS, IMAGE, PAD, QWEN_END, QWEN_IMAGE, QWEN_START, left_pad, tiny_llava, tiny_llava_next
 from tiny_models import tiny_qwen2_5_vl, tiny_qwen2_vl
 
@@ -436,3 +437,22 @@ def test_qwen_prunes_a_prompt_given_as_embeddings(sections):
     assert out.shape == (2, NEW)
     full = [int(n) for n in (batch["input_ids"] == QWEN_IMAGE).sum(1)]
     assert max(run.report.layer_visual[-1]) < min(full)  # every (beam) row saw fewer visual tokens
+
+
+@pytest.mark.parametrize("prompt", ["ids", "embeds", "both"])
+def test_max_length_counts_the_callers_prompt_when_pre_llm_stages_shorten_it(prompt):
+    # max_length counts the prompt: a prompt shortened by 32 columns made 32 more new tokens than the model alone
+    # (108 columns returned for max_length=76).
+    model, batch = _built("llava")
+    L = batch["input_ids"].shape[1]
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    given = {"ids": batch, "embeds": {**{k: v for k, v in batch.items() if k != "input_ids"}, "inputs_embeds": embeds},
+             "both": {**batch, "inputs_embeds": embeds}}[prompt]
+    spec = {"encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep", "keep": 0.5}]}
+    with torch.no_grad(), arrcoc.hf.apply(model, spec) as run:
+        out = model.generate(**given, max_length=L + 4, pad_token_id=PAD, do_sample=False)
+        assert max(run.report.layer_visual[0]) < int((batch["input_ids"] == IMAGE).sum(1).min())  # shortened
+        from_config = model.generate(**given, pad_token_id=PAD, do_sample=False,
+                                     generation_config=GenerationConfig(max_length=L + 2))
+    assert out.shape[1] == (4 if prompt == "embeds" else L + 4)
+    assert from_config.shape[1] == (2 if prompt == "embeds" else L + 2)

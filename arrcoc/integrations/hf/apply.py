@@ -429,6 +429,7 @@ class Run:
                 "arrcoc.hf: generate(use_cache=False) recomputes the whole sequence at every step, so llm: stages "
                 "would prune again at every step; llm: stages prune once, in prefill, and need the KV cache"
             )
+        long_prompt = _prompt_length(kwargs)
         if self.has_pre_llm and kwargs.get("pixel_values") is not None:
             if kwargs.get("attention_mask") is None and original is not None and kwargs.get("inputs_embeds") is None:
                 # The prompt gets an explicit mask below: the one generate would infer from this prompt's pad ids
@@ -439,6 +440,7 @@ class Run:
             self._pre = {}
             self._check_placeholders(original, kwargs)
             kwargs = self._resume_shortened(kwargs)
+        kwargs = self._keep_lengths(kwargs, long_prompt - _prompt_length(kwargs))
         self._outside_vision_ms = 0.0
         self._in_forward = False  # a forward that raised earlier never reached its post hook
         self._in_generate = True
@@ -462,6 +464,28 @@ class Run:
             return torch.cat([prompts, out[:, cut:]], 1)
         out.sequences = torch.cat([prompts, out.sequences[:, cut:]], 1)
         return out
+
+    def _keep_lengths(self, kwargs: dict, dropped: int) -> dict:
+        """``max_length`` / ``min_length`` count the caller's prompt: a prompt ``dropped`` columns shorter gets
+        limits as many columns smaller, so that generate makes as many new tokens as it would without arrcoc
+        (``max_new_tokens`` / ``min_new_tokens``, when set, take precedence in generate, as here)."""
+        if dropped <= 0:
+            return kwargs
+        configs = [c for c in (kwargs.get("generation_config"), self.model.generation_config) if c is not None]
+
+        def setting(name: str) -> Any:
+            if kwargs.get(name) is not None:
+                return kwargs[name]
+            return next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+
+        kwargs = dict(kwargs)
+        max_length = setting("max_length")
+        if setting("max_new_tokens") is None and max_length is not None:
+            kwargs["max_length"] = max_length - dropped
+        min_length = setting("min_length")
+        if setting("min_new_tokens") is None and min_length:
+            kwargs["min_length"] = max(min_length - dropped, 0)
+        return kwargs
 
     def _by_name(self, args: tuple, kwargs: dict) -> dict:
         """``generate``'s arguments by name, as the model's own generate reads them: positional ones
@@ -575,6 +599,13 @@ def _fullgraph(compiled: Any) -> bool:
     except (TypeError, ValueError):  # another wrapper: dynamo's own error, if any, will say what failed
         return False
     return getattr(context, "fullgraph", False) is True
+
+
+def _prompt_length(kwargs: dict) -> int:
+    """Columns of the prompt a generate call got (its ids, else its embeddings; 0 for neither)."""
+    prompt = kwargs.get("input_ids")
+    prompt = kwargs.get("inputs_embeds") if prompt is None else prompt
+    return 0 if prompt is None else int(prompt.shape[1])
 
 
 def _refuse_fullgraph_forward(model: Any) -> None:
