@@ -25,7 +25,7 @@ import arrcoc
 from arrcoc.errors import ActiveRunError, ArrcocError, ModelError
 from arrcoc.integrations.hf import attention
 from arrcoc.integrations.hf.engine import LLMEngine
-from tiny_models import llava_batch, tiny_llava
+from tiny_models import IMAGE, llava_batch, tiny_llava
 
 NEW = 4
 # Pre-LLM and in-LLM stages at once: every kind of patch apply makes (hooks on the model, the language model
@@ -575,4 +575,104 @@ def test_a_generate_bound_before_the_block_does_not_skip_the_pre_llm_stages_sile
         with torch.no_grad():
             assert torch.equal(bound(**batch, max_new_tokens=NEW, do_sample=False), reference["fastv"])
     assert run.report.layer_visual[-1] == [16, 16]
+    assert_restored(model, batch, reference)
+
+
+# --------------------------------------------------------------------------- model calls nested in a generate
+# A logits processor (classifier-free guidance's among them) may call the model in the middle of a generate, in
+# the same thread.  Each such call is a call of its own: the pipeline prunes it as it would alone in the block,
+# and the generate around it keeps its own pruning, tokens and report.
+FULL_REPORT = [[64, 64]] * 4  # every layer of the keep-everything FastV saw both prompts' 64 image tokens
+FASTV_REPORT = [[64, 64], [64, 64], [16, 16], [16, 16]]
+
+
+def nested_forward(model, inputs, seen):
+    """A logits processor that calls the model once per step (a batch-1 prompt inside the batch-2 generate)."""
+    from transformers import LogitsProcessorList
+
+    def call_model(input_ids, scores):
+        seen.append(logits(model, inputs))
+        return scores
+
+    return LogitsProcessorList([call_model])
+
+
+def assert_generate_report(report, visual):
+    assert (report.batch, report.new_tokens, report.layer_visual) == (2, NEW, visual), report
+    assert report.layer_tokens == [[v + 6, v + 6] for v, _ in visual], report  # 6 text tokens per prompt
+
+
+def test_a_forward_from_a_logits_processor_is_a_call_of_its_own(model, batch, reference):
+    """Before: the nested forward took over the engine's per-call state (trace, prefill bookkeeping), so the
+    generate's report described the batch-1 forward (layer_visual [[64], [64], [16], [16]])."""
+    single = llava_batch([(2, 2)], seed=9)
+    own = []
+    plain = greedy(model, batch, logits_processor=nested_forward(model, single, own))
+    assert torch.equal(plain, reference["plain"]) and len(own) == NEW
+    inside = []
+    with arrcoc.hf.apply(model, KEEP_ALL["fastv"]) as run:
+        out = greedy(model, batch, logits_processor=nested_forward(model, single, inside))
+    assert torch.equal(out, plain)
+    torch.testing.assert_close(torch.stack(inside), torch.stack(own), rtol=0, atol=0)
+    assert_generate_report(run.report, FULL_REPORT)
+    # Pruning: the generate is pruned as alone, the nested forward as a forward alone in the block.
+    inside.clear()
+    with arrcoc.hf.apply(model, FASTV) as run:
+        alone = logits(model, single)
+        out = greedy(model, batch, logits_processor=nested_forward(model, single, inside))
+        assert torch.equal(out, reference["fastv"])
+        assert_generate_report(run.report, FASTV_REPORT)
+        assert not torch.allclose(alone, own[0])  # the nested forward is pruned, as alone
+        torch.testing.assert_close(torch.stack(inside), alone.expand(NEW, *alone.shape), rtol=0, atol=0)
+    assert_restored(model, batch, reference)
+
+
+def test_classifier_free_guidance_is_the_models_with_a_consistent_report(model, batch, reference):
+    """generate(guidance_scale=...) calls the model from a logits processor on an unconditional prompt (the
+    prompt's last token, with its own cache).  Before: the tokens were right, but the report counted the
+    unconditional forwards as decoding steps (new_tokens 7 for 4) and its layers were the unconditional
+    prefill's (layer_visual all zeros)."""
+    plain = greedy(model, batch, guidance_scale=1.5)
+    assert not torch.equal(plain, reference["plain"])  # guidance changes the tokens
+    with arrcoc.hf.apply(model, KEEP_ALL["fastv"]) as run:
+        out = greedy(model, batch, guidance_scale=1.5)
+    assert torch.equal(out, plain)
+    assert_generate_report(run.report, FULL_REPORT)
+    with arrcoc.hf.apply(model, BOTH) as run:
+        greedy(model, batch, guidance_scale=1.5)
+        both = run.report
+        greedy(model, batch)  # the same prompts without guidance: the same pruning, the same report
+        assert (both.batch, both.new_tokens, both.layer_tokens) == (2, NEW, run.report.layer_tokens)
+        records = [[(r.stage, r.tokens_in, r.tokens_out) for r in report.pre_llm] for report in (both, run.report)]
+        assert records[0] == records[1] != []
+    assert_restored(model, batch, reference)
+
+
+def test_a_generate_from_a_logits_processor_leaves_the_outer_generate_alone(model, batch, reference):
+    """A nested generate (batch 1) is a call of its own too: before, it ended the outer generate's state (its
+    report described the nested generate)."""
+    from transformers import LogitsProcessorList
+
+    single = llava_batch([(2, 2)], seed=9)
+    with arrcoc.hf.apply(model, FASTV) as run:
+        alone = greedy(model, single)
+        inner = []
+
+        def call_generate(input_ids, scores):
+            if not inner:
+                inner.append(greedy(model, single))
+            return scores
+
+        out = greedy(model, batch, logits_processor=LogitsProcessorList([call_generate]))
+        assert torch.equal(out, reference["fastv"]) and torch.equal(inner[0], alone)
+        assert_generate_report(run.report, FASTV_REPORT)
+
+        def call_failing(input_ids, scores):  # a nested forward that raises (its images have no placeholders)
+            with pytest.raises(ArrcocError):
+                logits(model, {**single, "input_ids": single["input_ids"].clamp(max=IMAGE - 1)})
+            return scores
+
+        out = greedy(model, batch, logits_processor=LogitsProcessorList([call_failing]))
+        assert torch.equal(out, reference["fastv"])
+        assert_generate_report(run.report, FASTV_REPORT)
     assert_restored(model, batch, reference)

@@ -63,6 +63,8 @@ _ENCODER_OPTIONS = ("attention_layer", "extra_attention_layers", "cls_attention_
 #: The Run active on each model (one at a time, see ``apply``); the lock makes claiming a model atomic.
 _ACTIVE_RUNS: "weakref.WeakKeyDictionary[Any, Run]" = weakref.WeakKeyDictionary()
 _ACTIVE_LOCK = threading.Lock()
+#: A generate whose first forward (which names the generate's cache) has not run yet.
+_UNSET = object()
 
 
 class Run:
@@ -110,6 +112,10 @@ class Run:
         self._shortened: "weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, dict]]" = weakref.WeakKeyDictionary()
         self._in_generate = False
         self._in_forward = False
+        self._generate_cache: Any = _UNSET  # the cache the generate in progress decodes in (its own forwards carry it)
+        # Model calls made in the middle of another in the same thread (a logits processor's forward or generate
+        # inside generate): (the thread's call depth for it, the outer call's state), innermost last; see _nest.
+        self._nested: list[tuple[int, str, Any]] = []
         # transformers 5's generate encodes the images (base_model.get_image_features) before the prefill
         # forward, outside the hooks that time it: timed here, or prefill_ms would leave out the vision tower.
         self._base = getattr(model, "base_model", model)
@@ -227,7 +233,47 @@ class Run:
             self._call_lock.release()
 
     def _forward_done(self, module: Any, args: tuple, output: Any) -> None:
+        if self._nested and self._nested[-1][:2] == (getattr(self._call_depth, "n", 0), "forward"):
+            self._unnest(len(self._nested) - 1)  # a nested forward ends: the outer call's state comes back
+        else:
+            self._in_forward = False
         self._end_call()
+
+    # ------------------------------------------------------- nested calls
+    #: The Run's part of one call's state (the engine keeps its own part, see LLMEngine.begin_nested_call).
+    _CALL_STATE = ("report", "state", "_pre", "_in_generate", "_in_forward", "_outside_vision_ms", "_generate_cache")
+
+    def _is_nested_forward(self, cache: Any) -> bool:
+        """Whether a forward starting now is made in the middle of another call of this thread rather than being
+        that call's own: made inside a forward (from a hook), or inside a generate with another cache than the
+        generate's (a logits processor's forward: classifier-free guidance's unconditional one has its own cache,
+        a plain ``model(**inputs)`` none).  A generate's first forward is its own and names its cache."""
+        if self._in_forward:
+            return True
+        if not self._in_generate:
+            return False
+        if self._generate_cache is _UNSET:
+            self._generate_cache = cache
+            return False
+        return cache is not self._generate_cache
+
+    def _nest(self, kind: str) -> None:
+        """Set the call in progress aside for a call made in the middle of it: the nested call runs as it would on
+        its own in the block (its own pruning, prefill bookkeeping, report), the outer one keeps its own state."""
+        saved = ({name: getattr(self, name) for name in self._CALL_STATE}, self.engine.begin_nested_call())
+        self._nested.append((self._call_depth.n, kind, saved))
+        self.state, self._pre, self._outside_vision_ms = None, {}, 0.0
+        self._in_generate = self._in_forward = False
+        self._generate_cache = _UNSET
+
+    def _unnest(self, size: int) -> None:
+        """Give back the state of each call set aside beyond the first ``size`` (innermost first): the report
+        describes the outermost call."""
+        while len(self._nested) > size:
+            run, engine = self._nested.pop()[2]
+            self.engine.end_nested_call(engine)
+            for name, value in run.items():
+                setattr(self, name, value)
 
     def _timed_image_features(self, *args: Any, **kwargs: Any) -> Any:
         start = clock(kwargs.get("pixel_values", args[0] if args else None))
@@ -249,14 +295,19 @@ class Run:
             # them, so _forward_done will not run): the model computes on its own.
             self._end_call()
             return None
-        if depth and not self._in_generate:  # what an earlier forward of this thread kept when Ctrl-C stopped it
+        if depth and not self._in_generate and not self._nested:
+            # What an earlier forward of this thread kept when Ctrl-C stopped it (a forward made from inside a
+            # forward outside generate, from a hook, cannot be told from it: it runs as a call of its own).
             self._end_call(1)
-        self._in_forward = True
-        if not self._in_generate:
-            self._outside_vision_ms = 0.0
+            self._in_forward = False
         if args:  # every input by name: positional pixel_values must not slip past the stages
             kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
             args = ()
+        if self._is_nested_forward(compat.cache_of(kwargs)):
+            self._nest("forward")  # given back by _forward_done, also when the forward raises
+        self._in_forward = True
+        if not self._in_generate:
+            self._outside_vision_ms = 0.0
         pixels = kwargs.get("pixel_values")
         if not self.has_pre_llm or pixels is None:
             if not self._in_generate:  # a direct forward: the last pre-LLM record is not this call's
@@ -412,9 +463,13 @@ class Run:
             # generate; the Run's hooks are gone), not with the pre-LLM stages and without the in-LLM ones.
             self._end_call(depth)
             return self.model.generate(*args, **kwargs)
+        nested = len(self._nested)
+        if depth and (self._in_generate or self._in_forward):  # called in the middle of another call of this thread
+            self._nest("generate")
         try:
             return self._run_generate(*args, **kwargs)
         finally:
+            self._unnest(nested)  # also what a nested forward stopped by Ctrl-C set aside
             self._end_call(depth)  # with what a forward stopped by Ctrl-C kept (it never reached _forward_done)
 
     def _run_generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -444,6 +499,7 @@ class Run:
         self._outside_vision_ms = 0.0
         self._in_forward = False  # a forward that raised earlier never reached its post hook
         self._in_generate = True
+        self._generate_cache = _UNSET
         try:
             out = self._generate(**kwargs)
         finally:
