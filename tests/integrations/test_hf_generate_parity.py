@@ -456,3 +456,27 @@ def test_max_length_counts_the_callers_prompt_when_pre_llm_stages_shorten_it(pro
                                      generation_config=GenerationConfig(max_length=L + 2))
     assert out.shape[1] == (4 if prompt == "embeds" else L + 4)
     assert from_config.shape[1] == (2 if prompt == "embeds" else L + 2)
+
+
+def test_a_streamer_gets_the_callers_prompt_when_pre_llm_stages_shorten_it():
+    # generate puts the prompt it got first: the shortened one (40 columns for 72) while it returns the caller's.
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value.reshape(1, -1))
+
+        def end(self):
+            self.puts.append("end")
+
+    model, batch = _built("llava")
+    one = {k: v[1:] for k, v in batch.items()}  # streamers take one prompt
+    streamer = Recorder()
+    spec = {"encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep", "keep": 0.5}]}
+    with torch.no_grad(), arrcoc.hf.apply(model, spec):
+        out = _generate(model, one, do_sample=False, streamer=streamer)
+    assert streamer.puts[-1] == "end"
+    assert torch.equal(torch.cat(streamer.puts[:-1], 1), out)  # the prompt, then each new token

@@ -496,6 +496,8 @@ class Run:
             self._check_placeholders(original, kwargs)
             kwargs = self._resume_shortened(kwargs)
         kwargs = self._keep_lengths(kwargs, long_prompt - _prompt_length(kwargs))
+        if kwargs.get("streamer") is not None and original is not None and kwargs.get("input_ids") is not original:
+            kwargs["streamer"] = _PromptStreamer(kwargs["streamer"], original)
         self._outside_vision_ms = 0.0
         self._in_forward = False  # a forward that raised earlier never reached its post hook
         self._in_generate = True
@@ -655,6 +657,25 @@ def _fullgraph(compiled: Any) -> bool:
     except (TypeError, ValueError):  # another wrapper: dynamo's own error, if any, will say what failed
         return False
     return getattr(context, "fullgraph", False) is True
+
+
+class _PromptStreamer:
+    """A ``generate`` streamer handed the caller's prompt where ``generate`` puts the one arrcoc shortened
+    (its first ``put``): what it streams is what ``generate`` returns.  Everything else goes to ``streamer``."""
+
+    def __init__(self, streamer: Any, prompt: torch.Tensor) -> None:
+        self._streamer, self._prompt = streamer, prompt
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt is not None:
+            value, self._prompt = self._prompt.to(value.device), None
+        self._streamer.put(value)
+
+    def end(self) -> None:
+        self._streamer.end()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._streamer, name)
 
 
 def _prompt_length(kwargs: dict) -> int:
