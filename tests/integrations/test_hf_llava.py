@@ -674,3 +674,28 @@ def test_a_conversation_goes_on_from_a_copy_of_its_cache(model, spec):
             assert torch.equal(second.sequences, whole.sequences)
             for got, want in zip(second.scores, whole.scores[3:]):
                 torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_a_reused_cache_carries_no_earlier_prompts_masks(model):
+    """A static cache made once and reset between calls (transformers' way of reusing one): filled under llm:
+    stages, it must not hand their masks to a later block without them (a cache carries its prefill's segments,
+    so that copies of it have them)."""
+    from transformers import StaticCache
+
+    a = llava_batch([(1, 3), (6, 1)], seed=1)
+    cache = StaticCache(config=model.config.text_config, max_cache_len=a["input_ids"].shape[1] + 8)
+
+    def generate():
+        cache.reset()
+        return model.generate(**a, max_new_tokens=4, do_sample=False, past_key_values=cache,
+                              return_dict_in_generate=True, output_scores=True)
+
+    with torch.no_grad():
+        want = generate()
+        with arrcoc.hf.apply(model, fastv(layer=2, keep=0.5)):
+            generate()
+        with arrcoc.hf.apply(model, NO_STAGES):
+            got = generate()
+    assert torch.equal(got.sequences, want.sequences)
+    for g, w in zip(got.scores, want.scores):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=0)

@@ -232,7 +232,8 @@ class LLMEngine:
         if not self._prefill:
             self._decode_masks.clear()
             self._decode_attention_mask = attention_mask
-            segments = None if cache is None else getattr(cache, SEGMENTS, None) or _lookup(self._segments_of, cache)
+            segments = None if cache is None or not self.active else (
+                getattr(cache, SEGMENTS, None) or _lookup(self._segments_of, cache))
             if segments is not None:
                 self._segments = segments
             return None
@@ -270,13 +271,18 @@ class LLMEngine:
         self.trace.prefill_ms = ms
         cache = compat.output_cache(output)
         self.trace.kv_bytes = cache_bytes(cache)
-        if cache is not None and self.active:
-            segments = [dataclasses.replace(s, hidden=None) for s in self._segments]  # decoding reads no hidden
+        if cache is not None:
+            # Written at every prefill, None without stages: a cache generate reuses (a static one) must not carry
+            # an earlier prompt's segments into another.
+            segments = [dataclasses.replace(s, hidden=None) for s in self._segments] if self.active else None
             try:
                 setattr(cache, SEGMENTS, segments)
             except (AttributeError, TypeError):  # no instance attributes
                 try:
-                    self._segments_of[cache] = segments
+                    if segments is None:
+                        self._segments_of.pop(cache, None)
+                    else:
+                        self._segments_of[cache] = segments
                 except TypeError:  # nor weakly referenceable: its decoding uses the last prefill's
                     pass
 
