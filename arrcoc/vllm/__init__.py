@@ -28,10 +28,13 @@ VLLM_REQUIREMENT = 'pip install "arrcoc[vllm]"'
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("ArrcocLlavaForConditionalGeneration",
                                       "arrcoc.vllm.llava:ArrcocLlavaForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("ArrcocQwen2VLForConditionalGeneration",
+                                        "arrcoc.vllm.qwen2_vl:ArrcocQwen2VLForConditionalGeneration"),
 }
 
 #: Hugging Face ``model_type`` -> the architecture of :data:`ARCHITECTURES` that serves it.
-MODEL_TYPES: dict[str, str] = {"llava": "LlavaForConditionalGeneration"}
+MODEL_TYPES: dict[str, str] = {"llava": "LlavaForConditionalGeneration",
+                               "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 
 
 def register() -> None:

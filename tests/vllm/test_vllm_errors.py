@@ -27,19 +27,18 @@ def toy_dir():
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    """A Qwen2-VL config (no weights: the refusal comes before any are read)."""
-    from transformers import Qwen2VLConfig
+def next_dir(tmp_path_factory):
+    """A LLaVA-NeXT config (no weights: the refusal comes before any are read)."""
+    from transformers import LlavaNextConfig
 
-    path = tmp_path_factory.mktemp("qwen2_vl")
-    config = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
-        image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
-    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    path = tmp_path_factory.mktemp("llava_next")
+    config = LlavaNextConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=14),
+        text_config=dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        image_token_id=999, image_grid_pinpoints=[[56, 112], [112, 56]])
+    config.architectures = ["LlavaNextForConditionalGeneration"]
     config.save_pretrained(path)
     return str(path)
 
@@ -103,12 +102,12 @@ def test_prumerge_runs_in_its_fixed_count_mode():
     assert stage.params.keep == K - 1 and not stage.adaptive
 
 
-def test_model_without_an_arrcoc_class(qwen_dir):
+def test_model_without_an_arrcoc_class(next_dir):
     import arrcoc.vllm
 
-    with pytest.raises(ModelError, match="Qwen2VLForConditionalGeneration; arrcoc has vLLM classes for "
-                                         "LlavaForConditionalGeneration"):
-        arrcoc.vllm.engine_args("random_keep", tokens_per_image=K, model=qwen_dir)
+    with pytest.raises(ModelError, match="LlavaNextForConditionalGeneration; arrcoc has vLLM classes for "
+                                         "LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration"):
+        arrcoc.vllm.engine_args("random_keep", tokens_per_image=K, model=next_dir)
     # not told the model: the engine finds out from the model's config when it starts
-    with pytest.raises(ModelError, match="Qwen2VLForConditionalGeneration; arrcoc has vLLM classes for Llava"):
-        start(qwen_dir, **arrcoc.vllm.engine_args("random_keep", tokens_per_image=K))
+    with pytest.raises(ModelError, match="LlavaNextForConditionalGeneration; arrcoc has vLLM classes for Llava"):
+        start(next_dir, **arrcoc.vllm.engine_args("random_keep", tokens_per_image=K))
