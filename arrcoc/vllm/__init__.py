@@ -12,7 +12,7 @@ or ``arrcoc serve path/to/llava-1.5-7b-hf --pipeline visionzip --tokens 64``
 ``vllm.general_plugins`` entry point (:func:`register`).  See docs/vllm.md.
 
 Importing this module imports neither vLLM nor torch: the model classes live
-in :mod:`arrcoc.vllm.llava` and vLLM imports them when an engine needs them.
+in :mod:`arrcoc.vllm.llava` and :mod:`arrcoc.vllm.qwen2_vl` and vLLM imports them when an engine needs them.
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
                                       "arrcoc.vllm.llava:ArrcocLlavaForConditionalGeneration"),
     "Qwen2VLForConditionalGeneration": ("ArrcocQwen2VLForConditionalGeneration",
                                         "arrcoc.vllm.qwen2_vl:ArrcocQwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("ArrcocQwen2_5_VLForConditionalGeneration",
+                                           "arrcoc.vllm.qwen2_vl:ArrcocQwen2_5_VLForConditionalGeneration"),
 }
 
 #: Hugging Face ``model_type`` -> the architecture of :data:`ARCHITECTURES` that serves it.
 MODEL_TYPES: dict[str, str] = {"llava": "LlavaForConditionalGeneration",
-                               "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+                               "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 def register() -> None:

@@ -1,7 +1,8 @@
-"""Qwen2-VL in vLLM with arrcoc's pre-LLM stages: ``ArrcocQwen2VLForConditionalGeneration``.
+"""Qwen2-VL and Qwen2.5-VL in vLLM with arrcoc's pre-LLM stages: ``ArrcocQwen2VLForConditionalGeneration``,
+``ArrcocQwen2_5_VLForConditionalGeneration``.
 
-vLLM's own ``Qwen2VLForConditionalGeneration`` (its vision transformer with
-the ``PatchMerger``, and Qwen2) with these changes:
+vLLM's own classes (the vision transformer with its ``PatchMerger``, and
+Qwen2) with these changes, shared by both (:class:`ArrcocQwenModel`):
 
 * the processor gives every image ``K`` ``<|image_pad|>`` placeholders
   instead of one per merged patch (``_get_prompt_updates``); an image with
@@ -38,12 +39,19 @@ pipeline stage), pipeline parallelism is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
 from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
@@ -63,7 +71,7 @@ from arrcoc.pipeline import Pipeline
 from .selection import PreLLMSelection
 from .settings import Settings, plan_for_model, query_aware, settings_from_config
 
-ARCHITECTURE = "ArrcocQwen2VLForConditionalGeneration"
+ARCHITECTURES = ("ArrcocQwen2VLForConditionalGeneration", "ArrcocQwen2_5_VLForConditionalGeneration")
 #: Extra channels appended to each kept token's embedding: its grid row and column, each as two base-64
 #: digits (whole numbers below 64 are exact in every float type a model runs in, bfloat16 included).
 CELL_CHANNELS = 4
@@ -76,7 +84,7 @@ class VllmQwen2VLAdapter(Qwen2VLAdapter):
     """vLLM's Qwen2-VL modules seen through arrcoc's adapter contract (the transformers adapter's code)."""
 
     family = "qwen2_vl (vLLM)"
-    model_classes = (ARCHITECTURE,)
+    model_classes = ARCHITECTURES
 
     @property
     def visual(self) -> torch.nn.Module:
@@ -168,7 +176,9 @@ def decode_cells(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --------------------------------------------------------------- processing
-class ArrcocQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
+class ArrcocQwenProcessingInfo:
+    """What the processing info of both families changes (a mixin before vLLM's class)."""
+
     @cached_property
     def arrcoc_settings(self) -> Settings:
         return settings_from_config(self.get_hf_config())
@@ -192,7 +202,9 @@ class ArrcocQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
         return {"image": self.get_max_image_tokens()}
 
 
-class ArrcocQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
+class ArrcocQwenMultiModalProcessor:
+    """What the processor of both families changes (a mixin before vLLM's class)."""
+
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs: Any
                             ) -> Sequence[PromptReplacement]:
         hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
@@ -223,12 +235,26 @@ class ArrcocQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
         return super()._cached_apply_hf_processor(inputs, timing_ctx)
 
 
+class ArrcocQwen2VLProcessingInfo(ArrcocQwenProcessingInfo, Qwen2VLProcessingInfo):
+    pass
+
+
+class ArrcocQwen2_5_VLProcessingInfo(ArrcocQwenProcessingInfo, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class ArrcocQwen2VLMultiModalProcessor(ArrcocQwenMultiModalProcessor, Qwen2VLMultiModalProcessor):
+    pass
+
+
+class ArrcocQwen2_5_VLMultiModalProcessor(ArrcocQwenMultiModalProcessor, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
 # -------------------------------------------------------------------- model
-@MULTIMODAL_REGISTRY.register_processor(
-    ArrcocQwen2VLMultiModalProcessor, info=ArrcocQwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder)
-class ArrcocQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
-    """vLLM's Qwen2-VL running an arrcoc pipeline on each image's merged tokens: ``K`` tokens per image, each at
-    its original 3-D rotary position."""
+class ArrcocQwenModel:
+    """vLLM's Qwen2-VL / Qwen2.5-VL running an arrcoc pipeline on each image's merged tokens: ``K`` tokens per
+    image, each at its original 3-D rotary position (a mixin before vLLM's class)."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -245,12 +271,21 @@ class ArrcocQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         self.arrcoc = QwenSelection(self, settings.spec, settings.tokens_per_image, (side, side))
         self.arrcoc_tokens = settings.tokens_per_image
         self._kept_cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        multimodal = vllm_config.model_config.multimodal_config
+        if multimodal is not None and multimodal.is_multimodal_pruning_enabled():
+            raise ModelError("arrcoc.vllm: video pruning (--video-pruning-rate) is for videos, which arrcoc's Qwen "
+                             "classes do not serve; leave it unset")
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ModelError(
                 "arrcoc.vllm: Qwen2-VL with pipeline parallelism is not supported: the kept tokens' rotary positions "
                 "are set where the image embeddings are merged (the first stage), later stages would not see them; "
                 "use tensor or data parallelism"
             )
+
+    def get_encoder_cudagraph_config(self) -> Any:
+        # vLLM's encoder CUDA graphs (opt-in: compilation_config.cudagraph_mm_encoder) replay the tower alone,
+        # without embed_multimodal, so they would hand the LLM every token: no modality goes through them.
+        return dataclasses.replace(super().get_encoder_cudagraph_config(), modalities=[])
 
     # ---------------------------------------------------------------- images
     def embed_multimodal(self, **kwargs: object) -> Any:
@@ -313,3 +348,17 @@ class ArrcocQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             positions[1, slots] += rows.to(positions.dtype)
             positions[2, slots] += cols.to(positions.dtype)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    ArrcocQwen2VLMultiModalProcessor, info=ArrcocQwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder)
+class ArrcocQwen2VLForConditionalGeneration(ArrcocQwenModel, Qwen2VLForConditionalGeneration):
+    """vLLM's Qwen2-VL with arrcoc (:class:`ArrcocQwenModel`)."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    ArrcocQwen2_5_VLMultiModalProcessor, info=ArrcocQwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class ArrcocQwen2_5_VLForConditionalGeneration(ArrcocQwenModel, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with arrcoc (:class:`ArrcocQwenModel`): its tower's window attention is undone before
+    the merger's output, so the tokens are in raster order as Qwen2-VL's."""

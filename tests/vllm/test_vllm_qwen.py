@@ -9,6 +9,7 @@ patches: 16 tokens), 112x168 and 168x112 (4x6 / 6x4: 24) and 168x168 (6x6: 36), 
   tower lacks, and is refused) on the larger images: the engine's prompt is text + K per image, and the
   answers and logprobs equal ``arrcoc.hf.apply`` with the same pipeline set to K for that image's grid
   (1e-4), one- and two-image prompts of different lengths in one batch;
+* Qwen2.5-VL (window attention): keep-everything and random_keep the same way;
 * the refusals: an image smaller than K (at processing), K above the largest image, a CLS method.
 """
 
@@ -34,9 +35,11 @@ ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=256, limit_mm_p
               kv_cache_memory_bytes=64 << 20, distributed_executor_backend="uni", seed=0)
 
 
-def build_qwen2_vl(path: str) -> str:
+def build_qwen(path: str, family: str = "qwen2_vl") -> str:
     """A random 2-layer Qwen2-VL (head_dim 32: the CPU attention kernels' smallest), a word-level tokenizer
-    ("w0".."w895" and Qwen's special tokens) and Qwen's processor with images of 56..168 px a side."""
+    ("w0".."w895" and Qwen's special tokens) and Qwen's processor with images of 56..168 px a side.
+    ``family="qwen2_5_vl"``: Qwen2.5-VL, its tower with window attention in block 0 (windows of 2x2 merged
+    tokens, so every image here is reordered into windows and back) and full attention in block 1."""
     import transformers
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
@@ -48,14 +51,19 @@ def build_qwen2_vl(path: str) -> str:
                                                      pad_token="<|endoftext|>", unk_token="<unk>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
     size = {"shortest_edge": 56 * 56, "longest_edge": 168 * 168}
-    processor = transformers.Qwen2VLProcessor(
+    qwen25 = family == "qwen2_5_vl"
+    processor = (transformers.Qwen2_5_VLProcessor if qwen25 else transformers.Qwen2VLProcessor)(
         image_processor=transformers.Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2,
                                                            temporal_patch_size=2),
         video_processor=transformers.Qwen2VLVideoProcessor(size=size), tokenizer=tokenizer)
     torch.manual_seed(0)
-    config = transformers.Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
+    vision = (dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=128, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+              if qwen25 else
+              dict(depth=2, embed_dim=32, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2))
+    config = (transformers.Qwen2_5_VLConfig if qwen25 else transformers.Qwen2VLConfig)(
+        vision_config=vision,
         text_config=dict(vocab_size=1000, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
                          pad_token_id=ids["<|endoftext|>"], max_position_embeddings=1024, initializer_range=0.2,
@@ -63,7 +71,9 @@ def build_qwen2_vl(path: str) -> str:
                                           "rope_theta": 10000.0}),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    transformers.Qwen2VLForConditionalGeneration(config).eval().save_pretrained(path)
+    model_class = (transformers.Qwen2_5_VLForConditionalGeneration if qwen25
+                   else transformers.Qwen2VLForConditionalGeneration)
+    model_class(config).eval().save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
@@ -92,15 +102,19 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    return build_qwen2_vl(str(tmp_path_factory.mktemp("qwen2_vl_tiny")))
+    return build_qwen(str(tmp_path_factory.mktemp("qwen2_vl_tiny")))
 
 
 @pytest.fixture(scope="module")
 def hf_model(qwen_dir):
+    return load_hf(qwen_dir)
+
+
+def load_hf(path: str):
     import transformers
 
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(qwen_dir, dtype=torch.float32).eval()
-    return model, transformers.AutoProcessor.from_pretrained(qwen_dir)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return model, transformers.AutoProcessor.from_pretrained(path)
 
 
 class Engine:
@@ -201,6 +215,30 @@ def test_pipeline_equals_apply(engine, hf_model, pipeline):
         assert_same_generation(vllm_ids_and_tops(out), want, 1e-4, f"{pipeline} prompt {i}")
         if TOKENS[kind] > K:  # the reduction changed the answer: the comparison tells them apart
             assert want != full_want
+
+
+def test_qwen2_5_vl(tmp_path_factory, engine):
+    """Qwen2.5-VL (window attention in the tower): keep-everything equals transformers' generate; random_keep at
+    K equals arrcoc.hf.apply, in one batch of mixed sizes."""
+    from arrcoc.integrations import hf
+
+    engine.close()
+    path = build_qwen(str(tmp_path_factory.mktemp("qwen2_5_vl_tiny")), "qwen2_5_vl")
+    model, processor = load_hf(path)
+    llm = Engine(path)
+    try:
+        cases = [(prompt([1, 2, 3]), [("square", 0)]), *CASES[:3]]
+        outs = generate(llm.get("random_keep"), cases)
+    finally:
+        llm.close()
+    for i, ((text, images), out) in enumerate(zip(cases, outs)):
+        (kind,) = {kind for kind, _ in images}
+        want, length = hf_generate(model, processor, text, images)
+        assert len(out.prompt_token_ids) == length - TOKENS[kind] + K, f"prompt {i}"
+        if TOKENS[kind] > K:
+            with hf.apply(model, planned("random_keep", model, kind)):
+                want, _ = hf_generate(model, processor, text, images)
+        assert_same_generation(vllm_ids_and_tops(out), want, 1e-4, f"qwen2.5 prompt {i}")
 
 
 def test_image_smaller_than_k_is_refused(engine):
