@@ -655,11 +655,13 @@ def test_a_conversation_goes_on_from_its_own_cache_after_another_generate(model,
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("spec", [fastv(layer=2, keep=0.5)], ids=["fastv"])
+@pytest.mark.parametrize("spec", [compress({"use": "random_keep", "keep": 0.5}), fastv(layer=2, keep=0.5)],
+                         ids=["random_keep", "fastv"])
 def test_a_conversation_goes_on_from_a_copy_of_its_cache(model, spec):
     """transformers' prompt-reuse pattern: each continuation from ``copy.deepcopy`` of the returned cache, here
-    after another generate on other prompts.  The copy holds the in-LLM masks of its own prompt as the original
-    does (layers >= K decoded with the last prefill's masks: silently other scores)."""
+    after another generate on other prompts.  The copy holds the prompt shortened before the LLM and the in-LLM
+    masks of its own prompt as the original does (neither was recognised: generate read the caller's long ids
+    against the short cache, and layers >= K decoded with the last prefill's masks; silently other tokens)."""
     a = llava_batch([(1, 3), (6, 1)], seed=1)
     with torch.no_grad(), arrcoc.hf.apply(model, spec):
         whole = model.generate(**a, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
@@ -696,6 +698,32 @@ def test_a_reused_cache_carries_no_earlier_prompts_masks(model):
             generate()
         with arrcoc.hf.apply(model, NO_STAGES):
             got = generate()
+    assert torch.equal(got.sequences, want.sequences)
+    for g, w in zip(got.scores, want.scores):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=0)
+
+
+def test_a_reused_cache_carries_no_earlier_shortened_prompt(model):
+    """A cache marked as holding a prompt shortened before the LLM, reset and refilled in a block that shortens
+    nothing, continues as the model alone does (not from the earlier short prompt)."""
+    from transformers import StaticCache
+
+    a = llava_batch([(1, 3), (6, 1)], seed=1)
+    cache = StaticCache(config=model.config.text_config, max_cache_len=a["input_ids"].shape[1] + 8)
+    mask = torch.cat([a["attention_mask"], torch.ones(2, 3, dtype=torch.long)], 1)
+
+    def conversation():
+        cache.reset()
+        first = model.generate(**a, max_new_tokens=3, do_sample=False, past_key_values=cache)
+        return model.generate(input_ids=first, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                              past_key_values=cache, return_dict_in_generate=True, output_scores=True)
+
+    with torch.no_grad():
+        want = conversation()
+        with arrcoc.hf.apply(model, compress({"use": "random_keep", "keep": 0.5})):
+            conversation()
+        with arrcoc.hf.apply(model, NO_STAGES):
+            got = conversation()
     assert torch.equal(got.sequences, want.sequences)
     for g, w in zip(got.scores, want.scores):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=0)

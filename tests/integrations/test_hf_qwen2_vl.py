@@ -285,3 +285,25 @@ def test_in_llm_stages_refuse_attention_types_whose_masks_they_cannot_build():
             pass
     with arrcoc.hf.apply(windowed, spec(compress=[{"use": "random_keep", "keep": 0.5}])):  # pre-LLM only: runs
         pass
+
+
+def test_a_pruned_conversation_goes_on_from_a_copy_of_its_cache_after_other_prompts(model):
+    """transformers' prompt-reuse pattern, after a generate on other prompts (three of other sizes): a
+    continuation from ``copy.deepcopy`` of the cache of a prompt shortened before the LLM goes on from the short
+    prompt (the copy was not recognised: the caller's long ids were read against the short cache), numbered by
+    that prompt's rotary offsets (rope_deltas counting ITS dropped tokens; the other generate's were used)."""
+    import copy
+
+    batch = inputs((1, 2), ((2, 8), (4, 2)))
+    with torch.no_grad(), arrcoc.hf.apply(model, spec(compress=[{"use": "random_keep", "keep": 0.5}])):
+        whole = model.generate(**batch, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                               output_scores=True)
+        first = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        greedy(model, inputs(), n=2)
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, 3, dtype=torch.long)], 1)
+        second = model.generate(input_ids=first.sequences, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                past_key_values=copy.deepcopy(first.past_key_values), return_dict_in_generate=True,
+                                output_scores=True)
+    assert torch.equal(second.sequences, whole.sequences)
+    for got, want in zip(second.scores, whole.scores[3:]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

@@ -149,6 +149,17 @@ class Adapter(ABC):
         """
         return {}
 
+    @property
+    def position_state(self) -> Any:
+        """What the model keeps between calls to number a conversation continued from its cache (Qwen's
+        ``rope_deltas``), saved with a cache that holds a shortened prompt and put back when that conversation
+        goes on; ``None``: nothing (positions follow from the attention mask alone)."""
+        return None
+
+    @position_state.setter
+    def position_state(self, value: Any) -> None:
+        pass
+
     # ---------------------------------------------------------------- LLM
     @property
     @abstractmethod

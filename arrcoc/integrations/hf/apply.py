@@ -63,6 +63,9 @@ _ENCODER_OPTIONS = ("attention_layer", "extra_attention_layers", "cls_attention_
 #: The Run active on each model (one at a time, see ``apply``); the lock makes claiming a model atomic.
 _ACTIVE_RUNS: "weakref.WeakKeyDictionary[Any, Run]" = weakref.WeakKeyDictionary()
 _ACTIVE_LOCK = threading.Lock()
+#: The attribute a KV cache carries when it holds a prompt shortened before the LLM: ``(the caller's prompt, the
+#: short prompt's sequence-aligned kwargs, the model's position state)``; copies of the cache carry it too.
+SHORTENED = "_arrcoc_shortened"
 #: A generate whose first forward (which names the generate's cache) has not run yet.
 _UNSET = object()
 
@@ -109,7 +112,9 @@ class Run:
         self._pre: dict[str, Any] = {}
         # cache -> (the caller's prompt, the shortened prompt's sequence-aligned kwargs) for each generate whose
         # prompt was shortened: a conversation going on from that cache must go on from the short prompt.
-        self._shortened: "weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, dict]]" = weakref.WeakKeyDictionary()
+        # Kept ON the cache (the attribute SHORTENED): a copy.deepcopy of the cache, transformers' way of reusing a
+        # prompt's cache, holds the short prompt too; a cache that takes no attribute is looked up here instead.
+        self._shortened: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
         self._in_generate = False
         self._in_forward = False
         self._generate_cache: Any = _UNSET  # the cache the generate in progress decodes in (its own forwards carry it)
@@ -485,6 +490,8 @@ class Run:
                 "would prune again at every step; llm: stages prune once, in prefill, and need the KV cache"
             )
         long_prompt = _prompt_length(kwargs)
+        given = kwargs.get("past_key_values", kwargs.get("cache"))
+        fresh = given is None or not given.get_seq_length()  # a new prompt fills the cache (none, or emptied)
         if self.has_pre_llm and kwargs.get("pixel_values") is not None:
             if kwargs.get("attention_mask") is None and original is not None and kwargs.get("inputs_embeds") is None:
                 # The prompt gets an explicit mask below: the one generate would infer from this prompt's pad ids
@@ -510,7 +517,10 @@ class Run:
         cache = kwargs.get("past_key_values", kwargs.get("cache", getattr(out, "past_key_values", None)))
         if self.has_pre_llm and original is not None and cache is not None and "input_ids" in kwargs:
             aligned = ("input_ids", "attention_mask", "mm_token_type_ids")
-            self._shortened[cache] = (original, {k: kwargs[k] for k in aligned if kwargs.get(k) is not None})
+            self._remember(cache, (original, {k: kwargs[k] for k in aligned if kwargs.get(k) is not None},
+                                   self.adapter.position_state))
+        elif fresh and cache is not None:  # a cache refilled with a prompt nothing shortened (reused, reset)
+            self._remember(cache, None)
         if original is None or "input_ids" not in kwargs or kwargs["input_ids"] is original:
             return out
         # The caller's prompt, then the new tokens: exactly the layout of generate without arrcoc.
@@ -566,16 +576,31 @@ class Run:
             kwargs["input_ids"] = kwargs.pop("inputs")
         return kwargs
 
+    def _remember(self, cache: Any, record: tuple | None) -> None:
+        """Mark ``cache`` as holding the prompt of ``record`` (``None``: a prompt nothing shortened)."""
+        try:
+            setattr(cache, SHORTENED, record)
+        except (AttributeError, TypeError):  # a cache without instance attributes
+            try:
+                if record is None:
+                    self._shortened.pop(cache, None)
+                else:
+                    self._shortened[cache] = record
+            except TypeError:  # nor weakly referenceable
+                pass
+
     def _resume_shortened(self, kwargs: dict) -> dict:
         """A conversation going on from the cache of a prompt shortened before the LLM: the cache holds the short
         prompt, the caller's ids the long one it was given (``generate`` returned it), so ``generate`` gets the
         short prompt followed by what came after the long one (its positions go on from the cached ones)."""
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         ids = kwargs.get("input_ids")
-        record = self._shortened.get(cache) if cache is not None else None
+        record = None if cache is None else getattr(cache, SHORTENED, None) or _weak_get(self._shortened, cache)
+        if record is not None and not cache.get_seq_length():  # emptied (reset): a new conversation starts
+            record = None
         if record is None or ids is None:
             return kwargs
-        prompt, short = record
+        prompt, short, positions = record
         rows = ids.shape[0] // prompt.shape[0] if ids.shape[0] % prompt.shape[0] == 0 else 0
         L = prompt.shape[1]
         if not rows or ids.shape[1] < L or not torch.equal(ids[:, :L], prompt.repeat_interleave(rows, 0)):
@@ -585,6 +610,9 @@ class Run:
                 f"(those prompts, then the new tokens), got input_ids of shape {tuple(ids.shape)} that do not start "
                 "with them"
             )
+        # The numbering of THIS conversation's short prompt (Qwen's rope_deltas count its dropped tokens): another
+        # generate since (other prompts, other sizes) left its own behind.
+        self.adapter.position_state = positions
         kwargs = dict(kwargs)
         for name, head in short.items():
             tail = kwargs.get(name)
@@ -635,6 +663,13 @@ class Run:
     def llm_states(self) -> dict[str, TokenState]:
         """The visual tokens after each in-LLM stage of the last prefill, by ``"llm[i]@layer"``."""
         return dict(self.engine.trace.states)
+
+
+def _weak_get(table: "weakref.WeakKeyDictionary[Any, Any]", key: Any) -> Any:
+    try:
+        return table.get(key)
+    except TypeError:  # not weakly referenceable
+        return None
 
 
 def _as_list(value: Any) -> Any:

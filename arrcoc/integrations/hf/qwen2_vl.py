@@ -95,5 +95,13 @@ class Qwen2VLAdapter(Adapter):
                 "mm_token_type_ids": mm.gather(1, index).masked_fill(~valid, 0)}
 
     @property
+    def position_state(self) -> Any:
+        return self.model.model.rope_deltas
+
+    @position_state.setter
+    def position_state(self, value: Any) -> None:
+        self.model.model.rope_deltas = value
+
+    @property
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
