@@ -491,7 +491,8 @@ class Run:
             )
         long_prompt = _prompt_length(kwargs)
         given = kwargs.get("past_key_values", kwargs.get("cache"))
-        fresh = given is None or not given.get_seq_length()  # a new prompt fills the cache (none, or emptied)
+        # A new prompt fills the cache (none, or emptied); what is no Cache is left to generate to refuse.
+        fresh = not callable(getattr(given, "get_seq_length", None)) or not given.get_seq_length()
         if self.has_pre_llm and kwargs.get("pixel_values") is not None:
             if kwargs.get("attention_mask") is None and original is not None and kwargs.get("inputs_embeds") is None:
                 # The prompt gets an explicit mask below: the one generate would infer from this prompt's pad ids
