@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from functools import cached_property
 from typing import Any, Mapping, Sequence
 
@@ -62,14 +63,15 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems
 from vllm.multimodal.processing import PromptReplacement
 
-from arrcoc.errors import BudgetError, InputError, ModelError, SpecError, StateError
+from arrcoc.errors import ArrcocError, BudgetError, InputError, ModelError, SpecError, StateError
 from arrcoc.integrations.hf.adapter import VisionOutput, register_adapter
 from arrcoc.integrations.hf.prompt import source_cells
 from arrcoc.integrations.hf.qwen2_vl import Qwen2VLAdapter
 from arrcoc.pipeline import Pipeline
+from arrcoc.state import TokenState
 
 from .selection import PreLLMSelection
-from .settings import Settings, plan_for_model, query_aware, settings_from_config
+from .settings import Settings, plan_for_model, query_aware, settings_from_config, stage_plugins
 
 ARCHITECTURES = ("ArrcocQwen2VLForConditionalGeneration", "ArrcocQwen2_5_VLForConditionalGeneration")
 #: Extra channels appended to each kept token's embedding: its grid row and column, each as two base-64
@@ -108,10 +110,31 @@ class VllmQwen2VLAdapter(Qwen2VLAdapter):
 
 
 # ------------------------------------------------------------------ selection
-def budget_context(config: Any, adapter: Qwen2VLAdapter, grid: tuple[int, int]) -> dict[str, Any]:
-    """The budget context of one image: its merged tokens and grid, the decoder's and tower's depths."""
+def budget_context(config: Any, grid: tuple[int, int]) -> dict[str, Any]:
+    """The budget context of one image: its merged tokens and grid, the decoder's and tower's depths (the
+    adapter reads attention signals after the last block, as arrcoc.hf does)."""
     return {"original": grid[0] * grid[1], "grid": grid, "layers": int(config.text_config.num_hidden_layers),
-            "has_cls": False, "encoder_layers": adapter.default_attention_layer + 1}
+            "has_cls": False, "encoder_layers": int(config.vision_config.depth)}
+
+
+def tokens_handed_on(spec: Any, tokens: int, config: Any, grid: tuple[int, int]) -> int | None:
+    """How many tokens ``spec``, set to ``tokens`` for an image of ``grid`` by the budget rules, hands on for it.
+
+    A dry run of the stages on a zero image of that grid: the count of a stage that is not ``adaptive`` depends
+    on the grid alone, but a budget rule need not reach ``tokens`` exactly on every grid (e.g. pool's output
+    grid: 9 tokens for K=10 on 4x6).  ``None`` where the stages cannot run without the tower's signals (they are
+    refused when the engine starts).
+    """
+    planned = plan_for_model(spec, tokens, **budget_context(config, grid))
+    state = TokenState.from_patches(torch.zeros(1, grid[0] * grid[1], 4), grid)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. pool's "the nearest grid gives n": the caller says it
+            for _, plugin in stage_plugins(planned):
+                state = plugin(state)
+    except ArrcocError:
+        return None
+    return int(state.counts[0])
 
 
 class QwenSelection(PreLLMSelection):
@@ -128,7 +151,7 @@ class QwenSelection(PreLLMSelection):
 
     @staticmethod
     def _plan(spec: Any, tokens: int, adapter: Qwen2VLAdapter, grid: tuple[int, int]) -> Any:
-        return plan_for_model(spec, tokens, **budget_context(adapter.model.config, adapter, grid))
+        return plan_for_model(spec, tokens, **budget_context(adapter.model.config, grid))
 
     def stages_for(self, grid: tuple[int, int]) -> tuple[list, list]:
         from arrcoc.integrations.hf.apply import _split
@@ -183,6 +206,14 @@ class ArrcocQwenProcessingInfo:
     def arrcoc_settings(self) -> Settings:
         return settings_from_config(self.get_hf_config())
 
+    def arrcoc_count(self, grid: tuple[int, int]) -> int | None:
+        """:func:`tokens_handed_on` for this engine's pipeline and K, once per grid."""
+        counts = self.__dict__.setdefault("_arrcoc_counts", {})
+        if grid not in counts:
+            settings = self.arrcoc_settings
+            counts[grid] = tokens_handed_on(settings.spec, settings.tokens_per_image, self.get_hf_config(), grid)
+        return counts[grid]
+
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         # Images only: the pipelines and the fixed K are per image (a video's frames are not budgeted).
         return {"image": None}
@@ -221,6 +252,16 @@ class ArrcocQwenMultiModalProcessor:
                     f"{h // merge}x{w // merge} merged patches after the processor's resizing), fewer than "
                     f"tokens_per_image={tokens}; send a larger image (at least {tokens} merged patches) or start "
                     "the engine with a smaller K"
+                )
+            # Checked here, per request: in the model, a wrong count would stop the whole engine.
+            count = self.info.arrcoc_count((t * h // merge, w // merge))
+            if count is not None and count != tokens:
+                spec = self.info.arrcoc_settings.spec
+                raise BudgetError(
+                    f"arrcoc.vllm: pipeline {spec.name!r} set to tokens_per_image={tokens} hands on {count} tokens "
+                    f"for image {item_idx} of the prompt (a grid of {h // merge}x{w // merge} merged patches): its "
+                    "budget rule cannot reach K exactly on that grid; send an image of another size, or use a "
+                    "method whose count is exact (random_keep, aim)"
                 )
             return [placeholder] * tokens
 

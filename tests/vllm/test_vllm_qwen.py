@@ -217,6 +217,27 @@ def test_pipeline_equals_apply(engine, hf_model, pipeline):
             assert want != full_want
 
 
+def test_pool_only_where_its_grid_reaches_k(engine, hf_model):
+    """pool's budget rule picks an output grid: 16 tokens of a 6x6 grid, but 15 (5x3) of a 4x6 one.  Such an
+    image is refused when its prompt is processed (in the model a wrong count would stop the engine); the
+    others equal arrcoc.hf.apply."""
+    from arrcoc.errors import BudgetError
+    from arrcoc.integrations import hf
+
+    model, processor = hf_model
+    llm = engine.get("pool")
+    with pytest.raises(BudgetError, match=r"pipeline 'pool' set to tokens_per_image=16 hands on 15 tokens for "
+                                          r"image 0 of the prompt \(a grid of 4x6 merged patches\)"):
+        generate(llm, [(prompt([1]), [("wide", 0)])])
+    cases = [(prompt([1, 2]), [("big", 0)]), (prompt([3, 4, 5]), [("big", 1)])]
+    for i, ((text, images), out) in enumerate(zip(cases, generate(llm, cases))):
+        assert len(out.prompt_token_ids) == len(text.split()) - 1 + 2 + K  # the words, start and end, K
+        with hf.apply(model, planned("pool", model, "big")) as run:
+            want, _ = hf_generate(model, processor, text, images)
+            assert (run.state.counts == K).all()
+        assert_same_generation(vllm_ids_and_tops(out), want, 1e-4, f"pool prompt {i}")
+
+
 def test_qwen2_5_vl(tmp_path_factory, engine):
     """Qwen2.5-VL (window attention in the tower): keep-everything equals transformers' generate; random_keep at
     K equals arrcoc.hf.apply, in one batch of mixed sizes."""
