@@ -15,6 +15,7 @@ import torch
 import arrcoc
 from tiny_models import tiny_qwen2_vl
 from arrcoc.errors import ModelError, MissingInputError
+from arrcoc.integrations.hf.compat import cache_kwarg
 
 IMAGE, START, END = 900, 902, 903
 GRIDS = [[1, 8, 12], [1, 6, 6], [1, 4, 8]]  # 24, 9 and 8 merged tokens
@@ -222,7 +223,8 @@ def test_padding_behind_a_sliding_window_dict_mask(attn):
     config._attn_implementation = attn
     mask2d = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1]])
     masks = create_masks_for_generate(config=config, inputs_embeds=torch.empty(2, 8, 0), attention_mask=mask2d,
-                                      cache=DynamicCache(config=config), position_ids=None)
+                                      position_ids=None,
+                                      **cache_kwarg(create_masks_for_generate, DynamicCache(config=config)))
     assert list(masks) == ["sliding_attention"]
     assert padding_mask(masks).tolist() == mask2d.tolist()
     # Two new columns after six cached ones (a 4-D mask handed over as is): the new ones read from their rows.
@@ -243,8 +245,8 @@ def test_a_forward_handed_a_sliding_window_dict_mask_is_the_model(model):
     def forward():
         cache = StaticCache(config=windowed.config.text_config, max_cache_len=L + 4)
         mask = create_masks_for_generate(config=windowed.config.text_config, attention_mask=batch["attention_mask"],
-                                         inputs_embeds=torch.empty(B, L, 0, dtype=windowed.dtype), cache=cache,
-                                         position_ids=None)
+                                         inputs_embeds=torch.empty(B, L, 0, dtype=windowed.dtype), position_ids=None,
+                                         **cache_kwarg(create_masks_for_generate, cache))
         assert list(mask) == ["sliding_attention"]
         positions, _ = windowed.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                                      batch["image_grid_thw"], attention_mask=batch["attention_mask"])

@@ -10,8 +10,9 @@ that low.  What changed inside it and matters to arrcoc:
 * 5.24 renamed the cache keyword of model forwards, decoder layers and the
   mask builders from ``past_key_values`` to ``cache`` (the old name is
   accepted, with a deprecation warning, until 5.40).  :func:`causal_mask`
-  passes whichever keyword the installed ``create_causal_mask`` declares,
-  and :func:`cache_of` reads whichever the caller used.
+  passes whichever keyword the installed ``create_causal_mask`` declares
+  (:func:`cache_kwarg` for any other function), :func:`cache_of` reads
+  whichever the caller used, :func:`output_cache` whichever an output has.
 
 Checked, and the same from 5.18 to 5.25 (nothing to adapt): the
 ``mm_encoder_outputs`` layout (``{"image": BaseModelOutputWithPooling(pooler_output=[...])}``),
@@ -60,6 +61,12 @@ def check_version(version: str | None = None) -> None:
 def _cache_keyword(function: Any) -> str:
     parameters = inspect.signature(function).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwarg(function: Any, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for a transformers function taking the KV cache (a mask builder, a forward), under
+    the keyword it declares."""
+    return {_cache_keyword(function): cache}
 
 
 def causal_mask(config: Any, inputs_embeds: Any, attention_mask: Any, cache: Any, layer_idx: int,
