@@ -518,10 +518,10 @@ class Run:
         cache = kwargs.get("past_key_values", kwargs.get("cache", getattr(out, "past_key_values", None)))
         if self.has_pre_llm and original is not None and cache is not None and "input_ids" in kwargs:
             aligned = ("input_ids", "attention_mask", "mm_token_type_ids")
-            self._remember(cache, (original, {k: kwargs[k] for k in aligned if kwargs.get(k) is not None},
-                                   self.adapter.position_state))
+            short = {k: kwargs[k] for k in aligned if kwargs.get(k) is not None}
+            compat.mark(cache, SHORTENED, (original, short, self.adapter.position_state), self._shortened)
         elif fresh and cache is not None:  # a cache refilled with a prompt nothing shortened (reused, reset)
-            self._remember(cache, None)
+            compat.mark(cache, SHORTENED, None, self._shortened)
         if original is None or "input_ids" not in kwargs or kwargs["input_ids"] is original:
             return out
         # The caller's prompt, then the new tokens: exactly the layout of generate without arrcoc.
@@ -577,26 +577,13 @@ class Run:
             kwargs["input_ids"] = kwargs.pop("inputs")
         return kwargs
 
-    def _remember(self, cache: Any, record: tuple | None) -> None:
-        """Mark ``cache`` as holding the prompt of ``record`` (``None``: a prompt nothing shortened)."""
-        try:
-            setattr(cache, SHORTENED, record)
-        except (AttributeError, TypeError):  # a cache without instance attributes
-            try:
-                if record is None:
-                    self._shortened.pop(cache, None)
-                else:
-                    self._shortened[cache] = record
-            except TypeError:  # nor weakly referenceable
-                pass
-
     def _resume_shortened(self, kwargs: dict) -> dict:
         """A conversation going on from the cache of a prompt shortened before the LLM: the cache holds the short
         prompt, the caller's ids the long one it was given (``generate`` returned it), so ``generate`` gets the
         short prompt followed by what came after the long one (its positions go on from the cached ones)."""
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         ids = kwargs.get("input_ids")
-        record = None if cache is None else getattr(cache, SHORTENED, None) or _weak_get(self._shortened, cache)
+        record = None if cache is None else compat.marked(cache, SHORTENED, self._shortened)
         if record is not None and not cache.get_seq_length():  # emptied (reset): a new conversation starts
             record = None
         if record is None or ids is None:
@@ -664,13 +651,6 @@ class Run:
     def llm_states(self) -> dict[str, TokenState]:
         """The visual tokens after each in-LLM stage of the last prefill, by ``"llm[i]@layer"``."""
         return dict(self.engine.trace.states)
-
-
-def _weak_get(table: "weakref.WeakKeyDictionary[Any, Any]", key: Any) -> Any:
-    try:
-        return table.get(key)
-    except TypeError:  # not weakly referenceable
-        return None
 
 
 def _as_list(value: Any) -> Any:

@@ -91,3 +91,32 @@ def output_cache(output: Any) -> Any:
     """The KV cache a model output carries (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
     cache = getattr(output, "cache", None)
     return getattr(output, "past_key_values", None) if cache is None else cache
+
+
+def mark(obj: Any, name: str, value: Any, table: Any) -> None:
+    """Set attribute ``name`` of ``obj`` (a KV cache) to ``value``, so copies of it (``copy.deepcopy``) carry it
+    too; an object without instance attributes goes in ``table`` (a ``WeakKeyDictionary``) instead, or nowhere
+    when it cannot be weakly referenced either.  ``None`` clears the mark."""
+    try:
+        setattr(obj, name, value)
+        return
+    except (AttributeError, TypeError):
+        pass
+    try:
+        if value is None:
+            table.pop(obj, None)
+        else:
+            table[obj] = value
+    except TypeError:
+        pass
+
+
+def marked(obj: Any, name: str, table: Any) -> Any:
+    """What :func:`mark` left on ``obj`` (``None``: nothing)."""
+    value = getattr(obj, name, None)
+    if value is not None:
+        return value
+    try:
+        return table.get(obj)
+    except TypeError:
+        return None

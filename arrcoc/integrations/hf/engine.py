@@ -232,8 +232,7 @@ class LLMEngine:
         if not self._prefill:
             self._decode_masks.clear()
             self._decode_attention_mask = attention_mask
-            segments = None if cache is None or not self.active else (
-                getattr(cache, SEGMENTS, None) or _lookup(self._segments_of, cache))
+            segments = None if cache is None or not self.active else compat.marked(cache, SEGMENTS, self._segments_of)
             if segments is not None:
                 self._segments = segments
             return None
@@ -275,16 +274,7 @@ class LLMEngine:
             # Written at every prefill, None without stages: a cache generate reuses (a static one) must not carry
             # an earlier prompt's segments into another.
             segments = [dataclasses.replace(s, hidden=None) for s in self._segments] if self.active else None
-            try:
-                setattr(cache, SEGMENTS, segments)
-            except (AttributeError, TypeError):  # no instance attributes
-                try:
-                    if segments is None:
-                        self._segments_of.pop(cache, None)
-                    else:
-                        self._segments_of[cache] = segments
-                except TypeError:  # nor weakly referenceable: its decoding uses the last prefill's
-                    pass
+            compat.mark(cache, SEGMENTS, segments, self._segments_of)
 
     def _lm_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._llm_start = clock(kwargs.get("inputs_embeds"))
@@ -570,11 +560,3 @@ def cache_bytes(cache: Any) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
-
-
-def _lookup(table: "weakref.WeakKeyDictionary[Any, Any]", key: Any) -> Any:
-    """``table.get(key)``, ``None`` for a key that cannot be weakly referenced."""
-    try:
-        return table.get(key)
-    except TypeError:
-        return None
