@@ -727,3 +727,24 @@ def test_a_reused_cache_carries_no_earlier_shortened_prompt(model):
     assert torch.equal(got.sequences, want.sequences)
     for g, w in zip(got.scores, want.scores):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=0)
+
+
+def test_right_padding_with_the_callers_position_ids_is_the_model(model):
+    """Right padding and position_ids given as generate numbers them (padding at 0): a pre-LLM pipeline keeping
+    everything equals the model (the rebuilt numbering put 1 on the padding, so the first new token of a
+    right-padded row got position 2 instead of 1: scores off by 5e-4)."""
+    rows = [[BOS, 5, *[IMG] * N0, 30, 31, 32], [BOS, *[IMG] * N0, 30]]
+    L = max(map(len, rows))
+    ids = torch.tensor([r + [PAD] * (L - len(r)) for r in rows])
+    mask = (ids != PAD).long()
+    pixels = torch.randn(2, 3, 112, 112, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                 position_ids=(mask.cumsum(1) - 1).masked_fill(mask == 0, 0))
+    options = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        want = model.generate(**batch, **options)
+        with arrcoc.hf.apply(model, compress({"use": "random_keep", "keep": 1.0})):
+            got = model.generate(**batch, **options)
+    assert torch.equal(got.sequences, want.sequences)
+    for g, w in zip(got.scores, want.scores):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=0)

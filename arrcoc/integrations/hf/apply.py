@@ -405,9 +405,17 @@ class Run:
             if ids is not None:  # the same columns, or generate's output would not line up with its prompt
                 kwargs.update(input_ids=ids.gather(1, index).masked_fill(~valid, self.adapter.pad_token_id))
         kwargs.update(attention_mask=new_mask, **self.adapter.feature_kwargs(features))
-        if kwargs.get("position_ids") is not None:
-            # The caller's numbering of the long prompt does not fit the short one: number it as generate does.
-            kwargs["position_ids"] = (new_mask.cumsum(1) - 1).masked_fill(new_mask == 0, 1)
+        given = kwargs.get("position_ids")
+        if given is not None:
+            # The caller's numbering of the long prompt does not fit the short one: its real tokens are numbered
+            # as generate does; the caller's masked columns keep the caller's numbers (generate numbers the next
+            # token after the last column, padding on the right included), the padding added in front 0.
+            numbered = new_mask.cumsum(1) - 1
+            if given.ndim == 2 and given.shape == is_image.shape:
+                padding = given.to(numbered.device).gather(1, index).masked_fill(~valid, 0)
+            else:
+                padding = torch.zeros_like(numbered)
+            kwargs["position_ids"] = torch.where(new_mask.bool(), numbered, padding)
         if self.adapter.multimodal_rope and ids is None:
             # A prompt given as embeddings alone: the model numbers it as text (generate's own rule without ids),
             # the short one too; only each column's modality goes with it.
