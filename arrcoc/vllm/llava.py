@@ -9,12 +9,8 @@ Llama) with three changes:
 * ``embed_multimodal`` returns the ``K`` tokens the pipeline keeps of each
   image (:class:`~arrcoc.vllm.selection.PreLLMSelection`);
 * for a query-aware pipeline the processor adds each prompt's text after its
-  last image (token ids, field :data:`QUERY_FIELD`) to every image of it, and
-  folds those ids into the image's hash: vLLM keys its encoder-output cache
-  and its prefix cache by that hash, so one prompt's selection is never
-  handed to another prompt about the same image.  Its processor cache is
-  bypassed for such pipelines (it would cache an image's inputs without the
-  prompt).
+  last image to every image of it and keys the image's hash by it
+  (:mod:`arrcoc.vllm.processing`, shared with the Qwen classes).
 
 An adapter (:class:`VllmLlavaAdapter`) exposes vLLM's modules to arrcoc's
 ``hf_vision`` encoder exactly as :class:`arrcoc.integrations.hf.llava.LlavaAdapter`
@@ -23,10 +19,7 @@ exposes transformers' (whose code it reuses).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import re
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -39,24 +32,16 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import (
-    MultiModalBatchedField,
-    MultiModalFieldConfig,
-    MultiModalFieldElem,
-    MultiModalKwargsItem,
-)
-from vllm.multimodal.parse import ImageEmbeddingItems
 
 from arrcoc.errors import BudgetError, InputError, ModelError
 from arrcoc.integrations.hf.adapter import VisionOutput, register_adapter
 from arrcoc.integrations.hf.llava import LlavaAdapter
 
+from .processing import QUERY_FIELD, ArrcocMultiModalProcessor, ArrcocProcessingInfo, embed_queries
 from .selection import PreLLMSelection
-from .settings import Settings, plan_for_model, query_aware, settings_from_config
+from .settings import plan_for_model, settings_from_config
 
 ARCHITECTURE = "ArrcocLlavaForConditionalGeneration"
-#: Multimodal field holding, per image, the token ids of its prompt's text after the last image (query-aware).
-QUERY_FIELD = "arrcoc_query_ids"
 
 
 # ------------------------------------------------------------------ adapter
@@ -128,17 +113,6 @@ class VllmLlavaAdapter(LlavaAdapter):
 
 
 # ------------------------------------------------------------------ helpers
-def query_ids(prompt: list[int], image_token_id: int) -> list[int]:
-    """The prompt's text after its last image placeholder (what ``arrcoc.hf.apply`` embeds as the query)."""
-    last = max((i for i, t in enumerate(prompt) if t == image_token_id), default=-1)
-    return [t for t in prompt[last + 1:] if t != image_token_id]
-
-
-def keyed_hash(item_hash: str, ids: list[int]) -> str:
-    """An image's hash made specific to one query (the encoder-output and prefix caches key by it)."""
-    return hashlib.sha256(f"{item_hash}|arrcoc-query|{','.join(map(str, ids))}".encode()).hexdigest()
-
-
 def tower_context(config: Any) -> dict[str, Any]:
     """The budget context of a LLaVA-1.5 config: tokens per image, grid, depths, class token."""
     vision = config.vision_config
@@ -158,15 +132,7 @@ def tower_context(config: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------- processing
-class ArrcocLlavaProcessingInfo(LlavaProcessingInfo):
-    @cached_property
-    def arrcoc_settings(self) -> Settings:
-        return settings_from_config(self.get_hf_config())
-
-    @cached_property
-    def arrcoc_query_aware(self) -> bool:
-        return query_aware(self.arrcoc_settings.spec)
-
+class ArrcocLlavaProcessingInfo(ArrcocProcessingInfo, LlavaProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         tokens = self.arrcoc_settings.tokens_per_image
@@ -178,59 +144,8 @@ class ArrcocLlavaProcessingInfo(LlavaProcessingInfo):
         return tokens
 
 
-class ArrcocLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Any) -> dict[str, MultiModalFieldConfig]:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if self.info.arrcoc_query_aware:
-            fields[QUERY_FIELD] = MultiModalFieldConfig.batched("image")
-        return fields
-
-    def _query(self, prompt: list[int]) -> list[int]:
-        ids = query_ids(list(prompt), int(self.info.get_hf_config().image_token_index))
-        if not ids:
-            raise InputError(
-                f"arrcoc.vllm: pipeline {self.info.arrcoc_settings.spec.name!r} is query-aware and needs text after "
-                "the last image of the prompt (the question); the prompt has none"
-            )
-        return ids
-
-    def _get_mm_hashes(self, inputs: Any) -> Any:
-        hashes = super()._get_mm_hashes(inputs)
-        if not self.info.arrcoc_query_aware:
-            return hashes
-        ids = self._query(inputs.prompt)
-        return {modality: [keyed_hash(h, ids) for h in items] for modality, items in hashes.items()}
-
-    def _cached_apply_hf_processor(self, inputs: Any, timing_ctx: Any) -> Any:
-        images = inputs.mm_data_items.get("image")
-        if isinstance(images, ImageEmbeddingItems):
-            raise InputError(
-                "arrcoc.vllm: image embeddings cannot be reduced by arrcoc (the pipeline needs the tower's "
-                "attention and the features of the pixels); send the images themselves"
-            )
-        if self.info.arrcoc_query_aware:
-            # The processor cache keys an image's inputs by its hash alone; a query-aware image carries its prompt.
-            return self._apply_hf_processor(inputs, timing_ctx)
-        return super()._cached_apply_hf_processor(inputs, timing_ctx)
-
-    def _apply_hf_processor(self, inputs: Any, timing_ctx: Any) -> Any:
-        result = super()._apply_hf_processor(inputs, timing_ctx)
-        if not self.info.arrcoc_query_aware or "image" not in result.kwargs:
-            return result
-        ids = torch.tensor(self._query(inputs.prompt), dtype=torch.long)
-        field = MultiModalBatchedField()
-        items = [MultiModalKwargsItem({**item, QUERY_FIELD: MultiModalFieldElem(data=ids, field=field)})
-                 for item in result.kwargs["image"]]
-        result.kwargs["image"] = items
-        return result
-
-    def get_dummy_inputs(self, seq_len: int, mm_counts: Any, mm_options: Any) -> Any:
-        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
-        if not self.info.arrcoc_query_aware:
-            return inputs
-        # The profiling prompt is images only; a query-aware pipeline needs a word after them.
-        eos = getattr(self.info.get_tokenizer(), "eos_token_id", None)
-        return dataclasses.replace(inputs, prompt=[*inputs.prompt, 0 if eos is None else int(eos)])
+class ArrcocLlavaMultiModalProcessor(ArrcocMultiModalProcessor, LlavaMultiModalProcessor):
+    pass
 
 
 # -------------------------------------------------------------------- model
@@ -264,6 +179,5 @@ class ArrcocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if queries is None:
                 raise InputError(f"arrcoc.vllm: the query-aware pipeline got images without their prompt's text "
                                  f"({QUERY_FIELD!r} is missing)")
-            rows = list(queries) if not isinstance(queries, torch.Tensor) or queries.ndim == 2 else [queries]
-            embedded = [self.language_model.embed_input_ids(ids.to(pixels.device).long()) for ids in rows]
+            embedded = embed_queries(self, queries, pixels.device)
         return tuple(self.arrcoc(pixels, embedded))

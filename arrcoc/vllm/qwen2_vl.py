@@ -14,7 +14,9 @@ Qwen2) with these changes, shared by both (:class:`ArrcocQwenModel`):
   token count and grid (Qwen's images differ in size);
 * every kept token keeps its ORIGINAL 3-D rotary position ``(t, h, w)``, and
   the text after an image keeps its original position too, as
-  :mod:`arrcoc.integrations.hf.qwen2_vl` does in transformers.
+  :mod:`arrcoc.integrations.hf.qwen2_vl` does in transformers;
+* query-aware pipelines get the prompt's text after its last image, as in
+  LLaVA's class (:mod:`arrcoc.vllm.processing`).
 
 Positions.  vLLM computes a request's multimodal rotary positions when the
 request arrives (``get_mrope_input_positions``), before the tower has run,
@@ -42,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -60,18 +61,18 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageEmbeddingItems
 from vllm.multimodal.processing import PromptReplacement
 
-from arrcoc.errors import ArrcocError, BudgetError, InputError, ModelError, SpecError, StateError
+from arrcoc.errors import ArrcocError, BudgetError, InputError, ModelError, StateError
 from arrcoc.integrations.hf.adapter import VisionOutput, register_adapter
 from arrcoc.integrations.hf.prompt import source_cells
 from arrcoc.integrations.hf.qwen2_vl import Qwen2VLAdapter
 from arrcoc.pipeline import Pipeline
 from arrcoc.state import TokenState
 
+from .processing import QUERY_FIELD, ArrcocMultiModalProcessor, ArrcocProcessingInfo, embed_queries
 from .selection import PreLLMSelection
-from .settings import Settings, plan_for_model, query_aware, settings_from_config, stage_plugins
+from .settings import plan_for_model, settings_from_config, stage_plugins
 
 ARCHITECTURES = ("ArrcocQwen2VLForConditionalGeneration", "ArrcocQwen2_5_VLForConditionalGeneration")
 #: Extra channels appended to each kept token's embedding: its grid row and column, each as two base-64
@@ -127,6 +128,8 @@ def tokens_handed_on(spec: Any, tokens: int, config: Any, grid: tuple[int, int])
     """
     planned = plan_for_model(spec, tokens, **budget_context(config, grid))
     state = TokenState.from_patches(torch.zeros(1, grid[0] * grid[1], 4), grid)
+    # a one-word query for query-aware stages (their count does not depend on it either)
+    state = state.replace(query=torch.zeros(1, 1, 4), query_mask=torch.ones(1, 1, dtype=torch.bool))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. pool's "the nearest grid gives n": the caller says it
@@ -163,14 +166,20 @@ class QwenSelection(PreLLMSelection):
             self.plans[grid] = _split(pipeline.stages, "auto")
         return self.plans[grid]
 
-    def select(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Flattened patches and ``image_grid_thw`` -> per image its ``[K, D]`` tokens and ``[K]`` grid cells."""
+    def select(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+               queries: Sequence[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Flattened patches and ``image_grid_thw`` (and, when query-aware, each image's query embeddings
+        ``[T_i, D]``) -> per image its ``[K, D]`` tokens and ``[K]`` grid cells."""
+        self.check_queries(queries, int(grid_thw.shape[0]))
         state = self.encoder.encode_inputs(pixel_values, {"image_grid_thw": grid_thw})
         grids = state.meta["grids"]
         out = []
         for b in range(state.B):  # one image per run, as in PreLLMSelection
             vision_stages, projector_stages = self.stages_for(tuple(grids[b]))
-            one = self.pipeline.run_stages(state.image(b), vision_stages)
+            one = state.image(b)
+            if self.query_aware:
+                one = self.with_query(one, queries[b])
+            one = self.pipeline.run_stages(one, vision_stages)
             one = self.encoder.project(one)
             one = self.pipeline.run_stages(one, projector_stages)
             (features,) = self.adapter.assemble(one, {})
@@ -199,12 +208,8 @@ def decode_cells(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --------------------------------------------------------------- processing
-class ArrcocQwenProcessingInfo:
+class ArrcocQwenProcessingInfo(ArrcocProcessingInfo):
     """What the processing info of both families changes (a mixin before vLLM's class)."""
-
-    @cached_property
-    def arrcoc_settings(self) -> Settings:
-        return settings_from_config(self.get_hf_config())
 
     def arrcoc_count(self, grid: tuple[int, int]) -> int | None:
         """:func:`tokens_handed_on` for this engine's pipeline and K, once per grid."""
@@ -233,7 +238,7 @@ class ArrcocQwenProcessingInfo:
         return {"image": self.get_max_image_tokens()}
 
 
-class ArrcocQwenMultiModalProcessor:
+class ArrcocQwenMultiModalProcessor(ArrcocMultiModalProcessor):
     """What the processor of both families changes (a mixin before vLLM's class)."""
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs: Any
@@ -267,14 +272,6 @@ class ArrcocQwenMultiModalProcessor:
 
         return [PromptReplacement(modality="image", target=[placeholder], replacement=replacement)]
 
-    def _cached_apply_hf_processor(self, inputs: Any, timing_ctx: Any) -> Any:
-        if isinstance(inputs.mm_data_items.get("image"), ImageEmbeddingItems):
-            raise InputError(
-                "arrcoc.vllm: image embeddings cannot be reduced by arrcoc (the pipeline needs the tower's features "
-                "of the pixels and each image's grid); send the images themselves"
-            )
-        return super()._cached_apply_hf_processor(inputs, timing_ctx)
-
 
 class ArrcocQwen2VLProcessingInfo(ArrcocQwenProcessingInfo, Qwen2VLProcessingInfo):
     pass
@@ -300,12 +297,6 @@ class ArrcocQwenModel:
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = settings_from_config(self.config)
-        if query_aware(settings.spec):
-            raise SpecError(
-                f"{settings.spec.source}: pipeline {settings.spec.name!r} reads the query; arrcoc's vLLM Qwen2-VL "
-                "class runs pipelines that do not (the prompt's text is not carried to the Qwen encoder yet); use "
-                "arrcoc.hf.apply for it"
-            )
         # The smallest square grid that holds K tokens: planned once here to refuse at start what cannot run at
         # all (adaptive counts, signals the tower lacks); each image is planned for its own grid when it comes.
         side = math.isqrt(settings.tokens_per_image - 1) + 1
@@ -332,16 +323,23 @@ class ArrcocQwenModel:
     def embed_multimodal(self, **kwargs: object) -> Any:
         if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_embeds") is not None:
             raise InputError("arrcoc.vllm: videos are not supported by arrcoc's Qwen2-VL class; send images")
+        queries = kwargs.pop(QUERY_FIELD, None)
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
         if image_input["type"] != "pixel_values":
             raise InputError("arrcoc.vllm: image embeddings cannot be reduced by arrcoc; send the images themselves")
         grid_thw = image_input["image_grid_thw"]
+        pixels = image_input["pixel_values"]
+        embedded = None
+        if self.arrcoc.query_aware:
+            if queries is None:
+                raise InputError(f"arrcoc.vllm: the query-aware pipeline got images without their prompt's text "
+                                 f"({QUERY_FIELD!r} is missing)")
+            embedded = embed_queries(self, queries, pixels.device)
         merge = int(self.config.vision_config.spatial_merge_size)
         out = []
-        for (features, cells), (t, h, w) in zip(self.arrcoc.select(image_input["pixel_values"], grid_thw),
-                                                grid_thw.tolist()):
+        for (features, cells), (t, h, w) in zip(self.arrcoc.select(pixels, grid_thw, embedded), grid_thw.tolist()):
             out.append(torch.cat([features, encode_cells(cells, w // merge, features.dtype)], -1))
         return tuple(out)
 

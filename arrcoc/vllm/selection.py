@@ -52,22 +52,30 @@ class PreLLMSelection:
         #: tokens were kept; ``None`` (the default) keeps nothing, so a server's memory does not grow.
         self.record: list[TokenState] | None = None
 
+    def check_queries(self, queries: Sequence[torch.Tensor] | None, images: int) -> None:
+        if self.query_aware and (queries is None or len(queries) != images):
+            got = "none" if queries is None else len(queries)
+            raise InputError(f"arrcoc.vllm: a query-aware pipeline needs one query per image; got {got} for "
+                             f"{images} images")
+
+    @staticmethod
+    def with_query(one: TokenState, query: torch.Tensor) -> TokenState:
+        """``one`` (an image alone) with its prompt's query embeddings ``[T, D]``."""
+        query = query.to(device=one.device, dtype=one.dtype)
+        return one.replace(query=query[None], query_mask=torch.ones(1, query.shape[0], dtype=torch.bool,
+                                                                    device=one.device))
+
     def __call__(self, pixel_values: torch.Tensor, queries: Sequence[torch.Tensor] | None = None
                  ) -> list[torch.Tensor]:
         """Pixels ``[B, 3, H, W]`` (and, when query-aware, each image's query embeddings ``[T_i, D]``) ->
         per image ``[K, D]`` tokens in the LLM's input space."""
-        if self.query_aware and (queries is None or len(queries) != pixel_values.shape[0]):
-            got = "none" if queries is None else len(queries)
-            raise InputError(f"arrcoc.vllm: a query-aware pipeline needs one query per image; got {got} for "
-                             f"{pixel_values.shape[0]} images")
+        self.check_queries(queries, pixel_values.shape[0])
         state = self.encoder.encode_inputs(pixel_values, {})
         out = []
         for b in range(state.B):  # one image per run: see the module docstring
             one = state.image(b)
             if self.query_aware:
-                query = queries[b].to(device=one.device, dtype=one.dtype)
-                one = one.replace(query=query[None], query_mask=torch.ones(1, query.shape[0], dtype=torch.bool,
-                                                                            device=one.device))
+                one = self.with_query(one, queries[b])
             one = self.pipeline.run_stages(one, self.vision_stages)
             one = self.encoder.project(one)
             one = self.pipeline.run_stages(one, self.projector_stages)

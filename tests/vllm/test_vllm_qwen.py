@@ -5,8 +5,8 @@ patches: 16 tokens), 112x168 and 168x112 (4x6 / 6x4: 24) and 168x168 (6x6: 36), 
 
 * keep-everything (random_keep on the 16-token images): greedy ids and top-5 logprobs equal transformers'
   ``generate`` without arrcoc, i.e. the K placeholders carry the original 3-D rotary positions;
-* random_keep and aim (AIM's merging, which runs on Qwen; VisionZip needs CLS attention, which Qwen's
-  tower lacks, and is refused) on the larger images: the engine's prompt is text + K per image, and the
+* random_keep, aim (AIM's merging) and SparseVLM's text relevance (query-aware: the text after the image;
+  VisionZip needs CLS attention, which Qwen's tower lacks, and is refused) on the larger images: the engine's prompt is text + K per image, and the
   answers and logprobs equal ``arrcoc.hf.apply`` with the same pipeline set to K for that image's grid
   (1e-4), one- and two-image prompts of different lengths in one batch;
 * Qwen2.5-VL (window attention): keep-everything and random_keep the same way;
@@ -31,6 +31,9 @@ MAX_NEW = 3
 SIZES = {"square": (112, 112), "wide": (168, 112), "tall": (112, 168), "big": (168, 168), "small": (56, 56)}
 TOKENS = {"square": 16, "wide": 24, "tall": 24, "big": 36, "small": 4}   # merged 2x2 patches of 14 px
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+#: SparseVLM's text relevance alone (its CLS saliency needs a class token, which Qwen's tower lacks)
+PIPELINES = {"sparsevlm_text": {"name": "sparsevlm_text", "encoder": {"use": "hf_vision"},
+                                "compress": [{"use": "sparsevlm", "keep": 0.4, "w_text": 1.0, "w_sal": 0.0}]}}
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=256, limit_mm_per_prompt={"image": 2},
               kv_cache_memory_bytes=64 << 20, distributed_executor_backend="uni", seed=0)
 
@@ -130,7 +133,8 @@ class Engine:
 
         if (pipeline, tokens) != self.key:
             self.close()
-            self.llm = LLM(model=self.path, **ENGINE, **arrcoc.vllm.engine_args(pipeline, tokens_per_image=tokens))
+            self.llm = LLM(model=self.path, **ENGINE,
+                           **arrcoc.vllm.engine_args(PIPELINES.get(pipeline, pipeline), tokens_per_image=tokens))
             self.key = (pipeline, tokens)
         return self.llm
 
@@ -177,7 +181,7 @@ def planned(pipeline: str, model, kind: str):
     width, height = SIZES[kind]
     grid = (height // 28, width // 28)
     adapter = hf.adapter_for(model)
-    return plan_budget(resolve_spec(pipeline), K / TOKENS[kind], original=TOKENS[kind], grid=grid,
+    return plan_budget(resolve_spec(PIPELINES.get(pipeline, pipeline)), K / TOKENS[kind], original=TOKENS[kind], grid=grid,
                        layers=model.config.text_config.num_hidden_layers, has_cls=False,
                        encoder_layers=adapter.default_attention_layer + 1).spec
 
@@ -194,7 +198,7 @@ def test_keep_everything_equals_transformers(engine, hf_model):
         assert_same_generation(vllm_ids_and_tops(out), want, 1e-4, f"prompt {i}")
 
 
-@pytest.mark.parametrize("pipeline", ["random_keep", "aim"])
+@pytest.mark.parametrize("pipeline", ["random_keep", "aim", "sparsevlm_text"])
 def test_pipeline_equals_apply(engine, hf_model, pipeline):
     """A batch of prompts of different lengths with one or two images of different sizes: text + K per image,
     and each prompt's answer that of arrcoc.hf.apply with the pipeline set to K for its images."""
@@ -215,6 +219,23 @@ def test_pipeline_equals_apply(engine, hf_model, pipeline):
         assert_same_generation(vllm_ids_and_tops(out), want, 1e-4, f"{pipeline} prompt {i}")
         if TOKENS[kind] > K:  # the reduction changed the answer: the comparison tells them apart
             assert want != full_want
+
+
+def test_two_questions_on_one_image(engine, hf_model):
+    """A query-aware pipeline: the same image asked two questions in one batch keeps a set for each (the
+    image's hash is keyed by the question, or vLLM's encoder cache would hand the first set to both)."""
+    from arrcoc.integrations import hf
+
+    model, processor = hf_model
+    cases = [(prompt([1, 2], after=[7, 8]), [("big", 0)]), (prompt([1, 2], after=[30, 31, 32]), [("big", 0)])]
+    outs = generate(engine.get("sparsevlm_text"), cases)
+    kept = []
+    for i, ((text, images), out) in enumerate(zip(cases, outs)):
+        with hf.apply(model, planned("sparsevlm_text", model, "big")) as run:
+            want, _ = hf_generate(model, processor, text, images)
+            kept.append(run.state.origin[0])
+        assert_same_generation(vllm_ids_and_tops(out), want, 1e-4, f"question {i}")
+    assert not torch.equal(kept[0], kept[1])  # the questions do keep different tokens
 
 
 def test_pool_only_where_its_grid_reaches_k(engine, hf_model):
@@ -265,9 +286,10 @@ def test_qwen2_5_vl(tmp_path_factory, engine):
 def test_image_smaller_than_k_is_refused(engine):
     from arrcoc.errors import BudgetError
 
-    with pytest.raises(BudgetError, match=r"image 0 of the prompt gives 4 visual tokens \(a grid of 2x2 merged "
-                                          r"patches.*fewer than tokens_per_image=16"):
-        generate(engine.get("random_keep"), [(prompt([1]), [("small", 0)])])
+    for attempt in range(2):  # the second time from vLLM's processor cache
+        with pytest.raises(BudgetError, match=r"image 0 of the prompt gives 4 visual tokens \(a grid of 2x2 "
+                                              r"merged patches.*fewer than tokens_per_image=16"):
+            generate(engine.get("random_keep"), [(prompt([1]), [("small", 0)])])
     # the engine goes on serving
     (out,) = generate(engine.get("random_keep"), [(prompt([1]), [("square", 0)])])
     assert len(out.outputs[0].token_ids) == MAX_NEW
