@@ -5,12 +5,13 @@ patches: 16 tokens), 112x168 and 168x112 (4x6 / 6x4: 24) and 168x168 (6x6: 36), 
 
 * keep-everything (random_keep on the 16-token images): greedy ids and top-5 logprobs equal transformers'
   ``generate`` without arrcoc, i.e. the K placeholders carry the original 3-D rotary positions;
-* random_keep, aim (AIM's merging) and SparseVLM's text relevance (query-aware: the text after the image;
-  VisionZip needs CLS attention, which Qwen's tower lacks, and is refused) on the larger images: the engine's prompt is text + K per image, and the
-  answers and logprobs equal ``arrcoc.hf.apply`` with the same pipeline set to K for that image's grid
-  (1e-4), one- and two-image prompts of different lengths in one batch;
+* random_keep, aim (AIM's merging), SparseVLM's text relevance (query-aware: the text after the image) and
+  pool (where its output grid reaches K) on the larger images: the engine's prompt is text + K per image,
+  and the answers and logprobs equal ``arrcoc.hf.apply`` with the same pipeline set to K for that image's
+  grid (1e-4), one- and two-image prompts of different lengths in one batch; two questions on one image;
 * Qwen2.5-VL (window attention): keep-everything and random_keep the same way;
-* the refusals: an image smaller than K (at processing), K above the largest image, a CLS method.
+* the refusals: an image smaller than K or whose grid the budget rule cannot bring to K (at processing), K
+  above the largest image, a CLS method (VisionZip: Qwen's tower has no class token).
 """
 
 from __future__ import annotations
@@ -181,8 +182,8 @@ def planned(pipeline: str, model, kind: str):
     width, height = SIZES[kind]
     grid = (height // 28, width // 28)
     adapter = hf.adapter_for(model)
-    return plan_budget(resolve_spec(PIPELINES.get(pipeline, pipeline)), K / TOKENS[kind], original=TOKENS[kind], grid=grid,
-                       layers=model.config.text_config.num_hidden_layers, has_cls=False,
+    return plan_budget(resolve_spec(PIPELINES.get(pipeline, pipeline)), K / TOKENS[kind], original=TOKENS[kind],
+                       grid=grid, layers=model.config.text_config.num_hidden_layers, has_cls=False,
                        encoder_layers=adapter.default_attention_layer + 1).spec
 
 
