@@ -106,8 +106,8 @@ class EvalResult:
     seconds: float = 0.0
 
     def row(self, method: str, budget: float) -> dict[str, Any]:
-        for r in self.rows:
-            if r["method"] == method and math.isclose(float(r["budget"]), budget):
+        for r in self.rows:  # by label, as results.csv and a resume find rows (a resumed 0.333333 is 1/3)
+            if _key(r["method"], r["budget"]) == _key(method, budget):
                 return r
         raise KeyError(f"no row for {method!r} at budget {budget}")
 
@@ -356,8 +356,16 @@ def _read_rows(path: Path, say: Callable[[str], None] = lambda message: None) ->
     """The rows of a results.csv; a last row cut off mid-write (no line end) is dropped, and said so."""
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as f:
-        text = f.read()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if b"\n" in data[exc.start:]:  # not in an unterminated last row (dropped below): the file is damaged
+            line = data[:exc.start].count(b"\n") + 1
+            raise InputError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); the file was damaged: fix the "
+                             "line, or --restart to discard it") from None
+        # A cut inside a multi-byte character of the last row, which is dropped below as cut off mid-write.
+        text = data.decode("utf-8", errors="replace")
     if not text:
         return []
     reader = csv.reader(io.StringIO(text))
@@ -478,6 +486,12 @@ def evaluate(
     if out_dir is not None:
         # A row that is not done (an unknown status: edited by hand) is computed again, and replaced.
         rows = [r for r in _resume(out_dir, fingerprint, restart, say) if r["status"] in DONE]
+        # results.csv holds a budget at the precision of its label (0.333333 for 1/3): a resumed row takes the
+        # budget asked for, as a row computed now has it, so both are one column of the tables and of row().
+        asked = {_key("", b)[1]: b for b in budgets}
+        for r in rows:
+            if r["method"] != ALL_TOKENS:
+                r["budget"] = asked.get(_key("", r["budget"])[1], r["budget"])
     done = {_key(r["method"], r["budget"]) for r in rows}
 
     configs = [(meth, b) for meth in methods for b in ([1.0] if meth.name == ALL_TOKENS else budgets)]

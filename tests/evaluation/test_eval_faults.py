@@ -184,3 +184,47 @@ def test_a_run_killed_by_pid_resumes_where_it_stopped(tmp_path, passes):
     assert passes == ["random_keep", "random_keep"]   # 0.25 and 0.125: not the reference, not 0.5
     assert keys_of(out) == [*KEYS, ("random_keep", "0.125")]
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_resumed_row_keeps_the_budget_asked_for_not_its_six_digit_label(toy, tmp_path, passes):
+    """results.csv writes 1/3 as 0.333333: a resumed row read back at that label was a second budget beside the
+    1/3 of the rows computed now (two '0.333333' columns in the tables, and ``row(m, 1/3)`` a KeyError)."""
+    from arrcoc.evaluation.output import accuracy_grid
+
+    out = tmp_path / "third"
+    kwargs = dict(budgets=[1 / 3], n=N, out=out, model=toy, batch_size=4, progress=False, plots=False,
+                  baselines=False)
+    evaluate(["random_keep"], **kwargs)
+    passes.clear()
+    result = evaluate(["random_keep", "pool"], **kwargs)
+    assert passes == ["pool"]   # random_keep resumed
+    assert [(r["method"], r["budget"]) for r in result.rows] == [(ALL_TOKENS, 1.0), ("random_keep", 1 / 3),
+                                                                 ("pool", 1 / 3)]
+    assert accuracy_grid(result.rows)[0] == [1.0, 1 / 3]
+    assert result.row("random_keep", 1 / 3)["status"] == "ok" and result.row("pool", 0.333333)["status"] == "ok"
+    assert "| 1 | 0.333333 |" in (out / "results.md").read_text()
+
+
+def _results_csv(*last: str) -> bytes:
+    row = "{},method,0.5,ok," + ",".join(["1"] * 13) + ",{{}},,p.yaml"   # 20 columns
+    return "\r\n".join([",".join(runner.COLUMNS), row.format("a"), *(row.format(m) for m in last)]).encode()
+
+
+def test_a_last_row_cut_inside_a_multibyte_character_is_dropped(tmp_path):
+    """A cut inside a UTF-8 character of the last row was a raw UnicodeDecodeError, not a row computed again."""
+    path = tmp_path / "results.csv"
+    data = _results_csv("pipeline_é")
+    path.write_bytes(data[:data.rfind("é".encode()) + 1])
+    said: list[str] = []
+    rows = runner._read_rows(path, said.append)
+    assert [r["method"] for r in rows] == ["a"]
+    assert any("results.csv:3: the last row was cut off mid-write" in line for line in said), said
+    path.write_bytes(data + b"\r\n")  # whole: read as it is
+    assert [r["method"] for r in runner._read_rows(path)] == ["a", "pipeline_é"]
+
+
+def test_bytes_that_are_no_utf8_before_the_last_row_are_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_bytes(_results_csv("b", "c").replace(b"\r\nb,", b"\r\nb\xff,"))
+    with pytest.raises(InputError, match=rf"^{path}:3: not UTF-8 text \(byte \d+\); the file was damaged"):
+        runner._read_rows(path)
