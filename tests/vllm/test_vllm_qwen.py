@@ -9,6 +9,7 @@ patches: 16 tokens), 112x168 and 168x112 (4x6 / 6x4: 24) and 168x168 (6x6: 36), 
   pool (where its output grid reaches K) on the larger images: the engine's prompt is text + K per image,
   and the answers and logprobs equal ``arrcoc.hf.apply`` with the same pipeline set to K for that image's
   grid (1e-4), one- and two-image prompts of different lengths in one batch; two questions on one image;
+  chunked prefill (an image's placeholders split between two steps: 7 + 9);
 * Qwen2.5-VL (window attention): keep-everything and random_keep the same way;
 * the refusals: an image smaller than K or whose grid the budget rule cannot bring to K (at processing), K
   above the largest image, a CLS method (VisionZip: Qwen's tower has no class token).
@@ -127,16 +128,17 @@ class Engine:
     def __init__(self, path: str) -> None:
         self.path, self.key, self.llm = path, None, None
 
-    def get(self, pipeline: str, tokens: int = K):
+    def get(self, pipeline: str, tokens: int = K, **settings):
         from vllm import LLM
 
         import arrcoc.vllm
 
-        if (pipeline, tokens) != self.key:
+        key = (pipeline, tokens, tuple(sorted(settings.items())))
+        if key != self.key:
             self.close()
-            self.llm = LLM(model=self.path, **ENGINE,
+            self.llm = LLM(model=self.path, **{**ENGINE, **settings},
                            **arrcoc.vllm.engine_args(PIPELINES.get(pipeline, pipeline), tokens_per_image=tokens))
-            self.key = (pipeline, tokens)
+            self.key = key
         return self.llm
 
     def close(self) -> None:
@@ -258,6 +260,20 @@ def test_pool_only_where_its_grid_reaches_k(engine, hf_model):
             want, _ = hf_generate(model, processor, text, images)
             assert (run.state.counts == K).all()
         assert_same_generation(vllm_ids_and_tops(out), want, 1e-4, f"pool prompt {i}")
+
+
+def test_chunked_prefill(engine, hf_model):
+    """Prefill in chunks of 20 tokens: an image's K placeholders are split between two steps, each step's part
+    at its own kept cells' positions (the answer is still apply's)."""
+    from arrcoc.integrations import hf
+
+    model, processor = hf_model
+    llm = engine.get("random_keep", max_num_batched_tokens=20, enable_chunked_prefill=True)
+    cases = [(prompt(list(range(1, 13))), [("big", 0)])]  # 12 words and <|vision_start|>, then 16 placeholders
+    (out,) = generate(llm, cases)
+    with hf.apply(model, planned("random_keep", model, "big")):
+        want, _ = hf_generate(model, processor, *cases[0])
+    assert_same_generation(vllm_ids_and_tops(out), want, 1e-4, "chunked")
 
 
 def test_qwen2_5_vl(tmp_path_factory, engine):
