@@ -335,11 +335,18 @@ def atomic_write(path: Path, data: bytes) -> None:
     never half of one, so a resume reads what was finished.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # a full disk, a folder made read-only, Ctrl-C: no half file left beside it
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # (a write error names no file)
+            raise InputError(f"{path}: cannot be written ({exc.strerror or exc}); the previous version is kept: "
+                             "free some space or pass another --out, then run again to resume") from exc
+        raise
     try:  # the rename itself reaches the disk with the folder's entry (POSIX; other systems cannot open a folder)
         folder = os.open(path.parent, os.O_RDONLY)
     except OSError:

@@ -228,3 +228,22 @@ def test_bytes_that_are_no_utf8_before_the_last_row_are_an_error_naming_the_line
     path.write_bytes(_results_csv("b", "c").replace(b"\r\nb,", b"\r\nb\xff,"))
     with pytest.raises(InputError, match=rf"^{path}:3: not UTF-8 text \(byte \d+\); the file was damaged"):
         runner._read_rows(path)
+
+
+def test_a_write_that_fails_leaves_the_previous_file_and_no_temporary_one(tmp_path, monkeypatch):
+    """A full disk mid-write: the temporary file was left beside results.csv (taking the space a resume needs)
+    and the error was a raw OSError traceback naming no file."""
+    import errno
+
+    path = tmp_path / "results.csv"
+    runner.atomic_write(path, b"before\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runner.os, "fsync", full)
+    with pytest.raises(InputError, match=rf"^{path}: cannot be written \(No space left on device\); the previous "
+                                         r"version is kept"):
+        runner.atomic_write(path, b"after\n")
+    assert path.read_bytes() == b"before\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
