@@ -58,7 +58,11 @@ def resolve_model(reference: str | Path) -> str:
     text = str(reference)
     if text.startswith(PREFIX):
         return str(shipped_model_dir(text[len(PREFIX):]))
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # '~name/...' with no user 'name' (the shell leaves it as it is)
+        raise ModelError(f"model directory {text!r} does not exist; {_what_to_pass()} ({text.split('/', 1)[0]!r} "
+                         "names no user's home folder)") from None
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"model {text!r} is a file, not a model directory; {_what_to_pass()}")

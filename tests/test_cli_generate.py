@@ -91,7 +91,8 @@ def test_two_image_placeholders_for_one_image_are_a_usage_error(model_dir, tmp_p
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
-@pytest.mark.parametrize("missing", ["/no/such/dir/llava", "./no_such_llava", "~/no_such_llava_dir", "a/b/c"])
+@pytest.mark.parametrize("missing", ["/no/such/dir/llava", "./no_such_llava", "~/no_such_llava_dir", "a/b/c",
+                                     "~no_such_user_x/llava"])   # (that one was a raw RuntimeError from expanduser)
 def test_a_model_directory_that_does_not_exist_says_so(missing, tmp_path):
     """Was transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
     for command in (["generate", missing, "--pipeline", "fastv", "--image", _image(tmp_path), "--prompt", "hi"],

@@ -566,7 +566,11 @@ def _make_out_dir(out: str | Path | None) -> Path | None:
     """The output folder, created; an :class:`InputError` saying why when it cannot be."""
     if out is None:
         return None
-    out_dir = Path(out).expanduser()
+    try:
+        out_dir = Path(out).expanduser()
+    except RuntimeError:  # '~name/...' with no user 'name' (the shell leaves it as it is)
+        raise InputError(f"arrcoc eval: output folder {str(out)!r} cannot be created: {str(out).split('/', 1)[0]!r} "
+                         "names no user's home folder; pass another --out") from None
     blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         where = "it" if blocking == out_dir else f"{str(blocking)!r} above it"

@@ -84,3 +84,13 @@ def test_threads_beyond_what_torch_takes_are_a_usage_error(tmp_path):
                                            "--out", str(tmp_path / "out")])
         assert result.exit_code == 2, result.output
         assert f"Invalid value for '--threads': {threads} is not in the range 1<=x<=1024." in result.output
+
+
+def test_an_out_folder_under_the_home_of_no_user_is_an_error_naming_it(tmp_path):
+    """'~name/...' of no user 'name' (the shell leaves it as it is) was a raw RuntimeError from expanduser."""
+    out = "~no_such_user_x/results"
+    with pytest.raises(InputError, match=r"output folder '~no_such_user_x/results' cannot be created: "
+                                         r"'~no_such_user_x' names no user's home folder; pass another --out"):
+        evaluate(["random_keep"], budgets=[0.5], n=2, out=out, progress=False)
+    result = CliRunner().invoke(main, ["eval", "random_keep", "--budgets", "0.5", "--n", "2", "--out", out])
+    assert result.exit_code == 2 and "names no user's home folder" in result.output, result.output
