@@ -30,6 +30,7 @@ import torch
 
 import arrcoc
 from arrcoc.errors import InputError
+from arrcoc.integrations.hf.compat import cache_kwarg
 from arrcoc.integrations.hf.prompt import padding_mask, shrink_prompts
 from test_hf_generate_parity import NEW, PIPELINES, assert_same
 from tiny_models import BOS, PAD, QWEN_END as END, QWEN_IMAGE as IMAGE, QWEN_START as START
@@ -152,7 +153,9 @@ def _forward(model: Any, batch: dict) -> dict:
     model returns there when asked, are not returned: a documented difference, docs/hf.md.)"""
     out = model(**batch, output_attentions=True, output_hidden_states=True)
     fields = {k: v for k, v in out.items() if k != "image_outputs"}
-    return {**fields, "image_features": out.image_outputs.pooler_output}
+    # Outputs carry the features the LLM got from transformers 5.24 on; on older releases the other fields compare.
+    image = getattr(out, "image_outputs", None)
+    return fields if image is None else {**fields, "image_features": image.pooler_output}
 
 
 DICT = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, output_attentions=True,
@@ -231,7 +234,7 @@ def test_forward_with_a_prepared_dict_mask(family):
         cache = StaticCache(config=model.config.text_config, max_cache_len=L + 4)
         mask = create_masks_for_generate(
             config=model.config.text_config, inputs_embeds=torch.empty(B, L, 0, dtype=model.dtype),
-            attention_mask=batch["attention_mask"], cache=cache, position_ids=None)
+            attention_mask=batch["attention_mask"], position_ids=None, **cache_kwarg(create_masks_for_generate, cache))
         assert isinstance(mask, dict)
         position_ids, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                                      batch["image_grid_thw"], attention_mask=batch["attention_mask"])
