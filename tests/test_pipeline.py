@@ -534,9 +534,9 @@ def test_a_stage_returning_a_broken_state_is_blamed_not_the_next_one(how, expect
 
 
 def test_an_encoder_returning_nan_from_finite_pixels_is_blamed():
-    # TokenState.from_patches refuses them, inside the encoder's stage
-    with pytest.raises(StateError, match=r"^encoder \(nan_encoder\): TokenState\.from_patches: NaN or inf in real "
-                                         r"tokens of images \[1\]"):
+    # the check after the encoder's stage refuses them
+    with pytest.raises(StateError, match=r"^encoder \(nan_encoder\) returned NaN or inf tokens \(images \[1\]\) from "
+                                         r"finite input"):
         arrcoc.run_pipeline({"encoder": "nan_encoder"}, pixels(2), device="cpu")
 
 

@@ -258,21 +258,22 @@ def test_non_finite_values_are_found_in_any_dtype_and_channel(dtype, at):
         tokens = torch.randn(B, N, D).to(dtype)
         tokens[0, 7, at] = value
         with pytest.raises(NonFiniteStateError, match=r"NaN or inf in real tokens of images \[0\]"):
-            TokenState.from_patches(tokens, (H, W))
+            TokenState.from_patches(tokens, (H, W)).check()
     TokenState.from_patches(torch.zeros(B, N, 0, dtype=dtype), (H, W)).check()  # no channel: nothing to check
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_from_patches_refuses_non_finite_tokens_or_class_token(value):
+def test_from_patches_reads_no_values_and_check_refuses_non_finite_ones(value):
+    """Construction never syncs the device; the pipeline's check after the encoder is where NaN is caught."""
     tokens = torch.randn(B, N, D)
     tokens[1, 5, 0] = value
-    with pytest.raises(NonFiniteStateError, match=r"^TokenState\.from_patches: NaN or inf in real tokens of images "
-                                                  r"\[1\]"):
-        TokenState.from_patches(tokens, (H, W))
+    state = TokenState.from_patches(tokens, (H, W))
+    with pytest.raises(NonFiniteStateError, match=r"^TokenState: NaN or inf in real tokens of images \[1\]"):
+        state.check()
     cls = torch.randn(B, D)
     cls[0, 1] = value
-    with pytest.raises(NonFiniteStateError, match=r"^TokenState\.from_patches: NaN or inf in the class token"):
-        TokenState.from_patches(torch.randn(B, N, D), (H, W), cls_token=cls)
+    with pytest.raises(NonFiniteStateError, match=r"^TokenState: NaN or inf in the class token"):
+        TokenState.from_patches(torch.randn(B, N, D), (H, W), cls_token=cls).check()
 
 
 # ------------------------------------------------------------------- copying
