@@ -8,6 +8,8 @@ No eos token: every generation runs its full length.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 IMAGE = 199  # LLaVA and LLaVA-NeXT placeholder id (vocabulary 200)
@@ -59,6 +61,14 @@ def tiny_llava_next(dtype: torch.dtype = torch.float64, *, image_size: int = 56,
     return model
 
 
+#: The decoder and the special tokens both Qwen factories share.
+QWEN_TEXT = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, bos_token_id=BOS, eos_token_id=None, pad_token_id=PAD,
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+QWEN_TOKENS = dict(image_token_id=QWEN_IMAGE, video_token_id=901, vision_start_token_id=QWEN_START,
+                   vision_end_token_id=QWEN_END)
+
+
 def tiny_qwen2_vl(dtype: torch.dtype = torch.float64):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -66,12 +76,7 @@ def tiny_qwen2_vl(dtype: torch.dtype = torch.float64):
     config = Qwen2VLConfig(
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=BOS, eos_token_id=None,
-                         pad_token_id=PAD, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                            "rope_theta": 10000.0}),
-        image_token_id=QWEN_IMAGE, video_token_id=901, vision_start_token_id=QWEN_START,
-        vision_end_token_id=QWEN_END)
+        text_config=copy.deepcopy(QWEN_TEXT), **QWEN_TOKENS)
     return Qwen2VLForConditionalGeneration(config).eval().to(dtype)
 
 
@@ -86,12 +91,7 @@ def tiny_qwen2_5_vl(dtype: torch.dtype = torch.float64):
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1]),
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=BOS, eos_token_id=None,
-                         pad_token_id=PAD, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                            "rope_theta": 10000.0}),
-        image_token_id=QWEN_IMAGE, video_token_id=901, vision_start_token_id=QWEN_START,
-        vision_end_token_id=QWEN_END)
+        text_config=copy.deepcopy(QWEN_TEXT), **QWEN_TOKENS)
     return Qwen2_5_VLForConditionalGeneration(config).eval().to(dtype)
 
 
