@@ -11,8 +11,9 @@ or ``arrcoc serve path/to/llava-1.5-7b-hf --pipeline visionzip --tokens 64``
 (vLLM's OpenAI-compatible server).  vLLM finds the plugin through the
 ``vllm.general_plugins`` entry point (:func:`register`).  See docs/vllm.md.
 
-Importing this module imports neither vLLM nor torch: the model classes live
-in :mod:`arrcoc.vllm.llava` and :mod:`arrcoc.vllm.qwen2_vl` and vLLM imports them when an engine needs them.
+Importing this module imports nothing of vLLM (torch comes with the ``arrcoc``
+package itself, as in any process vLLM starts): the model classes live in
+:mod:`arrcoc.vllm.llava` and :mod:`arrcoc.vllm.qwen2_vl` and vLLM imports them when an engine needs them.
 """
 
 from __future__ import annotations

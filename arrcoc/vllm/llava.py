@@ -38,7 +38,7 @@ from arrcoc.integrations.hf.adapter import VisionOutput, register_adapter
 from arrcoc.integrations.hf.llava import LlavaAdapter
 
 from .processing import QUERY_FIELD, ArrcocMultiModalProcessor, ArrcocProcessingInfo, embed_queries
-from .selection import PreLLMSelection
+from .selection import PreLLMSelection, count_on_zero_image
 from .settings import plan_for_model, settings_from_config
 
 ARCHITECTURE = "ArrcocLlavaForConditionalGeneration"
@@ -163,7 +163,18 @@ class ArrcocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = settings_from_config(self.config)
-        spec = plan_for_model(settings.spec, settings.tokens_per_image, **tower_context(self.config))
+        context = tower_context(self.config)
+        spec = plan_for_model(settings.spec, settings.tokens_per_image, **context)
+        # Every image has the same grid: a budget rule that cannot reach K exactly on it (pool: 9 tokens for
+        # K=10 on 16x16) is refused here; in the model it would raise mid-step and stop the engine for everyone.
+        count = count_on_zero_image(spec, context["grid"], context["has_cls"])
+        if count is not None and count != settings.tokens_per_image:
+            raise BudgetError(
+                f"arrcoc.vllm: pipeline {settings.spec.name!r} set to tokens_per_image={settings.tokens_per_image} "
+                f"hands on {count} tokens for an image (a grid of {context['grid'][0]}x{context['grid'][1]}): its "
+                "budget rule cannot reach K exactly on that grid; pick another K, or a method whose count is exact "
+                "(random_keep, visionzip)"
+            )
         self.arrcoc = PreLLMSelection(self, spec, settings.tokens_per_image)
 
     def embed_multimodal(self, **kwargs: object) -> Any:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -63,16 +62,15 @@ from vllm.model_executor.models.qwen2_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from arrcoc.errors import ArrcocError, BudgetError, InputError, ModelError, StateError
+from arrcoc.errors import BudgetError, InputError, ModelError, StateError
 from arrcoc.integrations.hf.adapter import VisionOutput, register_adapter
 from arrcoc.integrations.hf.prompt import source_cells
 from arrcoc.integrations.hf.qwen2_vl import Qwen2VLAdapter
 from arrcoc.pipeline import Pipeline
-from arrcoc.state import TokenState
 
 from .processing import QUERY_FIELD, ArrcocMultiModalProcessor, ArrcocProcessingInfo, embed_queries
-from .selection import PreLLMSelection
-from .settings import plan_for_model, settings_from_config, stage_plugins
+from .selection import PreLLMSelection, count_on_zero_image
+from .settings import plan_for_model, settings_from_config
 
 ARCHITECTURES = ("ArrcocQwen2VLForConditionalGeneration", "ArrcocQwen2_5_VLForConditionalGeneration")
 #: Extra channels appended to each kept token's embedding: its grid row and column, each as two base-64
@@ -123,21 +121,10 @@ def tokens_handed_on(spec: Any, tokens: int, config: Any, grid: tuple[int, int])
 
     A dry run of the stages on a zero image of that grid: the count of a stage that is not ``adaptive`` depends
     on the grid alone, but a budget rule need not reach ``tokens`` exactly on every grid (e.g. pool's output
-    grid: 9 tokens for K=10 on 4x6).  ``None`` where the stages cannot run without the tower's signals (they are
-    refused when the engine starts).
+    grid: 9 tokens for K=10 on 4x6).  ``None`` where the stages cannot run on the dry run's stand-in signals.
     """
-    planned = plan_for_model(spec, tokens, **budget_context(config, grid))
-    state = TokenState.from_patches(torch.zeros(1, grid[0] * grid[1], 4), grid)
-    # a one-word query for query-aware stages (their count does not depend on it either)
-    state = state.replace(query=torch.zeros(1, 1, 4), query_mask=torch.ones(1, 1, dtype=torch.bool))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. pool's "the nearest grid gives n": the caller says it
-            for _, plugin in stage_plugins(planned):
-                state = plugin(state)
-    except ArrcocError:
-        return None
-    return int(state.counts[0])
+    context = budget_context(config, grid)
+    return count_on_zero_image(plan_for_model(spec, tokens, **context), grid, context["has_cls"])
 
 
 class QwenSelection(PreLLMSelection):

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from arrcoc.errors import InputError, StateError
+from arrcoc.errors import ArrcocError, InputError, StateError
 from arrcoc.pipeline import Pipeline
 from arrcoc.registry import get_registry
 from arrcoc.spec import PipelineSpec
@@ -31,6 +31,44 @@ from arrcoc.state import TokenState
 VISION_ENCODER = "hf_vision"
 #: Encoder settings of a pipeline file that carry over to the model's own tower (as in arrcoc.hf).
 ENCODER_OPTIONS = ("attention_layer", "extra_attention_layers", "cls_attention_heads")
+
+
+def count_on_zero_image(planned: PipelineSpec, grid: tuple[int, int], has_cls: bool) -> int | None:
+    """How many tokens the stages of ``planned`` (already set to a budget) hand on for an image of ``grid``.
+
+    A dry run of the stages on a zero image of that grid: the count of a stage that is not ``adaptive``
+    depends on the grid alone, but a budget rule need not reach the budget exactly on every grid (e.g. pool's
+    output grid: 9 tokens for K=10 on 16x16).  The tower's signals are stand-ins (see below); ``None`` where
+    the stages still cannot run.  vLLM fixes an image's placeholders before the model runs, and a count that
+    differs there stops the engine for every request: callers refuse such a K before that.
+    """
+    import warnings
+
+    from arrcoc.spec import SECTIONS
+
+    n = grid[0] * grid[1]
+    # Stand-ins for the tower's signals (a class token, CLS attention of every layer a stage may read, keys):
+    # a non-adaptive stage's count does not depend on their values.  Distinct values: no ties to break.
+    ramp = torch.linspace(1.0, 2.0, n)[None]
+    per_token = {"cls_attn": ramp / ramp.sum(), "keys": torch.stack([ramp[0], ramp[0].flip(0), ramp[0] ** 2,
+                                                                      ramp[0].cos()], -1)[None]}
+    for layer in range(-64, 64):  # extra_attention_layers, by index
+        per_token[f"cls_attn@{layer}"] = per_token["cls_attn"]
+    state = TokenState.from_patches(per_token["keys"], grid, cls_token=torch.ones(1, 4) if has_cls else None,
+                                    per_token=per_token)
+    # a one-word query for query-aware stages (their count does not depend on it either)
+    state = state.replace(query=torch.zeros(1, 1, 4), query_mask=torch.ones(1, 1, dtype=torch.bool))
+    registry = get_registry()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. pool's "the nearest grid gives n": the caller says it
+            for _, section, stage in planned.stages():
+                if section in ("encoder", "query_encoder", "llm"):
+                    continue
+                state = registry.create(SECTIONS[section][0], stage.use, **stage.params)(state)
+    except ArrcocError:
+        return None
+    return int(state.counts[0])
 
 
 class PreLLMSelection:

@@ -111,3 +111,26 @@ def test_model_without_an_arrcoc_class(next_dir):
     # not told the model: the engine finds out from the model's config when it starts
     with pytest.raises(ModelError, match="LlavaNextForConditionalGeneration; arrcoc has vLLM classes for Llava"):
         start(next_dir, **arrcoc.vllm.engine_args("random_keep", tokens_per_image=K))
+
+
+def test_a_budget_rule_that_misses_k_is_refused_when_the_engine_starts(toy_dir):
+    """pool's output grid gives 9 tokens (3x3) for K=10 on the 16x16 grid of every LLaVA image.  Before, the
+    engine started, the first request raised StateError inside the model, and every later request failed
+    (vLLM's 'Encoder cache miss'): the whole engine was down."""
+    import arrcoc.vllm
+
+    with pytest.raises(BudgetError, match=r"pipeline 'pool' set to tokens_per_image=10 hands on 9 tokens"):
+        start(toy_dir, **arrcoc.vllm.engine_args("pool", tokens_per_image=10, model="arrcoc:toyvqa"))
+
+
+@pytest.mark.parametrize("name", ["random_keep", "visionzip", "hired", "prumerge", "sparsevlm", "aim"])
+def test_the_dry_run_counts_methods_that_read_tower_signals(name):
+    """The count check runs the stages on stand-in signals (CLS attention, keys): before, every method that
+    reads them returned no count, so its count went unchecked until the model raised mid-step."""
+    from arrcoc.spec import resolve_spec
+    from arrcoc.vllm.selection import count_on_zero_image
+    from arrcoc.vllm.settings import plan_for_model
+
+    planned = plan_for_model(resolve_spec(name), K, original=ALL, grid=(16, 16), layers=3, has_cls=True,
+                             encoder_layers=4)
+    assert count_on_zero_image(planned, (16, 16), has_cls=True) == K
