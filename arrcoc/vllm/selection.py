@@ -49,16 +49,20 @@ def count_on_zero_image(planned: PipelineSpec, grid: tuple[int, int], has_cls: b
     n = grid[0] * grid[1]
     # Stand-ins for the tower's signals (a class token, CLS attention of every layer a stage may read, keys):
     # a non-adaptive stage's count does not depend on their values.  Distinct values: no ties to break.
-    ramp = torch.linspace(1.0, 2.0, n)[None]
+    # float32 throughout: vLLM builds the model (and calls this) with the model's dtype as torch's default
+    ramp = torch.linspace(1.0, 2.0, n, dtype=torch.float32)[None]
     per_token = {"cls_attn": ramp / ramp.sum(), "keys": torch.stack([ramp[0], ramp[0].flip(0), ramp[0] ** 2,
                                                                       ramp[0].cos()], -1)[None]}
     for layer in range(-64, 64):  # extra_attention_layers, by index
         per_token[f"cls_attn@{layer}"] = per_token["cls_attn"]
-    state = TokenState.from_patches(per_token["keys"], grid, cls_token=torch.ones(1, 4) if has_cls else None,
-                                    per_token=per_token)
+    cls = torch.ones(1, 4, dtype=torch.float32) if has_cls else None
+    state = TokenState.from_patches(per_token["keys"], grid, cls_token=cls, per_token=per_token)
     # a one-word query for query-aware stages (their count does not depend on it either)
-    state = state.replace(query=torch.zeros(1, 1, 4), query_mask=torch.ones(1, 1, dtype=torch.bool))
+    query = torch.zeros(1, 1, 4, dtype=torch.float32)
+    state = state.replace(query=query, query_mask=torch.ones(1, 1, dtype=torch.bool))
     registry = get_registry()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # restored below: the stages' own scratch tensors take it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. pool's "the nearest grid gives n": the caller says it
@@ -68,6 +72,8 @@ def count_on_zero_image(planned: PipelineSpec, grid: tuple[int, int], has_cls: b
                 state = registry.create(SECTIONS[section][0], stage.use, **stage.params)(state)
     except ArrcocError:
         return None
+    finally:
+        torch.set_default_dtype(default)
     return int(state.counts[0])
 
 

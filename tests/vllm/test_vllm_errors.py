@@ -134,3 +134,23 @@ def test_the_dry_run_counts_methods_that_read_tower_signals(name):
     planned = plan_for_model(resolve_spec(name), K, original=ALL, grid=(16, 16), layers=3, has_cls=True,
                              encoder_layers=4)
     assert count_on_zero_image(planned, (16, 16), has_cls=True) == K
+
+
+def test_the_dry_run_under_the_model_dtype_as_default():
+    """vLLM builds the model (and so runs the dry run) with torch's default dtype set to the model's: a bf16
+    engine then failed to start with visionzip (its scratch tensors took bf16, scatter_add of float32)."""
+    import torch
+
+    from arrcoc.spec import resolve_spec
+    from arrcoc.vllm.selection import count_on_zero_image
+    from arrcoc.vllm.settings import plan_for_model
+
+    planned = plan_for_model(resolve_spec("visionzip"), K, original=ALL, grid=(16, 16), layers=3, has_cls=True,
+                             encoder_layers=4)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assert count_on_zero_image(planned, (16, 16), has_cls=True) == K
+        assert torch.get_default_dtype() == torch.bfloat16  # left as it was
+    finally:
+        torch.set_default_dtype(default)
