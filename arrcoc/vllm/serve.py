@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from arrcoc.errors import ModelError
+from arrcoc.errors import InputError, ModelError
 
 
 def vllm_command(model: str, pipeline: Any, tokens: int, vllm_args: Sequence[str]) -> list[str]:
@@ -19,10 +19,51 @@ def vllm_command(model: str, pipeline: Any, tokens: int, vllm_args: Sequence[str
     from . import engine_args
 
     args = engine_args(pipeline, tokens_per_image=tokens, model=model)
-    argv = ["vllm", "serve", resolve_model(model), "--hf-overrides", json.dumps(args["hf_overrides"])]
+    # vLLM keeps only the last --hf-overrides it is given: one among the user's arguments would replace
+    # arrcoc's, and the server would run the model without arrcoc.  Merge the user's into arrcoc's.
+    user, rest = _take_hf_overrides(vllm_args)
+    clash = sorted(set(user) & set(args["hf_overrides"]))
+    if clash:
+        raise InputError(f"arrcoc serve: --hf-overrides sets {', '.join(clash)}, which arrcoc sets from --pipeline "
+                         "and --tokens; leave them out")
+    overrides = {**args["hf_overrides"], **user}
+    argv = ["vllm", "serve", resolve_model(model), "--hf-overrides", json.dumps(overrides)]
     if "mm_processor_cache_gb" in args:
         argv += ["--mm-processor-cache-gb", str(args["mm_processor_cache_gb"])]
-    return argv + list(vllm_args)
+    return argv + rest
+
+
+def _take_hf_overrides(vllm_args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The user's ``--hf-overrides`` (each a JSON object, merged in order) and the other arguments."""
+    found: list[str] = []
+    rest: list[str] = []
+    args = list(vllm_args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name.replace("_", "-") == "--hf-overrides":
+            if not eq:
+                if i + 1 >= len(args):
+                    raise InputError("arrcoc serve: --hf-overrides needs a JSON object")
+                i, value = i + 1, args[i + 1]
+            found.append(value)
+        elif name.replace("_", "-").startswith("--hf-overrides."):
+            raise InputError(f"arrcoc serve: give --hf-overrides as one JSON object, not {name} (arrcoc merges "
+                             "it into its own)")
+        else:
+            rest.append(arg)
+        i += 1
+    merged: dict[str, Any] = {}
+    for text in found:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"arrcoc serve: --hf-overrides is not valid JSON ({exc}): {text!r}") from None
+        if not isinstance(value, dict):
+            raise InputError(f"arrcoc serve: --hf-overrides must be a JSON object, got {text!r}")
+        merged.update(value)
+    return merged, rest
 
 
 def serve(model: str, pipeline: str, tokens: int, vllm_args: Sequence[str], say: Callable[[str], None] = print

@@ -68,3 +68,26 @@ def test_help_lists_serve_without_vllm():
 
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0 and "serve" in result.output
+
+
+def test_serve_merges_the_users_hf_overrides():
+    """vLLM keeps only the last --hf-overrides: a user's own (e.g. a longer context) replaced arrcoc's, and the
+    server ran the model without arrcoc (vanilla architecture, every visual token) while arrcoc serve said
+    'K visual tokens per image'.  Now the user's keys are merged into arrcoc's."""
+    import pytest
+
+    from arrcoc.errors import InputError
+    from arrcoc.vllm.serve import vllm_command
+
+    argv = vllm_command("arrcoc:toyvqa", "random_keep", 64,
+                        ["--port", "8000", "--hf-overrides", '{"max_position_embeddings": 4096}',
+                         '--hf_overrides={"rope_theta": 5}'])
+    assert argv.count("--hf-overrides") == 1 and not any(a.startswith("--hf_overrides") for a in argv)
+    assert json.loads(argv[argv.index("--hf-overrides") + 1]) == {
+        "architectures": ["ArrcocLlavaForConditionalGeneration"], "arrcoc_pipeline": "random_keep",
+        "arrcoc_tokens_per_image": 64, "max_position_embeddings": 4096, "rope_theta": 5}
+    assert argv[-2:] == ["--port", "8000"]
+    with pytest.raises(InputError, match="sets arrcoc_tokens_per_image, which arrcoc sets"):
+        vllm_command("arrcoc:toyvqa", "random_keep", 64, ["--hf-overrides", '{"arrcoc_tokens_per_image": 8}'])
+    with pytest.raises(InputError, match="not valid JSON"):
+        vllm_command("arrcoc:toyvqa", "random_keep", 64, ["--hf-overrides", "{oops"])
