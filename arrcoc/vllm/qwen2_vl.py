@@ -163,22 +163,9 @@ class QwenSelection(PreLLMSelection):
         out = []
         for b in range(state.B):  # one image per run, as in PreLLMSelection
             vision_stages, projector_stages = self.stages_for(tuple(grids[b]))
-            one = state.image(b)
-            if self.query_aware:
-                one = self.with_query(one, queries[b])
-            one = self.pipeline.run_stages(one, vision_stages)
-            one = self.encoder.project(one)
-            one = self.pipeline.run_stages(one, projector_stages)
-            (features,) = self.adapter.assemble(one, {})
-            if features.shape[0] != self.tokens_per_image:
-                raise StateError(
-                    f"arrcoc.vllm: pipeline {self.pipeline.spec.name!r} handed on {features.shape[0]} tokens for an "
-                    f"image, but vLLM reserved {self.tokens_per_image} placeholders for it"
-                )
-            cells = source_cells(one.positions, one.mask, [tuple(grids[b])])[0]
-            out.append((features, cells))
-            if self.record is not None:
-                self.record.append(one)
+            features, one = self.run_image(state.image(b), None if queries is None else queries[b], vision_stages,
+                                           projector_stages)
+            out.append((features, source_cells(one.positions, one.mask, [tuple(grids[b])])[0]))
         return out
 
 

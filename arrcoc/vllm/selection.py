@@ -115,21 +115,25 @@ class PreLLMSelection:
         per image ``[K, D]`` tokens in the LLM's input space."""
         self.check_queries(queries, pixel_values.shape[0])
         state = self.encoder.encode_inputs(pixel_values, {})
-        out = []
-        for b in range(state.B):  # one image per run: see the module docstring
-            one = state.image(b)
-            if self.query_aware:
-                one = self.with_query(one, queries[b])
-            one = self.pipeline.run_stages(one, self.vision_stages)
-            one = self.encoder.project(one)
-            one = self.pipeline.run_stages(one, self.projector_stages)
-            (features,) = self.adapter.assemble(one, {})
-            if features.shape[0] != self.tokens_per_image:
-                raise StateError(
-                    f"arrcoc.vllm: pipeline {self.pipeline.spec.name!r} handed on {features.shape[0]} tokens for an "
-                    f"image, but vLLM reserved {self.tokens_per_image} placeholders for it"
-                )
-            out.append(features)
-            if self.record is not None:
-                self.record.append(one)
-        return out
+        return [self.run_image(state.image(b), None if queries is None else queries[b], self.vision_stages,
+                               self.projector_stages)[0]
+                for b in range(state.B)]  # one image per run: see the module docstring
+
+    def run_image(self, one: TokenState, query: torch.Tensor | None, vision_stages: list, projector_stages: list
+                  ) -> tuple[torch.Tensor, TokenState]:
+        """One image's state (and its query) through the stages and the projector -> its ``[K, D]`` tokens and
+        final state; a count other than ``K`` raises (callers refuse such settings before the model runs)."""
+        if self.query_aware:
+            one = self.with_query(one, query)
+        one = self.pipeline.run_stages(one, vision_stages)
+        one = self.encoder.project(one)
+        one = self.pipeline.run_stages(one, projector_stages)
+        (features,) = self.adapter.assemble(one, {})
+        if features.shape[0] != self.tokens_per_image:
+            raise StateError(
+                f"arrcoc.vllm: pipeline {self.pipeline.spec.name!r} handed on {features.shape[0]} tokens for an "
+                f"image, but vLLM reserved {self.tokens_per_image} placeholders for it"
+            )
+        if self.record is not None:
+            self.record.append(one)
+        return features, one
