@@ -39,7 +39,7 @@ from arrcoc.integrations.hf.llava import LlavaAdapter
 
 from .processing import QUERY_FIELD, ArrcocMultiModalProcessor, ArrcocProcessingInfo, embed_queries
 from .selection import PreLLMSelection, count_on_zero_image
-from .settings import plan_for_model, settings_from_config
+from .settings import plan_for_model, settings_from_config, stage_plugins
 
 ARCHITECTURE = "ArrcocLlavaForConditionalGeneration"
 
@@ -61,12 +61,12 @@ class VllmLlavaAdapter(LlavaAdapter):
         # vLLM builds the tower only up to the feature layer; layer indices keep the checkpoint's depth.
         return int(self.model.config.vision_config.num_hidden_layers)
 
-    def _check_built(self, layer: int, what: str) -> None:
+    def _check_built(self, layer: int, what: str, hint: str = "") -> None:
         built = len(self._encoder.layers)
         if layer >= built:
             raise ModelError(
                 f"llava (vLLM): {what} needs vision layer {layer}, but vLLM builds the tower only up to the feature "
-                f"layer ({built} of {self.num_vision_layers} layers); read attention from layers 0..{built - 1}"
+                f"layer ({built} of {self.num_vision_layers} layers); read attention from layers 0..{built - 1}{hint}"
             )
 
     def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
@@ -80,15 +80,32 @@ class VllmLlavaAdapter(LlavaAdapter):
         return VisionOutput(list(features[:, 1:]), [grid] * features.shape[0], features[:, 0],
                             hidden if keep_hidden else None)
 
-    def vision_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        self._check_built(layer, "an attention signal (CLS attention or keys)")
-        block = self._encoder.layers[layer]
-        attn = block.self_attn
+    def check_signals(self, encoder: Any, pipeline: str) -> None:
+        """Refuse at engine start what :meth:`vision_qk` would refuse at the first request (which stops
+        vLLM's engine for every request): attention read from a layer vLLM does not build, or from heads split
+        across tensor-parallel ranks."""
+        if not encoder.outputs & {"cls_attention", "keys"}:
+            return
+        layers = [encoder.attn_layer] + (encoder.extra_layers if "cls_attention" in encoder.outputs else [])
+        for layer in dict.fromkeys(layers):
+            self._check_built(layer, f"pipeline {pipeline!r} (an attention signal: CLS attention or keys)",
+                              hint="; set the pipeline's encoder attention_layer (or extra_attention_layers) "
+                                   "to one of them")
+        self._check_heads(self._encoder.layers[0].self_attn)
+
+    @staticmethod
+    def _check_heads(attn: torch.nn.Module) -> None:
         if attn.num_heads_per_partition != attn.num_heads:
             raise ModelError(
                 "llava (vLLM): the vision tower's heads are split across tensor-parallel ranks, so no rank sees the "
                 "whole CLS attention; start the engine with mm_encoder_tp_mode='data' (--mm-encoder-tp-mode data)"
             )
+
+    def vision_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        self._check_built(layer, "an attention signal (CLS attention or keys)")
+        block = self._encoder.layers[layer]
+        attn = block.self_attn
+        self._check_heads(attn)
         h = block.layer_norm1(hidden)
         qkv, _ = attn.qkv_proj(h)
         q, k, _ = qkv.chunk(3, dim=-1)
@@ -161,8 +178,18 @@ class ArrcocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     ) | LlavaForConditionalGeneration.hf_to_vllm_mapper
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        settings = settings_from_config(self.config)
+        config = vllm_config.model_config.hf_config
+        settings = settings_from_config(config)
+        feature_layer = config.vision_feature_layer
+        if any(plugin.requirements() & {"cls_attention", "keys"} for _, plugin in stage_plugins(settings.spec)):
+            # vLLM builds the tower only up to the feature layer (-2 on LLaVA-1.5), but a stage may read the
+            # attention of a later one (PruMerge: the last): build every layer (their weights are in the
+            # checkpoint); the features are still read at the feature layer (the adapter's encode_images).
+            config.vision_feature_layer = int(config.vision_config.num_hidden_layers)
+        try:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        finally:
+            config.vision_feature_layer = feature_layer
         context = tower_context(self.config)
         spec = plan_for_model(settings.spec, settings.tokens_per_image, **context)
         # Every image has the same grid: a budget rule that cannot reach K exactly on it (pool: 9 tokens for
@@ -176,6 +203,7 @@ class ArrcocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 "(random_keep, visionzip)"
             )
         self.arrcoc = PreLLMSelection(self, spec, settings.tokens_per_image)
+        self.arrcoc.adapter.check_signals(self.arrcoc.encoder, settings.spec.name)
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         queries = kwargs.pop(QUERY_FIELD, None)

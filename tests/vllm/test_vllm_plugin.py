@@ -2,7 +2,8 @@
 
 * keep-everything (random_keep at K = 256 of 256): greedy ids and top-5
   logprobs equal transformers' ``generate`` without arrcoc on 16 prompts;
-* random_keep, visionzip, hired and sparsevlm (query-aware) at K = 64: the
+* random_keep, visionzip, hired, sparsevlm (query-aware) and prumerge (the
+  last layer's attention, beyond the layers vLLM builds) at K = 64: the
   engine's prompt is text + K, the kept tokens (``origin``) are those of
   ``arrcoc.hf.apply`` with the same pipeline set to the same K, and the
   answers and logprobs equal its answers (1e-4);
@@ -22,7 +23,9 @@ import torch  # noqa: E402
 from vllm_helpers import ALL, K, Engines, apply_reference, assert_same_generation, generate, hf_generate, planned, \
     request, top5, toy_samples, vllm_ids_and_tops  # noqa: E402
 
-PIPELINES = ["random_keep", "visionzip", "hired", "sparsevlm"]
+#: prumerge reads the LAST layer's attention, which vLLM's LLaVA does not build (it stops at the feature layer -2):
+#: arrcoc's class builds the whole tower for such pipelines (before, the first request stopped the engine)
+PIPELINES = ["random_keep", "visionzip", "hired", "sparsevlm", "prumerge"]
 
 
 @pytest.fixture(scope="module")
