@@ -144,13 +144,13 @@ class QwenSelection(PreLLMSelection):
         return plan_for_model(spec, tokens, **budget_context(adapter.model.config, grid))
 
     def stages_for(self, grid: tuple[int, int]) -> tuple[list, list]:
-        from arrcoc.integrations.hf.apply import _split
+        from arrcoc.integrations.hf.apply import split_stages
 
         if grid not in self.plans:
             spec = self._plan(self.unplanned, self.tokens_per_image, self.adapter, grid)
             pipeline = Pipeline(spec.model_copy(update={"query_encoder": None}), device=self.device,
                                 encoder=self.encoder)
-            self.plans[grid] = _split(pipeline.stages, "auto")
+            self.plans[grid] = split_stages(pipeline.stages, "auto")
         return self.plans[grid]
 
     def select(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,

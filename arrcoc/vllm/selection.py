@@ -81,7 +81,7 @@ class PreLLMSelection:
     """``spec`` (already set to ``tokens_per_image``) around a model with an arrcoc adapter."""
 
     def __init__(self, model: torch.nn.Module, spec: PipelineSpec, tokens_per_image: int) -> None:
-        from arrcoc.integrations.hf.apply import _split
+        from arrcoc.integrations.hf.apply import split_stages
 
         options = {k: v for k, v in spec.encoder.params.items() if k in ENCODER_OPTIONS}
         self.encoder = get_registry().get("encoder", VISION_ENCODER).for_model(model, project=False, **options)
@@ -89,7 +89,7 @@ class PreLLMSelection:
         device = next(model.parameters()).device
         # Inside a model the query is the prompt's own text (see the module docstring), never a query encoder.
         self.pipeline = Pipeline(spec.model_copy(update={"query_encoder": None}), device=device, encoder=self.encoder)
-        self.vision_stages, self.projector_stages = _split(self.pipeline.stages, "auto")
+        self.vision_stages, self.projector_stages = split_stages(self.pipeline.stages, "auto")
         self.tokens_per_image = tokens_per_image
         self.query_aware = any("query" in p.requirements() for _, p in self.pipeline.stages)
         #: Set to a list to collect each image's final state (provenance in ``origin``), e.g. to inspect which

@@ -734,8 +734,9 @@ def _refuse_fullgraph_compile_config(model: Any, compile_config: Any) -> None:
                          "compile_config=CompileConfig(fullgraph=False), or disable_compile=True)")
 
 
-def _split(stages: list, projector: str) -> tuple[list, list]:
-    """Stages before and after the projector."""
+def split_stages(stages: list, projector: str) -> tuple[list, list]:
+    """A pipeline's ``(label, plugin)`` stages split into those before and after the model's projector
+    (``projector``: ``"auto"`` by each stage's kind, ``"before"`` or ``"after"``); arrcoc.vllm uses it too."""
     if projector == "before":
         return [], list(stages)
     if projector == "after":
@@ -748,6 +749,9 @@ def _split(stages: list, projector: str) -> tuple[list, list]:
                 "after the projector; reorder the stages or pass projector='before' / 'after'"
             )
     return list(stages[:first]), list(stages[first:])
+
+
+_split = split_stages
 
 
 
