@@ -124,6 +124,20 @@ def test_a_model_directory_without_tokenizer_files_names_them(model_dir, tmp_pat
     assert result.exit_code == 2 and "holds no config.json and no tokenizer file" in result.output, result.output
 
 
+def test_hf_load_names_the_missing_tokenizer_files(model_dir, tmp_path):
+    """arrcoc.hf.load, the Python twin of the CLI: was transformers' guess that sentencepiece is missing."""
+    import shutil
+
+    import arrcoc
+    from arrcoc.errors import ModelError
+
+    copy = tmp_path / "no_tokenizer"
+    shutil.copytree(model_dir, copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match=r"holds no tokenizer file \(tokenizer\.json, "):
+        arrcoc.hf.load(str(copy))
+
+
 def test_a_processor_refusing_the_inputs_is_one_error_line(model_dir, tmp_path, monkeypatch):
     """Whatever else a model's processor refuses (its own ValueError) is an InputError, not a traceback."""
     from arrcoc.integrations import hf

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import torch
 
 from arrcoc.errors import ActiveRunError, InputError, ModelError
-from arrcoc.models import resolve_model
+from arrcoc.models import check_model_dir
 from arrcoc.pipeline import Pipeline
 from arrcoc.registry import get_registry
 from arrcoc.plugin import LLMCompressor
@@ -91,7 +91,7 @@ class Run:
         # Inside a model the query is the prompt's own text in the LLM's input embeddings, so the file's
         # query encoder (e.g. hf_text on the shipped toy model, for standalone runs) is never built.
         self.pipeline = Pipeline(spec.model_copy(update={"query_encoder": None}), device=device, encoder=self.encoder)
-        self.vision_stages, self.projector_stages = _split(self.pipeline.stages, projector)
+        self.vision_stages, self.projector_stages = split_stages(self.pipeline.stages, projector)
         llm = []
         for label, plugin in self.pipeline.llm:
             if not isinstance(plugin, LLMCompressor):
@@ -751,8 +751,6 @@ def split_stages(stages: list, projector: str) -> tuple[list, list]:
     return list(stages[:first]), list(stages[first:])
 
 
-_split = split_stages
-
 
 
 
@@ -785,7 +783,7 @@ def load(path: str, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
     the ordinary ``from_pretrained``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = resolve_model(path)
+    path = check_model_dir(path)  # a missing directory or tokenizer is named, not transformers' guess
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto").eval()
         processor = AutoProcessor.from_pretrained(path)
