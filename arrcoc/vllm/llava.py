@@ -213,10 +213,5 @@ class ArrcocLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if isinstance(image_input, LlavaImageEmbeddingInputs):
             raise InputError("arrcoc.vllm: image embeddings cannot be reduced by arrcoc; send the images themselves")
         pixels = image_input["pixel_values"]
-        embedded = None
-        if self.arrcoc.query_aware:
-            if queries is None:
-                raise InputError(f"arrcoc.vllm: the query-aware pipeline got images without their prompt's text "
-                                 f"({QUERY_FIELD!r} is missing)")
-            embedded = embed_queries(self, queries, pixels.device)
+        embedded = embed_queries(self, queries, pixels.device, reads_query=self.arrcoc.query_aware)
         return tuple(self.arrcoc(pixels, embedded))

@@ -40,9 +40,15 @@ def keyed_hash(item_hash: str, ids: list[int]) -> str:
     return hashlib.sha256(f"{item_hash}|arrcoc-query|{','.join(map(str, ids))}".encode()).hexdigest()
 
 
-def embed_queries(model: Any, queries: Any, device: torch.device) -> list[torch.Tensor]:
+def embed_queries(model: Any, queries: Any, device: torch.device, *,
+                  reads_query: bool) -> list[torch.Tensor] | None:
     """Each image's query ids (the :data:`QUERY_FIELD` vLLM hands ``embed_multimodal``) embedded by the LLM's own
-    input embeddings."""
+    input embeddings; ``None`` when the pipeline reads no query."""
+    if not reads_query:
+        return None
+    if queries is None:
+        raise InputError(f"arrcoc.vllm: the query-aware pipeline got images without their prompt's text "
+                         f"({QUERY_FIELD!r} is missing)")
     rows = list(queries) if not isinstance(queries, torch.Tensor) or queries.ndim == 2 else [queries]
     return [model.language_model.embed_input_ids(ids.to(device).long()) for ids in rows]
 

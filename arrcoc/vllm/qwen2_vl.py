@@ -305,12 +305,7 @@ class ArrcocQwenModel:
             raise InputError("arrcoc.vllm: image embeddings cannot be reduced by arrcoc; send the images themselves")
         grid_thw = image_input["image_grid_thw"]
         pixels = image_input["pixel_values"]
-        embedded = None
-        if self.arrcoc.query_aware:
-            if queries is None:
-                raise InputError(f"arrcoc.vllm: the query-aware pipeline got images without their prompt's text "
-                                 f"({QUERY_FIELD!r} is missing)")
-            embedded = embed_queries(self, queries, pixels.device)
+        embedded = embed_queries(self, queries, pixels.device, reads_query=self.arrcoc.query_aware)
         merge = int(self.config.vision_config.spatial_merge_size)
         out = []
         for (features, cells), (t, h, w) in zip(self.arrcoc.select(pixels, grid_thw, embedded), grid_thw.tolist()):
