@@ -32,7 +32,7 @@ from .plugin import (
 )
 from .registry import create, get_registry, list_plugins
 from .spec import PipelineSpec, available_pipelines, resolve_spec
-from .state import StageRecord, TokenState
+from .state import LLMContext, StageRecord, TokenState
 
 __version__ = "0.1.0"
 
@@ -51,7 +51,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Allocator", "ArrcocError", "ArrcocWarning", "BudgetError", "Compressor", "DatasetError", "Encoder", "InputError",
-    "Keep", "LLMCompressor", "MissingInputError", "ModelError", "Params", "ParamsError", "Pipeline", "PipelineSpec",
+    "Keep", "LLMCompressor", "LLMContext", "MissingInputError", "ModelError", "Params", "ParamsError", "Pipeline", "PipelineSpec",
     "Plugin", "PluginLoadError", "PluginRef", "QueryEncoder", "Scorer", "SpecError", "StageError", "StageRecord",
     "StateError",
     "TokenState", "UnknownPipelineError", "UnknownPluginError", "available_pipelines", "create",

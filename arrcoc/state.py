@@ -52,6 +52,57 @@ class StageRecord:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True, eq=False)
+class LLMContext:
+    """Where an in-LLM (``llm:``) stage runs and what the model integration measured for it.
+
+    A model integration (:mod:`arrcoc.integrations.hf`) hands each ``llm:``
+    stage a :class:`TokenState` whose ``llm`` field is one of these; a stage
+    outside an LLM sees ``state.llm is None``.  ``B`` images (prompts), ``N``
+    visual tokens at this layer, ``N0`` visual tokens at the LLM input, ``T``
+    text tokens after the image, ``L`` sequence length at this layer.
+
+    Attributes:
+        layer: the decoder layer the stage acts at (its input), 1 ..
+            ``num_layers - 1``; signals come from layer ``layer - 1``.
+        num_layers: decoder layers of the LLM.
+        input_visual_counts: ``[B]`` int64, visual tokens at the LLM input
+            (before any in-LLM stage).
+        text_mask: ``[B, T]`` bool, the text tokens after the image that
+            ``per_token["attn_from_text"]`` and ``state.query`` are over
+            (set when the stage needs ``attn_from_text``).
+        input_visual: ``[B, N0, D]`` hidden states of every visual token at
+            the LLM input (before any pruning), with ``input_visual_mask``
+            ``[B, N0]`` (set with ``attn_from_text``).
+        attn_logits: ``[B, heads, L, L]`` masked pre-softmax attention logits
+            of the whole sequence at layer ``layer - 1``, with
+            ``visual_columns`` ``[B, N]`` (the sequence index of each visual
+            token) and ``sequence_mask`` ``[B, L]`` (attendable keys) (set when
+            the stage needs ``attn_logits``).
+    """
+
+    layer: int
+    num_layers: int
+    input_visual_counts: torch.Tensor
+    text_mask: torch.Tensor | None = None
+    input_visual: torch.Tensor | None = None
+    input_visual_mask: torch.Tensor | None = None
+    attn_logits: torch.Tensor | None = None
+    visual_columns: torch.Tensor | None = None
+    sequence_mask: torch.Tensor | None = None
+
+    def require(self, name: str, where: str) -> torch.Tensor:
+        """The field ``name``, or a :class:`MissingInputError` saying which signal provides it."""
+        value = getattr(self, name)
+        if value is None:
+            signal = "attn_logits" if name in ("attn_logits", "visual_columns", "sequence_mask") else "attn_from_text"
+            raise MissingInputError(
+                f"{where}: state.llm.{name} is missing; the model integration sets it for a stage that needs "
+                f"{signal!r}"
+            )
+        return value
+
+
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
 
@@ -79,6 +130,8 @@ class TokenState:
             (used by visualisers and image pyramids).
         pyramid, allocation: set by an allocator stage.
         meta: free-form per-batch outputs of stages that are not per token.
+        llm: where an in-LLM stage runs and the model's signals for it
+            (:class:`LLMContext`), or None outside an LLM.
         trace: one :class:`StageRecord` per stage run so far.
     """
 
@@ -97,6 +150,7 @@ class TokenState:
     allocation: Any = None
     meta: Mapping[str, Any] = field(default_factory=dict)
     trace: tuple[StageRecord, ...] = ()
+    llm: LLMContext | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "per_token", _frozen(self.per_token))
@@ -152,6 +206,8 @@ class TokenState:
                 raise StateError(f"TokenState.query: on {q.device}, tokens on {device}")
         elif self.query_mask is not None:
             raise StateError("TokenState.query_mask is set but query is None")
+        if self.llm is not None and not isinstance(self.llm, LLMContext):
+            raise StateError(f"TokenState.llm: expected an LLMContext or None, got {type(self.llm).__name__}")
         if self.images is not None:
             im = self.images
             if im.ndim != 4 or im.shape[0] != B or im.shape[1] != 3:

@@ -35,7 +35,7 @@ from arrcoc import ops
 from arrcoc.errors import InputError, ModelError, StateError
 from arrcoc.pipeline import check_stage_output, stage_errors
 from arrcoc.plugin import LLMCompressor
-from arrcoc.state import TokenState
+from arrcoc.state import LLMContext, TokenState
 from arrcoc.timing import clock
 
 from . import compat
@@ -376,7 +376,7 @@ class LLMEngine:
             raise StateError(f"{label} ({stage.name}): must return a TokenState that keeps per_token[{SLOT!r}]")
         slots = out.per_token[SLOT]
         keep_fields = {k: v for k, v in out.per_token.items() if k not in _SIGNAL_ROWS and k != SLOT}
-        record = dataclasses.replace(out, per_token=keep_fields, meta={}, query=None, query_mask=None)
+        record = dataclasses.replace(out, per_token=keep_fields, meta={}, query=None, query_mask=None, llm=None)
         self.trace.states[f"{label}@{layer}"] = record
         self.trace.stage_ms[f"{label}@{layer}"] = (time.perf_counter() - start) * 1e3
         if stage.removes:
@@ -457,7 +457,8 @@ class LLMEngine:
         if "attn_logits" in needs:
             meta.update(attn_logits=results["logits"], visual_columns=vidx, sequence_mask=seg.keys)
         meta["input_visual_counts"] = self._segments[0].visual.sum(1)
-        return state.with_per_token(**fields).with_meta(**meta)
+        context = LLMContext(layer=layer, num_layers=self.num_layers, **meta)
+        return state.with_per_token(**fields).with_meta(**meta).replace(llm=context)
 
     def _text_index_at_input(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self._segments[0]
