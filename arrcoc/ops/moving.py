@@ -19,8 +19,8 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-from .errors import BudgetError, InputError, StateError
-from .state import TokenState
+from ..errors import BudgetError, InputError, StateError
+from ..state import TokenState
 
 __all__ = [
     "Matching",
