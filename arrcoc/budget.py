@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .errors import BudgetError
 from .plugin import BudgetContext
+from .registry import get_registry
 from .spec import SECTIONS, PipelineSpec, parse_spec
 
 
@@ -50,8 +51,6 @@ class BudgetPlan:
 
 
 def _setters(spec: PipelineSpec, context: BudgetContext) -> list[tuple[str, str, Any, type]]:
-    from .registry import get_registry
-
     registry = get_registry()
     out = []
     for label, section, stage in spec.stages():
@@ -85,12 +84,8 @@ def _solve(need: float, ranges: list[tuple[float, float]]) -> list[float]:
 
     low = min(math.log(lo) for lo, _ in ranges)
     high = max(math.log(hi) for _, hi in ranges)
-    for _ in range(100):  # bisection: the product is non-decreasing in c
-        mid = (low + high) / 2
-        if math.prod(shares(mid)) < need:
-            low = mid
-        else:
-            high = mid
+    # The product is non-decreasing in c; its upper end meets the need.
+    _, high = bisect_increasing(lambda log_c: math.prod(shares(log_c)), need, low, high, steps=100)
     return shares(high)
 
 
@@ -207,6 +202,49 @@ def with_params(spec: PipelineSpec, params: dict[str, dict[str, Any]]) -> Pipeli
         elif section in params:
             data[section] = {"use": data[section]["use"], **params[section]}
     return parse_spec(data, source=spec.source)
+
+
+# ------------------------------------------------- helpers of the plugins' budget rules
+def bisect_increasing(f: Callable[[float], float], target: float, lo: float, hi: float, *, steps: int = 60
+                      ) -> tuple[float, float]:
+    """Where a non-decreasing ``f`` reaches ``target`` on ``[lo, hi]``: the bracket ``(low, high)`` after ``steps``
+    halvings, with ``f(low) < target <= f(high)`` whenever ``f(lo) < target <= f(hi)`` (a target ``f`` never
+    reaches shrinks the bracket onto ``hi``; one it always reaches, onto ``lo``).
+
+    A budget rule's output is often a step function of its parameter (whole tokens), so the caller picks the end
+    it wants, e.g. :func:`nearest` of the two.  A non-increasing ``g`` is ``bisect_increasing(lambda x: -g(x),
+    -target, ...)`` (negation is exact, so the steps are those of the mirrored comparison).
+    """
+    low, high = lo, hi
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if f(mid) < target:
+            low = mid
+        else:
+            high = mid
+    return low, high
+
+
+def nearest(f: Callable[[float], float], target: float, candidates: Iterable[float]) -> float:
+    """The candidate whose ``f`` is nearest ``target`` (the first one on a tie)."""
+    return min(candidates, key=lambda x: abs(f(x) - target))
+
+
+def layer_mean(tokens: float, num_layers: int, changes: Iterable[tuple[int, float]]) -> float:
+    """Mean over the ``num_layers`` decoder layers of the visual tokens each one sees (the in-LLM budget).
+
+    The layers see ``tokens`` from the LLM input on, and from the input of layer ``layer`` on ``count`` for each
+    ``(layer, count)`` of ``changes`` (non-decreasing layers in ``0 .. num_layers``).  E.g. FastV (``[(K,
+    keep)]``): ``(K n + (L - K) keep) / L``.  The sum is formed before the one division, so whole counts give the
+    exact quotient.
+    """
+    total, seen, start = 0, tokens, 0
+    for layer, count in changes:
+        if not start <= layer <= num_layers:
+            raise BudgetError(f"layer_mean: expected non-decreasing layers in [0, {num_layers}], got {layer} after {start}")
+        total += (layer - start) * seen
+        start, seen = layer, count
+    return (total + (num_layers - start) * seen) / num_layers
 
 
 def geometric_rounds(n: int, target: int, rounds: int, fewest_after: Callable[[int], int]) -> list[int]:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from arrcoc.budget import geometric_rounds, plan_budget
+from arrcoc.budget import bisect_increasing, geometric_rounds, layer_mean, nearest, plan_budget
 from arrcoc.errors import BudgetError
 from arrcoc.plugin import BudgetContext, budget_count
 from arrcoc.spec import parse_spec, resolve_spec
@@ -76,6 +76,36 @@ def test_geometric_rounds():
     assert geometric_rounds(50, 50, 2, half) == [50, 50]
     with pytest.raises(BudgetError, match="target"):
         geometric_rounds(10, 11, 1, half)
+
+
+def test_bisect_increasing_brackets_the_first_step_that_reaches_the_target():
+    steps = lambda x: math.floor(10 * x)  # noqa: E731  a step function, like a rule's whole-token output
+    low, high = bisect_increasing(steps, 3, 0.0, 1.0)
+    assert steps(low) == 2 and steps(high) == 3
+    assert math.nextafter(low, 1.0) == high == pytest.approx(0.3, abs=1e-15)  # 60 halvings: neighbouring floats
+    assert nearest(steps, 3, (low, high)) == high
+    assert nearest(lambda x: x, 1.0, (0.5, 1.5)) == 0.5  # a tie: the first candidate
+    # A non-increasing function: bisect its negation (AIM's mean falls as the step grows).
+    falling = lambda x: 10 - steps(x)  # noqa: E731
+    low, high = bisect_increasing(lambda x: -falling(x), -7, 0.0, 1.0)
+    assert falling(low) == 8 and falling(high) == 7
+    # A target out of range: the bracket closes on the end that comes nearest.
+    assert bisect_increasing(steps, 99, 0.0, 1.0, steps=10) == (1.0 - 2.0 ** -10, 1.0)
+    assert bisect_increasing(steps, -1, 0.0, 1.0, steps=10) == (0.0, 2.0 ** -10)
+
+
+def test_layer_mean_is_the_mean_over_decoder_layers_of_the_visual_tokens_seen():
+    assert layer_mean(256, 3, []) == 256
+    assert layer_mean(256, 3, [(1, 64)]) == (256 + 64 + 64) / 3 == fastv_mean(256, 3, 1, 64)
+    assert layer_mean(576, 32, [(3, 300), (7, 200), (16, 110)]) == (3 * 576 + 4 * 300 + 9 * 200 + 16 * 110) / 32
+    per_layer = [10, 10, 7, 7, 7, 4, 0, 0]
+    changes = [(l, c) for l, c in enumerate(per_layer) if l and c != per_layer[l - 1]]
+    assert layer_mean(10, 8, changes) == sum(per_layer) / 8
+    assert layer_mean(10, 8, [(8, 0)]) == 10  # a change at the output of the last layer is never seen
+    with pytest.raises(BudgetError, match=r"layer_mean: expected non-decreasing layers in \[0, 8\], got 2 after 5"):
+        layer_mean(10, 8, [(5, 4), (2, 1)])
+    with pytest.raises(BudgetError, match="got 9"):
+        layer_mean(10, 8, [(9, 4)])
 
 
 def test_aim_merge_keeps_the_official_two_rounds_when_they_suffice():

@@ -42,7 +42,7 @@ import torch
 from pydantic import Field, field_validator
 
 from arrcoc import ops
-from arrcoc.budget import geometric_rounds
+from arrcoc.budget import bisect_increasing, geometric_rounds, layer_mean, nearest
 from arrcoc.errors import BudgetError, MissingInputError, StateError, record_warning
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import BudgetContext, Compressor, Keep, LLMCompressor, Params, budget_count
@@ -345,7 +345,7 @@ class AIMPrune(LLMCompressor):
         """Mean over the layers of the visual keys each sees: ``n`` at layer 0, then the official
         ``int(n * rate)`` after each earlier layer."""
         rates = aim_retention_schedule(num_layers, start, step)[: num_layers - 1]
-        return (n + sum(min(n, math.floor(n * r + 1e-9)) for r in rates)) / num_layers
+        return layer_mean(n, num_layers, ((l + 1, min(n, math.floor(n * r + 1e-9))) for l, r in enumerate(rates)))
 
     @classmethod
     def _starts(cls, params: dict, context: BudgetContext) -> range:
@@ -373,15 +373,12 @@ class AIMPrune(LLMCompressor):
         for start in cls._starts(params, context):
             if cls._mean(n, L, start, 1.0) > target:
                 continue
-            low, high = 1e-9, 1.0  # the mean falls as the step grows
-            for _ in range(60):
-                mid = (low + high) / 2
-                if cls._mean(n, L, start, mid) > target:
-                    low = mid
-                else:
-                    high = mid
-            step = min((low, high), key=lambda x: abs(cls._mean(n, L, start, x) - target))
-            return {**params, "start_layer": start, "step": step}
+            def mean(step: float, start: int = start) -> float:
+                return cls._mean(n, L, start, step)
+
+            # The mean falls as the step grows: bisect its negation.
+            bracket = bisect_increasing(lambda step: -mean(step), -target, 1e-9, 1.0)
+            return {**params, "start_layer": start, "step": nearest(mean, target, bracket)}
         raise BudgetError(f"aim_prune: a mean of {target:.1f} visual tokens over {L} layers from {n} is out of reach")
 
     def llm_layers(self, num_layers: int) -> tuple[int, ...]:

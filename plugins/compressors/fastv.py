@@ -33,6 +33,7 @@ import torch
 from pydantic import Field
 
 from arrcoc import ops
+from arrcoc.budget import layer_mean
 from arrcoc.errors import BudgetError, MissingInputError, StateError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import BudgetContext, Keep, LLMCompressor, Params, budget_count
@@ -102,13 +103,14 @@ class FastV(LLMCompressor):
     def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
         n, L = context.tokens, context.layers
         K = min(cls._layers(params, context))  # the earliest layer reaches the fewest
-        return (K * n + (L - K) * min(1, n)) / L, float(n)
+        return layer_mean(n, L, [(K, min(1, n))]), float(n)
 
     @classmethod
     def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
-        """Layers ``0 .. K-1`` see all ``n`` visual tokens and layers ``K .. L-1`` see ``keep``: the mean is
-        ``(K n + (L - K) keep) / L``.  ``K`` is the pipeline's (official 2) when that mean can reach the target,
-        else the latest earlier layer that can; ``keep`` is then the nearest count."""
+        """Layers ``0 .. K-1`` see all ``n`` visual tokens and layers ``K .. L-1`` see ``keep``: the mean
+        (:func:`~arrcoc.budget.layer_mean`) is ``(K n + (L - K) keep) / L``, solved here for ``keep``.  ``K`` is the
+        pipeline's (official 2) when that mean can reach the target, else the latest earlier layer that can;
+        ``keep`` is then the nearest count."""
         n, L = context.tokens, context.layers
         for K in cls._layers(params, context):
             keep = (L * target - K * n) / (L - K)

@@ -36,6 +36,7 @@ import torch
 from pydantic import Field, model_validator
 
 from arrcoc import ops
+from arrcoc.budget import bisect_increasing, layer_mean, nearest
 from arrcoc.errors import BudgetError, MissingInputError, StateError, record_warning
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import BudgetContext, Compressor, Keep, LLMCompressor, Params, budget_count
@@ -489,9 +490,8 @@ class SparseVLMLLM(LLMCompressor):
             present = k + (recycled_clusters(present - k, p.recycle_ratio, p.cluster_divisor) if p.recycle else 0)
             keeps.append(k)
             outs.append(present)
-        acts = [l + 1 for l in layers] + [num_layers]
-        total = acts[0] * n + sum((acts[i + 1] - acts[i]) * outs[i] for i in range(len(layers)))
-        return keeps, total / num_layers
+        # Scoring layer l's output is pruned: the count changes at the input of layer l + 1.
+        return keeps, layer_mean(n, num_layers, zip((l + 1 for l in layers), outs))
 
     @classmethod
     def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float]:
@@ -509,15 +509,12 @@ class SparseVLMLLM(LLMCompressor):
         p = cls.validate_params(params)
         layers = cls.budget_layers(params, context.layers)
         n, L = context.tokens, context.layers
-        low, high = 0.0, 1.0
-        for _ in range(60):  # the mean grows with r (in integer steps)
-            mid = (low + high) / 2
-            if cls._schedule(p, layers, n, L, mid)[1] < target:
-                low = mid
-            else:
-                high = mid
-        keeps, _ = min((cls._schedule(p, layers, n, L, r) for r in (low, high)), key=lambda s: abs(s[1] - target))
-        return {**params, "layers": layers, "keep": keeps}
+
+        def mean(r: float) -> float:
+            return cls._schedule(p, layers, n, L, r)[1]
+
+        r = nearest(mean, target, bisect_increasing(mean, target, 0.0, 1.0))  # the mean grows with r (in steps)
+        return {**params, "layers": layers, "keep": cls._schedule(p, layers, n, L, r)[0]}
 
     def llm_layers(self, num_layers: int) -> tuple[int, ...]:
         # Official: a pruning layer's own attention scores; its output is pruned (= the next layer's input).
