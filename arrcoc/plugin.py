@@ -23,8 +23,8 @@ from pydantic import (
 )
 from typing_extensions import Annotated
 
-from .errors import BudgetError, ParamsError
-from .state import TokenState
+from .errors import BudgetError, MissingInputError, ParamsError
+from .state import LLMContext, TokenState
 
 KINDS = ("encoder", "query_encoder", "compressor", "scorer", "allocator", "pyramid", "visualizer")
 
@@ -292,14 +292,18 @@ class Compressor(Stage):
 
 
 #: What a model integration computes inside an LLM for ``llm:`` stages (see docs/hf.md), from the
-#: attention of the layer before the one a stage acts at:
-#: ``attn_from_last`` per_token ``[B, N]``, head-mean attention each visual token receives from the last token;
-#: ``attn_from_text`` per_token ``[B, N, T]``, the same from each text token after the image (``meta["text_mask"]``
-#: ``[B, T]``), with the text hidden states at the LLM input as ``query`` and those of every visual token (before
-#: any pruning) as ``meta["input_visual"]`` ``[B, N0, D]`` / ``meta["input_visual_mask"]``;
-#: ``attn_logits`` ``meta["attn_logits"]`` ``[B, heads, L, L]`` masked pre-softmax logits of the whole sequence,
-#: with ``meta["visual_columns"]`` ``[B, N]`` (sequence index of each visual token) and ``meta["sequence_mask"]``.
-#: Always: ``meta["input_visual_counts"]`` ``[B]``, the visual tokens at the LLM input.
+#: attention of the layer before the one a stage acts at, named in a stage's ``needs``:
+#: ``attn_from_last``: ``per_token["attn_from_last"]`` ``[B, N]``, head-mean attention each visual token receives
+#: from the last token;
+#: ``attn_from_text``: ``per_token["attn_from_text"]`` ``[B, N, T]``, the same from each text token after the image
+#: (``state.llm.text_mask`` ``[B, T]``), with the text hidden states at the LLM input as ``state.query`` and those
+#: of every visual token (before any pruning) as ``state.llm.input_visual`` ``[B, N0, D]`` /
+#: ``state.llm.input_visual_mask``;
+#: ``attn_logits``: ``state.llm.attn_logits`` ``[B, heads, L, L]``, masked pre-softmax logits of the whole
+#: sequence, with ``state.llm.visual_columns`` ``[B, N]`` (sequence index of each visual token) and
+#: ``state.llm.sequence_mask``.
+#: Always: ``state.llm.layer``, ``state.llm.num_layers`` and ``state.llm.input_visual_counts`` ``[B]``, the
+#: visual tokens at the LLM input (:class:`arrcoc.state.LLMContext` documents every field).
 LLM_SIGNALS = frozenset({"attn_from_last", "attn_from_text", "attn_logits"})
 
 
@@ -310,10 +314,12 @@ class LLMCompressor(Compressor):
     prefill at the input of each decoder layer in :meth:`llm_layers`, with a
     state whose ``tokens`` are the visual hidden states there, whose
     ``per_token["llm_slot"]`` (int64) numbers the input tokens (survivors keep
-    theirs; a merged token keeps its destination's), and which carries the
-    :data:`LLM_SIGNALS` named in ``needs`` (from layer ``- 1``'s attention);
-    ``meta["layer"]`` and ``meta["num_layers"]`` say where it runs.  It returns
-    the visual tokens that go on.  Text tokens are never touched.
+    theirs; a merged token keeps its destination's), and whose ``llm`` field
+    (:class:`~arrcoc.state.LLMContext`, read with :meth:`llm_context`) says
+    where it runs (``layer``, ``num_layers``) and carries the model's signals;
+    the :data:`LLM_SIGNALS` named in ``needs`` (from layer ``- 1``'s
+    attention) are filled, the others are None.  It returns the visual tokens
+    that go on.  Text tokens are never touched.
     """
 
     stage = "llm"
@@ -329,6 +335,16 @@ class LLMCompressor(Compressor):
     @abstractmethod
     def llm_layers(self, num_layers: int) -> tuple[int, ...]:
         """Decoder layers (0-based) at whose input this stage acts, for an LLM of ``num_layers``."""
+
+    def llm_context(self, state: TokenState) -> LLMContext:
+        """``state.llm``, or a :class:`~arrcoc.errors.MissingInputError` when the state comes from outside an LLM."""
+        if state.llm is None:
+            raise MissingInputError(
+                f"{self.name}: runs inside an LLM (arrcoc.hf.apply), which sets state.llm (the decoder layer and "
+                "the model's signals); this state has none (state.llm is None): run the pipeline through a model "
+                "integration, or build the state with llm=arrcoc.LLMContext(...)"
+            )
+        return state.llm
 
     @property
     def removes(self) -> bool:

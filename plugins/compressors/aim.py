@@ -388,14 +388,12 @@ class AIMPrune(LLMCompressor):
 
     def __call__(self, state: TokenState) -> TokenState:
         p = self.params
-        logits = state.meta.get("attn_logits")
-        if logits is None:
-            raise MissingInputError("aim_prune: runs inside an LLM (arrcoc.hf.apply), which provides meta['attn_logits']")
-        layer, num_layers = int(state.meta["layer"]), int(state.meta["num_layers"])
-        rate = self.schedule(num_layers)[layer - 1]
-        importance = aim_importance(logits, state.meta["sequence_mask"], tau=p.tau, iters=p.iters)
-        visual = importance.gather(1, state.meta["visual_columns"])
-        n0 = state.meta["input_visual_counts"].to(state.device)
+        llm = self.llm_context(state)
+        logits = llm.require("attn_logits", "aim_prune")
+        rate = self.schedule(llm.num_layers)[llm.layer - 1]
+        importance = aim_importance(logits, llm.require("sequence_mask", "aim_prune"), tau=p.tau, iters=p.iters)
+        visual = importance.gather(1, llm.require("visual_columns", "aim_prune"))
+        n0 = llm.input_visual_counts.to(state.device)
         # Official keep_num: int(original visual count * rate), of the visual tokens still alive.
         k = torch.minimum(torch.floor(n0.double() * rate + 1e-9).to(torch.int64), state.counts)
         index, valid = ops.topk_per_row(visual, k, state.mask, order="position")

@@ -522,21 +522,22 @@ class SparseVLMLLM(LLMCompressor):
 
     def __call__(self, state: TokenState) -> TokenState:
         p = self.params
+        llm = self.llm_context(state)
         attn = state.per_token.get("attn_from_text")
-        if attn is None or state.query is None or "input_visual" not in state.meta:
+        if attn is None or state.query is None:
             raise MissingInputError(
-                "sparsevlm_llm: runs inside an LLM (arrcoc.hf.apply): it needs per_token['attn_from_text'], the "
-                "text hidden states (query) and meta['input_visual'] from the model integration"
+                "sparsevlm_llm: runs inside an LLM (arrcoc.hf.apply): it needs per_token['attn_from_text'] and the "
+                "text hidden states (query) from the model integration"
             )
-        step = p.layers.index(int(state.meta["layer"]) - 1)
+        step = p.layers.index(llm.layer - 1)
         # Raters once over the LLM-input states of every visual token (official: before the first layer).
-        raters = select_text_raters(state.meta["input_visual"], state.query, state.meta["input_visual_mask"],
-                                    state.query_mask)
+        raters = select_text_raters(llm.require("input_visual", "sparsevlm_llm"), state.query,
+                                    llm.require("input_visual_mask", "sparsevlm_llm"), state.query_mask)
         rows = attn.transpose(1, 2)  # [B, T, N]
         scores = rater_scores(rows, raters, state.mask)
         if p.keep is not None:
             keep = p.keep[step]
-            n0 = state.meta["input_visual_counts"].to(state.counts.device)
+            n0 = llm.input_visual_counts.to(state.counts.device)
             k = torch.full_like(state.counts, keep) if isinstance(keep, int) else torch.floor(
                 n0.double() * keep).to(torch.int64).clamp(min=1)
         elif p.count == "table":

@@ -11,7 +11,7 @@ import torch
 import arrcoc
 from arrcoc import ops
 from arrcoc.errors import BudgetError, MissingInputError, ParamsError
-from arrcoc.state import TokenState
+from arrcoc.state import LLMContext, TokenState
 from arrcoc_plugins.compressors import aim as A
 
 
@@ -287,6 +287,29 @@ def test_retention_schedule_and_pruning():
     cand = [i for i in range(3, 11) if i != 4]
     top = sorted(sorted(cand, key=lambda i: (-float(imp[0, i]), i))[:4])
     assert torch.nonzero(kept[0]).squeeze(1).tolist() == [0, 1, 2] + top + [11, 12]
+
+
+def test_aim_prune_reads_the_llm_context():
+    # Image 0: 3 prompt tokens, 8 visual (columns 3..10), 2 question tokens; image 1: 6 visual, then padding.
+    state = make_state(H=2, W=4, counts=[8, 6])
+    lengths, S = [13, 11], 13
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(2, 2, S, S, generator=g) + torch.full((S, S), float("-inf")).triu(1)
+    sequence_mask = torch.arange(S)[None] < torch.tensor(lengths)[:, None]
+    columns = (3 + torch.arange(8)).expand(2, 8).contiguous()
+    plugin = arrcoc.create("compressor", "aim_prune", start_layer=1, step=0.25)  # 4 layers: 1.0, 0.75, 0.5, 0.25
+    llm = LLMContext(layer=2, num_layers=4, input_visual_counts=torch.tensor([8, 6]), attn_logits=logits,
+                     visual_columns=columns, sequence_mask=sequence_mask)
+    out = plugin(state.replace(llm=llm)).check()
+    for b, (n, length) in enumerate(zip([8, 6], lengths)):
+        importance = ref_importance(logits[b:b + 1, :, :length, :length])[0, 3:3 + n].tolist()
+        k = math.floor(n * 0.75)  # official keep_num: int(original visual count * retain_rate[layer - 1])
+        kept = sorted(sorted(range(n), key=lambda i: (-importance[i], i))[:k])
+        assert out.counts[b] == k and torch.equal(out.tokens[b, :k], state.tokens[b, kept])
+    with pytest.raises(MissingInputError, match=r"aim_prune: runs inside an LLM \(arrcoc.hf.apply\).*state.llm is None"):
+        plugin(state)
+    with pytest.raises(MissingInputError, match=r"aim_prune: state.llm.attn_logits is missing.*'attn_logits'"):
+        plugin(state.replace(llm=LLMContext(layer=2, num_layers=4, input_visual_counts=torch.tensor([8, 6]))))
 
 
 def test_layer_adaptive_importance():

@@ -10,7 +10,7 @@ import torch
 import arrcoc
 from arrcoc import ops
 from arrcoc.errors import BudgetError, InputError, MissingInputError, ParamsError
-from arrcoc.state import TokenState
+from arrcoc.state import LLMContext, TokenState
 from arrcoc_plugins.compressors import sparsevlm as S
 
 TINY = {"use": "timm_vit", "model": "vit_tiny_patch16_224", "model_kwargs": {"depth": 2, "img_size": 64}, "layer": -1}
@@ -304,6 +304,33 @@ def test_rater_scores_and_counts():
     assert S.adaptive_keep_count(full, torch.ones(1, 8, dtype=torch.bool)).tolist() == [6]
     half = S.adaptive_keep_count(low_rank, torch.ones(1, 3, dtype=torch.bool), scale=0.5)
     assert half.tolist() == [8 - 3]
+
+
+def test_sparsevlm_llm_reads_the_llm_context():
+    # Visual tokens at pruning layer 2's output (8 and 6 left); the LLM input had 10 and 8 (input_visual).
+    state = make_state(H=2, W=4, counts=[8, 6])
+    g = torch.Generator().manual_seed(11)
+    T = state.query.shape[1]
+    attn = torch.rand(2, 8, T, generator=g) * state.query_mask[:, None, :] * state.mask[:, :, None]
+    input_visual = torch.randn(2, 10, 16, generator=g)
+    input_mask = torch.arange(10)[None] < torch.tensor([10, 8])[:, None]
+    llm = LLMContext(layer=3, num_layers=4, input_visual_counts=torch.tensor([10, 8]),
+                     text_mask=state.query_mask, input_visual=input_visual, input_visual_mask=input_mask)
+    plugin = arrcoc.create("compressor", "sparsevlm_llm", layers=[2], keep=[0.5], recycle=False)
+    out = plugin(state.with_per_token(attn_from_text=attn).replace(llm=llm)).check()
+    raters = S.select_text_raters(input_visual, state.query, input_mask, state.query_mask)
+    scores = S.rater_scores(attn.transpose(1, 2), raters, state.mask)
+    for b, (n, n0) in enumerate([(8, 10), (6, 8)]):
+        k = n0 // 2  # a ratio of the visual tokens at the LLM input (input_visual_counts), not of those left
+        kept = ref_topk(scores[b, :n].tolist(), k)
+        assert out.counts[b] == k and torch.equal(out.tokens[b, :k], state.tokens[b, kept])
+    with pytest.raises(MissingInputError, match=r"sparsevlm_llm: runs inside an LLM \(arrcoc.hf.apply\).*state.llm is None"):
+        plugin(state.with_per_token(attn_from_text=attn))
+    with pytest.raises(MissingInputError, match=r"sparsevlm_llm: state.llm.input_visual is missing.*'attn_from_text'"):
+        plugin(state.with_per_token(attn_from_text=attn).replace(
+            llm=LLMContext(layer=3, num_layers=4, input_visual_counts=torch.tensor([10, 8]))))
+    with pytest.raises(MissingInputError, match=r"per_token\['attn_from_text'\]"):
+        plugin(state.replace(llm=llm))
 
 
 def test_sparsevlm_prune_ragged_equals_per_image():
