@@ -37,8 +37,15 @@ attention. ``size`` is conserved and ``origin`` points every patch at the
 token that carries it. :func:`arrcoc.ops.keep` then puts the tokens in the
 official order, and the token values are replaced by the computed ones
 (``dataclasses.replace`` of ``tokens`` only: PruMerge's update ``x_i + sum_j
-a_j x_j`` is not a weighted average, so it cannot come out of ``merge``).
-Other ``per_token`` fields are the size-weighted means ``merge`` makes.
+a_j x_j`` is not a weighted average, so it cannot come out of ``merge``;
+``merge`` and ``keep`` move zero-width tokens, so that no ``D``-wide average
+is computed only to be replaced). Other ``per_token`` fields are the
+size-weighted means ``merge`` makes.
+
+Cost: the neighbour search is one ``torch.topk`` over integer keys that
+order by (cosine, -index), unique per row, so ties need no sort; the
+supplement is a weighted ``embedding_bag`` over the ``neighbors`` rows of
+each cluster (``O(K L D)``, not a dense ``[K, N] x [N, D]`` product).
 
 Differences, on purpose:
 
@@ -75,6 +82,7 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from arrcoc import ops
@@ -141,33 +149,81 @@ def prumerge_values(
         ``(kept_values [B, K, D] float32, extra [B, D] float32, absorbed_by [B, N])``
         where ``absorbed_by[b, j]`` is the position in the kept list of the
         kept token that has ``j`` among its neighbours with the highest
-        cosine, or -1.
+        cosine (the lowest position among equal cosines), or -1.
     """
     B, N, D = tokens.shape
     K = kept_index.shape[1]
+    device = tokens.device
     x = tokens.float()
     a = cls_attn.float() * mask
     safe = kept_index.masked_fill(~kept_valid, 0)
-    # Official ``cos_sim_matrix`` of the normalised keys, as a ranking key (equal cosines equal in any batch).
-    sim = ops.similarity_key(ops.gather_rows(keys, safe, kept_valid), keys)  # [B, K, N]
-    is_self = safe[..., None] == torch.arange(N, device=tokens.device)
-    sim = sim.masked_fill(is_self | ~mask[:, None, :] | ~kept_valid[..., None], float("-inf"))
-    L = max(0, min(neighbors, N - 1))
-    per_row = torch.minimum(mask.sum(1) - 1, torch.tensor(neighbors, device=tokens.device)).clamp(min=0)
-    # Official ``torch.topk(cos_sim_matrix, k=32)``; equal cosines go to the lower token index here (the
-    # official order of ties is torch's, which differs between a padded row and the same row alone).
-    nbr = ops.topk(sim, L, dim=-1).indices  # [B, K, L]
-    nbr_valid = (torch.arange(L, device=tokens.device) < per_row[:, None, None]) & kept_valid[..., None]
-    member = torch.zeros(B, K, N, dtype=torch.bool, device=tokens.device).scatter_(2, nbr, nbr_valid)
-    weights = member.float() * a[:, None, :]
-    kept_values = (x.gather(1, safe[..., None].expand(B, K, D)) + weights @ x) * kept_valid[..., None]
     pruned = mask & ~_index_mask(kept_index, kept_valid, N)
     extra = ((a * pruned)[:, None, :] @ x)[:, 0]
-    if K == 0:  # no kept token (only an image with no token at all): nothing absorbs anything
-        return kept_values, extra, torch.full((B, N), -1, dtype=torch.int64, device=tokens.device)
-    best, where = sim.masked_fill(~member, float("-inf")).max(dim=1)  # [B, N]
-    absorbed_by = torch.where(torch.isfinite(best), where, torch.full_like(where, -1))
+    L = max(0, min(neighbors, N - 1))
+    if K == 0 or L == 0:  # no kept token, or one token per image: nothing to absorb
+        kept_values = x.gather(1, safe[..., None].expand(B, K, D)) * kept_valid[..., None]
+        return kept_values, extra, torch.full((B, N), -1, dtype=torch.int64, device=device)
+    # Official ``cos_sim_matrix`` of the normalised keys, as a ranking key (equal cosines equal in any batch).
+    sim = ops.similarity_key(ops.gather_rows(keys, safe, kept_valid), keys)  # [B, K, N]
+    # Official ``torch.topk(cos_sim_matrix, k=32)`` over the other real tokens; equal cosines go to the lower
+    # token index (the official order of ties is torch's kernel's, which differs between a padded row and the
+    # same row alone). One integer key per entry, unique in its row, so a plain ``torch.topk`` is exact.
+    key = _unique_desc_key(sim, torch.arange(N, device=device))
+    key.masked_fill_(~mask[:, None, :], _LOWEST)  # padding
+    key.scatter_(2, safe[..., None], _LOWEST)  # the token itself
+    top = torch.topk(key, L, dim=-1)  # [B, K, L], by decreasing cosine, then increasing index
+    nbr = top.indices
+    per_row = torch.minimum(mask.sum(1) - 1, torch.tensor(neighbors, device=device)).clamp(min=0)
+    nbr_valid = (torch.arange(L, device=device) < per_row[:, None, None]) & kept_valid[..., None]
+    # ``x_i + sum_j a_j x_j`` over the cluster: a weighted bag of L rows per kept token (the official
+    # gather-and-sum), O(K L D) rather than a dense [K, N] x [N, D] product.
+    flat_nbr = (nbr + (torch.arange(B, device=device) * N)[:, None, None]).reshape(B * K, L)
+    weights = (a.gather(1, nbr.reshape(B, K * L)).reshape(B, K, L) * nbr_valid).reshape(B * K, L)
+    supplement = F.embedding_bag(flat_nbr, x.reshape(B * N, D), per_sample_weights=weights, mode="sum")
+    flat_kept = (safe + (torch.arange(B, device=device) * N)[:, None]).reshape(-1)
+    kept_values = x.reshape(B * N, D).index_select(0, flat_kept).view(B, K, D).add_(supplement.view(B, K, D))
+    kept_values *= kept_valid[..., None]
+    # Of the kept tokens that have ``j`` among their neighbours, the one with the most similar key (the lowest
+    # kept position among equal cosines): the largest (cosine, -position) key over the clusters.
+    bits = max(1, (K - 1).bit_length())
+    cosine_part = top.values >> _index_bits(N)  # drop the index bits (an arithmetic shift)
+    position = torch.arange(K, device=device)[None, :, None]
+    owner_key = (cosine_part << bits) | ((1 << bits) - 1 - position)
+    owner_key = owner_key.masked_fill(~nbr_valid, _LOWEST).reshape(B, K * L)
+    best = torch.full((B, N), _LOWEST, dtype=torch.int64, device=device)
+    best.scatter_reduce_(1, nbr.reshape(B, K * L), owner_key, reduce="amax")
+    absorbed_by = torch.where(best > _LOWEST, (1 << bits) - 1 - (best & ((1 << bits) - 1)), -1)
     return kept_values, extra, absorbed_by
+
+
+#: Below every key :func:`_unique_desc_key` makes (excluded entries).
+_LOWEST = torch.iinfo(torch.int64).min
+
+
+def _index_bits(n: int) -> int:
+    return max(1, (n - 1).bit_length())
+
+
+def _unique_desc_key(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like ``(values, -index)``: larger value first, then lower index; unique per ``index``.
+
+    ``values`` are cosines from :func:`arrcoc.ops.similarity_key` (float32, or float64 on its grid of
+    multiples of 2**-24 in [-1, 1], which float32 holds exactly). The float32 bits are sign and magnitude,
+    so ``magnitude`` for a positive float and ``-magnitude`` for a negative one are integers in the floats'
+    order, equal for equal floats (``-0.0`` and ``0.0`` both 0); shifted left, the reversed index fills the
+    low bits. A ``torch.topk`` over these keys has no ties to leave to its kernel. In-place steps: each
+    fresh ``[B, K, N]`` buffer costs page faults on the CPU.
+    """
+    bits = _index_bits(index.shape[-1])
+    raw = values.float().view(torch.int32)
+    sign = raw >> 31  # 0 or -1 (all ones)
+    key = raw & 0x7FFFFFFF
+    key ^= sign  # two's complement negation where sign is -1: (m ^ -1) - (-1) = -m
+    key -= sign
+    key = key.to(torch.int64)
+    key <<= bits
+    key |= (1 << bits) - 1 - index
+    return key
 
 
 def _index_mask(index: torch.Tensor, valid: torch.Tensor, N: int) -> torch.Tensor:
@@ -322,14 +378,18 @@ def merge_into_kept(
     kept = _index_mask(index, valid, N)
     pruned = state.mask & ~kept
     has_extra = pruned.any(1)
-    host, _ = ops.topk_per_row(attn, has_extra.to(torch.int64), pruned, order="score")
-    host = host[:, :1] if host.shape[1] else torch.zeros(B, 1, dtype=torch.int64, device=device)
+    # The host: the most attended pruned token, the lowest index among equals (0 where nothing was pruned).
+    most = torch.where(pruned, attn, float("-inf")).amax(1, keepdim=True)
+    host = (pruned & (attn == most)).to(torch.uint8).argmax(1, keepdim=True)  # argmax: the first maximum
     is_host = torch.zeros_like(pruned).scatter_(1, host, has_extra[:, None])
     # Sources: every pruned token but the host; destination: its absorbing kept token, else the host.
     src_mask = pruned & ~is_host
     dst_all = torch.where(absorbed_by >= 0, safe.gather(1, absorbed_by.clamp(min=0)), host.expand(B, N))
     src, src_valid = ops.pack(src_mask)
-    merged = ops.merge(state, src, dst_all.gather(1, src), src_valid)
+    # The tokens' values are replaced below (PruMerge's update is not an average): move zero-width tokens, so
+    # that merge and keep do not average and gather D-wide rows only to throw them away.
+    bare = dataclasses.replace(state, tokens=state.tokens[..., :0], cls=None if state.cls is None else state.cls[:, :0])
+    merged = ops.merge(bare, src, dst_all.gather(1, src), src_valid)
     # Survivors are packed in their original order: map old index -> new slot, then reorder.
     new_slot = torch.cumsum((kept | is_host).to(torch.int64), 1) - 1
     out_index = torch.cat([new_slot.gather(1, safe), new_slot.gather(1, host)], 1)
@@ -337,7 +397,7 @@ def merge_into_kept(
     out = ops.keep(merged, out_index.masked_fill(~out_valid, 0), out_valid)
     values = torch.cat([kept_values, extra[:, None]], 1)
     values = ops.gather_rows(values, *ops.pack(out_valid))  # the same packing ``keep`` applied
-    return dataclasses.replace(out, tokens=values.to(state.dtype))
+    return dataclasses.replace(out, tokens=values.to(state.dtype), cls=state.cls)
 
 
 class PruMergePlus(PruMerge):
