@@ -1,8 +1,9 @@
-"""The pre-LLM stages inside a vLLM model: the model's own tower, arrcoc's ``hf_vision`` encoder and
-:class:`arrcoc.pipeline.Pipeline`, exactly ``K`` tokens out per image.
+"""The pre-LLM stages inside a vLLM model: the model's own tower
+(:class:`arrcoc.integrations.hf.vision.VisionTower`) and :class:`arrcoc.pipeline.Pipeline`, exactly ``K``
+tokens out per image.
 
 What runs is what :mod:`arrcoc.integrations.hf` runs inside a Hugging Face
-model: the ``hf_vision`` encoder around the live tower (features of
+model: the same :class:`~arrcoc.integrations.hf.vision.VisionTower` around the live tower (features of
 ``vision_feature_layer``, CLS attention and keys read from the tower's own
 layers where a stage needs them), the stages before the projector, the
 projector, the stages after it; a query-aware stage gets the prompt's text
@@ -26,11 +27,6 @@ from arrcoc.pipeline import Pipeline
 from arrcoc.registry import get_registry
 from arrcoc.spec import PipelineSpec
 from arrcoc.state import TokenState
-
-#: The encoder plugin that wraps a live model's tower (``plugins/encoders/hf_vision.py``), as in arrcoc.hf.
-VISION_ENCODER = "hf_vision"
-#: Encoder settings of a pipeline file that carry over to the model's own tower (as in arrcoc.hf).
-ENCODER_OPTIONS = ("attention_layer", "extra_attention_layers", "cls_attention_heads")
 
 
 def count_on_zero_image(planned: PipelineSpec, grid: tuple[int, int], has_cls: bool) -> int | None:
@@ -82,9 +78,10 @@ class PreLLMSelection:
 
     def __init__(self, model: torch.nn.Module, spec: PipelineSpec, tokens_per_image: int) -> None:
         from arrcoc.integrations.hf.apply import split_stages
+        from arrcoc.integrations.hf.vision import VisionTower, tower_options
 
-        options = {k: v for k, v in spec.encoder.params.items() if k in ENCODER_OPTIONS}
-        self.encoder = get_registry().get("encoder", VISION_ENCODER).for_model(model, project=False, **options)
+        # The projector runs between the stages before it and those after it (run_image), as in arrcoc.hf.
+        self.encoder = VisionTower.for_model(model, project=False, **tower_options(spec.encoder.params))
         self.adapter = self.encoder.adapter
         device = next(model.parameters()).device
         # Inside a model the query is the prompt's own text (see the module docstring), never a query encoder.

@@ -35,9 +35,9 @@ class HFText(QueryEncoder):
 
     def __init__(self, params: HFTextParams | None = None, /, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        from arrcoc_plugins.encoders.hf_vision import load_vlm
-
         from transformers import AutoTokenizer
+
+        from arrcoc.integrations.hf.vision import load_vlm
 
         model = load_vlm(self.params.model, self.params.dtype)
         try:
