@@ -241,7 +241,9 @@ def layer_mean(tokens: float, num_layers: int, changes: Iterable[tuple[int, floa
     total, seen, start = 0, tokens, 0
     for layer, count in changes:
         if not start <= layer <= num_layers:
-            raise BudgetError(f"layer_mean: expected non-decreasing layers in [0, {num_layers}], got {layer} after {start}")
+            raise BudgetError(
+                f"layer_mean: expected non-decreasing layers in [0, {num_layers}], got {layer} after {start}"
+            )
         total += (layer - start) * seen
         start, seen = layer, count
     return (total + (num_layers - start) * seen) / num_layers

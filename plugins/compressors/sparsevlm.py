@@ -6,21 +6,26 @@ Official: Gumpest/SparseVLMs (v1.0), ``llava/model/language_model/``:
 at layers ``[2, 6, 15]``, recycling), ``score.py`` (``attn_postprocess_topk``,
 the per-layer budget tables) and ``utils.py`` (``cluster_and_merge``, DPC-KNN).
 
-Two entry points over one scoring core:
+Two plugins over one scoring core and one recycling path:
 
-* the plugin ``sparsevlm`` runs **before the LLM** (the project seed's
-  training-free variant): importance = ``w_text * norm(max_t cos(token,
-  query_t)) + w_sal * norm(CLS attention)`` (defaults 0.7 / 0.3), top ``keep``
-  tokens in original order, and optionally the official token recycling of
-  the dropped tokens (:func:`recycle_plan` + DPC-KNN clustering), applied
-  through :mod:`arrcoc.ops` so ``size`` / ``origin`` stay right;
-* the **in-LLM** method as pure tensor functions, for a model integration:
-  :func:`select_text_raters` (paper Sec. 3.2), :func:`rater_scores`
-  (``attn_postprocess_topk``), :func:`table_keep_count` (the official budget
-  tables) or :func:`adaptive_keep_count` (the paper's rank-based count, Sec.
-  3.3), and :func:`sparsevlm_prune` (top-k + recycling with
-  :func:`cluster_and_merge`, Sec. 3.4), all batched over ragged rows (the
-  official code is batch 1).
+* ``sparsevlm`` runs **before the LLM** (the project seed's training-free
+  variant): importance = ``w_text * norm(max_t cos(token, query_t)) + w_sal *
+  norm(CLS attention)`` (defaults 0.7 / 0.3), top ``keep`` tokens in original
+  order, and optionally the official token recycling of the dropped tokens;
+* ``sparsevlm_llm`` is the **in-LLM** method, run by a model integration
+  between decoder layers: :func:`select_text_raters` (paper Sec. 3.2),
+  :func:`rater_scores` (``attn_postprocess_topk``), :func:`table_keep_count`
+  (the official budget tables) or :func:`adaptive_keep_count` (the paper's
+  rank-based count, Sec. 3.3), top-k, then recycling (Sec. 3.4), all batched
+  over ragged rows (the official code is batch 1).
+
+Recycling (official v1.0 ``LlamaModel.forward``: the best 30% (+1) of the
+deleted tokens, clustered by ``utils.cluster_and_merge`` into ``m // 10 + 1``
+plain means inserted right after the kept visual tokens) is one path for
+both plugins: :func:`recycle_plan` picks the tokens and cluster counts,
+:func:`dpc_knn` clusters them, and :func:`recycle_state` moves them through
+:mod:`arrcoc.ops` (a merge with ``weights = 1`` is the official mean), so
+``size`` / ``origin`` follow every recycled patch.
 
 Differences from the official code, on purpose (see docs/methods/sparsevlm.md):
 density ties in DPC-KNN are broken by index, not by ``rand * 1e-6`` noise;
@@ -218,7 +223,7 @@ def recycled_keep(tokens: int, target: float, ratio: float = 0.3, divisor: int =
 
 def dpc_knn(x: torch.Tensor, cluster_num: torch.Tensor | int, mask: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPC-KNN clustering (official ``utils.cluster_and_merge``, first half), batched.
+    """DPC-KNN clustering (official ``utils.cluster_and_merge``; the averaging is :func:`recycle_state`'s), batched.
 
     Per image with ``n`` real tokens and ``c = cluster_num`` clusters:
     distances ``d_ij = ||x_i - x_j|| / sqrt(C)``; local density
@@ -270,51 +275,6 @@ def dpc_knn(x: torch.Tensor, cluster_num: torch.Tensor | int, mask: torch.Tensor
     return centres, centre_valid, assign.masked_fill(~mask, -1)
 
 
-def cluster_and_merge(x: torch.Tensor, cluster_num: torch.Tensor | int, mask: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official ``cluster_and_merge``: DPC-KNN clusters, each the plain mean of its tokens.
-
-    Returns ``(merged [B, Cmax, C] in centre order, valid [B, Cmax])`` in ``x``'s dtype.
-    """
-    centres, valid, assign = dpc_knn(x, cluster_num, mask)
-    B, N, C = x.shape
-    K = centres.shape[1]
-    slot = torch.where(assign >= 0, assign, torch.full_like(assign, K))  # padding -> dummy slot K
-    total = torch.zeros(B, K + 1, C, device=x.device).scatter_add_(1, slot[:, :, None].expand(B, N, C), x.float())
-    count = torch.zeros(B, K + 1, device=x.device).scatter_add_(1, slot, torch.ones(B, N, device=x.device))
-    merged = total[:, :K] / count[:, :K, None].clamp_min(1)
-    return merged.masked_fill(~valid[:, :, None], 0).to(x.dtype), valid
-
-
-def sparsevlm_prune(
-    hidden: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor | int, mask: torch.Tensor | None = None,
-    *, recycle: bool = True, ratio: float = 0.3, divisor: int = 10,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One in-LLM pruning step on the visual hidden states (``LlamaModel.forward``, v1.0).
-
-    Keep the top ``keep`` visual tokens by ``scores`` in original order, then
-    (``recycle``) append the cluster tokens of the recycled deleted tokens
-    (:func:`recycle_plan`, :func:`cluster_and_merge`) right after them.
-
-    Returns ``(visual [B, K', C], mask [B, K'], keep_index [B, K], keep_valid [B, K])``;
-    real entries of each row are a prefix (kept tokens, then clusters).
-    """
-    mask = _real(mask, hidden)
-    index, valid = ops.topk_per_row(scores.float(), keep, mask, order="position")
-    kept = ops.gather_rows(hidden, index, valid)
-    if not recycle:
-        return kept, valid, index, valid
-    rec_index, rec_valid, clusters = recycle_plan(scores, index, valid, mask, ratio, divisor)
-    members = ops.gather_rows(hidden, rec_index, rec_valid)
-    merged, merged_valid = cluster_and_merge(members, clusters, rec_valid)
-    out = torch.cat([kept, merged], 1)
-    out_valid = torch.cat([valid, merged_valid], 1)
-    order, packed = ops.pack(out_valid)
-    out = ops.gather_rows(out, order, packed)
-    return out, packed, index, valid
-
-
-# ------------------------------------------------------------------- plugin
 def recycle_state(state: TokenState, scores: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
                   ratio: float = 0.3, divisor: int = 10) -> TokenState:
     """Keep ``index`` and add the recycled clusters of the deleted tokens, through :mod:`arrcoc.ops`.
@@ -348,6 +308,7 @@ def recycle_state(state: TokenState, scores: torch.Tensor, index: torch.Tensor, 
                      weights=torch.ones_like(state.size))
 
 
+# ------------------------------------------------------------------- plugin
 class SparseVLMParams(Params):
     keep: Keep = Field(0.4, description="Tokens selected per image (before recycling): ratio in (0, 1] or count.")
     w_text: float = Field(0.7, ge=0, description="Weight of the query relevance max_t cos(token, query_t).")

@@ -306,7 +306,8 @@ def test_aim_prune_reads_the_llm_context():
         k = math.floor(n * 0.75)  # official keep_num: int(original visual count * retain_rate[layer - 1])
         kept = sorted(sorted(range(n), key=lambda i: (-importance[i], i))[:k])
         assert out.counts[b] == k and torch.equal(out.tokens[b, :k], state.tokens[b, kept])
-    with pytest.raises(MissingInputError, match=r"aim_prune: runs inside an LLM \(arrcoc.hf.apply\).*state.llm is None"):
+    outside = r"aim_prune: runs inside an LLM \(arrcoc.hf.apply\).*state.llm is None"
+    with pytest.raises(MissingInputError, match=outside):
         plugin(state)
     with pytest.raises(MissingInputError, match=r"aim_prune: state.llm.attn_logits is missing.*'attn_logits'"):
         plugin(state.replace(llm=LLMContext(layer=2, num_layers=4, input_visual_counts=torch.tensor([8, 6]))))
