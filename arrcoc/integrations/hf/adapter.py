@@ -13,7 +13,8 @@ An adapter answers four questions:
    states when attention signals are wanted), a layer's attention inputs
    (:meth:`vision_qk`, towers with a class token), the projector
    (:meth:`project`; ``projected`` towers return LLM-space features), and
-   the placeholders per image (:meth:`tokens_per_image`).
+   the placeholders per image (:meth:`tokens_per_image`), and what the
+   budget rules need to know of an image (:meth:`budget_context`).
 2. **Prompt**: the image placeholder id and the pad id; how image features
    are handed to the model's own ``forward`` / ``generate``
    (:meth:`feature_kwargs`) and what else a shortened prompt needs
@@ -113,6 +114,25 @@ class Adapter(ABC):
             f"{self.family}: no image-downsampling path is implemented for this family (arrcoc implements it for "
             "LLaVA-1.5, whose CLIP tower interpolates its position embeddings to a smaller image)"
         )
+
+    def budget_context(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per image, what the budget rules need to set a pipeline for it: the keyword arguments of
+        :func:`arrcoc.budget.plan_budget` (``original``: the image's placeholders in the prompt, ``grid``: its
+        feature grid ``(rows, cols)``, ``has_cls``, ``layers``: decoder layers, ``encoder_layers``: the tower's
+        blocks up to the one whose attention signals are read, counted), from the processor's inputs and the
+        config alone: nothing runs.  ``arrcoc eval`` plans every method's budget from it.
+        """
+        raise ModelError(
+            f"{self.family}: no budget context is implemented for this family (arrcoc implements it for LLaVA-1.5 "
+            "and Qwen2-VL, whose images each have one feature grid)"
+        )
+
+    def _budget_contexts(self, tokens: list[int], grids: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """:meth:`budget_context` of images with ``tokens`` placeholders and feature ``grids``; the rest is the
+        model's: its decoder depth, its class token, the blocks up to :attr:`default_attention_layer`."""
+        layers, encoder_layers = len(self.decoder_layers), self.default_attention_layer + 1
+        return [{"original": int(n), "grid": (int(rows), int(cols)), "layers": layers, "has_cls": self.has_cls,
+                 "encoder_layers": encoder_layers} for n, (rows, cols) in zip(tokens, grids)]
 
     def view_layout(self, image_inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
         """Multi-view images (LLaVA-NeXT): each image's crop grid; its ``1 + rows * cols`` views are

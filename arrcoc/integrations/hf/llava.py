@@ -92,6 +92,13 @@ class LlavaAdapter(Adapter):
         rows, cols = self._grid(pixel_values)
         return [rows * cols + int(self.features_keep_cls) - int(self.drops_first_patch)] * pixel_values.shape[0]
 
+    def budget_context(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        # Every image has the tower's one patch grid (the CLS token, when the features keep it, is counted in
+        # ``original`` as the prompt counts it, not in the grid).
+        grid = self._grid(pixel_values)
+        tokens = self.tokens_per_image(pixel_values, image_inputs)
+        return self._budget_contexts(tokens, [grid] * len(tokens))
+
     @property
     def drops_first_patch(self) -> bool:
         """``default`` on a tower without a class token: transformers drops the first row whatever it is, here the

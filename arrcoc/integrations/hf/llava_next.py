@@ -88,6 +88,13 @@ class LlavaNextAdapter(LlavaAdapter):
             out.append(S * S + (bottom - top) * (right - left + 1))
         return out
 
+    def budget_context(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        # LLaVA-1.5's answer (one patch grid per image) would be wrong here: say so rather than inherit it.
+        raise ModelError(
+            "llava_next: an image is a base view plus rows x cols crops, unpadded, with newline tokens, not one "
+            "feature grid, so the budget rules (one grid per image) have no context for it"
+        )
+
     def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
                       ) -> VisionOutput:
         sizes = self._sizes(image_inputs)

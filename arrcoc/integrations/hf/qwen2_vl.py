@@ -58,6 +58,12 @@ class Qwen2VLAdapter(Adapter):
         merge = int(self.visual.spatial_merge_size)
         return (self._grid_thw(image_inputs).prod(-1) // merge**2).tolist()
 
+    def budget_context(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        # The merged grid of each image, as encode_images gives it (frames stacked along the rows).
+        merge = int(self.visual.spatial_merge_size)
+        grids = [(t * h // merge, w // merge) for t, h, w in self._grid_thw(image_inputs).tolist()]
+        return self._budget_contexts(self.tokens_per_image(pixel_values, image_inputs), grids)
+
     def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
                       ) -> VisionOutput:
         grid_thw = self._grid_thw(image_inputs).to(pixel_values.device)
