@@ -20,6 +20,7 @@ order): run it first, before any other compressor.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -63,7 +64,8 @@ def check_full_grid(state: TokenState, who: str) -> None:
     """Raise unless every image still has one token per original patch, in raster order."""
     N0 = state.grid[0] * state.grid[1]
     identity = torch.arange(N0, device=state.device).expand(state.B, N0)
-    if state.N != N0 or not bool(state.mask.all()) or not torch.equal(state.origin, identity):
+    # One device sync for both checks (the shapes are checked first, on the host).
+    if state.N != N0 or not bool((state.origin == identity).all() & state.mask.all()):
         raise StateError(
             f"{who}: needs the full, uncompressed {state.grid[0]}x{state.grid[1]} patch grid (one token per "
             f"patch in raster order), got {state.token_counts()} tokens per image (class token included) "
@@ -71,21 +73,35 @@ def check_full_grid(state: TokenState, who: str) -> None:
         )
 
 
-def pool(state: TokenState, cells: tuple[int, int] | None = None, stride: tuple[int, int] | None = None) -> TokenState:
-    """Average-pool the full patch grid into ``cells`` (h, w) or by ``stride`` (sh, sw)."""
-    check_full_grid(state, "pool")
-    cell, _ = cell_of_patches(state.grid, cells, stride)
-    cell = cell.to(state.device)
+@functools.lru_cache(maxsize=64)
+def _cell_merges(grid: tuple[int, int], cells: tuple[int, int] | None, stride: tuple[int, int] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(src [M], dst [M])`` on the CPU: every patch that is not its cell's first merges into that first patch.
+
+    Depends on the grid and the cells only, so it is built once per setting (a cache), not per call.
+    """
+    cell, _ = cell_of_patches(grid, cells, stride)
     N0 = cell.numel()
     # Each cell's first patch (smallest index) is its destination; the others merge into it.
-    first = torch.full((N0,), N0, dtype=torch.int64, device=state.device)
-    first = first.scatter_reduce(0, cell, torch.arange(N0, device=state.device), reduce="amin")
+    first = torch.full((N0,), N0, dtype=torch.int64).scatter_reduce(0, cell, torch.arange(N0), reduce="amin")
     dst_all = first[cell]
-    is_src = dst_all != torch.arange(N0, device=state.device)
-    src = torch.nonzero(is_src).squeeze(1)
-    dst = dst_all[src]
+    src = torch.nonzero(dst_all != torch.arange(N0)).squeeze(1)
+    return src, dst_all[src]
+
+
+def pool(state: TokenState, cells: tuple[int, int] | None = None, stride: tuple[int, int] | None = None,
+         *, checked: bool = False) -> TokenState:
+    """Average-pool the full patch grid into ``cells`` (h, w) or by ``stride`` (sh, sw).
+
+    ``checked``: the caller has already run :func:`check_full_grid` on ``state``.
+    """
+    if not checked:
+        check_full_grid(state, "pool")
+    src, dst = _cell_merges(tuple(state.grid), None if cells is None else tuple(cells),
+                            None if stride is None else tuple(stride))
     B = state.B
-    src, dst = src.expand(B, -1).contiguous(), dst.expand(B, -1).contiguous()
+    src = src.to(state.device).expand(B, -1).contiguous()
+    dst = dst.to(state.device).expand(B, -1).contiguous()
     return ops.merge(state, src, dst, weights=torch.ones_like(state.size))
 
 
@@ -146,7 +162,7 @@ class Pool(Compressor):
                 f"pool: keep={p.keep} asks for {count} tokens; the nearest {cells[0]}x{cells[1]} grid gives "
                 f"{cells[0] * cells[1]}"
             )
-        return pool(state, cells=cells)
+        return pool(state, cells=cells, checked=True)
 
 
 @hookimpl
