@@ -25,7 +25,7 @@ import arrcoc
 from arrcoc.errors import ActiveRunError, ArrcocError, ModelError
 from arrcoc.integrations.hf import attention
 from arrcoc.integrations.hf.engine import LLMEngine
-from tiny_models import IMAGE, llava_batch, tiny_llava
+from tiny_models import IMAGE, hook_counts, llava_batch, tiny_llava
 
 NEW = 4
 # Pre-LLM and in-LLM stages at once: every kind of patch apply makes (hooks on the model, the language model
@@ -64,10 +64,6 @@ def reference(model, batch):
             out[name] = greedy(model, batch)
     assert not torch.equal(out["both"][:, -NEW:], out["plain"][:, -NEW:])  # the pipelines do act
     return out
-
-
-def hook_counts(model) -> dict[str, tuple[int, int]]:
-    return {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()}
 
 
 def assert_restored(model, batch, reference):

@@ -28,19 +28,15 @@ from transformers import (  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 import arrcoc  # noqa: E402
-from tiny_models import left_pad as _left_pad, llava_batch, tiny_llava  # noqa: E402
+from tiny_models import (  # noqa: E402
+    BOS, IMAGE, LLAMA, N0, PAD, ROWS, generate_positions, hook_counts, left_pad, llava_batch, llava_row,
+    reference_attention, sample, tiny_llava,
+)
 from arrcoc.errors import ArrcocError, BudgetError, InputError, MissingInputError, ModelError  # noqa: E402
 from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
 from arrcoc.spec import resolve_spec  # noqa: E402
 
-IMG = 199
-PAD = 0
-BOS = 1
-N0 = 64  # (112 / 14) ** 2 image tokens
 NEW = 10  # new tokens per greedy generation
-TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=200, pad_token_id=PAD, bos_token_id=BOS,
-                   eos_token_id=None)  # no eos: every generation runs NEW steps (the reference needs no stopping rule)
 NO_STAGES = {"encoder": {"use": "timm_vit"}}
 
 
@@ -71,15 +67,6 @@ def model(models):
     return models["sdpa"]
 
 
-def _row(pre: int, post: int, n_image: int = N0) -> list[int]:
-    return [BOS] + list(range(5, 5 + pre)) + [IMG] * n_image + list(range(30, 30 + post))
-
-
-
-
-ROWS = [(3, 5), (2, 9), (6, 1)]  # prompt lengths 73, 76, 72
-
-
 @pytest.fixture(scope="module")
 def batch3():
     return llava_batch(ROWS)
@@ -88,13 +75,6 @@ def batch3():
 @pytest.fixture(scope="module")
 def batch1(batch3):
     return sample(batch3, 0)
-
-
-def sample(inputs: dict, b: int) -> dict:
-    """Sample ``b`` of a left-padded batch, unpadded, as a batch of one."""
-    real = inputs["attention_mask"][b].bool()
-    return {"input_ids": inputs["input_ids"][b, real][None], "attention_mask": inputs["attention_mask"][b, real][None],
-            "pixel_values": inputs["pixel_values"][b:b + 1]}
 
 
 def lengths(inputs: dict) -> list[int]:
@@ -117,10 +97,6 @@ def greedy_with_logits(model, inputs: dict):
     out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
                          output_logits=True)
     return out.sequences, out.logits[0]
-
-
-def hook_snapshot(model) -> dict[str, tuple[int, int]]:
-    return {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()}
 
 
 # --------------------------------------------------------------------------- 1. keep everything = unmodified
@@ -154,10 +130,10 @@ def prompt_with_features(inputs: dict, counts: list[int]) -> tuple[torch.Tensor,
     rows = []
     for b, k in enumerate(counts):
         ids = inputs["input_ids"][b].tolist()
-        first = ids.index(IMG)
-        assert ids[first:first + N0] == [IMG] * N0
-        rows.append(ids[:first] + [IMG] * k + ids[first + N0:])
-    return _left_pad(rows)
+        first = ids.index(IMAGE)
+        assert ids[first:first + N0] == [IMAGE] * N0
+        rows.append(ids[:first] + [IMAGE] * k + ids[first + N0:])
+    return left_pad(rows)
 
 
 @pytest.mark.parametrize("spec, expect", [
@@ -212,28 +188,6 @@ def test_pre_llm_equals_hand_built_prompt(model, batch3, spec, expect):
 # and the float64 mask minimum becomes -inf in float32, which makes fully masked (left-padding) query rows
 # NaN and, through ``0 * NaN`` in ``weights @ values``, every row of a padded sample
 # (transformers 5.24, also without arrcoc: see test_hf_eager_float64_padding_is_nan).
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], -1)
-
-
-def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor):
-    """One attention block in float64: ``(output [B, S, D], weights [B, H, S, S])``; ``allowed`` ``[B, S, S]``."""
-    B, S, _ = x.shape
-    hd = attn.head_dim
-    q = attn.q_proj(x).view(B, S, -1, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(B, S, -1, hd).transpose(1, 2)
-    v = attn.v_proj(x).view(B, S, -1, hd).transpose(1, 2)
-    cos, sin = cos[:, None], sin[:, None]
-    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = (q @ k.transpose(-1, -2)) * hd ** -0.5
-    weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
-    out = (weights @ v).transpose(1, 2).reshape(B, S, -1)
-    return attn.o_proj(out), weights
-
-
 @torch.no_grad()
 def reference_forward(model, ids: torch.Tensor, mask: torch.Tensor, features: torch.Tensor,
                       drop: torch.Tensor | None = None, K: int | None = None, weights_at: int | None = None):
@@ -246,9 +200,9 @@ def reference_forward(model, ids: torch.Tensor, mask: torch.Tensor, features: to
     """
     lm = model.model.language_model
     h = model.get_input_embeddings()(ids).clone()
-    is_image = ids == IMG
+    is_image = ids == IMAGE
     h[is_image] = features.to(h.dtype)
-    position_ids = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    position_ids = generate_positions(mask)
     cos, sin = lm.rotary_emb(h, position_ids)
     S = ids.shape[1]
     real = mask.bool()
@@ -258,7 +212,7 @@ def reference_forward(model, ids: torch.Tensor, mask: torch.Tensor, features: to
     weights = None
     for i, layer in enumerate(lm.layers):
         allowed = base if drop is None or i < K else base & ~(drop[:, None, :] & ~eye)
-        attn_out, w = _attention(layer.self_attn, layer.input_layernorm(h), cos, sin, allowed)
+        attn_out, w, _ = reference_attention(layer.self_attn, layer.input_layernorm(h), cos, sin, allowed)
         if i == weights_at:
             weights = w
         h = h + attn_out
@@ -277,7 +231,7 @@ def reference_fastv(model, inputs: dict, K: int, keep: float, steps: int = NEW):
     drop = torch.zeros(B, L, dtype=torch.bool)
     kept = []
     for b in range(B):
-        image_pos = torch.nonzero(ids[b] == IMG).squeeze(1)
+        image_pos = torch.nonzero(ids[b] == IMAGE).squeeze(1)
         k = math.floor(len(image_pos) * keep)
         order = torch.sort(-last_row[b, image_pos], stable=True).indices  # ties: lower index first
         keep_pos = image_pos[order[:k]].sort().values
@@ -296,16 +250,11 @@ def reference_fastv(model, inputs: dict, K: int, keep: float, steps: int = NEW):
     return seq[:, L:], prefill, kept
 
 
-def generate_positions(inputs: dict) -> torch.Tensor:
-    mask = inputs["attention_mask"]
-    return (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
-
-
 def test_reference_without_pruning_is_the_model(model, batch3):
     """The reference itself: nothing dropped -> the unmodified model, logits of every real position."""
     with torch.no_grad():
         features = torch.cat(list(model.model.get_image_features(pixel_values=batch3["pixel_values"]).pooler_output))
-        ref = model(**batch3, position_ids=generate_positions(batch3)).logits
+        ref = model(**batch3, position_ids=generate_positions(batch3["attention_mask"])).logits
     logits, _ = reference_forward(model, batch3["input_ids"], batch3["attention_mask"], features)
     real = batch3["attention_mask"].bool()
     torch.testing.assert_close(logits[real], ref[real], rtol=0, atol=1e-10)
@@ -316,7 +265,7 @@ def test_reference_without_pruning_is_the_model(model, batch3):
 def test_hf_eager_float64_padding_is_nan(models, batch3):
     """Why the eager twin is not used with padding in float64 (transformers itself, no arrcoc involved)."""
     with torch.no_grad():
-        logits = models["eager"](**batch3, position_ids=generate_positions(batch3)).logits[:, -1]
+        logits = models["eager"](**batch3, position_ids=generate_positions(batch3["attention_mask"])).logits[:, -1]
     padded = (batch3["attention_mask"] == 0).any(1)
     assert torch.equal(logits.isnan().any(1), padded)
 
@@ -329,7 +278,7 @@ def test_fastv_equals_no_cache_reference(model, batch3):
     L = batch3["input_ids"].shape[1]
     with arrcoc.hf.apply(model, fastv(layer=K, keep=keep)) as run:
         with torch.no_grad():
-            logits = model(**batch3, position_ids=generate_positions(batch3)).logits[:, -1]
+            logits = model(**batch3, position_ids=generate_positions(batch3["attention_mask"])).logits[:, -1]
         (state,) = run.llm_states.values()
         tokens = greedy(model, batch3)
     # The kept image tokens, by their index in the image (origin: patch -> kept token, -1 if dropped).
@@ -360,7 +309,7 @@ def test_batched_equals_per_sample(model, batch3, spec, kept):
             assert run.report.layer_visual[-1] == [kept]
         if "llm" in spec:  # position ids pass through: compare float64 forward logits as well
             with torch.no_grad():
-                forward = model(**batch3, position_ids=generate_positions(batch3)).logits[:, -1]
+                forward = model(**batch3, position_ids=generate_positions(batch3["attention_mask"])).logits[:, -1]
                 forward1 = [model(**sample(batch3, b)).logits[0, -1] for b in range(3)]
             for b in range(3):
                 torch.testing.assert_close(forward[b], forward1[b], rtol=0, atol=1e-10)
@@ -372,7 +321,7 @@ def test_batched_equals_per_sample(model, batch3, spec, kept):
 @pytest.fixture(scope="module")
 def batch3_same_length():
     """Three different prompts of one length (73): no padding, so the float64 eager twin is usable."""
-    ids, mask = _left_pad([_row(3, 5), _row(5, 3), _row(1, 7)])
+    ids, mask = left_pad([llava_row(3, 5), llava_row(5, 3), llava_row(1, 7)])
     assert bool(mask.all())
     pixels = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
@@ -396,7 +345,7 @@ def test_fastv_sdpa_equals_eager(models, batch3_same_length, batch3):
         m = copy.deepcopy(models[impl]).float()
         with arrcoc.hf.apply(m, fastv(layer=2, keep=0.5)):
             with torch.no_grad():
-                logits = m(**inputs, position_ids=generate_positions(inputs)).logits[:, -1]
+                logits = m(**inputs, position_ids=generate_positions(inputs["attention_mask"])).logits[:, -1]
             out[impl] = (greedy(m, inputs), logits)
     assert torch.equal(out["sdpa"][0], out["eager"][0])
     torch.testing.assert_close(out["sdpa"][1], out["eager"][1], rtol=0, atol=1e-5)
@@ -509,7 +458,7 @@ def _assert_restored(model, before_hooks, ref_logits, ref_tokens, inputs):
     for m in [model, model.model, model.model.language_model, *model.model.language_model.layers]:
         assert not m._forward_pre_hooks and not m._forward_hooks
         assert not m._forward_pre_hooks_with_kwargs and not m._forward_hooks_with_kwargs
-    assert hook_snapshot(model) == before_hooks
+    assert hook_counts(model) == before_hooks
     torch.testing.assert_close(last_logits(model, inputs), ref_logits, rtol=0, atol=0)
     assert torch.equal(greedy(model, inputs), ref_tokens)
 
@@ -519,7 +468,7 @@ SPEC_BOTH = {"encoder": {"use": "timm_vit"}, "compress": [{"use": "random_keep",
 
 
 def test_exit_restores_the_model(model, batch3):
-    before = hook_snapshot(model)
+    before = hook_counts(model)
     ref_logits, ref_tokens = last_logits(model, batch3), greedy(model, batch3)
     with arrcoc.hf.apply(model, SPEC_BOTH) as run:
         assert "generate" in vars(model)
@@ -531,7 +480,7 @@ def test_exit_restores_the_model(model, batch3):
 
 
 def test_exit_restores_after_an_exception(model, batch3):
-    before = hook_snapshot(model)
+    before = hook_counts(model)
     ref_logits, ref_tokens = last_logits(model, batch3), greedy(model, batch3)
     with pytest.raises(RuntimeError, match="boom"):
         with arrcoc.hf.apply(model, SPEC_BOTH):
@@ -549,7 +498,7 @@ def test_exit_restores_after_an_exception(model, batch3):
 # --------------------------------------------------------------------------- 7. bad input
 def test_model_without_adapter(model):
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(**TEXT_CONFIG)).eval()
+    llama = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
     with pytest.raises(ModelError) as err:
         with arrcoc.hf.apply(llama, fastv()):
             pass
@@ -559,13 +508,13 @@ def test_model_without_adapter(model):
 
 
 def test_llm_layer_beyond_depth(model):
-    before = hook_snapshot(model)
+    before = hook_counts(model)
     with pytest.raises(ModelError) as err:
         with arrcoc.hf.apply(model, fastv(layer=10)):
             pass
     msg = str(err.value)
     assert "layer 10" in msg and "4 layers" in msg and "fastv" in msg
-    assert hook_snapshot(model) == before and "generate" not in vars(model)
+    assert hook_counts(model) == before and "generate" not in vars(model)
 
 
 def test_vision_attention_on_a_tower_without_class_token():
@@ -576,8 +525,8 @@ def test_vision_attention_on_a_tower_without_class_token():
     torch.manual_seed(0)
     vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             image_size=112, patch_size=14)
-    siglip = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=LlamaConfig(**TEXT_CONFIG),
-                                                       image_token_id=IMG, vision_feature_select_strategy="full"))
+    siglip = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=LlamaConfig(**LLAMA),
+                                                       image_token_id=IMAGE, vision_feature_select_strategy="full"))
     with pytest.raises(MissingInputError) as err:
         with arrcoc.hf.apply(siglip.eval(), compress({"use": "hired", "keep": 0.25})):
             pass
@@ -733,7 +682,7 @@ def test_right_padding_with_the_callers_position_ids_is_the_model(model):
     """Right padding and position_ids given as generate numbers them (padding at 0): a pre-LLM pipeline keeping
     everything equals the model (the rebuilt numbering put 1 on the padding, so the first new token of a
     right-padded row got position 2 instead of 1: scores off by 5e-4)."""
-    rows = [[BOS, 5, *[IMG] * N0, 30, 31, 32], [BOS, *[IMG] * N0, 30]]
+    rows = [[BOS, 5, *[IMAGE] * N0, 30, 31, 32], [BOS, *[IMAGE] * N0, 30]]
     L = max(map(len, rows))
     ids = torch.tensor([r + [PAD] * (L - len(r)) for r in rows])
     mask = (ids != PAD).long()

@@ -13,9 +13,8 @@ pytest.importorskip("transformers")
 import torch
 
 import arrcoc
-from tiny_models import tiny_llava_next
+from tiny_models import IMAGE, left_pad, tiny_llava_next
 
-IMAGE = 199
 SIZES = [[50, 100], [90, 40], [100, 100]]  # crop grids (1, 2), (2, 1), (2, 2): wide, tall, square
 S = 4  # 56 px / patch 14
 
@@ -33,9 +32,8 @@ def inputs(model, images=(0, 1, 2), texts=((2, 3), (1, 5), (0, 1))):
                           for i in images])
     per = arrcoc.hf.adapter_for(model).tokens_per_image(pixels, {"image_sizes": sizes})
     rows = [[1, *range(5, 5 + pre), *[IMAGE] * n, *range(20, 20 + post), 9] for n, (pre, post) in zip(per, texts)]
-    L = max(map(len, rows))
-    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "pixel_values": pixels, "image_sizes": sizes}
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
 
 
 def spec(**sections):

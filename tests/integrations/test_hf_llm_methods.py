@@ -32,20 +32,14 @@ transformers = pytest.importorskip("transformers")
 
 
 import arrcoc  # noqa: E402
-from tiny_models import left_pad as _left_pad, llava_batch, tiny_llava  # noqa: E402
+from tiny_models import (  # noqa: E402
+    IMAGE, N0, ROWS, generate_positions, llava_batch, reference_attention, sample, tiny_llava,
+)
 from arrcoc.errors import ArrcocError  # noqa: E402
 from arrcoc.integrations.hf import layer_flops  # noqa: E402
 from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
 
-IMG = 199
-PAD = 0
-BOS = 1
-N0 = 64  # (112 / 14) ** 2 image tokens
 NEW = 10  # greedy steps
-TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=200, pad_token_id=PAD, bos_token_id=BOS,
-                   eos_token_id=None)  # no eos: every generation runs NEW steps
-ROWS = [(3, 5), (2, 9), (6, 1)]  # (text before, text after the image): prompt lengths 73, 76, 72
 SPARSEVLM_TABLE = {64: (66, 30, 17)}  # official sparse_token_dict, retained budget 64
 ENC = {"use": "timm_vit"}
 
@@ -76,12 +70,6 @@ def model():
     return m
 
 
-def _row(pre: int, post: int, n_image: int = N0) -> list[int]:
-    return [BOS] + list(range(5, 5 + pre)) + [IMG] * n_image + list(range(30, 30 + post))
-
-
-
-
 @pytest.fixture(scope="module")
 def batch3():
     return llava_batch(ROWS)
@@ -94,22 +82,12 @@ def features(model, batch3):
         return list(model.model.get_image_features(pixel_values=batch3["pixel_values"]).pooler_output)
 
 
-def sample(inputs: dict, b: int) -> dict:
-    real = inputs["attention_mask"][b].bool()
-    return {"input_ids": inputs["input_ids"][b, real][None], "attention_mask": inputs["attention_mask"][b, real][None],
-            "pixel_values": inputs["pixel_values"][b:b + 1]}
-
-
 def prompt(inputs: dict, b: int) -> torch.Tensor:
     return sample(inputs, b)["input_ids"][0]
 
 
 def first_image(ids: torch.Tensor) -> int:
-    return int(torch.nonzero(ids == IMG)[0])
-
-
-def generate_positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    return int(torch.nonzero(ids == IMAGE)[0])
 
 
 @torch.no_grad()
@@ -134,26 +112,6 @@ def kept_patches(state, b: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the reference
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], -1)
-
-
-def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor):
-    """One attention block in float64 for one sequence ``x [S, D]``: ``(output, probs [H, S, S], logits)``."""
-    S = x.shape[0]
-    hd = attn.head_dim
-    q = attn.q_proj(x).view(S, -1, hd).transpose(0, 1)
-    k = attn.k_proj(x).view(S, -1, hd).transpose(0, 1)
-    v = attn.v_proj(x).view(S, -1, hd).transpose(0, 1)
-    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    groups = q.shape[0] // k.shape[0]
-    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-    logits = ((q @ k.transpose(-1, -2)) * hd ** -0.5).masked_fill(~allowed, float("-inf"))
-    probs = logits.softmax(-1)
-    return attn.o_proj((probs @ v).transpose(0, 1).reshape(S, -1)), probs, logits
-
-
 def _apply_plan(seq: dict, groups: list[list[int]], mode: str, rule: str, n_prompt: int) -> dict:
     """The sequence after a stage: ``groups`` (lists of ``src``) are the visual tokens that go on, in order."""
     if mode == "mask":
@@ -187,8 +145,8 @@ def reference_pass(model, ids: torch.Tensor, feats: torch.Tensor, n_prompt: int,
     lm = model.model.language_model
     S = ids.shape[0]
     h = model.get_input_embeddings()(ids).clone()
-    h[ids == IMG] = feats.to(h.dtype)
-    seq = {"h": h, "pos": torch.arange(S), "src": torch.arange(S), "visual": ids == IMG,
+    h[ids == IMAGE] = feats.to(h.dtype)
+    seq = {"h": h, "pos": torch.arange(S), "src": torch.arange(S), "visual": ids == IMAGE,
            "alive": torch.ones(S, dtype=torch.bool)}
     seen = {"input": h.clone(), "ids": ids}
     for i, layer in enumerate(lm.layers):
@@ -200,7 +158,9 @@ def reference_pass(model, ids: torch.Tensor, feats: torch.Tensor, n_prompt: int,
         n = seq["h"].shape[0]
         allowed = torch.ones(n, n, dtype=torch.bool).tril() & seq["alive"][None, :]
         cos, sin = lm.rotary_emb(seq["h"][None], seq["pos"][None])
-        out, probs, logits = _attention(layer.self_attn, layer.input_layernorm(seq["h"]), cos, sin, allowed)
+        out, probs, logits = reference_attention(layer.self_attn, layer.input_layernorm(seq["h"])[None], cos, sin,
+                                                 allowed[None])
+        out, probs, logits = out[0], probs[0], logits[0]  # the one sequence
         seen[i] = {"probs": probs, "logits": logits, **seq}
         x = seq["h"] + out
         seq = dict(seq, h=x + layer.mlp(layer.post_attention_layernorm(x)))
@@ -249,8 +209,8 @@ def fastv_decide(keep: float):
 def text_raters(seen: dict) -> torch.Tensor:
     """SparseVLM raters from the LLM-input hidden states: ``m = softmax(V T^T, text).mean(visual) > mean(m)``."""
     h0, ids = seen["input"], seen["ids"]
-    after = torch.arange(len(ids)) > torch.nonzero(ids == IMG).max()
-    m = (h0[ids == IMG] @ h0[after].T).softmax(-1).mean(0)
+    after = torch.arange(len(ids)) > torch.nonzero(ids == IMAGE).max()
+    m = (h0[ids == IMAGE] @ h0[after].T).softmax(-1).mean(0)
     raters = m > m.mean()
     if after.sum() > 1:  # margin against float32 rounding in the integration
         assert float((m - m.mean()).abs().min()) > 1e-7
@@ -545,8 +505,8 @@ def test_pre_llm_then_llm_stage_equals_reference(model, batch3):
         patch_of_slot[pre.origin[b, chosen]] = chosen
         assert torch.equal(feats, full[b][patch_of_slot])  # a selection of the model's own features
         ids = prompt(batch3, b).tolist()
-        image = ids.index(IMG)
-        short = torch.tensor(ids[:image] + [IMG] * 16 + ids[image + N0:])
+        image = ids.index(IMAGE)
+        short = torch.tensor(ids[:image] + [IMAGE] * 16 + ids[image + N0:])
         ref = reference(model, short, feats, {2: (fastv_decide(0.5), "remove", "original")})
         kept = patches(ref["plans"][2], image)  # slots among the 16
         assert len(kept) == 8

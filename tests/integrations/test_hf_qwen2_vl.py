@@ -13,11 +13,11 @@ pytest.importorskip("transformers")
 import torch
 
 import arrcoc
+from tiny_models import QWEN_END as END, QWEN_IMAGE as IMAGE, QWEN_START as START, generate_positions, left_pad
 from tiny_models import tiny_qwen2_vl
 from arrcoc.errors import ModelError, MissingInputError
 from arrcoc.integrations.hf.compat import cache_kwarg
 
-IMAGE, START, END = 900, 902, 903
 GRIDS = [[1, 8, 12], [1, 6, 6], [1, 4, 8]]  # 24, 9 and 8 merged tokens
 
 
@@ -36,9 +36,7 @@ def inputs(images=(0, 1, 2), texts=((3, 5), (2, 8), (4, 2))):
     for i, (pre, post) in zip(images, texts):
         n = GRIDS[i][1] * GRIDS[i][2] // 4
         rows.append([1, *range(10, 10 + pre), START, *[IMAGE] * n, END, *range(50, 50 + post)])
-    L = max(map(len, rows))
-    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
-    mask = (ids != 0).long()
+    ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grids,
             "mm_token_type_ids": (ids == IMAGE).int()}
 
@@ -71,7 +69,7 @@ def masked_reference(model, batch, dropped, from_layer=0):
         # The model computes its own mrope positions from the full prompt; the 4-D mask is used as given.
         positions, _ = model.model.get_rope_index(ids, batch["mm_token_type_ids"], batch["image_grid_thw"],
                                                   attention_mask=batch["attention_mask"])
-        text = (mask.long().cumsum(1) - 1).masked_fill(~mask, 1)
+        text = generate_positions(batch["attention_mask"])
         full.update(attention_mask=plain if from_layer > 0 else pruned,
                     position_ids=torch.cat([text[None], positions], 0))
         out = model(**full)
@@ -195,18 +193,7 @@ def test_compact_positions_are_refused_with_multimodal_rope(model):
 # ------------------------------------------------- sliding-window text models
 def _windowed_qwen2_vl(window: int, full_layers: int = 0):
     """The tiny Qwen2-VL whose decoder layers from ``full_layers`` on attend in a window of ``window`` keys."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=None,
-                         pad_token_id=0, use_sliding_window=True, sliding_window=window, max_window_layers=full_layers,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        image_token_id=IMAGE, video_token_id=901, vision_start_token_id=START, vision_end_token_id=END)
-    return Qwen2VLForConditionalGeneration(config).eval().to(torch.float64)
+    return tiny_qwen2_vl(use_sliding_window=True, sliding_window=window, max_window_layers=full_layers)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -32,7 +32,7 @@ import arrcoc
 from arrcoc.errors import InputError
 from arrcoc.integrations.hf.compat import cache_kwarg
 from arrcoc.integrations.hf.prompt import padding_mask, shrink_prompts
-from test_hf_generate_parity import NEW, PIPELINES, assert_same
+from test_hf_generate_parity import DICT, NEW, PIPELINES, assert_same
 from tiny_models import BOS, PAD, QWEN_END as END, QWEN_IMAGE as IMAGE, QWEN_START as START
 from tiny_models import tiny_qwen2_5_vl, tiny_qwen2_vl
 
@@ -157,9 +157,6 @@ def _forward(model: Any, batch: dict) -> dict:
     image = getattr(out, "image_outputs", None)
     return fields if image is None else {**fields, "image_features": image.pooler_output}
 
-
-DICT = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, output_attentions=True,
-            output_hidden_states=True)
 
 MODES: dict[str, Callable[[Any, dict], Any]] = {
     "greedy": lambda m, b: _generate(m, b, do_sample=False),

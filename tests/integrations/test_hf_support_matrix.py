@@ -14,9 +14,8 @@ pytest.importorskip("transformers")
 import torch
 
 import arrcoc
-from tiny_models import tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from tiny_models import IMAGE, left_pad, tiny_llava, tiny_llava_next, tiny_qwen2_vl
 
-IMAGE = 199
 
 
 
@@ -26,9 +25,8 @@ def _text(pre, post):
 
 
 def _batch(rows, extra):
-    L = max(map(len, rows))
-    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), **extra}
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, **extra}
 
 
 def llava():

@@ -15,6 +15,7 @@ import torch
 IMAGE = 199  # LLaVA and LLaVA-NeXT placeholder id (vocabulary 200)
 QWEN_IMAGE, QWEN_START, QWEN_END = 900, 902, 903
 PAD, BOS = 0, 1
+N0 = 64  # tiny_llava's image tokens per image: (112 / 14) ** 2
 LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=200, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=None)
 
@@ -69,14 +70,15 @@ QWEN_TOKENS = dict(image_token_id=QWEN_IMAGE, video_token_id=901, vision_start_t
                    vision_end_token_id=QWEN_END)
 
 
-def tiny_qwen2_vl(dtype: torch.dtype = torch.float64):
+def tiny_qwen2_vl(dtype: torch.dtype = torch.float64, **text: object):
+    """``text``: decoder settings over ``QWEN_TEXT`` (e.g. ``use_sliding_window=True, sliding_window=6``)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(0)
     config = Qwen2VLConfig(
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
-        text_config=copy.deepcopy(QWEN_TEXT), **QWEN_TOKENS)
+        text_config={**copy.deepcopy(QWEN_TEXT), **text}, **QWEN_TOKENS)
     return Qwen2VLForConditionalGeneration(config).eval().to(dtype)
 
 
@@ -102,9 +104,67 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, (ids != PAD).long()
 
 
+def llava_row(pre: int, post: int, n_image: int = N0) -> list[int]:
+    """One LLaVA prompt ``bos, text, n_image x <image>, question`` with ``pre`` / ``post`` text tokens."""
+    return [BOS, *range(5, 5 + pre), *[IMAGE] * n_image, *range(30, 30 + post)]
+
+
+#: (text before, text after the image) of the three LLaVA prompts of test_hf_llava and test_hf_llm_methods:
+#: prompt lengths 73, 76, 72 (the third has a single text token after the image).
+ROWS = [(3, 5), (2, 9), (6, 1)]
+
+
 def llava_batch(rows: list[tuple[int, int]], seed: int = 1) -> dict:
-    """LLaVA prompts ``bos, text, 64 x <image>, question`` (``rows``: text lengths before / after), left-padded,
-    with seeded float64 pixels."""
-    ids, mask = left_pad([[BOS, *range(5, 5 + pre), *[IMAGE] * 64, *range(30, 30 + post)] for pre, post in rows])
+    """LLaVA prompts :func:`llava_row` (``rows``: text lengths before / after), left-padded, with seeded float64
+    pixels."""
+    ids, mask = left_pad([llava_row(pre, post) for pre, post in rows])
     pixels = torch.randn(len(rows), 3, 112, 112, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def hook_counts(model) -> dict[str, tuple[int, int]]:
+    """Forward pre-hooks and forward hooks per module: what a model carries before and after arrcoc."""
+    return {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()}
+
+
+def sample(inputs: dict, b: int) -> dict:
+    """Sample ``b`` of a left-padded LLaVA batch, unpadded, as a batch of one."""
+    real = inputs["attention_mask"][b].bool()
+    return {"input_ids": inputs["input_ids"][b, real][None], "attention_mask": inputs["attention_mask"][b, real][None],
+            "pixel_values": inputs["pixel_values"][b:b + 1]}
+
+
+# ------------------------------------------------------------- reference computations (written from the papers /
+# transformers' Llama, not from arrcoc's code): the oracles the integration tests compare against
+def generate_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as ``generate`` numbers a left-padded prompt: real tokens 0, 1, ...; padding 1."""
+    return (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary helper: ``(x1, x2) -> (-x2, x1)`` over the last dimension's halves."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+def reference_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor):
+    """One Llama attention block computed by hand, in the dtype of ``x`` (float64 in the tests).
+
+    ``x`` ``[B, S, D]``, ``cos`` / ``sin`` ``[B, S, head_dim]`` (the model's rotary embedding), ``allowed``
+    ``[B, S, S]`` (which keys each query may see) -> ``(output [B, S, D], probabilities [B, H, S, S], masked
+    pre-softmax logits [B, H, S, S])``.  The model's eager kernel is not usable as the reference: Llama's
+    ``eager_attention_forward`` takes the softmax in float32 (see test_hf_llava's FastV section).
+    """
+    B, S, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(B, S, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(B, S, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(B, S, -1, hd).transpose(1, 2)
+    cos, sin = cos[:, None], sin[:, None]
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    logits = ((q @ k.transpose(-1, -2)) * hd ** -0.5).masked_fill(~allowed[:, None], float("-inf"))
+    probs = logits.softmax(-1)
+    out = (probs @ v).transpose(1, 2).reshape(B, S, -1)
+    return attn.o_proj(out), probs, logits
