@@ -161,7 +161,7 @@ def prumerge_values(
     extra = ((a * pruned)[:, None, :] @ x)[:, 0]
     L = max(0, min(neighbors, N - 1))
     if K == 0 or L == 0:  # no kept token, or one token per image: nothing to absorb
-        kept_values = x.gather(1, safe[..., None].expand(B, K, D)) * kept_valid[..., None]
+        kept_values = x.gather(1, safe[..., None].expand(B, K, D)).masked_fill_(~kept_valid[..., None], 0.0)
         return kept_values, extra, torch.full((B, N), -1, dtype=torch.int64, device=device)
     # Official ``cos_sim_matrix`` of the normalised keys, as a ranking key (equal cosines equal in any batch).
     sim = ops.similarity_key(ops.gather_rows(keys, safe, kept_valid), keys)  # [B, K, N]
@@ -182,7 +182,7 @@ def prumerge_values(
     supplement = F.embedding_bag(flat_nbr, x.reshape(B * N, D), per_sample_weights=weights, mode="sum")
     flat_kept = (safe + (torch.arange(B, device=device) * N)[:, None]).reshape(-1)
     kept_values = x.reshape(B * N, D).index_select(0, flat_kept).view(B, K, D).add_(supplement.view(B, K, D))
-    kept_values *= kept_valid[..., None]
+    kept_values.masked_fill_(~kept_valid[..., None], 0.0)
     # Of the kept tokens that have ``j`` among their neighbours, the one with the most similar key (the lowest
     # kept position among equal cosines): the largest (cosine, -position) key over the clusters.
     bits = max(1, (K - 1).bit_length())
@@ -395,8 +395,13 @@ def merge_into_kept(
     out_index = torch.cat([new_slot.gather(1, safe), new_slot.gather(1, host)], 1)
     out_valid = torch.cat([valid, has_extra[:, None]], 1)
     out = ops.keep(merged, out_index.masked_fill(~out_valid, 0), out_valid)
-    values = torch.cat([kept_values, extra[:, None]], 1)
-    values = ops.gather_rows(values, *ops.pack(out_valid))  # the same packing ``keep`` applied
+    # The values in the layout ``keep`` made: an image's kept tokens (a prefix of ``valid``; the rows past it
+    # are zero), then its extra token in the next row.
+    K = kept_values.shape[1]
+    values = torch.cat([kept_values, torch.zeros_like(kept_values[:, :1])], 1)
+    extra_row = torch.arange(B, device=device) * (K + 1) + valid.sum(1)
+    values.view(B * (K + 1), -1).index_copy_(0, extra_row, torch.where(has_extra[:, None], extra, 0.0))
+    values = values[:, : out.N]
     return dataclasses.replace(out, tokens=values.to(state.dtype), cls=state.cls)
 
 
