@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence, Union
+from typing import Any, Callable, ClassVar, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from pydantic import (
 )
 from typing_extensions import Annotated
 
-from .errors import BudgetError, MissingInputError, ParamsError
+from .errors import ArrcocError, BudgetError, MissingInputError, ParamsError, PluginLoadError, did_you_mean
 from .state import LLMContext, TokenState
 
 KINDS = ("encoder", "query_encoder", "compressor", "scorer", "allocator", "pyramid", "visualizer")
@@ -93,20 +93,44 @@ class PluginRef(BaseModel):
     def as_yaml_dict(self) -> dict[str, Any]:
         return {"use": self.use, **self.params}
 
-    def build(self, kind: str) -> "Plugin":
-        from .registry import get_registry
+    def build(self, kind: str, registry: PluginSource | None = None) -> "Plugin":
+        """The plugin of ``kind`` this names, with its params validated, from ``registry`` (default: the
+        process-wide one, :func:`arrcoc.get_registry`)."""
+        return plugin_class(kind, self.use, registry)(**self.params)
 
-        return get_registry().create(kind, self.use, **self.params)
+
+# A plugin reference is resolved by name in a registry (arrcoc.registry), which sits above this module: it imports
+# the base classes here, so this module never imports it.  The registry hands itself in when it is imported
+# (provide_registry), and a caller may pass another one.
+class PluginSource(Protocol):
+    """What resolving a plugin reference needs of a registry (:class:`arrcoc.registry.Registry` is one)."""
+
+    def get(self, kind: str, name: str, *, where: str = "") -> type["Plugin"]: ...
+
+
+_default_registry: Callable[[], PluginSource] | None = None
+
+
+def provide_registry(source: Callable[[], PluginSource]) -> None:
+    """Set the function that returns the process-wide registry (:mod:`arrcoc.registry` calls it once)."""
+    global _default_registry
+    _default_registry = source
+
+
+def plugin_class(kind: str, name: str, registry: PluginSource | None = None) -> type["Plugin"]:
+    """The class registered as ``(kind, name)`` in ``registry``, by default the process-wide one."""
+    if registry is None:
+        if _default_registry is None:  # only when arrcoc.plugin is loaded without the arrcoc package
+            raise PluginLoadError(f"{kind} {name!r}: no plugin registry to look it up in; import arrcoc first")
+        registry = _default_registry()
+    return registry.get(kind, name)
 
 
 def nested_plugin(kind: str) -> Any:
     """A ``PluginRef`` field type whose params are validated against plugin ``kind``."""
 
     def check(ref: PluginRef) -> PluginRef:
-        from .registry import get_registry
-
-        cls = get_registry().get(kind, ref.use)
-        cls.validate_params(ref.params)
+        plugin_class(kind, ref.use).validate_params(ref.params)
         return ref
 
     # The flat `{use: name, **params}` form; `arrcoc schema` replaces it by that kind's stage schemas.
@@ -382,8 +406,6 @@ class Visualizer(Plugin):
 
 def format_validation_error(exc: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
     """One line per pydantic error: field, what was expected, what came."""
-    from .errors import ArrcocError, did_you_mean
-
     lines = [f"{where}: invalid parameters"]
     fields = list(model.model_fields) if model is not None else []
     for err in exc.errors():

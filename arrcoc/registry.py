@@ -30,7 +30,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginLoadError, UnknownPluginError, did_you_mean
-from .plugin import KINDS, Plugin
+from .plugin import KINDS, Plugin, provide_registry
 
 ENTRY_POINT_GROUP = "arrcoc"
 
@@ -243,6 +243,10 @@ def using_registry(registry: Registry) -> Iterator[Registry]:
         yield registry
     finally:
         set_registry(previous)
+
+
+# Plugin references (PluginRef.build, nested_plugin params) resolve their names here.
+provide_registry(get_registry)
 
 
 def create(kind: str, name: str, /, **params: Any) -> Plugin:

@@ -6,7 +6,9 @@ so that the plugins other modules declare do not leak in.
 
 from __future__ import annotations
 
+import ast
 import types
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -19,7 +21,8 @@ import arrcoc
 from arrcoc import ops
 from arrcoc.errors import ParamsError, PluginLoadError, UnknownPluginError
 from arrcoc.hookspecs import hookimpl
-from arrcoc.plugin import Compressor, Encoder, Keep, Params, Scorer
+from arrcoc import plugin as plugin_module
+from arrcoc.plugin import Compressor, Encoder, Keep, Params, PluginRef, Scorer, nested_plugin
 from arrcoc.registry import Registry, using_registry
 from arrcoc.state import TokenState
 
@@ -219,6 +222,58 @@ def test_params_are_frozen(registry):
 
 
 # ---------------------------------------------------------------- lookups
+def test_the_plugin_contract_does_not_import_the_registry():
+    # arrcoc.registry imports arrcoc.plugin (the base classes it registers): the reverse would close a circle.
+    tree = ast.parse(Path(plugin_module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {name for name in imported if name and name.rsplit(".", 1)[-1] in ("registry", "spec", "pipeline")}
+    assert "registry" not in {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                              for alias in node.names}
+
+
+class NestedParams(Params):
+    inner: nested_plugin("compressor") = Field(  # type: ignore[valid-type]
+        default_factory=lambda: PluginRef(use="first_k"), description="A compressor run by this one.")
+
+
+class Nested(Compressor):
+    """Runs the compressor named in its params."""
+
+    name = "nested"
+    Params = NestedParams
+
+    def __call__(self, state: TokenState) -> TokenState:
+        return self.params.inner.build("compressor")(state)
+
+
+def test_plugin_references_resolve_in_the_process_wide_registry_or_one_passed_in(registry):
+    ref = PluginRef.model_validate({"use": "first_k", "keep": 2})
+    built = ref.build("compressor")
+    assert type(built) is First and built.params.keep == 2
+    other = Registry(load_entry_points=False)
+    other.register(Provider(OtherFirst), name="others")
+    plain = PluginRef(use="first_k")
+    assert type(plain.build("compressor", other)) is OtherFirst  # the registry passed in, not the process-wide one
+    with pytest.raises(UnknownPluginError, match=r"unknown compressor 'first_k'; available: \(none\)"):
+        ref.build("compressor", Registry(load_entry_points=False))
+    # nested_plugin params are checked against the class the process-wide registry has under that name
+    assert Nested(inner={"use": "first_k", "keep": 3}).params.inner == PluginRef(use="first_k", params={"keep": 3})
+    with pytest.raises(ParamsError, match=r"inner: compressor 'first_k': invalid parameters\n +kep: unknown parameter"):
+        Nested(inner={"use": "first_k", "kep": 3})
+    with pytest.raises(ParamsError, match=r"inner: unknown compressor 'frist_k' \(did you mean 'first_k'\?\)"):
+        Nested(inner={"use": "frist_k"})
+    with using_registry(other):
+        assert type(plain.build("compressor")) is OtherFirst
+
+
+def test_a_plugin_reference_without_a_registry_says_so(registry, monkeypatch):
+    monkeypatch.setattr(plugin_module, "_default_registry", None)
+    with pytest.raises(PluginLoadError, match="compressor 'first_k': no plugin registry to look it up in"):
+        PluginRef(use="first_k").build("compressor")
+    assert type(PluginRef(use="first_k").build("compressor", registry)) is First
+
+
 def test_unknown_name_suggests_and_lists_available(registry):
     with pytest.raises(UnknownPluginError) as info:
         registry.create("compressor", "tomee", r=2)
