@@ -77,6 +77,36 @@ def check_stage_output(label: str, plugin: str, before: TokenState | None, out: 
     return out
 
 
+def run_stage(label: str, plugin: Stage, state: TokenState, registry: Registry, device: torch.device | str | None,
+              *, where: str | None = None) -> TokenState:
+    """Run one stage on ``state``, as every stage runs, in a pipeline or inside a model (``llm:`` stages).
+
+    The observer hooks fire around it (``arrcoc_stage_started`` /
+    ``arrcoc_stage_finished``), warnings it records and its time (on
+    :func:`arrcoc.timing.clock`, which waits for ``device``) go into one
+    :class:`StageRecord` appended to the output's ``trace``, errors name the
+    stage (``where``, default ``label``), and the output is checked
+    (:func:`check_stage_output`).
+    """
+    where = where or label
+    if "query" in plugin.requirements() and state.query is None:
+        raise MissingInputError(
+            f"{where} ({plugin.name}) needs a query: pass query='...' (with a query_encoder in the "
+            f"pipeline) or query=<tensor [B, T, D]>"
+        )
+    hook = registry.hook
+    hook.arrcoc_stage_started(stage=label, plugin=plugin, state=state)
+    start = clock(device)
+    with collect_warnings() as notes, stage_errors(where, plugin.name):
+        out = plugin(state)
+    ms = (clock(device) - start) * 1e3
+    out = check_stage_output(where, plugin.name, state, out)
+    record = StageRecord(label, plugin.name, state.token_counts(), out.token_counts(), ms, tuple(notes))
+    out = dataclasses.replace(out, trace=(*state.trace, record))
+    hook.arrcoc_stage_finished(stage=label, plugin=plugin, state=out, record=record)
+    return out
+
+
 #: Accelerators arrcoc can check for (``torch.<kind>.is_available()`` / ``device_count()``); mps is separate.
 _ACCELERATORS = {"cuda": "CUDA", "xpu": "XPU"}
 
@@ -198,22 +228,8 @@ class Pipeline:
 
     def run_stages(self, state: TokenState, stages: Sequence[tuple[str, Stage]]) -> TokenState:
         """Run ``(label, stage)`` pairs on ``state``: hooks, warnings and one trace record each."""
-        hook = self.registry.hook
         for label, plugin in stages:
-            if "query" in plugin.requirements() and state.query is None:
-                raise MissingInputError(
-                    f"{label} ({plugin.name}) needs a query: pass query='...' (with a query_encoder in the "
-                    f"pipeline) or query=<tensor [B, T, D]>"
-                )
-            hook.arrcoc_stage_started(stage=label, plugin=plugin, state=state)
-            start = clock(self.device)
-            with collect_warnings() as notes, stage_errors(label, plugin.name):
-                out = plugin(state)
-            ms = (clock(self.device) - start) * 1e3
-            out = check_stage_output(label, plugin.name, state, out)
-            record = StageRecord(label, plugin.name, state.token_counts(), out.token_counts(), ms, tuple(notes))
-            state = dataclasses.replace(out, trace=(*state.trace, record))
-            hook.arrcoc_stage_finished(stage=label, plugin=plugin, state=state, record=record)
+            state = run_stage(label, plugin, state, self.registry, self.device)
         return state
 
     def _attach_query(self, state: TokenState, query: Any) -> TokenState:

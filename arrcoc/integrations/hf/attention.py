@@ -40,17 +40,17 @@ class Recorder:
     ``requests[layer]`` is a set of signals: ``"last"`` (the last query row),
     ``"text"`` (the rows given by ``text_rows()``), ``"logits"`` (every
     row's masked pre-softmax logits, for PageRank).  Results land in
-    ``results[layer][signal]``: head-mean probabilities ``[B, R, Lk]`` (fp32)
+    ``results()[layer][signal]``: head-mean probabilities ``[B, R, Lk]`` (fp32)
     for rows, ``[B, H, L, L]`` logits (fp32) for ``"logits"``.
     """
 
     requests: dict[int, set[str]] = field(default_factory=dict)
     text_rows: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
-    results: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    active: bool = False
+    #: Where the forward in progress records (``results[layer][signal]``), None while nothing is recorded.
+    results: Callable[[], dict[int, dict[str, torch.Tensor]] | None] = lambda: None
 
     def wants(self, layer: int) -> set[str]:
-        return self.requests.get(layer, set()) if self.active else set()
+        return self.requests.get(layer, set()) if self.results() is not None else set()
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ def record(recorder: Recorder, module: torch.nn.Module, query: torch.Tensor, key
     wanted = recorder.wants(layer)
     key = _repeat_kv(key, query.shape[1] // key.shape[1])
     B, _, Lq, _ = query.shape
-    out = recorder.results.setdefault(layer, {})
+    out = recorder.results().setdefault(layer, {})
     if "last" in wanted:
         rows = torch.full((B, 1), Lq - 1, dtype=torch.long, device=query.device)
         out["last"] = _row_logits(query, key, mask, rows, scaling).softmax(-1).mean(1)

@@ -1,10 +1,12 @@
 """In-LLM pruning: ``llm:`` stages between the decoder layers of an unmodified model.
 
-Forward pre-hooks (``with_kwargs=True``) on the top model and on every
-decoder layer; nothing in ``transformers`` is forked.
+Forward pre-hooks (``with_kwargs=True``) on every decoder layer; nothing in
+``transformers`` is forked.  Everything here is sequence surgery on the
+:class:`~.call.Call` in progress: the Run (:mod:`.apply`) owns the hooks of
+the top model and hands each forward's inputs to :meth:`LLMEngine.begin_forward`.
 
-Prefill.  The top model's pre-hook reads ``input_ids`` / ``attention_mask``
-and finds the image positions.  A stage acting at layer ``a`` gets its
+Prefill.  :meth:`LLMEngine.begin_forward` reads ``input_ids`` /
+``attention_mask`` and finds the image positions.  A stage acting at layer ``a`` gets its
 signals from layer ``a - 1``'s attention (:mod:`.attention` records only the
 rows it needs).  The pre-hook of layer ``a`` builds the stage's
 :class:`~arrcoc.state.TokenState` of visual hidden states, runs the stage,
@@ -24,23 +26,22 @@ rule and what SparseVLM v1.0 does after its compact prefill numbering.
 from __future__ import annotations
 
 import dataclasses
-import time
 import weakref
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from arrcoc import ops
 from arrcoc.errors import InputError, ModelError, StateError
-from arrcoc.pipeline import check_stage_output, stage_errors
+from arrcoc.pipeline import run_stage
 from arrcoc.plugin import LLMCompressor
+from arrcoc.registry import Registry
 from arrcoc.state import LLMContext, TokenState
-from arrcoc.timing import clock
 
 from . import compat
 from .adapter import Adapter
 from .attention import Recorder, attach, detach
+from .call import Call, Segment
 from .prompt import pack_end, padding_mask, placeholder_mask
 
 #: per_token field numbering the visual tokens handed to a stage.
@@ -50,70 +51,15 @@ _SIGNAL_ROWS = {"attn_from_last": "last", "attn_from_text": "text", "attn_logits
 SEGMENTS = "_arrcoc_segments"
 
 
-@dataclass
-class Segment:
-    """The sequence as the layers from ``start`` on see it during prefill.
-
-    ``index`` ``[B, S]``: original sequence position of each entry (0 on
-    padding); ``real``: a token (not padding); ``keys``: attendable as a key
-    (real and not masked); ``visual``: a visual token; ``cos_sin``,
-    ``position_ids`` and ``mask`` are the decoder-layer kwargs for it.
-    """
-
-    start: int
-    index: torch.Tensor
-    real: torch.Tensor
-    keys: torch.Tensor
-    visual: torch.Tensor
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None
-    position_ids: torch.Tensor | None
-    mask: Any
-    hidden: torch.Tensor | None = None  # replacement hidden states at ``start`` (removal only)
-    present: torch.Tensor | None = None  # the entry holds an original column (real or the caller's padding)
-
-
-@dataclass
-class LayerRecord:
-    """What one decoder layer saw in prefill: real tokens and visual keys per sample."""
-
-    layer: int
-    tokens: list[int]
-    visual: list[int]
-
-
-@dataclass
-class ForwardTrace:
-    """Bookkeeping of one ``generate`` / forward call (reset at each prefill).
-
-    The prefill records each layer's counts as tensors (``counts``: ``(layer, tokens [B], visual [B])``); they
-    are read back to the host once, when :attr:`layers` is first read, not at every layer.
-    """
-
-    counts: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    states: dict[str, TokenState] = field(default_factory=dict)  # "label@layer" -> visual tokens after the stage
-    stage_ms: dict[str, float] = field(default_factory=dict)
-    kv_bytes: int = 0
-    llm_prefill_ms: float = 0.0
-    prefill_ms: float = 0.0
-    decode_ms: float = 0.0
-    decode_steps: int = 0
-    _layers: list[LayerRecord] | None = field(default=None, repr=False)
-
-    @property
-    def layers(self) -> list[LayerRecord]:
-        """What each decoder layer saw in prefill (one host sync for all layers)."""
-        if self._layers is None or len(self._layers) != len(self.counts):
-            rows = torch.stack([torch.stack([t, v]) for _, t, v in self.counts]).tolist() if self.counts else []
-            self._layers = [LayerRecord(layer, tokens, visual)
-                            for (layer, _, _), (tokens, visual) in zip(self.counts, rows)]
-        return self._layers
-
-
 class LLMEngine:
     """Runs ``llm:`` stages inside one model; :meth:`install` / :meth:`remove` its hooks."""
 
-    def __init__(self, adapter: Adapter, stages: list[tuple[str, LLMCompressor]]) -> None:
+    def __init__(self, adapter: Adapter, stages: list[tuple[str, LLMCompressor]], current: Callable[[], Call],
+                 registry: Registry) -> None:
+        """``current()`` is the call in progress (its Run's); ``registry`` fires the observer hooks."""
         self.adapter = adapter
+        self.current = current
+        self.registry = registry
         self.layers = adapter.decoder_layers
         self.num_layers = len(self.layers)
         self.plan: dict[int, list[tuple[str, LLMCompressor]]] = {}
@@ -147,64 +93,24 @@ class LLMEngine:
                 f"attention type {other}, whose masks arrcoc cannot build (supported: {list(_MASK_TYPES)}); use "
                 "pre-LLM stages only"
             )
-        self.recorder = Recorder(requests=requests, text_rows=self._text_rows)
+        self.recorder = Recorder(requests=requests, text_rows=self._text_rows, results=self._recording)
         self.handles: list[Any] = []
-        self.visual_state: TokenState | None = None  # the pre-LLM state of this batch's images, if any
-        self.trace = ForwardTrace()
-        self._segments: list[Segment] = []
         # Each cache's own prefill segments: a conversation continued from one cache after another generate
         # (other prompts, same Run) decodes with the masks of the prompt that cache holds, not the last prefill's.
         # Kept ON the cache (the attribute SEGMENTS), so a copy.deepcopy of it (transformers' way of reusing a
         # prompt's cache) has them too; a cache that takes no attribute is looked up here instead.
         self._segments_of: "weakref.WeakKeyDictionary[Any, list[Segment]]" = weakref.WeakKeyDictionary()
-        self._prefill = False
-        self._decode_masks: dict[int, Any] = {}
-        self._layer_kwargs: dict[str, Any] = {}
-        self._top_start = 0.0
-        self._llm_start = 0.0
-        self._text_index: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._input_hidden: torch.Tensor | None = None
-        self._carried: TokenState | None = None  # the visual tokens' bookkeeping, in sequence order
-        self._placeholders: torch.Tensor | None = None  # the prefill prompt's image slots [B, L]
-        self._real: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
         return bool(self.plan)
 
-    # ------------------------------------------------------ one call's state
-    #: What belongs to the call in progress (a generate, or a forward on its own): the prefill's bookkeeping and
-    #: trace, the current decoding step's masks, the pre-LLM state of its images.  A model call made in the middle
-    #: of another in the same thread (a logits processor's forward inside generate) gets a fresh one and gives the
-    #: outer call's back when it ends (:meth:`begin_nested_call` / :meth:`end_nested_call`).
-    _CALL_STATE = ("visual_state", "trace", "_segments", "_prefill", "_decode_masks", "_decode_attention_mask",
-                   "_layer_kwargs", "_top_start", "_llm_start", "_input_hidden", "_carried", "_placeholders", "_real")
-
-    def begin_nested_call(self) -> dict[str, Any]:
-        """Set the state of the call in progress aside (returned) and start a fresh one."""
-        saved = {name: getattr(self, name, None) for name in self._CALL_STATE}
-        saved["recorder"] = (self.recorder.results, self.recorder.active)
-        self.visual_state, self.trace, self._segments, self._prefill = None, ForwardTrace(), [], False
-        self._decode_masks, self._decode_attention_mask, self._layer_kwargs = {}, None, {}
-        self._top_start = self._llm_start = 0.0
-        self._input_hidden = self._carried = self._placeholders = self._real = None
-        self.recorder.results, self.recorder.active = {}, False
-        return saved
-
-    def end_nested_call(self, saved: dict[str, Any]) -> None:
-        """Give the call set aside by :meth:`begin_nested_call` its state back."""
-        self.recorder.results, self.recorder.active = saved["recorder"]
-        for name in self._CALL_STATE:
-            setattr(self, name, saved[name])
+    def _recording(self) -> dict[int, dict[str, torch.Tensor]] | None:
+        call = self.current()
+        return call.attention if call.recording else None
 
     # ----------------------------------------------------------- hooks
     def install(self) -> None:
-        model = self.adapter.model
-        self.handles.append(model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
-        self.handles.append(model.register_forward_hook(self._top_post, with_kwargs=True))
-        lm = self.adapter.language_model
-        self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
-        self.handles.append(lm.register_forward_hook(self._lm_post))
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
         attach(self.recorder, [self.adapter.attention_module(layer) for layer in self.layers])
@@ -215,98 +121,79 @@ class LLMEngine:
         self.handles.clear()
         detach([self.adapter.attention_module(layer) for layer in self.layers])
 
-    # ---------------------------------------------------------- top level
-    def _top_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = compat.cache_of(kwargs)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self._top_start = clock(ids)
+    # ------------------------------------------------- one forward of a call
+    def begin_forward(self, call: Call, ids: torch.Tensor | None, embeds: torch.Tensor | None, raw_mask: Any,
+                      cache: Any) -> None:
+        """A forward of ``call`` starts with these inputs (as the LLM gets them, after any pre-LLM shortening):
+        a prefill sets up its first segment, a decoding step finds the segments of the prompt its cache holds."""
         past = 0 if cache is None else cache.get_seq_length()
-        self._prefill = past == 0
+        call.prefill = past == 0
         # generate with a static cache (and compiled forwards) pass a dict of 4-D masks: read the 2-D one behind it.
-        raw = kwargs.get("attention_mask")
-        if not self._prefill and isinstance(raw, dict) and raw and "full_attention" not in raw:
+        if not call.prefill and isinstance(raw_mask, dict) and raw_mask and "full_attention" not in raw_mask:
             # Windowed masks only (a static window cache rolls its columns): the columns since the prefill, which
             # are all decoding reads, are generate's own tokens, all real.
-            raw = None
-        attention_mask = padding_mask(raw, past)
-        if not self._prefill:
-            self._decode_masks.clear()
-            self._decode_attention_mask = attention_mask
+            raw_mask = None
+        attention_mask = padding_mask(raw_mask, past)
+        if not call.prefill:
+            call.decode_masks = {}
+            call.decode_attention_mask = attention_mask
             segments = None if cache is None or not self.active else compat.marked(cache, SEGMENTS, self._segments_of)
             if segments is not None:
-                self._segments = segments
-            return None
-        self.trace = ForwardTrace()
-        self._segments = []
-        self._carried = None
-        embeds = kwargs.get("inputs_embeds")
+                call.segments = segments
+            return
+        call.begin_prefill()
         # A prompt given as embeddings: its image slots hold the image token's embedding (found as transformers does).
-        self._placeholders = None if ids is None and embeds is None else placeholder_mask(
+        call.placeholders = None if ids is None and embeds is None else placeholder_mask(
             ids, embeds, self.adapter.image_token_id, self.adapter.embed)
-        self._real = None if attention_mask is None else attention_mask.bool()
+        call.real = None if attention_mask is None else attention_mask.bool()
         if not self.active:
-            return None
-        if self._placeholders is None:
+            return
+        if call.placeholders is None:
             raise InputError("arrcoc.hf: llm stages need input_ids or inputs_embeds (to find the image positions), "
                              "got neither")
-        B, L = self._placeholders.shape
-        device = self._placeholders.device
-        real = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        visual = self._placeholders & real
+        B, L = call.placeholders.shape
+        device = call.placeholders.device
+        real = torch.ones(B, L, dtype=torch.bool, device=device) if call.real is None else call.real
+        visual = call.placeholders & real
         index = torch.arange(L, device=device).expand(B, L)
-        self._segments = [Segment(0, index, real, real.clone(), visual, None, None, None,
-                                  present=torch.ones_like(real))]
-        self.recorder.results.clear()
-        self.recorder.active = True
-        return None
+        call.segments = [Segment(0, index, real, real.clone(), visual, None, None, None,
+                                 present=torch.ones_like(real))]
+        call.recording = True
 
-    def _top_post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.recorder.active = False
-        ms = (clock(getattr(output, "logits", None)) - self._top_start) * 1e3
-        if not self._prefill:
-            self.trace.decode_ms += ms
-            self.trace.decode_steps += 1
+    def end_forward(self, call: Call, cache: Any) -> None:
+        """The forward of ``call`` ended with ``cache``: a prefill marks the cache with its segments (the masks
+        its decoding steps need)."""
+        call.recording = False
+        if not call.prefill:
             return
-        self.trace.prefill_ms = ms
-        cache = compat.output_cache(output)
-        self.trace.kv_bytes = cache_bytes(cache)
         if cache is not None:
             # Written at every prefill, None without stages: a cache generate reuses (a static one) must not carry
             # an earlier prompt's segments into another.
-            segments = [dataclasses.replace(s, hidden=None) for s in self._segments] if self.active else None
+            segments = [dataclasses.replace(s, hidden=None) for s in call.segments] if self.active else None
             compat.mark(cache, SEGMENTS, segments, self._segments_of)
-
-    def _lm_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._llm_start = clock(kwargs.get("inputs_embeds"))
-
-    def _lm_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if self._prefill:
-            self.trace.llm_prefill_ms = (clock(getattr(output, "last_hidden_state", None)) - self._llm_start) * 1e3
 
     # ------------------------------------------------------- decoder layers
     def _make_layer_pre(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
-            if self._prefill:
-                return self._prefill_layer(layer, args, kwargs)
-            return self._decode_layer(layer, args, kwargs)
+            call = self.current()
+            if call.prefill:
+                return self._prefill_layer(call, layer, args, kwargs)
+            return self._decode_layer(call, layer, args, kwargs)
 
         return hook
 
-    def _current(self) -> Segment | None:
-        return self._segments[-1] if self._segments else None
-
-    def _prefill_layer(self, layer: int, args: tuple, kwargs: dict):
+    def _prefill_layer(self, call: Call, layer: int, args: tuple, kwargs: dict):
         hidden = args[0] if args else kwargs["hidden_states"]
         if not self.active:
-            self._record_layer(layer, hidden, None)
+            self._count_layer(call, layer, hidden, None)
             return None
         if layer == 0:
-            self._input_hidden = hidden
-            self._layer_kwargs = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids", "attention_mask")}
+            call.input_hidden = hidden
+            call.layer_kwargs = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids", "attention_mask")}
         for label, stage in self.plan.get(layer, []):
-            hidden = self._act(layer, label, stage, hidden, kwargs)
-        seg = self._current()
-        self._record_layer(layer, hidden, seg)
+            hidden = self._act(call, layer, label, stage, hidden, kwargs)
+        seg = call.segments[-1] if call.segments else None
+        self._count_layer(call, layer, hidden, seg)
         if seg is None or seg.start == 0:
             return None
         kwargs = dict(kwargs, attention_mask=_layer_mask(self.adapter, seg.mask, layer),
@@ -316,74 +203,70 @@ class LLMEngine:
         kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _record_layer(self, layer: int, hidden: torch.Tensor, seg: Segment | None) -> None:
+    @staticmethod
+    def _count_layer(call: Call, layer: int, hidden: torch.Tensor, seg: Segment | None) -> None:
+        """The real tokens and visual keys layer ``layer`` sees, per sample (tensors: read back once, later)."""
         if seg is None:
             B, n = hidden.shape[:2]
-            real = self._real if self._real is not None and self._real.shape == (B, n) else torch.ones(
+            real = call.real if call.real is not None and call.real.shape == (B, n) else torch.ones(
                 B, n, dtype=torch.bool, device=hidden.device)
             tokens = real.sum(1)
-            if self._placeholders is not None and self._placeholders.shape == (B, n):
-                visual = (self._placeholders & real).sum(1)
+            if call.placeholders is not None and call.placeholders.shape == (B, n):
+                visual = (call.placeholders & real).sum(1)
             else:
                 visual = torch.zeros_like(tokens)
         else:
             tokens = seg.real.sum(1)
             visual = (seg.visual & seg.keys).sum(1)
-        self.trace.counts.append((layer, tokens, visual.to(tokens.device)))
+        call.layer_counts_raw.append((layer, tokens, visual.to(tokens.device)))
 
-    def _decode_layer(self, layer: int, args: tuple, kwargs: dict):
+    def _decode_layer(self, call: Call, layer: int, args: tuple, kwargs: dict):
         seg = None
-        for s in self._segments:
+        for s in call.segments:
             if s.start <= layer:
                 seg = s
         if seg is None or seg.start == 0:
             return None
-        if seg.start not in self._decode_masks:
+        if seg.start not in call.decode_masks:
             hidden = args[0] if args else kwargs["hidden_states"]
             cache = compat.cache_of(kwargs)
-            new = self._decode_attention_mask
+            prefill_length = call.segments[0].index.shape[1]
+            new = call.decode_attention_mask
             if new is None:  # no padding anywhere: every column since the prompt is real
-                steps = cache.get_seq_length(0) + hidden.shape[1] - self._prefill_length()
-                new = torch.ones(hidden.shape[0], self._prefill_length() + steps, dtype=torch.long, device=hidden.device)
-            mask2d = torch.cat([seg.keys.long(), new[:, self._prefill_length():].long()], 1)
-            self._decode_masks[seg.start] = _causal_mask(self.adapter, hidden, mask2d, cache, seg.start)
-        return args, dict(kwargs, attention_mask=_layer_mask(self.adapter, self._decode_masks[seg.start], layer))
-
-    def _prefill_length(self) -> int:
-        return self._segments[0].index.shape[1]
+                steps = cache.get_seq_length(0) + hidden.shape[1] - prefill_length
+                new = torch.ones(hidden.shape[0], prefill_length + steps, dtype=torch.long, device=hidden.device)
+            mask2d = torch.cat([seg.keys.long(), new[:, prefill_length:].long()], 1)
+            call.decode_masks[seg.start] = _causal_mask(self.adapter, hidden, mask2d, cache, seg.start)
+        return args, dict(kwargs, attention_mask=_layer_mask(self.adapter, call.decode_masks[seg.start], layer))
 
     # ---------------------------------------------------------------- act
     def _text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of the text after the last visual token in the current segment: ``(index [B, T], valid)``."""
-        seg = self._current()
-        S = seg.index.shape[1]
-        pos = torch.arange(S, device=seg.index.device).expand_as(seg.index)
-        last_visual = torch.where(seg.visual, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
-        after = seg.real & ~seg.visual & (pos > last_visual)
-        return ops.pack(after)
+        return _text_after_image(self.current().segments[-1])
 
-    def _act(self, layer: int, label: str, stage: LLMCompressor, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        seg = self._current()
-        start = time.perf_counter()
+    def _act(self, call: Call, layer: int, label: str, stage: LLMCompressor, hidden: torch.Tensor,
+             kwargs: dict) -> torch.Tensor:
+        """Run one stage at decoder layer ``layer`` (through the stage runner, as any stage) and cut the sequence
+        to what it keeps."""
+        seg = call.segments[-1]
         vidx, vvalid = ops.pack(seg.visual & seg.keys)
-        state = self._visual_state(hidden, vidx, vvalid)
-        state = self._attach_signals(stage, layer, state, seg, vidx, vvalid)
-        state = state.with_meta(layer=layer, num_layers=self.num_layers)
-        with stage_errors(f"{label} at decoder layer {layer}", stage.name):
-            out = stage(state)
-        out = check_stage_output(f"{label} at decoder layer {layer}", stage.name, state, out)
+        state = self._visual_state(call, hidden, vidx, vvalid)
+        state = self._attach_signals(call, stage, layer, state, seg, vidx, vvalid)
+        out = run_stage(f"{label}@{layer}", stage, state, self.registry, hidden.device,
+                        where=f"{label} at decoder layer {layer}")
         if SLOT not in out.per_token:
             raise StateError(f"{label} ({stage.name}): must return a TokenState that keeps per_token[{SLOT!r}]")
         slots = out.per_token[SLOT]
         keep_fields = {k: v for k, v in out.per_token.items() if k not in _SIGNAL_ROWS and k != SLOT}
-        record = dataclasses.replace(out, per_token=keep_fields, meta={}, query=None, query_mask=None, llm=None)
-        self.trace.states[f"{label}@{layer}"] = record
-        self.trace.stage_ms[f"{label}@{layer}"] = (time.perf_counter() - start) * 1e3
+        # What goes on (and what run.llm_states shows): the tokens and their bookkeeping, not the signals.
+        record = dataclasses.replace(out, per_token=keep_fields, query=None, query_mask=None, llm=None)
+        call.llm_states[f"{label}@{layer}"] = record
+        call.llm_records.append(record.trace[-1])
         if stage.removes:
-            new, visual_order = self._remove(seg, hidden, out.tokens, out.mask, slots, vidx, stage.position_rule, layer,
-                                             compat.cache_of(kwargs))
-            self._segments.append(new)
-            self._carried = ops.keep(record, *visual_order)
+            new, visual_order = self._remove(call, seg, hidden, out.tokens, out.mask, slots, vidx,
+                                             stage.position_rule, layer, compat.cache_of(kwargs))
+            call.segments.append(new)
+            call.carried = ops.keep(record, *visual_order)
             return new.hidden
         if out.N and not torch.equal(out.tokens, ops.gather_rows(hidden, vidx.gather(1, slots.clamp(min=0)), out.mask)):
             raise StateError(f"{label} ({stage.name}): mode 'mask' can only drop tokens, not change them")
@@ -392,45 +275,52 @@ class LLMEngine:
         keep = torch.cat([keep, keep[:, :1]], 1).scatter(1, sink, True)[:, :-1]
         keys = seg.keys & (~seg.visual | keep)
         by_slot = torch.sort(slots.masked_fill(~out.mask, slots.shape[1] + vidx.shape[1]), dim=1).indices
-        self._carried = ops.keep(record, by_slot, out.mask.gather(1, by_slot))
+        call.carried = ops.keep(record, by_slot, out.mask.gather(1, by_slot))
         mask = _causal_mask(self.adapter, hidden, keys.long(), compat.cache_of(kwargs), layer)
-        cos_sin = seg.cos_sin or self._layer_kwargs.get("position_embeddings")
-        pos = seg.position_ids if seg.position_ids is not None else self._layer_kwargs.get("position_ids")
-        self._segments.append(dataclasses.replace(seg, start=layer, keys=keys, mask=mask, cos_sin=cos_sin,
-                                                  position_ids=pos, hidden=None))
+        cos_sin = seg.cos_sin or call.layer_kwargs.get("position_embeddings")
+        pos = seg.position_ids if seg.position_ids is not None else call.layer_kwargs.get("position_ids")
+        call.segments.append(dataclasses.replace(seg, start=layer, keys=keys, mask=mask, cos_sin=cos_sin,
+                                                 position_ids=pos, hidden=None))
         return hidden
 
-    def _visual_state(self, hidden: torch.Tensor, vidx: torch.Tensor, vvalid: torch.Tensor) -> TokenState:
+    def _visual_state(self, call: Call, hidden: torch.Tensor, vidx: torch.Tensor, vvalid: torch.Tensor
+                      ) -> TokenState:
         tokens = ops.gather_rows(hidden, vidx, vvalid)
         B, N = vidx.shape
         slot = torch.arange(N, device=hidden.device).expand(B, N).contiguous()
-        carried = self._carried
+        carried = call.carried
         if carried is None:
-            carried = self._initial_visual(tokens, vvalid)
+            carried = self._initial_visual(call.pre_llm, tokens, vvalid)
         return carried.replace(tokens=tokens, cls=None, query=None, query_mask=None,
                                per_token={**carried.per_token, SLOT: slot})
 
-    def _initial_visual(self, tokens: torch.Tensor, valid: torch.Tensor) -> TokenState:
-        """The visual tokens' bookkeeping at the first act: the pre-LLM state when it matches, else a 1 x N grid."""
-        pre = self.visual_state
+    @staticmethod
+    def _initial_visual(pre_llm: TokenState | None, tokens: torch.Tensor, valid: torch.Tensor) -> TokenState:
+        """The visual tokens' bookkeeping at the first act: the pre-LLM state when it matches (one state per
+        prompt, same tokens), else a 1 x N grid; the trace goes on from the pre-LLM stages' either way."""
+        pre = pre_llm
         if pre is not None and pre.B == tokens.shape[0] and pre.N == tokens.shape[1] and torch.equal(
                 pre.mask.cpu(), valid.cpu()):
-            return pre.replace(tokens=tokens, cls=None, per_token={}, query=None, query_mask=None)
+            return pre.replace(tokens=tokens, cls=None, per_token={}, query=None, query_mask=None, meta={})
         B, N, D = tokens.shape
         width = max(N, 1)
         padded = tokens if N else tokens.new_zeros(B, 1, D)
         state = TokenState.from_patches(padded, (1, width))
         index = torch.arange(width, device=tokens.device).expand(B, width)
-        return ops.keep(state, index, valid if N else torch.zeros(B, 1, dtype=torch.bool, device=tokens.device))
+        state = ops.keep(state, index, valid if N else torch.zeros(B, 1, dtype=torch.bool, device=tokens.device))
+        return state if pre is None else dataclasses.replace(state, trace=pre.trace)
 
-    def _attach_signals(self, stage: LLMCompressor, layer: int, state: TokenState, seg: Segment,
+    def _attach_signals(self, call: Call, stage: LLMCompressor, layer: int, state: TokenState, seg: Segment,
                         vidx: torch.Tensor, vvalid: torch.Tensor) -> TokenState:
-        results = self.recorder.results.get(layer - 1, {})
+        """The stage's inputs from layer ``layer - 1``'s attention (:data:`~arrcoc.plugin.LLM_SIGNALS`) and its
+        :class:`~arrcoc.state.LLMContext`."""
+        results = call.attention.get(layer - 1, {})
         # The attention was recorded over the sequence as layer - 1 saw it; an earlier stage acting at this same
         # layer may have changed it since: find each visual token's column there (a merged token: its source's).
-        recorded = [s for s in self._segments if s.start <= layer - 1][-1]
+        recorded = [s for s in call.segments if s.start <= layer - 1][-1]
+        prefill_length = call.segments[0].index.shape[1]
         if recorded is not seg:
-            column = torch.full((seg.index.shape[0], self._prefill_length()), 0, dtype=torch.long, device=vidx.device)
+            column = torch.full((seg.index.shape[0], prefill_length), 0, dtype=torch.long, device=vidx.device)
             column.scatter_(1, recorded.index.masked_fill(~recorded.real, 0),
                             torch.arange(recorded.index.shape[1], device=vidx.device).expand_as(recorded.index)
                             .masked_fill(~recorded.real, 0))
@@ -438,37 +328,30 @@ class LLMEngine:
             seg = dataclasses.replace(seg, keys=recorded.keys)
         needs = stage.requirements()
         fields: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {}
+        first = call.segments[0]
+        context: dict[str, Any] = {"input_visual_counts": first.visual.sum(1)}
         if "attn_from_last" in needs:
             fields["attn_from_last"] = ops.gather_rows(results["last"][:, 0, :, None], vidx, vvalid)[..., 0]
         if "attn_from_text" in needs:
             probs = results["text"]  # [B, T, S]
             fields["attn_from_text"] = probs.transpose(1, 2).gather(
                 1, vidx[:, :, None].expand(-1, -1, probs.shape[1])) * vvalid[:, :, None]
-            first = self._segments[0]
-            t_index, t_valid = self._text_index_at_input()
+            t_index, t_valid = _text_after_image(first)
             v_index, v_valid = ops.pack(first.visual)
-            meta["text_mask"] = self._text_rows()[1]
+            context["text_mask"] = _text_after_image(call.segments[-1])[1]
             # The LLM-input hidden states of the text and of every visual token (before any pruning).
-            meta["input_visual"] = ops.gather_rows(self._input_hidden, v_index, v_valid)
-            meta["input_visual_mask"] = v_valid
-            state = state.replace(query=ops.gather_rows(self._input_hidden, t_index, t_valid).to(state.dtype),
+            context["input_visual"] = ops.gather_rows(call.input_hidden, v_index, v_valid)
+            context["input_visual_mask"] = v_valid
+            state = state.replace(query=ops.gather_rows(call.input_hidden, t_index, t_valid).to(state.dtype),
                                   query_mask=t_valid)
         if "attn_logits" in needs:
-            meta.update(attn_logits=results["logits"], visual_columns=vidx, sequence_mask=seg.keys)
-        meta["input_visual_counts"] = self._segments[0].visual.sum(1)
-        context = LLMContext(layer=layer, num_layers=self.num_layers, **meta)
-        return state.with_per_token(**fields).with_meta(**meta).replace(llm=context)
+            context.update(attn_logits=results["logits"], visual_columns=vidx, sequence_mask=seg.keys)
+        llm = LLMContext(layer=layer, num_layers=self.num_layers, **context)
+        return state.with_per_token(**fields).replace(llm=llm)
 
-    def _text_index_at_input(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self._segments[0]
-        S = first.index.shape[1]
-        pos = torch.arange(S, device=first.index.device).expand_as(first.index)
-        last_visual = torch.where(first.visual, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
-        return ops.pack(first.real & ~first.visual & (pos > last_visual))
-
-    def _remove(self, seg: Segment, hidden: torch.Tensor, vis_tokens: torch.Tensor, vis_mask: torch.Tensor,
-                slots: torch.Tensor, vidx: torch.Tensor, rule: str, layer: int, cache: Any) -> Segment:
+    def _remove(self, call: Call, seg: Segment, hidden: torch.Tensor, vis_tokens: torch.Tensor,
+                vis_mask: torch.Tensor, slots: torch.Tensor, vidx: torch.Tensor, rule: str, layer: int,
+                cache: Any) -> tuple[Segment, tuple[torch.Tensor, torch.Tensor]]:
         """The sequence with the stage's visual tokens in place of the old ones; ragged rows left-padded."""
         B, S = seg.index.shape
         device = hidden.device
@@ -492,8 +375,8 @@ class LLMEngine:
         is_visual = torch.cat([torch.zeros_like(text), vis_mask], 1).gather(1, order) & valid
         real = torch.cat([seg.real, vis_mask], 1).gather(1, order) & valid
         # Positions as the tokens have them NOW (an earlier compact stage may have renumbered them).
-        cur_cos_sin = seg.cos_sin or self._layer_kwargs.get("position_embeddings")
-        cur_pos = seg.position_ids if seg.position_ids is not None else self._layer_kwargs.get("position_ids")
+        cur_cos_sin = seg.cos_sin or call.layer_kwargs.get("position_embeddings")
+        cur_pos = seg.position_ids if seg.position_ids is not None else call.layer_kwargs.get("position_ids")
         if cur_pos is None:
             cur_pos = torch.arange(S, device=device)[None]
         cur_pos = cur_pos.expand(B, -1)
@@ -519,6 +402,14 @@ class LLMEngine:
         visual_order = (from_output.gather(1, visual_order[0]), visual_order[1])
         return Segment(layer, orig, real, real.clone(), is_visual, cos_sin, position_ids, mask, new_hidden,
                        present=valid), visual_order
+
+
+def _text_after_image(seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real text after the last visual token of each row of ``seg``, packed: ``(index [B, T], valid)``."""
+    S = seg.index.shape[1]
+    pos = torch.arange(S, device=seg.index.device).expand_as(seg.index)
+    last_visual = torch.where(seg.visual, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
+    return ops.pack(seg.real & ~seg.visual & (pos > last_visual))
 
 
 def _gather_positions(table: torch.Tensor, index: torch.Tensor, B: int) -> torch.Tensor:
@@ -550,14 +441,3 @@ def _causal_mask(adapter: Adapter, hidden: torch.Tensor, mask2d: torch.Tensor, c
 def _layer_mask(adapter: Adapter, mask: Any, layer: int) -> Any:
     """Layer ``layer``'s mask from what :func:`_causal_mask` built."""
     return mask[adapter.text_config.layer_types[layer]] if isinstance(mask, dict) else mask
-
-
-def cache_bytes(cache: Any) -> int:
-    """Bytes held by a ``DynamicCache``'s keys and values (0 without a cache)."""
-    total = 0
-    for layer in getattr(cache, "layers", []) or []:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total

@@ -18,9 +18,14 @@ FLOPs (they are computed), so a masking method saves none.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from arrcoc.state import StageRecord
+
+if TYPE_CHECKING:
+    from .call import Call
 
 
 def layer_flops(config: Any, n: int) -> int:
@@ -53,6 +58,29 @@ class Report:
     decode_ms: float = 0.0
     new_tokens: int = 0
     llm_stage_ms: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_call(cls, call: "Call", text_config: Any) -> "Report":
+        """The summary of one finished call (``text_config``: the LLM's, for the FLOPs)."""
+        layers = call.layer_counts
+        records = list(call.pre_llm.trace) if call.pre_llm is not None else []  # the encoder adds none here
+        stages_ms = sum(r.ms for r in records)
+        vision_ms = call.vision_ms + call.outside_vision_ms
+        return cls(
+            batch=len(layers[0].tokens) if layers else 0,
+            pre_llm=records,
+            layer_tokens=[r.tokens for r in layers],
+            layer_visual=[r.visual for r in layers],
+            layer_flops=[sum(layer_flops(text_config, n) for n in r.tokens) for r in layers],
+            kv_cache_bytes=call.kv_bytes,
+            vision_ms=vision_ms,
+            stages_ms=stages_ms,
+            llm_prefill_ms=call.llm_prefill_ms,
+            prefill_ms=call.prefill_ms + vision_ms + stages_ms,
+            decode_ms=call.decode_ms,
+            new_tokens=call.decode_steps + 1 if call.kind == "generate" else 0,
+            llm_stage_ms={r.stage: r.ms for r in call.llm_records},
+        )
 
     @property
     def prefill_flops(self) -> int:
@@ -108,3 +136,14 @@ class Report:
         return (f"Report(batch={self.batch}, visual tokens layer 0 -> last: {vis[0] if vis else []} -> "
                 f"{vis[-1] if vis else []}, prefill {self.prefill_flops / 1e9:.3f} GFLOPs, "
                 f"KV {self.kv_cache_bytes} B, prefill {self.prefill_ms:.1f} ms, decode {self.decode_ms:.1f} ms)")
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by a ``DynamicCache``'s keys and values (0 without a cache)."""
+    total = 0
+    for layer in getattr(cache, "layers", []) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
