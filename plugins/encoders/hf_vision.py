@@ -34,8 +34,8 @@ class HFVisionParams(Params):
         None, description="Model directory, hub id or shipped model (arrcoc:toyvqa) loaded with from_pretrained; "
         "inside a model (arrcoc.hf.apply, arrcoc.vllm) the model's own tower is used and this is not read.",
     )
-    # The tower's settings (arrcoc.integrations.hf.vision.TowerOptions, which tests/plugins/encoders checks
-    # these against): written out here because this module must import without transformers.
+    # The tower's settings, as arrcoc.integrations.hf.vision.TowerOptions has them (test_hf_vision_tower.py
+    # checks that they agree): written out again because this module must import without transformers.
     project: bool = Field(True, description="Apply the multimodal projector (tokens in the LLM's input space).")
     attention_layer: int | None = Field(
         None, description="Vision layer whose CLS attention ('cls_attn') and keys ('keys') are exposed; "
