@@ -10,10 +10,9 @@ Needs the ``hf`` extra (transformers) to run, and ``viz`` (matplotlib) for the p
 """
 
 from .data import EvalSample, load_samples
-from .runner import (
-    ALL_TOKENS, BASELINE_PIPELINES, COLUMNS, DEFAULT_BUDGETS, DOWNSAMPLE, EvalResult, Method, evaluate, methods_for,
-    post_tower,
-)
+from .methods import ALL_TOKENS, BASELINE_PIPELINES, DEFAULT_BUDGETS, DOWNSAMPLE, Method, methods_for, post_tower
+from .runner import EvalResult, evaluate
+from .totals import COLUMNS
 
 __all__ = [
     "ALL_TOKENS", "BASELINE_PIPELINES", "COLUMNS", "DEFAULT_BUDGETS", "DOWNSAMPLE", "EvalResult", "EvalSample",

@@ -5,6 +5,9 @@ LLM sees (mean over decoder layers; log scale), accuracy against prefill
 milliseconds per image, and accuracy against visual tokens per question
 type.  One line per method through its budgets; baselines dashed; the
 uncompressed model is a star and a dotted horizontal line.
+
+Reads only finished rows (an :class:`~arrcoc.evaluation.runner.EvalResult`); imports :mod:`.methods` and
+:mod:`.store` below it, never the runner.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PluginLoadError
+from .methods import ALL_TOKENS
+from .store import atomic_write
 
 PLOTS = ("accuracy_vs_tokens", "accuracy_vs_prefill_ms", "accuracy_by_type")
 
@@ -115,8 +120,6 @@ def plot(result: Any, out: Path) -> list[Path]:
         FigureCanvasAgg(fig)
         return fig
 
-    from .runner import ALL_TOKENS
-
     rows = _ok(result.rows)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != ALL_TOKENS))
     baselines = [m for m in methods if any(r["method"] == m and r["kind"] == "baseline" for r in rows)]
@@ -198,8 +201,6 @@ def plot(result: Any, out: Path) -> list[Path]:
 def write_outputs(result: Any, fingerprint: dict[str, Any], plots: bool = True) -> list[Path]:
     out = Path(result.out)
     md = out / "results.md"
-    from .runner import atomic_write
-
     atomic_write(md, markdown(result, fingerprint).encode("utf-8"))
     written = [out / "results.csv", md]
     if plots:

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from arrcoc.errors import InputError  # noqa: E402
-from arrcoc.evaluation import ALL_TOKENS, evaluate, runner  # noqa: E402
+from arrcoc.evaluation import ALL_TOKENS, COLUMNS, evaluate, runner, store  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::arrcoc.errors.ArrcocWarning")
 N = 4
@@ -207,7 +207,7 @@ def test_a_resumed_row_keeps_the_budget_asked_for_not_its_six_digit_label(toy, t
 
 def _results_csv(*last: str) -> bytes:
     row = "{},method,0.5,ok," + ",".join(["1"] * 13) + ",{{}},,p.yaml"   # 20 columns
-    return "\r\n".join([",".join(runner.COLUMNS), row.format("a"), *(row.format(m) for m in last)]).encode()
+    return "\r\n".join([",".join(COLUMNS), row.format("a"), *(row.format(m) for m in last)]).encode()
 
 
 def test_a_last_row_cut_inside_a_multibyte_character_is_dropped(tmp_path):
@@ -216,18 +216,18 @@ def test_a_last_row_cut_inside_a_multibyte_character_is_dropped(tmp_path):
     data = _results_csv("pipeline_é")
     path.write_bytes(data[:data.rfind("é".encode()) + 1])
     said: list[str] = []
-    rows = runner._read_rows(path, said.append)
+    rows = store.read_rows(path, said.append)
     assert [r["method"] for r in rows] == ["a"]
     assert any("results.csv:3: the last row was cut off mid-write" in line for line in said), said
     path.write_bytes(data + b"\r\n")  # whole: read as it is
-    assert [r["method"] for r in runner._read_rows(path)] == ["a", "pipeline_é"]
+    assert [r["method"] for r in store.read_rows(path)] == ["a", "pipeline_é"]
 
 
 def test_bytes_that_are_no_utf8_before_the_last_row_are_an_error_naming_the_line(tmp_path):
     path = tmp_path / "results.csv"
     path.write_bytes(_results_csv("b", "c").replace(b"\r\nb,", b"\r\nb\xff,"))
     with pytest.raises(InputError, match=rf"^{path}:3: not UTF-8 text \(byte \d+\); the file was damaged"):
-        runner._read_rows(path)
+        store.read_rows(path)
 
 
 def test_a_write_that_fails_leaves_the_previous_file_and_no_temporary_one(tmp_path, monkeypatch):
@@ -236,14 +236,14 @@ def test_a_write_that_fails_leaves_the_previous_file_and_no_temporary_one(tmp_pa
     import errno
 
     path = tmp_path / "results.csv"
-    runner.atomic_write(path, b"before\n")
+    store.atomic_write(path, b"before\n")
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(runner.os, "fsync", full)
+    monkeypatch.setattr(store.os, "fsync", full)
     with pytest.raises(InputError, match=rf"^{path}: cannot be written \(No space left on device\); the previous "
                                          r"version is kept"):
-        runner.atomic_write(path, b"after\n")
+        store.atomic_write(path, b"after\n")
     assert path.read_bytes() == b"before\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
