@@ -226,11 +226,20 @@ class VisionZip(Compressor):
         out_index = torch.cat([new_slot.gather(1, dom_index), new_slot.gather(1, target_index)], 1)
         out_valid = torch.cat([dom_valid, target_valid], 1)
         out = ops.keep(merged, out_index.masked_fill(~out_valid, 0), out_valid)
+        # The values in the layout ``keep`` made: an image's dominant tokens (a prefix of ``dom_valid``), then
+        # its contextual ones (a prefix of ``target_valid``), then zeros; one index_copy_ of each part.
         B, N, D = state.tokens.shape
-        flat_dom = (dom_index + (torch.arange(B, device=state.device) * N)[:, None]).reshape(-1)
-        kept_values = state.tokens.reshape(B * N, D).index_select(0, flat_dom).view(B, -1, D).float()
-        all_values = torch.cat([kept_values, values], 1)
-        all_values = ops.gather_rows(all_values, *ops.pack(out_valid))  # the same packing ``keep`` applied
+        device = state.device
+        Kd, Kc, W = dom_index.shape[1], target_index.shape[1], out.N
+        rows = torch.arange(B, device=device)[:, None] * W
+        dummy = B * W  # invalid entries land in one extra row, dropped after
+        dom_rows = torch.where(dom_valid, rows + torch.arange(Kd, device=device), dummy)
+        ctx_rows = torch.where(target_valid, rows + dom_valid.sum(1, keepdim=True) + torch.arange(Kc, device=device), dummy)
+        flat_dom = (dom_index + (torch.arange(B, device=device) * N)[:, None]).reshape(-1)
+        all_values = torch.zeros(B * W + 1, D, device=device)
+        all_values.index_copy_(0, dom_rows.reshape(-1), state.tokens.reshape(B * N, D).index_select(0, flat_dom).float())
+        all_values.index_copy_(0, ctx_rows.reshape(-1), values.reshape(B * Kc, D))
+        all_values = all_values[: B * W].view(B, W, D)
         return dataclasses.replace(out, tokens=all_values.to(state.dtype), cls=state.cls)
 
 
