@@ -112,12 +112,16 @@ def prompt_for(processor: Any, question: str) -> str:
 # -------------------------------------------------------------------- runs
 @dataclass
 class _Batch:
+    """One ``generate`` call's questions and the processor's inputs for them."""
+
     samples: list[EvalSample]
     inputs: dict[str, Any]
     lengths: list[int]                      # answer tokens per sample
 
 
 class _Runner:
+    """The model, its processor and the questions: batches them and runs them through one pipeline at a time."""
+
     def __init__(self, model: Any, processor: Any, samples: list[EvalSample], batch_size: int,
                  max_new_tokens: int | None) -> None:
         self.model, self.processor, self.samples = model, processor, samples

@@ -183,21 +183,22 @@ def test_the_toy_models_budget_context_is_its_towers_without_a_forward(toy):
                          "encoder_layers": cfg.vision_feature_layer % (cfg.vision_config.num_hidden_layers + 1)}] * 2
 
 
-def test_qwen2_vl_budget_context_is_each_images_merged_grid():
+@pytest.mark.parametrize("factory", ["tiny_qwen2_vl", "tiny_qwen2_5_vl"])
+def test_qwen2_vl_budget_context_is_each_images_merged_grid(factory):
     pytest.importorskip("transformers")
-    from tiny_models import tiny_qwen2_vl
+    import tiny_models
 
     from arrcoc.integrations.hf import adapter_for
 
-    model = tiny_qwen2_vl()
+    model = getattr(tiny_models, factory)()
     adapter = adapter_for(model)
     grids = torch.tensor([[1, 8, 12], [1, 6, 6]])
     pixels = torch.randn(int(grids.prod(-1).sum()), 1176, dtype=torch.float64)
     contexts = adapter.budget_context(pixels, {"image_grid_thw": grids})
     out = adapter.encode_images(pixels, {"image_grid_thw": grids}, keep_hidden=False)
-    depth, layers = model.config.vision_config.depth, model.config.text_config.num_hidden_layers
+    blocks, layers = len(model.model.visual.blocks), len(model.model.language_model.layers)
     assert contexts == [{"original": f.shape[0], "grid": tuple(g), "layers": layers, "has_cls": False,
-                         "encoder_layers": depth} for f, g in zip(out.features, out.grids)]
+                         "encoder_layers": blocks} for f, g in zip(out.features, out.grids)]
     assert [c["grid"] for c in contexts] == [(4, 6), (3, 3)]
 
 

@@ -32,6 +32,15 @@ from arrcoc.errors import InputError
 from .adapter import Adapter, VisionOutput, register_adapter
 
 
+def grid_budget_context(config: Any, grid: tuple[int, int]) -> dict[str, Any]:
+    """The budget context (:meth:`Adapter.budget_context`) of one image whose merged grid is ``grid``, from the
+    model's config alone: one token per merged cell, no class token, the decoder's depth, and every tower block
+    (the attention signals are read after the last one)."""
+    return {"original": int(grid[0]) * int(grid[1]), "grid": (int(grid[0]), int(grid[1])),
+            "layers": int(config.text_config.num_hidden_layers), "has_cls": False,
+            "encoder_layers": int(config.vision_config.depth)}
+
+
 @register_adapter
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
@@ -61,8 +70,8 @@ class Qwen2VLAdapter(Adapter):
     def budget_context(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[dict[str, Any]]:
         # The merged grid of each image, as encode_images gives it (frames stacked along the rows).
         merge = int(self.visual.spatial_merge_size)
-        grids = [(t * h // merge, w // merge) for t, h, w in self._grid_thw(image_inputs).tolist()]
-        return self._budget_contexts(self.tokens_per_image(pixel_values, image_inputs), grids)
+        return [grid_budget_context(self.model.config, (t * h // merge, w // merge))
+                for t, h, w in self._grid_thw(image_inputs).tolist()]
 
     def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
                       ) -> VisionOutput:
