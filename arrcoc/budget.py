@@ -26,6 +26,12 @@ count (compressors, allocators, ``llm:`` stages; scorers set none):
 
 A budget no split can meet (the product of the stages' lower bounds is above
 it) is a :class:`~arrcoc.errors.BudgetError` that names each stage's bound.
+
+The plugins' rules share the helpers at the end: :func:`layer_mean` (the
+mean over decoder layers an ``llm:`` stage is budgeted by),
+:func:`bisect_increasing` and :func:`nearest` (a parameter whose output grows
+with it, solved for a target; the split above uses it too) and
+:func:`geometric_rounds` (merge rounds).
 """
 
 from __future__ import annotations
