@@ -43,10 +43,13 @@ def arrcoc_pipeline_paths() -> list[str] | None:
 def arrcoc_stage_started(stage: str, plugin: object, state: "TokenState | None") -> None:
     """Called before a pipeline stage runs (``stage`` like ``"compress[0]"``).
 
-    ``state`` is the stage's input; ``None`` for the ``"encoder"`` stage, which has none.
+    ``state`` is the stage's input; ``None`` for the ``"encoder"`` stage, which has none.  Inside a model
+    (``arrcoc.hf.apply``) the in-LLM stages run through the same runner: ``stage`` is ``"llm[i]@layer"``
+    (stage ``i`` of the ``llm:`` section at that decoder layer) and ``state.llm`` says where it runs
+    (:class:`~arrcoc.state.LLMContext`).
     """
 
 
 @hookspec
 def arrcoc_stage_finished(stage: str, plugin: object, state: "TokenState", record: "StageRecord") -> None:
-    """Called after a stage ran, with its output state and its trace record."""
+    """Called after a stage ran, with its output state and its trace record (``state.trace[-1] is record``)."""

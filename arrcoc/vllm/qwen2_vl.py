@@ -144,7 +144,7 @@ class QwenSelection(PreLLMSelection):
         return plan_for_model(spec, tokens, **budget_context(adapter.model.config, grid))
 
     def stages_for(self, grid: tuple[int, int]) -> tuple[list, list]:
-        from arrcoc.integrations.hf.apply import split_stages
+        from arrcoc.integrations.hf.shorten import split_stages
 
         if grid not in self.plans:
             spec = self._plan(self.unplanned, self.tokens_per_image, self.adapter, grid)
