@@ -95,16 +95,28 @@ def _solve(need: float, ranges: list[tuple[float, float]]) -> list[float]:
     return shares(high)
 
 
-def _split(stages: list, need: float, n: float, context: Callable[[int], BudgetContext], *where: Any
-           ) -> tuple[list[float], list[tuple[float, float]]]:
-    """Shares of ``stages`` multiplying to ``need``.  A stage's bounds depend on what it receives (FastV's floor
-    is ``(n + L - 1) / (L n)``), which depends on the earlier shares: iterated to a fixed point."""
+@dataclass(frozen=True)
+class _Request:
+    """The budget being planned, as an out-of-reach error names it."""
+
+    spec: PipelineSpec
+    fraction: float
+    target: float
+    original: int
+    layers: int
+
+
+def _stage_shares(stages: list, need: float, n: float, context: Callable[[int], BudgetContext],
+                  request: _Request | None = None) -> tuple[list[float], list[tuple[float, float]]]:
+    """Shares of ``stages`` multiplying to ``need``, and each stage's range.  A stage's bounds depend on what it
+    receives (FastV's floor is ``(n + L - 1) / (L n)``), which depends on the earlier shares: iterated to a fixed
+    point.  A ``need`` outside the ranges' product is a :class:`BudgetError` (naming ``request`` when given)."""
     shares = [need ** (1 / len(stages))] * len(stages)
     for _ in range(20):
         ranges = _ranges(stages, shares, n, context)
         floor_, ceil_ = math.prod(lo for lo, _ in ranges), math.prod(hi for _, hi in ranges)
         if need < floor_ * (1 - 1e-9) or need > ceil_ * (1 + 1e-9):
-            _unreachable(stages, ranges, need, n, *where)
+            raise _out_of_reach(stages, ranges, need, n, request)
         new = _solve(need, ranges)
         if max(abs(a - b) for a, b in zip(new, shares)) < 1e-12:
             break
@@ -116,25 +128,29 @@ def _reachable(stages: list, need: float, n: float, context: Callable[[int], Bud
     if not stages:
         return abs(need - 1.0) < 1e-9
     try:
-        _split(stages, need, n, context, None, 0.0, 0.0, 0, 0)
+        _stage_shares(stages, need, n, context)
     except BudgetError:
         return False
     return True
 
 
-def _unreachable(stages: list, ranges: list[tuple[float, float]], need: float, n: float, spec: Any,
-                 fraction: float, target: float, original: int, layers: int) -> None:
+def _out_of_reach(stages: list, ranges: list[tuple[float, float]], need: float, n: float,
+                  request: _Request | None) -> BudgetError:
+    """The error for a ``need`` no shares within ``ranges`` meet: the fewest or most the stages can hand on."""
     floor_ = math.prod(lo for lo, _ in ranges)
     side = "fewest" if need < floor_ else "most"
     reach = (floor_ if side == "fewest" else math.prod(hi for _, hi in ranges)) * n
     each = "; ".join(f"{label} ({stage.use}) hands on {'at least' if side == 'fewest' else 'at most'} "
                      f"{(lo if side == 'fewest' else hi) * 100:.1f}% of what it receives"
                      for (label, _, stage, _), (lo, hi) in zip(stages, ranges))
-    name = f"{spec.source}: " if spec is not None else ""
-    raise BudgetError(
-        f"{name}budget {fraction:g} ({target:.1f} of {original} visual tokens per image, mean over {layers} decoder "
-        f"layers) is out of reach for {spec.name if spec is not None else 'the stages'!r}: the {side} it can hand "
-        f"on is about {reach:.1f} ({each})"
+    if request is None:
+        return BudgetError(f"a share of {need:g} is out of reach for the stages: the {side} they can hand on is "
+                           f"about {reach:.1f} of {n:g} ({each})")
+    spec = request.spec
+    return BudgetError(
+        f"{spec.source}: budget {request.fraction:g} ({request.target:.1f} of {request.original} visual tokens per "
+        f"image, mean over {request.layers} decoder layers) is out of reach for {spec.name!r}: the {side} it can "
+        f"hand on is about {reach:.1f} ({each})"
     )
 
 
@@ -168,13 +184,14 @@ def plan_budget(spec: PipelineSpec, fraction: float, *, original: int, grid: tup
         # The layer means of two in-LLM stages do not compose into one share each; no rule is claimed for it.
         raise BudgetError(f"{spec.source}: budgets support at most one llm: stage, got {', '.join(llm)}")
     target = fraction * original
+    request = _Request(spec, fraction, target, original, layers)
     n = float(original)
     changed: dict[str, dict[str, Any]] = {}
     new_params: dict[str, dict[str, Any]] = {}
     for i, (label, section, stage, cls) in enumerate(setters):
         ctx = context(round(n))
         rest = setters[i:]
-        shares, ranges = _split(rest, target / n, n, context, spec, fraction, target, original, layers)
+        shares, ranges = _stage_shares(rest, target / n, n, context, request)
         last = i == len(setters) - 1
         goal = target if last else shares[0] * n
         if section != "llm" and not last:  # pre-LLM stages hand on whole tokens; the later ones absorb the rest
