@@ -42,7 +42,7 @@ from . import compat
 from .adapter import Adapter
 from .attention import Recorder, attach, detach
 from .call import Call, Segment
-from .prompt import pack_end, padding_mask, placeholder_mask
+from .prompt import padding_mask, placeholder_mask
 
 #: per_token field numbering the visual tokens handed to a stage.
 SLOT = "llm_slot"
@@ -367,7 +367,7 @@ class LLMEngine:
         key = torch.cat([pos * M, run_start.gather(1, src_pos) * M + 1 + torch.arange(
             vis_tokens.shape[1], device=device)[None, :]], 1)
         select = torch.cat([text, vis_mask], 1)
-        order, valid = pack_end(select, key)
+        order, valid = ops.pack(select, key, end=True)
         source_hidden = torch.cat([hidden, vis_tokens.to(hidden.dtype)], 1)
         new_hidden = ops.gather_rows(source_hidden, order, valid)
         orig = torch.cat([seg.index, seg.index.gather(1, src_pos)], 1).gather(1, order).masked_fill(~valid, 0)

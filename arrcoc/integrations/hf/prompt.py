@@ -6,21 +6,8 @@ from typing import Any, Callable
 
 import torch
 
+from arrcoc import ops
 from arrcoc.errors import InputError, PlaceholderMismatchError
-
-
-def pack_end(select: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the True entries of ``select`` ``[B, M]`` sorted by ``key``, packed to the END of each row.
-
-    Left padding for generation: the last real entry of every row is last.
-    Returns ``(index [B, S], valid [B, S])``, ``S`` the largest count.
-    """
-    if key is None:
-        key = torch.arange(select.shape[1], device=select.device).expand_as(select)
-    order = torch.sort(torch.where(select, key, torch.full_like(key, -1)), dim=1, stable=True).indices
-    S = int(select.sum(1).max()) if select.numel() else 0
-    index = order[:, order.shape[1] - S:]
-    return index, select.gather(1, index)
 
 
 def placeholder_mask(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, image_token_id: int,
@@ -81,7 +68,7 @@ def shrink_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     """
     is_image, image, rank = image_slots(input_ids, image_token_id, tokens_per_image)
     keep = ~is_image | (rank < kept.to(input_ids.device)[image.clamp(max=len(tokens_per_image) - 1)])
-    index, valid = pack_end(keep)
+    index, valid = ops.pack(keep, end=True)
     ids = input_ids.gather(1, index).masked_fill(~valid, pad_id)
     mask = valid.long() if attention_mask is None else attention_mask.gather(1, index).masked_fill(~valid, 0)
     return ids, mask, index, valid

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from arrcoc import ops
 from arrcoc.errors import InputError, ModelError
 from arrcoc.pipeline import Pipeline
 from arrcoc.state import TokenState
@@ -29,7 +30,7 @@ from arrcoc.timing import clock
 from . import compat
 from .adapter import Adapter
 from .call import Call
-from .prompt import (image_slots, pack_end, padding_mask, placeholder_mask, shrink_embeds, shrink_prompts, source_cells,
+from .prompt import (image_slots, padding_mask, placeholder_mask, shrink_embeds, shrink_prompts, source_cells,
                      source_columns)
 
 PROJECTOR_CHOICES = ("auto", "before", "after")
@@ -183,7 +184,7 @@ class PreLLM:
         pos = torch.arange(L, device=device).expand(B, L)
         last = torch.where(is_image, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
         text = real & ~is_image & (pos > last)
-        index, valid = pack_end(text)
+        index, valid = ops.pack(text, end=True)
         if embeds is None:
             emb = self.adapter.embed(ids.gather(1, index))
         else:
