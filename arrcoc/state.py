@@ -91,6 +91,23 @@ class LLMContext:
     visual_columns: torch.Tensor | None = None
     sequence_mask: torch.Tensor | None = None
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def image(self, b: int, n: int) -> "LLMContext":
+        """Prompt ``b`` alone (``n``: its real visual tokens, for ``visual_columns``)."""
+        rows = {k: v[b : b + 1] for k, v in self._tensors().items()}
+        if "visual_columns" in rows:
+            rows["visual_columns"] = rows["visual_columns"][:, :n]
+        return dataclasses.replace(self, **rows)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LLMContext":
+        """Every tensor on ``device``; ``dtype`` applies to ``input_visual`` (hidden states), as to tokens."""
+        moved = {k: v.to(device=device, dtype=dtype if k == "input_visual" and dtype is not None else None)
+                 for k, v in self._tensors().items()}
+        return dataclasses.replace(self, **moved)
+
     def require(self, name: str, where: str) -> torch.Tensor:
         """The field ``name``, or a :class:`MissingInputError` saying which signal provides it."""
         value = getattr(self, name)
@@ -308,6 +325,7 @@ class TokenState:
         """Image ``b`` alone: a batch of one, trimmed to its real tokens.
 
         Handy to check that a stage treats a ragged batch like separate runs.
+        ``llm`` (an in-LLM stage's context) is cut to prompt ``b`` too;
         ``pyramid``, ``allocation``, ``meta`` and ``trace`` are kept as they are.
         """
         if not -self.B <= b < self.B:
@@ -332,6 +350,7 @@ class TokenState:
             query=one(self.query, False),
             query_mask=one(self.query_mask, False),
             images=one(self.images, False),
+            llm=None if self.llm is None else self.llm.image(b, n),
         )
 
     def replace(self, **changes: Any) -> "TokenState":
@@ -374,6 +393,7 @@ class TokenState:
             query=move(self.query, True),
             query_mask=move(self.query_mask),
             images=move(self.images),
+            llm=None if self.llm is None else self.llm.to(device, dtype),
         )
 
     # ------------------------------------------------------------ construction

@@ -341,3 +341,41 @@ def test_image_is_one_trimmed_row_of_a_ragged_batch():
     assert torch.equal(ragged.image(-2).tokens, ragged.image(0).tokens)
     with pytest.raises(StateError, match="index 2 out of range for a batch of 2"):
         ragged.image(2)
+
+
+# ------------------------------------------------------------------ LLMContext
+def _llm_state(B: int = 2, N: int = 5) -> TokenState:
+    from arrcoc.state import LLMContext
+
+    state = TokenState.from_patches(torch.randn(B, N, 4), (1, N))
+    context = LLMContext(layer=2, num_layers=4, input_visual_counts=torch.tensor([N, N - 2]),
+                         input_visual=torch.randn(B, N, 4), input_visual_mask=torch.ones(B, N, dtype=torch.bool),
+                         visual_columns=torch.arange(N).expand(B, N) + 3, sequence_mask=torch.ones(B, N + 6, dtype=torch.bool))
+    mask = torch.arange(N)[None] < torch.tensor([[N], [N - 2]])
+    return ops.keep(state, torch.arange(N).expand(B, N), mask).replace(llm=context)
+
+
+def test_llm_context_follows_image_and_to():
+    state = _llm_state()
+    one = state.image(1)
+    assert one.llm.layer == 2 and one.llm.num_layers == 4
+    assert one.llm.input_visual_counts.tolist() == [3]
+    assert torch.equal(one.llm.input_visual, state.llm.input_visual[1:2])
+    assert one.llm.visual_columns.tolist() == [[3, 4, 5]]  # trimmed to the prompt's real visual tokens
+    assert one.llm.sequence_mask.shape == (1, 11)
+    half = state.to(dtype=torch.float64)
+    assert half.llm.input_visual.dtype == torch.float64 and half.llm.visual_columns.dtype == torch.int64
+    assert state.to("cpu").llm.layer == 2
+
+
+def test_llm_context_require_and_type_are_checked():
+    from arrcoc.errors import MissingInputError
+
+    state = _llm_state()
+    assert state.llm.require("input_visual", "here") is state.llm.input_visual
+    with pytest.raises(MissingInputError, match=r"here: state.llm.attn_logits is missing.*'attn_logits'"):
+        state.llm.require("attn_logits", "here")
+    with pytest.raises(MissingInputError, match=r"state.llm.text_mask is missing.*'attn_from_text'"):
+        state.llm.require("text_mask", "here")
+    with pytest.raises(StateError, match="TokenState.llm: expected an LLMContext or None, got dict"):
+        state.replace(llm={"layer": 2})

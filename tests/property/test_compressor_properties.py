@@ -39,7 +39,7 @@ import arrcoc  # noqa: E402
 from arrcoc import ops  # noqa: E402
 from arrcoc.errors import ArrcocWarning, BudgetError, ParamsError  # noqa: E402
 from arrcoc.plugin import LLMCompressor  # noqa: E402
-from arrcoc.state import TokenState  # noqa: E402
+from arrcoc.state import LLMContext, TokenState  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: (rtol, atol) of values computed from the same numbers in a batch or alone.
@@ -231,8 +231,9 @@ def attach_llm_signals(plugin, state: TokenState, seed: int, layer: int, images:
         for row, (b, n) in enumerate(zip(images, counts)):
             attn[row, :n] = torch.rand(n, T, generator=torch.Generator().manual_seed(seed + b))
         attn = attn * state.query_mask[:, None, :]
-        return state.with_per_token(attn_from_text=attn).with_meta(
-            layer=layer, input_visual=state.tokens, input_visual_mask=state.mask)
+        return state.with_per_token(attn_from_text=attn).replace(llm=LLMContext(
+            layer=layer, num_layers=NUM_LAYERS, input_visual_counts=state.counts, text_mask=state.query_mask,
+            input_visual=state.tokens, input_visual_mask=state.mask))
     if name == "aim_prune":
         # Sequence of each image: its visual tokens, then its real query tokens, then padding.
         T = state.query.shape[1]
@@ -243,10 +244,10 @@ def attach_llm_signals(plugin, state: TokenState, seed: int, layer: int, images:
         for row, (b, n, t) in enumerate(zip(images, counts, t_real)):
             logits[row, :, : n + t, : n + t] = torch.randn(H, n + t, n + t, generator=torch.Generator().manual_seed(seed + b))
             seq[row, : n + t] = True
-        return state.with_meta(
+        return state.replace(llm=LLMContext(
             attn_logits=logits, sequence_mask=seq, visual_columns=torch.arange(N).expand(B, N).contiguous(),
             input_visual_counts=state.counts, layer=layer, num_layers=NUM_LAYERS,
-        )
+        ))
     return state
 
 
