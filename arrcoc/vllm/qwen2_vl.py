@@ -65,7 +65,7 @@ from vllm.multimodal.processing import PromptReplacement
 from arrcoc.errors import BudgetError, InputError, ModelError, StateError
 from arrcoc.integrations.hf.adapter import VisionOutput, register_adapter
 from arrcoc.integrations.hf.prompt import source_cells
-from arrcoc.integrations.hf.qwen2_vl import Qwen2VLAdapter
+from arrcoc.integrations.hf.qwen2_vl import Qwen2VLAdapter, grid_budget_context
 from arrcoc.pipeline import Pipeline
 
 from .processing import QUERY_FIELD, ArrcocMultiModalProcessor, ArrcocProcessingInfo, embed_queries
@@ -109,13 +109,6 @@ class VllmQwen2VLAdapter(Qwen2VLAdapter):
 
 
 # ------------------------------------------------------------------ selection
-def budget_context(config: Any, grid: tuple[int, int]) -> dict[str, Any]:
-    """The budget context of one image: its merged tokens and grid, the decoder's and tower's depths (the
-    adapter reads attention signals after the last block, as arrcoc.hf does)."""
-    return {"original": grid[0] * grid[1], "grid": grid, "layers": int(config.text_config.num_hidden_layers),
-            "has_cls": False, "encoder_layers": int(config.vision_config.depth)}
-
-
 def tokens_handed_on(spec: Any, tokens: int, config: Any, grid: tuple[int, int]) -> int | None:
     """How many tokens ``spec``, set to ``tokens`` for an image of ``grid`` by the budget rules, hands on for it.
 
@@ -123,7 +116,7 @@ def tokens_handed_on(spec: Any, tokens: int, config: Any, grid: tuple[int, int])
     on the grid alone, but a budget rule need not reach ``tokens`` exactly on every grid (e.g. pool's output
     grid: 9 tokens for K=10 on 4x6).  ``None`` where the stages cannot run on the dry run's stand-in signals.
     """
-    context = budget_context(config, grid)
+    context = grid_budget_context(config, grid)
     return count_on_zero_image(plan_for_model(spec, tokens, **context), grid, context["has_cls"])
 
 
@@ -141,7 +134,7 @@ class QwenSelection(PreLLMSelection):
 
     @staticmethod
     def _plan(spec: Any, tokens: int, adapter: Qwen2VLAdapter, grid: tuple[int, int]) -> Any:
-        return plan_for_model(spec, tokens, **budget_context(adapter.model.config, grid))
+        return plan_for_model(spec, tokens, **grid_budget_context(adapter.model.config, grid))
 
     def stages_for(self, grid: tuple[int, int]) -> tuple[list, list]:
         from arrcoc.integrations.hf.shorten import split_stages
