@@ -246,44 +246,64 @@ def merge(
     if R == 0:
         return out
 
-    # Only destinations change value.  Pair i joins group g_i, the first pair with its destination; a group's
-    # accumulator starts at its destination's (weighted) value and adds its sources in pair order (like ToMe's
-    # scatter_reduce; on CUDA index_add_ uses atomics, so float sums may differ in the last bit).  Group rows
-    # are [B * (R + 1)] (a dummy per image for invalid pairs), not [B * N]: nothing of the size of the image
-    # is written but the survivors' gather.
+    # Only destinations change value:  x_d <- sum_i w_i x_i / W  over the group (the destination and its
+    # sources), written as  c_d x_d + sum_s c_s x_s  with  c = w / W,  straight into the survivors' rows
+    # (``_rebuild`` gathered them into buffers with a spare row, which takes the invalid pairs' writes).  Only
+    # [R] pairs of rows are read and written, and the coefficients ([R] numbers) are shared by every field of
+    # one weight.  Pair i belongs to group g_i, the first pair with its destination: group rows are
+    # [B * (R + 1)] (a dummy per image for the invalid pairs).  Sums run in pair order, like ToMe's
+    # scatter_reduce (on CUDA index_add_ uses atomics: float sums may differ in the last bit).
     pair = torch.arange(R, device=device).expand(B, R)
     first = torch.full((B, N + 1), R, dtype=torch.int64, device=device)
     first.scatter_reduce_(1, dst_sink, pair, reduce="amin")
-    group = torch.where(valid, first.gather(1, dst_sink), torch.full_like(pair, R))
-    group = _flat_rows(group, R + 1)
+    first = first.gather(1, dst_sink)
+    group = _flat_rows(torch.where(valid, first, torch.full_like(pair, R)), R + 1)
     src_rows, dst_rows = _flat_rows(src_safe, N), _flat_rows(dst_safe, N)
-    # Where each destination landed among the survivors (flat row of the output; invalid pairs -> the spare row).
-    out_rows = _flat_rows(new_slot.gather(1, dst_sink), K)
-    out_rows = torch.where(valid.reshape(-1), out_rows, torch.full_like(out_rows, B * K))
+    # Where each destination landed among the survivors (flat output row; invalid pairs -> the spare row B * K),
+    # and the same for one pair per destination only (its group's first), for the writes that must happen once.
+    spare = torch.full((B * R,), B * K, dtype=torch.int64, device=device)
+    out_rows = torch.where(valid.reshape(-1), _flat_rows(new_slot.gather(1, dst_sink), K), spare)
+    once_rows = torch.where((first == pair).reshape(-1), out_rows, spare)
+    coefficients: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def combine(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """Per pair, its group's weighted mean (``weight``) or sum (``None``) of ``x`` ``[B, N, ...]``."""
-        rows = x.reshape(B * N, *x.shape[2:])
-        acc_dtype = torch.promote_types(x.dtype, torch.float32)
-        shape = (-1, *([1] * (x.ndim - 2)))
-        dst_val, src_val = rows.index_select(0, dst_rows).to(acc_dtype), rows.index_select(0, src_rows).to(acc_dtype)
-        if weight is not None:
-            w_rows = weight.reshape(B * N).to(acc_dtype)
+    def coefficient(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_dst, c_src)`` ``[B * R]``: each pair's destination and source weight over its group's total."""
+        if id(weight) not in coefficients:
+            w_rows = weight.reshape(B * N).to(dtype)
             w_dst, w_src = w_rows.index_select(0, dst_rows), w_rows.index_select(0, src_rows)
-            dst_val, src_val = dst_val * w_dst.view(shape), src_val * w_src.view(shape)
-        acc = dst_val.new_empty(B * (R + 1), *x.shape[2:]).index_copy_(0, group, dst_val).index_add_(0, group, src_val)
-        if weight is not None:
-            den = w_dst.new_empty(B * (R + 1)).index_copy_(0, group, w_dst).index_add_(0, group, w_src)
-            acc = acc / den.clamp_min(torch.finfo(torch.float32).tiny).view(shape)
-        return acc.index_select(0, group).to(x.dtype)
+            total = w_dst.new_empty(B * (R + 1)).index_copy_(0, group, w_dst).index_add_(0, group, w_src)
+            total = total.index_select(0, group).clamp_min(torch.finfo(torch.float32).tiny)
+            coefficients[id(weight)] = (w_dst / total, w_src / total)
+        return coefficients[id(weight)]
 
-    # ``_rebuild`` gathered these fields into buffers with a spare row, which takes the invalid pairs' writes.
+    def combine(x: torch.Tensor, weight: torch.Tensor | None, buffer: torch.Tensor) -> None:
+        """Write the groups' weighted mean (``weight``) or sum (``None``) of ``x`` ``[B, N, ...]`` into ``buffer``."""
+        rows = x.reshape(B * N, *x.shape[2:])
+        shape = (-1, *([1] * (x.ndim - 2)))
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        src_val = rows.index_select(0, src_rows)
+        if acc_dtype != x.dtype:  # half precision: add up in float32 per group, then write once per group
+            dst_val = rows.index_select(0, dst_rows).to(acc_dtype)
+            src_val = src_val.to(acc_dtype)
+            if weight is not None:
+                c_dst, c_src = coefficient(weight, acc_dtype)
+                dst_val, src_val = dst_val * c_dst.view(shape), src_val * c_src.view(shape)
+            acc = dst_val.new_empty(B * (R + 1), *x.shape[2:]).index_copy_(0, group, dst_val)
+            acc = acc.index_add_(0, group, src_val).index_select(0, group)
+            buffer.index_copy_(0, once_rows, acc.to(x.dtype))
+            return
+        if weight is not None:  # the destination's row holds x_d: scale it once, then add the sources
+            c_dst, c_src = coefficient(weight, acc_dtype)
+            buffer.index_copy_(0, once_rows, rows.index_select(0, dst_rows) * c_dst.view(shape))
+            src_val = src_val * c_src.view(shape)
+        buffer.index_add_(0, out_rows, src_val)
+
     size_w = state.size * state.mask
-    buffers["tokens"].index_copy_(0, out_rows, combine(state.tokens, w))
-    buffers["size"].index_copy_(0, out_rows, combine(size_w, None))
-    buffers["positions"].index_copy_(0, out_rows, combine(state.positions, size_w))
+    combine(state.tokens, w, buffers["tokens"])
+    combine(size_w, None, buffers["size"])
+    combine(state.positions, size_w, buffers["positions"])
     for name in averaged:
-        buffers[f"per_token:{name}"].index_copy_(0, out_rows, combine(state.per_token[name], None if reduce.get(name) == "sum" else w))
+        combine(state.per_token[name], None if reduce.get(name) == "sum" else w, buffers[f"per_token:{name}"])
     return out
 
 

@@ -25,7 +25,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 #: :func:`similarity_key` pads the rows of both operands to a multiple of this, so that every product runs on
 #: whole tiles of the matrix-multiply kernel (an entry then rounds the same whatever the padded length).
-SIMILARITY_TILE = 64
+SIMILARITY_TILE = 32
 
 #: :func:`similarity_key` counts cosines within this of 1 as exactly 1 (a vector with itself or a duplicate:
 #: float32 rounds ``x . x`` of a unit vector to a few ulps around 1, depending on the vector).
@@ -61,11 +61,14 @@ def similarity_key(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torc
         )
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     N, M = a.shape[-2], b.shape[-2]
-    x = F.pad(a.to(dtype), (0, 0, 0, -N % SIMILARITY_TILE))
-    y = F.pad(b.to(dtype), (0, 0, 0, -M % SIMILARITY_TILE))
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
-    y = y / y.norm(dim=-1, keepdim=True).clamp_min(eps)
-    key = (x @ y.transpose(-1, -2))[..., :N, :M]
+    x, y = a.to(dtype), b.to(dtype)
+    if N % SIMILARITY_TILE:
+        x = F.pad(x, (0, 0, 0, -N % SIMILARITY_TILE))
+    if M % SIMILARITY_TILE:
+        y = F.pad(y, (0, 0, 0, -M % SIMILARITY_TILE))
+    # Divide the [N, M] products by the norms rather than normalising the [N, C] inputs (O(NM), not O(NC)).
+    norms = x.norm(dim=-1).clamp_min(eps)[..., :N, None] * y.norm(dim=-1).clamp_min(eps)[..., None, :M]
+    key = (x @ y.transpose(-1, -2))[..., :N, :M] / norms
     return key.masked_fill_(key >= 1.0 - SIMILARITY_ONE_BAND, 1.0)
 
 
