@@ -449,7 +449,7 @@ def test_a_call_that_waited_while_the_block_was_left_computes_as_the_model(model
     and the post-hook are gone) nor keep the Run's call lock (the hook that releases it is gone too)."""
     with arrcoc.hf.apply(model, BOTH) as run:
         pass
-    stale = model.register_forward_pre_hook(run._pre_llm_hook, with_kwargs=True, prepend=True)  # as torch read it
+    stale = model.register_forward_pre_hook(run._pre_hook, with_kwargs=True, prepend=True)  # as torch read it
     try:
         torch.testing.assert_close(logits(model, batch), reference["plain_logits"], rtol=0, atol=0)
     finally:
