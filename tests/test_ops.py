@@ -828,3 +828,108 @@ def test_ops_on_a_state_without_token_slots():
     assert ops.keep_topk(state, torch.zeros(2, 0), 0).check().N == 0
     matching, r_used = ops.bipartite_match(state.tokens, 3, state.mask)
     assert matching.src.shape == (2, 0) and r_used.tolist() == [0, 0]
+
+
+# ------------------------------------------------------------------ pack (issue 17)
+def ref_pack_end(select: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``arrcoc.integrations.hf.prompt.pack_end`` as it was before ``ops.pack`` took its place (left padding)."""
+    if key is None:
+        key = torch.arange(select.shape[1]).expand_as(select)
+    order = torch.sort(torch.where(select, key, torch.full_like(key, -1)), dim=1, stable=True).indices
+    S = int(select.sum(1).max()) if select.numel() else 0
+    index = order[:, order.shape[1] - S:]
+    return index, select.gather(1, index)
+
+
+def test_pack_front_and_end_with_and_without_a_key():
+    g = torch.Generator().manual_seed(3)
+    for B, M in [(3, 9), (4, 1), (2, 17), (1, 5)]:
+        select = torch.rand(B, M, generator=g) < 0.6
+        select[0] = False  # an empty row
+        key = torch.randint(0, 4, (B, M), generator=g)  # many equal keys: ties by index
+        # the prompt's left-padded form, exactly (padding indices included)
+        for k in (None, key):
+            got, want = ops.pack(select, k, end=True), ref_pack_end(select, k)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        # packed to the front: index order by default, key order given a key; padding 0
+        index, valid = ops.pack(select)
+        index_k, valid_k = ops.pack(select, key)
+        assert torch.equal(valid, valid_k)
+        for b in range(B):
+            chosen = [i for i in range(M) if select[b, i]]
+            n = len(chosen)
+            assert index[b, :n].tolist() == chosen and valid[b].tolist() == [True] * n + [False] * (index.shape[1] - n)
+            assert index_k[b, :n].tolist() == sorted(chosen, key=lambda i: (int(key[b, i]), i))
+            assert (index[b, n:] == 0).all() and (index_k[b, n:] == 0).all()
+        # the end form holds the same entries, right-aligned
+        end_index, end_valid = ops.pack(select, key, end=True)
+        assert torch.equal(end_valid, valid_k.flip(1))
+        for b in range(B):
+            n = int(select[b].sum())
+            assert end_index[b, end_index.shape[1] - n:].tolist() == index_k[b, :n].tolist()
+    with pytest.raises(StateError, match=r"pack: key must be a real tensor of the shape of select \[2, 3\], got shape \[2, 2\]"):
+        ops.pack(torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 2))
+
+
+def test_pack_of_a_float_key_and_of_no_rows():
+    select = torch.tensor([[True, False, True, True]])
+    index, valid = ops.pack(select, torch.tensor([[0.5, -3.0, -1.0, float("inf")]]), end=True)
+    assert index.tolist() == [[2, 0, 3]] and valid.all()
+    for end in (False, True):
+        index, valid = ops.pack(torch.zeros(0, 4, dtype=torch.bool), end=end)
+        assert index.shape == (0, 0) and valid.shape == (0, 0)
+
+
+# ------------------------------------------------------- the value-check switch (issue 17)
+def test_value_checks_run_only_under_the_switch():
+    state = make_state()
+    duplicate = torch.tensor([[1, 2, 1], [0, 1, 2]])
+    assert not ops.checks_enabled()  # the default: the pipeline checks each stage's output instead
+    out = ops.keep(state, duplicate)  # not looked at: no device sync
+    assert out.counts.tolist() == [3, 3]
+    with ops.checking():
+        assert ops.checks_enabled()
+        with pytest.raises(StateError, match=r"keep: an index appears more than once in a row"):
+            ops.keep(state, duplicate)
+        with ops.checking(False):
+            assert not ops.checks_enabled()
+            ops.keep(state, duplicate)
+        assert ops.checks_enabled()
+    assert not ops.checks_enabled()
+    # what the switch leaves out is caught at the stage boundary: a kept padded slot has size 0
+    rag = ragged(make_state(), [15, 6])
+    with pytest.raises(StateError, match=r"TokenState.size: every real token must stand for > 0 patches"):
+        ops.keep(rag, torch.tensor([[0, 1], [0, 9]])).check()
+    # budget errors (what a user asks for) are not behind the switch
+    with pytest.raises(BudgetError, match=r"asked to keep 7 tokens, but an image has only 6"):
+        ops.resolve_keep(7, rag.counts)
+    with pytest.raises(BudgetError, match=r"bipartite_match: r must be >= 0, got \[-1, -1\]"):
+        ops.bipartite_match(state.tokens, -1)
+
+
+def test_the_switch_can_be_turned_on_for_a_process_by_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    code = "from arrcoc import ops; print(ops.checks_enabled())"
+    for value, expected in [("1", "True"), ("0", "False")]:
+        env = {**os.environ, "ARRCOC_CHECK_OPS": value}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.stdout.strip() == expected, done.stderr
+
+
+# --------------------------------------------------- similarity_key in float32 (issue 17)
+@pytest.mark.parametrize("D", [7, 64, 1024])
+def test_similarity_key_of_distinct_vectors_rounds_alike_in_any_batch(D):
+    # float32 products round with the matrix's shape; padded to whole tiles they do not (bit-equal keys).
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(3, 301, D, generator=g)
+    key = ops.similarity_key(x[:, ::2], x[:, 1::2])
+    assert key.dtype == torch.float32
+    torch.testing.assert_close(key, ops.cosine(x[:, ::2].double(), x[:, 1::2].double(), eps=1e-12).float(),
+                               atol=2e-6, rtol=0)
+    for n in (3, 17, 64, 65, 100, 299):
+        alone = ops.similarity_key(x[1:2, :n:2], x[1:2, 1:n:2])
+        assert torch.equal(alone[0], key[1, :alone.shape[1], :alone.shape[2]])
+    assert torch.equal(ops.similarity_key(x[:, ::2].repeat(3, 1, 1), x[:, 1::2].repeat(3, 1, 1))[4], key[1])
