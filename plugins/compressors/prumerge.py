@@ -167,12 +167,15 @@ def prumerge_values(
     sim = ops.similarity_key(ops.gather_rows(keys, safe, kept_valid), keys)  # [B, K, N]
     # Official ``torch.topk(cos_sim_matrix, k=32)`` over the other real tokens; equal cosines go to the lower
     # token index (the official order of ties is torch's kernel's, which differs between a padded row and the
-    # same row alone). One integer key per entry, unique in its row, so a plain ``torch.topk`` is exact.
-    key = _unique_desc_key(sim, torch.arange(N, device=device))
-    key.masked_fill_(~mask[:, None, :], _LOWEST)  # padding
-    key.scatter_(2, safe[..., None], _LOWEST)  # the token itself
-    top = torch.topk(key, L, dim=-1)  # [B, K, L], by decreasing cosine, then increasing index
-    nbr = top.indices
+    # same row alone).
+    if sim.element_size() <= 4:  # one integer key per entry, unique in its row: a plain torch.topk is exact
+        key = _unique_desc_key(sim, torch.arange(N, device=device))
+        key.masked_fill_(~mask[:, None, :], _LOWEST)  # padding
+        key.scatter_(2, safe[..., None], _LOWEST)  # the token itself
+        nbr = torch.topk(key, L, dim=-1).indices  # [B, K, L], by decreasing cosine, then increasing index
+    else:  # float64 keys (float64 inputs) do not fit beside an index in 64 bits: a stable sort
+        ranked = sim.masked_fill(~mask[:, None, :], float("-inf")).scatter_(2, safe[..., None], float("-inf"))
+        nbr = ops.topk(ranked, L, dim=-1).indices
     per_row = torch.minimum(mask.sum(1) - 1, torch.tensor(neighbors, device=device)).clamp(min=0)
     nbr_valid = (torch.arange(L, device=device) < per_row[:, None, None]) & kept_valid[..., None]
     # ``x_i + sum_j a_j x_j`` over the cluster: a weighted bag of L rows per kept token (the official
@@ -183,16 +186,16 @@ def prumerge_values(
     flat_kept = (safe + (torch.arange(B, device=device) * N)[:, None]).reshape(-1)
     kept_values = x.reshape(B * N, D).index_select(0, flat_kept).view(B, K, D).add_(supplement.view(B, K, D))
     kept_values.masked_fill_(~kept_valid[..., None], 0.0)
-    # Of the kept tokens that have ``j`` among their neighbours, the one with the most similar key (the lowest
-    # kept position among equal cosines): the largest (cosine, -position) key over the clusters.
-    bits = max(1, (K - 1).bit_length())
-    cosine_part = top.values >> _index_bits(N)  # drop the index bits (an arithmetic shift)
-    position = torch.arange(K, device=device)[None, :, None]
-    owner_key = (cosine_part << bits) | ((1 << bits) - 1 - position)
-    owner_key = owner_key.masked_fill(~nbr_valid, _LOWEST).reshape(B, K * L)
-    best = torch.full((B, N), _LOWEST, dtype=torch.int64, device=device)
-    best.scatter_reduce_(1, nbr.reshape(B, K * L), owner_key, reduce="amax")
-    absorbed_by = torch.where(best > _LOWEST, (1 << bits) - 1 - (best & ((1 << bits) - 1)), -1)
+    # Of the kept tokens that have ``j`` among their neighbours, the one with the most similar key, the lowest
+    # kept position among equal cosines: the largest cosine over the clusters, then the first position with it.
+    flat = nbr.reshape(B, K * L)
+    cos = sim.gather(2, nbr).masked_fill_(~nbr_valid, float("-inf"))
+    best = torch.full((B, N), float("-inf"), dtype=sim.dtype, device=device)
+    best.scatter_reduce_(1, flat, cos.reshape(B, K * L), reduce="amax")
+    is_best = nbr_valid & (cos == best.gather(1, flat).view(B, K, L))
+    position = torch.where(is_best, torch.arange(K, device=device)[None, :, None], K).reshape(B, K * L)
+    owner = torch.full((B, N), K, dtype=torch.int64, device=device).scatter_reduce_(1, flat, position, reduce="amin")
+    absorbed_by = torch.where(owner < K, owner, -1)
     return kept_values, extra, absorbed_by
 
 
@@ -207,8 +210,8 @@ def _index_bits(n: int) -> int:
 def _unique_desc_key(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """int64 keys ordered like ``(values, -index)``: larger value first, then lower index; unique per ``index``.
 
-    ``values`` are cosines from :func:`arrcoc.ops.similarity_key` (float32, or float64 on its grid of
-    multiples of 2**-24 in [-1, 1], which float32 holds exactly). The float32 bits are sign and magnitude,
+    ``values``: floats of at most 32 bits (float32 cosines from :func:`arrcoc.ops.similarity_key`; a
+    narrower dtype converts to float32 exactly). The float32 bits are sign and magnitude,
     so ``magnitude`` for a positive float and ``-magnitude`` for a negative one are integers in the floats'
     order, equal for equal floats (``-0.0`` and ``0.0`` both 0); shifted left, the reversed index fills the
     low bits. A ``torch.topk`` over these keys has no ties to leave to its kernel. In-place steps: each
