@@ -61,6 +61,6 @@ def test_encoder_query_encoder_and_hf_load_accept_the_shipped_name():
 def test_the_shipped_name_and_its_directory_share_one_loaded_model():
     # hf_vision's docstring: encoder and query encoder share the model, whichever way each names it
     pytest.importorskip("transformers")
-    from arrcoc_plugins.encoders.hf_vision import load_vlm
+    from arrcoc.integrations.hf.vision import load_vlm
 
     assert load_vlm("arrcoc:toyvqa", "float32") is load_vlm(str(shipped_model_dir("toyvqa")), "float32")

@@ -13,7 +13,7 @@ Llama) with three changes:
   (:mod:`arrcoc.vllm.processing`, shared with the Qwen classes).
 
 An adapter (:class:`VllmLlavaAdapter`) exposes vLLM's modules to arrcoc's
-``hf_vision`` encoder exactly as :class:`arrcoc.integrations.hf.llava.LlavaAdapter`
+tower wrapper (:class:`arrcoc.integrations.hf.vision.VisionTower`) exactly as :class:`arrcoc.integrations.hf.llava.LlavaAdapter`
 exposes transformers' (whose code it reuses).
 """
 

@@ -77,7 +77,7 @@ class PreLLMSelection:
     """``spec`` (already set to ``tokens_per_image``) around a model with an arrcoc adapter."""
 
     def __init__(self, model: torch.nn.Module, spec: PipelineSpec, tokens_per_image: int) -> None:
-        from arrcoc.integrations.hf.apply import split_stages
+        from arrcoc.integrations.hf.shorten import split_stages
         from arrcoc.integrations.hf.vision import VisionTower, tower_options
 
         # The projector runs between the stages before it and those after it (run_image), as in arrcoc.hf.

@@ -50,13 +50,6 @@ class HFVisionParams(Params):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
-def load_vlm(path: str, dtype: str) -> torch.nn.Module:
-    """:func:`arrcoc.integrations.hf.vision.load_vlm` (one model per path and dtype, shared with ``hf_text``)."""
-    from arrcoc.integrations.hf.vision import load_vlm as load
-
-    return load(path, dtype)
-
-
 class HFVision(Encoder):
     """A Hugging Face VLM loaded from ``model``: its own tower (+ projector) on pixels in [0, 1]."""
 
@@ -67,7 +60,7 @@ class HFVision(Encoder):
         super().__init__(params, **kwargs)
         if self.params.model is None:
             raise ModelError("hf_vision: set `model:` to a model directory (or use it through arrcoc.hf.apply)")
-        from arrcoc.integrations.hf.vision import TowerOptions, VisionTower
+        from arrcoc.integrations.hf.vision import TowerOptions, VisionTower, load_vlm
 
         model = load_vlm(self.params.model, self.params.dtype)
         self.tower = VisionTower(model, **self.params.model_dump(include=set(TowerOptions.model_fields)))
@@ -78,14 +71,6 @@ class HFVision(Encoder):
             )
         self.provides = self.tower.provides
         self.mean, self.std = self._normalisation()
-
-    @classmethod
-    def for_model(cls, model: Any, **options: Any) -> Any:
-        """The tower of a live model, for ``arrcoc.hf.apply`` until it builds
-        :class:`arrcoc.integrations.hf.vision.VisionTower` itself (then this goes)."""
-        from arrcoc.integrations.hf.vision import VisionTower
-
-        return VisionTower.for_model(model, **options)
 
     def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's own image mean and std; CLIP's when the directory saved no image processor."""

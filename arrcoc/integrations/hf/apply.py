@@ -43,7 +43,6 @@ from arrcoc.errors import ActiveRunError, InputError, ModelError
 from arrcoc.models import check_model_dir
 from arrcoc.pipeline import Pipeline
 from arrcoc.plugin import LLMCompressor
-from arrcoc.registry import get_registry
 from arrcoc.spec import PipelineSpec, resolve_spec
 from arrcoc.state import StageRecord, TokenState
 from arrcoc.timing import clock
@@ -54,12 +53,9 @@ from .attention import scoring_implementation
 from .call import UNSET, Call
 from .engine import LLMEngine
 from .report import Report, cache_bytes
-from .shorten import PROJECTOR_CHOICES, PreLLM, split_stages  # noqa: F401  (split_stages: arrcoc.vllm's import)
+from .shorten import PROJECTOR_CHOICES, PreLLM
+from .vision import VisionTower, tower_options
 
-#: The encoder plugin that wraps a live model's tower (``plugins/encoders/hf_vision.py``).
-VISION_ENCODER = "hf_vision"
-#: Encoder settings of a pipeline file that carry over to the model's own tower.
-_ENCODER_OPTIONS = ("attention_layer", "extra_attention_layers", "cls_attention_heads")
 #: The Run active on each model (one at a time, see ``apply``); the lock makes claiming a model atomic.
 _ACTIVE_RUNS: "weakref.WeakKeyDictionary[Any, Run]" = weakref.WeakKeyDictionary()
 _ACTIVE_LOCK = threading.Lock()
@@ -82,9 +78,8 @@ class Run:
                 f"{spec.source}: encoder.in_blocks (compression inside the ViT blocks) cannot run inside a "
                 f"{self.adapter.family} model's tower; move the compressor to `compress:`"
             )
-        options = {k: v for k, v in spec.encoder.params.items() if k in _ENCODER_OPTIONS}
-        # The integration's own encoder, found like any plugin (the core imports no plugin module).
-        self.encoder = get_registry().get("encoder", VISION_ENCODER).for_model(model, project=False, **options)
+        # The model's own tower; the pipeline file's tower settings that carry over to it (attention layers).
+        self.encoder = VisionTower.for_model(model, project=False, **tower_options(spec.encoder.params))
         device = next(model.parameters()).device
         # Inside a model the query is the prompt's own text in the LLM's input embeddings, so the file's
         # query encoder (e.g. hf_text on the shipped toy model, for standalone runs) is never built.

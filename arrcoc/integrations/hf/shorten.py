@@ -32,6 +32,7 @@ from .adapter import Adapter
 from .call import Call
 from .prompt import (image_slots, padding_mask, placeholder_mask, shrink_embeds, shrink_prompts, source_cells,
                      source_columns)
+from .vision import VisionTower
 
 PROJECTOR_CHOICES = ("auto", "before", "after")
 
@@ -57,7 +58,7 @@ class PreLLM:
     """The pre-LLM part of a pipeline inside one model: its tower (``encoder``) and the stages before and after
     the projector."""
 
-    def __init__(self, model: Any, adapter: Adapter, pipeline: Pipeline, encoder: Any, projector: str) -> None:
+    def __init__(self, model: Any, adapter: Adapter, pipeline: Pipeline, encoder: VisionTower, projector: str) -> None:
         if projector not in PROJECTOR_CHOICES:
             raise InputError(f"arrcoc.hf.apply: projector must be one of {PROJECTOR_CHOICES}, got {projector!r}")
         self.model, self.adapter, self.pipeline, self.encoder = model, adapter, pipeline, encoder
