@@ -121,8 +121,8 @@ def main() -> None:
              f"greedy, {args.new_tokens} new tokens, cpu, torch {torch.__version__}, "
              f"{torch.get_num_threads()} thread(s), arrcoc from {Path(arrcoc.__file__).resolve().parent}")
     bare_min = min(per_token["bare"])
-    columns = ["path", "ms/token min", "ms/token median", "ms/token max", "overhead ms/token (median)",
-               "overhead ms/token (min)", "paired ratio", "same tokens"]
+    columns = ["path", "ms/token min", "ms/token median", "ms/token max", "overhead median",
+               "overhead min", "paired ratio", "same tokens"]
     rows = []
     for path in paths:
         times = per_token[path]
@@ -139,8 +139,9 @@ def main() -> None:
     for row in rows:
         table.add_row(*row)
     Console(width=max(Console().width, 150)).print(table)
-    note = (f"decode ms / token = (generate {args.new_tokens} - generate 1) / {args.new_tokens - 1}, each the median "
-            f"of {args.repeats} calls; min / median / max over {args.rounds} interleaved rounds.")
+    note = (f"Overheads in ms / token; decode ms / token = (generate {args.new_tokens} - generate 1) / "
+            f"{args.new_tokens - 1}, each the median of {args.repeats} calls; min / median / max over {args.rounds} "
+            "interleaved rounds.")
     print(note)
     if args.out:
         lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
