@@ -212,3 +212,44 @@ def test_llava_next_has_no_budget_context_and_says_why():
     adapter = adapter_for(tiny_llava_next())
     with pytest.raises(ModelError, match=r"^llava_next: an image is a base view plus rows x cols crops"):
         adapter.budget_context(torch.zeros(1, 5, 3, 56, 56), {"image_sizes": torch.tensor([[56, 112]])})
+
+
+@pytest.mark.parametrize("tower, strategy", [("clip", "default"), ("clip", "full"), ("siglip", "full")])
+def test_llava_budget_context_is_what_the_towers_forward_gives(tower, strategy):
+    """Every select strategy on towers with and without a class token: the placeholders per image (the class token
+    counted when ``full`` keeps it), the grid and the class token are what ``encode_images`` returns."""
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_llava
+
+    from arrcoc.integrations.hf import adapter_for
+
+    model = tiny_llava(tower=tower, strategy=strategy)
+    adapter = adapter_for(model)
+    pixels = torch.randn(2, 3, 112, 112, dtype=torch.float64)
+    out = adapter.encode_images(pixels[:1], {}, keep_hidden=False)
+    original = 64 + (tower == "clip" and strategy == "full")
+    assert adapter.tokens_per_image(pixels, {}) == [original] * 2
+    assert adapter.budget_context(pixels, {}) == [
+        {"original": original, "grid": tuple(out.grids[0]), "layers": 4, "has_cls": out.cls is not None,
+         "encoder_layers": 2}] * 2
+    assert out.grids[0] == (8, 8) and (out.cls is not None) == (tower == "clip")
+
+
+def test_llava_budget_context_of_a_tower_that_loses_its_first_patch_is_refused_as_its_forward_is():
+    """``default`` on a SigLIP tower (no class token): the model drops the first image patch, so 63 placeholders
+    cover no patch grid.  The eval's second forward refused it with encode_images's error; the budget context
+    says the same rather than plan budgets for an 8 x 8 grid of 63 tokens."""
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_llava
+
+    from arrcoc.errors import ModelError
+    from arrcoc.integrations.hf import adapter_for
+
+    adapter = adapter_for(tiny_llava(tower="siglip"))
+    pixels = torch.randn(1, 3, 112, 112, dtype=torch.float64)
+    with pytest.raises(ModelError) as forward:
+        adapter.encode_images(pixels, {}, keep_hidden=False)
+    assert str(forward.value).startswith("llava: vision_feature_select_strategy 'default' drops the first row")
+    with pytest.raises(ModelError) as context:
+        adapter.budget_context(pixels, {})
+    assert str(context.value) == str(forward.value)

@@ -94,7 +94,9 @@ class LlavaAdapter(Adapter):
 
     def budget_context(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[dict[str, Any]]:
         # Every image has the tower's one patch grid (the CLS token, when the features keep it, is counted in
-        # ``original`` as the prompt counts it, not in the grid).
+        # ``original`` as the prompt counts it, not in the grid).  A tower that loses its first patch has no grid
+        # its placeholders cover: refused with encode_images's error, as the eval's forward refused it before.
+        self._refuse_partial_grid()
         grid = self._grid(pixel_values)
         tokens = self.tokens_per_image(pixel_values, image_inputs)
         return self._budget_contexts(tokens, [grid] * len(tokens))
