@@ -933,3 +933,22 @@ def test_similarity_key_of_distinct_vectors_rounds_alike_in_any_batch(D):
         alone = ops.similarity_key(x[1:2, :n:2], x[1:2, 1:n:2])
         assert torch.equal(alone[0], key[1, :alone.shape[1], :alone.shape[2]])
     assert torch.equal(ops.similarity_key(x[:, ::2].repeat(3, 1, 1), x[:, 1::2].repeat(3, 1, 1))[4], key[1])
+
+
+def test_merge_of_fields_of_different_dtypes():
+    # A float64 state with float32 and float16 per_token fields: each field averages in its own (or float32) precision.
+    base = make_state(B=2)
+    state = dataclasses.replace(
+        base, tokens=base.tokens.double(), cls=base.cls.double(),
+        per_token={**base.per_token, "half": base.per_token["score"].half()},
+    )
+    pairs = [[(1, 0), (2, 0), (6, 5)], [(14, 13), (3, 4), (8, 4)]]
+    src = torch.tensor([[s for s, _ in p] for p in pairs])
+    dst = torch.tensor([[d for _, d in p] for p in pairs])
+    out = ops.merge(state, src, dst).check()
+    ref = ref_merge(state, pairs)
+    assert out.tokens.dtype == torch.float64 and out.per_token["half"].dtype == torch.float16
+    for b in range(2):
+        torch.testing.assert_close(out.tokens[b], ref["tokens"][b])
+        torch.testing.assert_close(out.per_token["score"][b], ref["score"][b].float())
+        torch.testing.assert_close(out.per_token["half"][b], ref["score"][b].half(), atol=1e-3, rtol=1e-3)

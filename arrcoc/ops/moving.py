@@ -46,7 +46,13 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, full
     """:func:`gather_rows` without the checks, for indices already checked (``full``: every entry is valid;
     ``out``: a flat ``[B * K, ...]`` tensor to gather into)."""
     B, N = x.shape[:2]
-    gathered = torch.index_select(x.reshape(B * N, *x.shape[2:]), 0, _flat_rows(index, N), out=out)
+    flat, rows = x.reshape(B * N, *x.shape[2:]), _flat_rows(index, N)
+    if out is not None and x.requires_grad and torch.is_grad_enabled():
+        # index_select(out=...) is not differentiable (a model's features under autograd): gather, then copy_
+        # into ``out``, which is.
+        gathered = out.copy_(torch.index_select(flat, 0, rows))
+    else:
+        gathered = torch.index_select(flat, 0, rows, out=out)
     gathered = gathered.view(*index.shape, *x.shape[2:])
     if full:
         return gathered
@@ -264,17 +270,17 @@ def merge(
     spare = torch.full((B * R,), B * K, dtype=torch.int64, device=device)
     out_rows = torch.where(valid.reshape(-1), _flat_rows(new_slot.gather(1, dst_sink), K), spare)
     once_rows = torch.where((first == pair).reshape(-1), out_rows, spare)
-    coefficients: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    coefficients: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def coefficient(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c_dst, c_src)`` ``[B * R]``: each pair's destination and source weight over its group's total."""
-        if id(weight) not in coefficients:
+        if (id(weight), dtype) not in coefficients:
             w_rows = weight.reshape(B * N).to(dtype)
             w_dst, w_src = w_rows.index_select(0, dst_rows), w_rows.index_select(0, src_rows)
             total = w_dst.new_empty(B * (R + 1)).index_copy_(0, group, w_dst).index_add_(0, group, w_src)
             total = total.index_select(0, group).clamp_min(torch.finfo(torch.float32).tiny)
-            coefficients[id(weight)] = (w_dst / total, w_src / total)
-        return coefficients[id(weight)]
+            coefficients[id(weight), dtype] = (w_dst / total, w_src / total)
+        return coefficients[id(weight), dtype]
 
     def combine(x: torch.Tensor, weight: torch.Tensor | None, buffer: torch.Tensor) -> None:
         """Write the groups' weighted mean (``weight``) or sum (``None``) of ``x`` ``[B, N, ...]`` into ``buffer``."""
