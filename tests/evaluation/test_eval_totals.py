@@ -30,19 +30,53 @@ FINGERPRINT = {"model": "m", "model_fingerprint": "f", "data": "d", "n": 3, "sam
                "batch_size": 2}
 
 
+def _evaluation_imports(source: str) -> set[str]:
+    """The modules of :mod:`arrcoc.evaluation` that ``source`` (one of them) imports, however it spells the import
+    (relative at any depth, absolute, ``import ...``, inside functions); ``__init__`` for the package itself."""
+    found = set()
+
+    def add(name: str, names: list[str]) -> None:
+        parts = name.split(".")
+        if parts[:2] != ["arrcoc", "evaluation"]:
+            if name == "arrcoc" and "evaluation" in names:   # from arrcoc import evaluation
+                found.add("__init__")
+            return
+        if len(parts) > 2:
+            found.add(parts[2])
+        elif not names:   # import arrcoc.evaluation
+            found.add("__init__")
+        else:   # from arrcoc.evaluation import x: a module of it, or a name of its __init__
+            found.update(n if n in LAYERS else "__init__" for n in names)
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name, [])
+        elif isinstance(node, ast.ImportFrom):
+            base = ["arrcoc", "evaluation"][:3 - node.level] if node.level else []   # the package of a module here
+            name = ".".join(base + ([node.module] if node.module else []))
+            add(name, [a.name for a in node.names])
+    return found
+
+
+def test_the_layer_check_sees_every_way_of_importing_a_module():
+    for source in ("from .runner import evaluate", "from . import runner", "from ..evaluation.runner import x",
+                   "from ..evaluation import runner", "from arrcoc.evaluation.runner import x",
+                   "import arrcoc.evaluation.runner", "def f():\n    from .runner import x"):
+        assert _evaluation_imports(source) == {"runner"}, source
+    for source in ("from .. import evaluation", "from arrcoc.evaluation import evaluate", "import arrcoc.evaluation",
+                   "from arrcoc import evaluation"):
+        assert _evaluation_imports(source) == {"__init__"}, source
+    assert _evaluation_imports("from ..errors import InputError\nimport torch\nfrom .data import x") == {"data"}
+
+
 def test_each_evaluation_module_imports_only_the_layers_below_it():
     import arrcoc.evaluation
 
     folder = Path(arrcoc.evaluation.__file__).parent
     assert sorted(p.stem for p in folder.glob("*.py")) == sorted(LAYERS)   # a new module takes its place here
     for i, name in enumerate(LAYERS):
-        tree = ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))
-        imported = set()
-        for node in ast.walk(tree):   # function-level imports included
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                imported |= {node.module} if node.module else {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("arrcoc.evaluation"):
-                imported.add(node.module.split(".")[2] if node.module.count(".") >= 2 else "__init__")
+        imported = _evaluation_imports((folder / f"{name}.py").read_text(encoding="utf-8"))
         above = imported - set(LAYERS[:i])
         assert not above, f"arrcoc/evaluation/{name}.py imports {sorted(above)}, which are not below it"
 
