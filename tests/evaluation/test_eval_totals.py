@@ -22,6 +22,7 @@ from arrcoc.evaluation import store
 from arrcoc.evaluation.data import EvalSample
 from arrcoc.evaluation.methods import Method
 from arrcoc.evaluation.totals import Reference, Scoring, Totals
+from arrcoc.errors import ModelError
 from arrcoc.state import StageRecord
 
 #: arrcoc.evaluation's modules, lowest first: each may import only those before it.
@@ -286,4 +287,25 @@ def test_llava_budget_context_of_a_tower_that_loses_its_first_patch_is_refused_a
     assert str(forward.value).startswith("llava: vision_feature_select_strategy 'default' drops the first row")
     with pytest.raises(ModelError) as context:
         adapter.budget_context(pixels, {})
+    assert str(context.value) == str(forward.value)
+
+
+def test_a_family_that_does_not_answer_the_budget_context_gets_its_towers_forward():
+    """The adapter contract (docs/hf.md, adding a model family) has no ``budget_context``: a family that does not
+    implement it gets, as ``arrcoc eval`` gave every family before, the grid and class token of one forward of
+    its tower, its placeholders and depths (here the base class's answer on LLaVA-1.5 equals LLaVA's own)."""
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_llava
+
+    from arrcoc.integrations.hf import adapter_for
+    from arrcoc.integrations.hf.adapter import Adapter
+
+    for strategy in ("default", "full"):
+        adapter = adapter_for(tiny_llava(strategy=strategy))
+        pixels = torch.randn(2, 3, 112, 112, dtype=torch.float64)
+        assert Adapter.budget_context(adapter, pixels, {}) == adapter.budget_context(pixels, {})
+    with pytest.raises(ModelError) as forward:   # what the tower's forward refuses is refused, with its error
+        adapter_for(tiny_llava(tower="siglip")).encode_images(pixels, {}, keep_hidden=False)
+    with pytest.raises(ModelError) as context:
+        Adapter.budget_context(adapter_for(tiny_llava(tower="siglip")), pixels, {})
     assert str(context.value) == str(forward.value)

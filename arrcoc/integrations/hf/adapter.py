@@ -119,13 +119,18 @@ class Adapter(ABC):
         """Per image, what the budget rules need to set a pipeline for it: the keyword arguments of
         :func:`arrcoc.budget.plan_budget` (``original``: the image's placeholders in the prompt, ``grid``: its
         feature grid ``(rows, cols)``, ``has_cls``, ``layers``: decoder layers, ``encoder_layers``: the tower's
-        blocks up to the one whose attention signals are read, counted), from the processor's inputs and the
-        config alone: nothing runs.  ``arrcoc eval`` plans every method's budget from it.
+        blocks up to the one whose attention signals are read, counted).  ``arrcoc eval`` plans every method's
+        budget from it.
+
+        A family answers it from the processor's inputs and the config, without running the model (LLaVA-1.5,
+        Qwen2-VL).  This default, for a family that does not, reads the grids and class token from one forward of
+        the tower (:meth:`encode_images`), as ``arrcoc eval`` did for every family before; what the tower
+        refuses is refused with its error.
         """
-        raise ModelError(
-            f"{self.family}: no budget context is implemented for this family (arrcoc implements it for LLaVA-1.5 "
-            "and Qwen2-VL, whose images each have one feature grid)"
-        )
+        with torch.inference_mode():
+            out = self.encode_images(pixel_values, image_inputs, keep_hidden=False)
+        contexts = self._budget_contexts(self.tokens_per_image(pixel_values, image_inputs), list(out.grids))
+        return [{**context, "has_cls": out.cls is not None} for context in contexts]
 
     def _budget_contexts(self, tokens: list[int], grids: list[tuple[int, int]]) -> list[dict[str, Any]]:
         """:meth:`budget_context` of images with ``tokens`` placeholders and feature ``grids``; the rest is the
