@@ -6,7 +6,7 @@ once, for every field: ``tokens``, ``mask``, ``size``, ``positions``,
 packed (real tokens first), and nothing is silently dropped.  Bad index
 shapes raise :class:`~arrcoc.errors.StateError`; bad index *values* do with
 :func:`arrcoc.ops.checking` on (else the stage boundary's check catches what
-they leave behind).  Each op makes one device sync: the width of its output.
+they leave behind).  Each op makes at most one device sync: the width of its output.
 """
 
 from __future__ import annotations
@@ -247,8 +247,8 @@ def merge(
     origin = torch.where(state.origin >= 0, target.gather(1, state.origin.clamp(min=0)), state.origin)
     averaged = {name for name, value in state.per_token.items()
                 if value.is_floating_point() and reduce.get(name, "mean") != "dst"}
-    out, new_slot, buffers = _rebuild(state, index, keep_valid, full, sink, origin,
-                             frozenset({"tokens", "size", "positions", *(f"per_token:{n}" for n in averaged)}) if R else frozenset())
+    changed = frozenset({"tokens", "size", "positions", *(f"per_token:{n}" for n in averaged)} if R else ())
+    out, new_slot, buffers = _rebuild(state, index, keep_valid, full, sink, origin, changed)
     if R == 0:
         return out
 
