@@ -21,8 +21,10 @@ and the forwards it makes) is one :class:`~.call.Call`, which the
 * :meth:`Report.from_call <.report.Report.from_call>` summarises the call
   once it ends: ``run.report``.
 
-The Run owns the model's one pair of hooks (a forward pre-hook and post-hook,
-plus the hook that releases the call when a forward raises); the engine owns
+The Run owns the hooks of the model (a forward pre-hook that opens the
+call, one that hands the LLM's inputs to the engine after every other
+pre-hook, a post-hook, and the hook that releases the call when a forward
+raises) and the timing hooks of its language model; the engine owns only
 the decoder layers' pre-hooks.  Leaving the context removes every hook,
 restores the attention implementation and ``generate``: the model computes
 exactly as before.  One Run per model at a time (see :func:`apply`).
@@ -90,7 +92,8 @@ class Run:
             if not isinstance(plugin, LLMCompressor):
                 raise ModelError(f"{label} ({plugin.name}): not an LLMCompressor; it cannot run between decoder layers")
             llm.append((label, plugin))
-        self.engine = LLMEngine(self.adapter, llm, current=lambda: self.call, registry=self.pipeline.registry)
+        run = weakref.ref(self)  # the engine reads the Call in progress; it does not keep the Run alive
+        self.engine = LLMEngine(self.adapter, llm, current=lambda: run().call, registry=self.pipeline.registry)
         #: The call in progress, or the last one.
         self.call = Call()
         #: The summary of the last call (built once, when it ended).
@@ -122,14 +125,14 @@ class Run:
     @property
     def state(self) -> TokenState | None:
         """The visual tokens after the pre-LLM stages of the last call (None without pre-LLM stages); its
-        ``trace`` lists every stage of that call in pipeline order, the in-LLM ones included (their tokens:
+        ``trace`` is :attr:`trace`, every stage of that call, the in-LLM ones included (their tokens:
         :attr:`llm_states`)."""
         return self.call.state
 
     @property
     def trace(self) -> tuple[StageRecord, ...]:
-        """One :class:`~arrcoc.state.StageRecord` per stage of the last call, in pipeline order (pre-LLM, then
-        each ``llm:`` stage at each decoder layer it acts at: ``"llm[i]@layer"``)."""
+        """One :class:`~arrcoc.state.StageRecord` per stage of the last call, in the order they ran: the pre-LLM
+        stages, then the ``llm:`` stages by decoder layer (``"llm[i]@layer"``)."""
         return self.call.trace
 
     @property
@@ -182,6 +185,9 @@ class Run:
             self._undo.append(lambda: model.set_attn_implementation({"text_config": self._attn}))
             model.set_attn_implementation({"text_config": scoring})
         self._undo.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True).remove)
+        # The LLM's inputs are read after every other pre-hook of the model (one registered before apply may pad
+        # or move them): the Run's last pre-hook hands them to the engine.
+        self._undo.append(model.register_forward_pre_hook(self._inputs_hook, with_kwargs=True).remove)
         self._undo.append(self.engine.remove)
         self.engine.install()
         lm = self.adapter.language_model
@@ -315,10 +321,9 @@ class Run:
         cache = compat.cache_of(kwargs)
         if self._is_nested_forward(cache):
             self._nest("forward")  # given back by _forward_done, also when the forward raises
-        elif not self.call.generating and not (self.call.kind == "forward" and self.call.continues(cache)
-                                               and cache.get_seq_length()):
-            # A forward on its own is a call of its own; a decoding step in the cache of the last forward's
-            # prefill goes on with that call (a decoding loop written by hand, a generate bound before the block).
+        elif not self.call.generating and not (self.call.continues(cache) and cache.get_seq_length()):
+            # A forward on its own is a call of its own; a decoding step in the cache of the last call's prefill
+            # goes on with that call (a decoding loop written by hand, a generate bound before the block).
             self.call = Call(kind="forward")
         call = self.call
         call.in_forward = True
@@ -335,10 +340,19 @@ class Run:
                     "forward pixel_values"
                 )
             self.pre_llm.check_placeholders(kwargs.get("input_ids"), kwargs)
-        ids = kwargs.get("input_ids")
-        self.engine.begin_forward(call, ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), cache)
-        call.forward_start = clock(ids)
         return args, kwargs
+
+    def _inputs_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """The model's last pre-hook: the inputs the LLM gets, to the engine; the forward's clock starts."""
+        if not self._active or not self.call.in_forward:  # a forward the Run let through (see _pre_hook)
+            return None
+        if args:
+            kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
+        ids = kwargs.get("input_ids")
+        self.engine.begin_forward(self.call, ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"),
+                                  compat.cache_of(kwargs))
+        self.call.forward_start = clock(ids)
+        return None
 
     def _llm_pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
         self.call.llm_start = clock(kwargs.get("inputs_embeds"))
@@ -355,11 +369,13 @@ class Run:
         cache = compat.output_cache(output)
         if call.prefill:
             call.prefill_ms = ms
-            call.kv_bytes = cache_bytes(cache)
             call.filled = _weak(cache)
         else:
             call.decode_ms += ms
             call.decode_steps += 1
+        if call.prefill or not call.forwards:  # the cache after the call's first forward (its prompt)
+            call.kv_bytes = cache_bytes(cache)
+        call.forwards += 1
         self.engine.end_forward(call, cache)
         call.in_forward = False
         if not call.generating:
@@ -386,13 +402,22 @@ class Run:
             # generate; the Run's hooks are gone), not with the pre-LLM stages and without the in-LLM ones.
             self._end_call(depth)
             return self.model.generate(*args, **kwargs)
+        if depth and not self.call.generating and not self._nested:
+            # What a forward of this thread stopped by Ctrl-C kept (as in _pre_hook: a generate made from a hook
+            # in the middle of a forward outside generate cannot be told from it, and runs as a call of its own).
+            self._end_call(1)
+            self.call.in_forward = False
+            depth = 0
         nested = len(self._nested)
-        if depth and (self.call.generating or self.call.in_forward):  # in the middle of another call of this thread
+        inside = bool(depth and (self.call.generating or self.call.in_forward))  # in another call of this thread
+        if inside:
             self._nest("generate")
         try:
             return self._run_generate(*args, **kwargs)
         finally:
             self._unnest(nested)  # also what a nested forward stopped by Ctrl-C set aside
+            if not inside:
+                self._finish()  # also for a generate that raised or was stopped: the report says how far it got
             self._end_call(depth)  # with what a forward stopped by Ctrl-C kept (it never reached _forward_done)
 
     def _run_generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -427,7 +452,6 @@ class Run:
             out = self._generate(**kwargs)
         finally:
             call.generating = call.in_forward = False  # (a forward that raised never reached its post hook)
-        self._finish()
         cache = kwargs.get("past_key_values", kwargs.get("cache", getattr(out, "past_key_values", None)))
         if self.pre_llm.active and original is not None and cache is not None and "input_ids" in kwargs:
             aligned = ("input_ids", "attention_mask", "mm_token_type_ids")

@@ -4,8 +4,8 @@ A :class:`~arrcoc.integrations.hf.apply.Run` opens a Call when a call of the
 model starts and keeps it until the next one; everything arrcoc does for that
 call lands here, in the order it happens:
 
-1. the Run's pre-hook reads the prompt (:attr:`Call.input_ids`, the
-   real-token mask, the image slots);
+1. the Run's pre-hooks read the prompt (:attr:`Call.input_ids`, the
+   real-token mask :attr:`Call.real`, the image slots);
 2. the pre-LLM stages (:mod:`.shorten`) encode the images, compress them and
    shorten the prompt: :attr:`Call.pre_llm`, :attr:`Call.vision_ms`;
 3. the in-LLM stages (:mod:`.engine`) change the sequence between decoder
@@ -81,6 +81,7 @@ class Call:
     in_forward: bool = False                    # a forward of this call is running
     generate_cache: Any = UNSET                 # the cache the generate decodes in (its forwards carry it)
     # ---- the prompt of the prefill forward, as the LLM gets it
+    input_ids: torch.Tensor | None = None       # [B, L] (None for a prompt given as embeddings)
     placeholders: torch.Tensor | None = None    # [B, L] image slots
     real: torch.Tensor | None = None            # [B, L] real tokens (the attention mask), None: all real
     prefill: bool = False                       # the forward in progress fills an empty cache
@@ -108,6 +109,7 @@ class Call:
     llm_prefill_ms: float = 0.0                 # the language model alone in prefill
     decode_ms: float = 0.0
     decode_steps: int = 0
+    forwards: int = 0                           # forwards finished (a generate: one per new token)
     kv_bytes: int = 0
     _layers: list[LayerCount] | None = field(default=None, repr=False)
 
@@ -122,7 +124,7 @@ class Call:
 
     @property
     def trace(self) -> tuple[StageRecord, ...]:
-        """Every stage that ran in this call, in pipeline order: the pre-LLM stages, then each in-LLM stage
+        """Every stage that ran in this call, in the order it ran: the pre-LLM stages, then each in-LLM stage
         at each decoder layer it acts at (``"llm[i]@layer"``)."""
         pre = tuple(self.pre_llm.trace) if self.pre_llm is not None else ()
         return pre + tuple(self.llm_records)

@@ -142,6 +142,7 @@ class LLMEngine:
                 call.segments = segments
             return
         call.begin_prefill()
+        call.input_ids = ids
         # A prompt given as embeddings: its image slots hold the image token's embedding (found as transformers does).
         call.placeholders = None if ids is None and embeds is None else placeholder_mask(
             ids, embeds, self.adapter.image_token_id, self.adapter.embed)
@@ -188,6 +189,12 @@ class LLMEngine:
             self._count_layer(call, layer, hidden, None)
             return None
         if layer == 0:
+            if call.segments[0].index.shape != hidden.shape[:2]:
+                raise ModelError(
+                    f"arrcoc.hf: the LLM got hidden states of {tuple(hidden.shape[:2])} (batch, tokens), but the "
+                    f"model's inputs described {tuple(call.segments[0].index.shape)}; a forward pre-hook or "
+                    "wrapper changed the sequence between the model's inputs and its language model"
+                )
             call.input_hidden = hidden
             call.layer_kwargs = {k: kwargs.get(k) for k in ("position_embeddings", "position_ids", "attention_mask")}
         for label, stage in self.plan.get(layer, []):
@@ -259,7 +266,7 @@ class LLMEngine:
         slots = out.per_token[SLOT]
         keep_fields = {k: v for k, v in out.per_token.items() if k not in _SIGNAL_ROWS and k != SLOT}
         # What goes on (and what run.llm_states shows): the tokens and their bookkeeping, not the signals.
-        record = dataclasses.replace(out, per_token=keep_fields, query=None, query_mask=None, llm=None)
+        record = dataclasses.replace(out, per_token=keep_fields, meta={}, query=None, query_mask=None, llm=None)
         call.llm_states[f"{label}@{layer}"] = record
         call.llm_records.append(record.trace[-1])
         if stage.removes:
@@ -301,7 +308,7 @@ class LLMEngine:
         pre = pre_llm
         if pre is not None and pre.B == tokens.shape[0] and pre.N == tokens.shape[1] and torch.equal(
                 pre.mask.cpu(), valid.cpu()):
-            return pre.replace(tokens=tokens, cls=None, per_token={}, query=None, query_mask=None, meta={})
+            return pre.replace(tokens=tokens, cls=None, per_token={}, query=None, query_mask=None)
         B, N, D = tokens.shape
         width = max(N, 1)
         padded = tokens if N else tokens.new_zeros(B, 1, D)

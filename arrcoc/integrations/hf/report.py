@@ -78,7 +78,7 @@ class Report:
             llm_prefill_ms=call.llm_prefill_ms,
             prefill_ms=call.prefill_ms + vision_ms + stages_ms,
             decode_ms=call.decode_ms,
-            new_tokens=call.decode_steps + 1 if call.kind == "generate" else 0,
+            new_tokens=call.forwards if call.kind == "generate" else 0,
             llm_stage_ms={r.stage: r.ms for r in call.llm_records},
         )
 
