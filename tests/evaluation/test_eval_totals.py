@@ -241,7 +241,6 @@ def test_llava_next_has_no_budget_context_and_says_why():
     pytest.importorskip("transformers")
     from tiny_models import tiny_llava_next
 
-    from arrcoc.errors import ModelError
     from arrcoc.integrations.hf import adapter_for
 
     adapter = adapter_for(tiny_llava_next())
@@ -277,7 +276,6 @@ def test_llava_budget_context_of_a_tower_that_loses_its_first_patch_is_refused_a
     pytest.importorskip("transformers")
     from tiny_models import tiny_llava
 
-    from arrcoc.errors import ModelError
     from arrcoc.integrations.hf import adapter_for
 
     adapter = adapter_for(tiny_llava(tower="siglip"))
