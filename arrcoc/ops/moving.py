@@ -282,6 +282,10 @@ def merge(
             coefficients[id(weight), dtype] = (w_dst / total, w_src / total)
         return coefficients[id(weight), dtype]
 
+    def survivor_scale(c_dst: torch.Tensor) -> torch.Tensor:
+        """``[B * K + 1]``: each destination's ``c_d`` at its output row, 1 elsewhere."""
+        return c_dst.new_ones(B * K + 1).index_copy_(0, once_rows, c_dst)
+
     def combine(x: torch.Tensor, weight: torch.Tensor | None, buffer: torch.Tensor) -> None:
         """Write the groups' weighted mean (``weight``) or sum (``None``) of ``x`` ``[B, N, ...]`` into ``buffer``."""
         rows = x.reshape(B * N, *x.shape[2:])
@@ -300,7 +304,10 @@ def merge(
             return
         if weight is not None:  # the destination's row holds x_d: scale it once, then add the sources
             c_dst, c_src = coefficient(weight, acc_dtype)
-            buffer.index_copy_(0, once_rows, rows.index_select(0, dst_rows) * c_dst.view(shape))
+            if K <= 3 * R:  # one pass over the survivors (x 1 where no destination: exact) ...
+                buffer.mul_(survivor_scale(c_dst).view(shape))
+            else:  # ... or three over the pairs (gather, scale, write back once): the same products
+                buffer.index_copy_(0, once_rows, rows.index_select(0, dst_rows) * c_dst.view(shape))
             src_val = src_val * c_src.view(shape)
         buffer.index_add_(0, out_rows, src_val)
 
