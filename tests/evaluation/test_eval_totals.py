@@ -307,3 +307,73 @@ def test_a_family_that_does_not_answer_the_budget_context_gets_its_towers_forwar
     with pytest.raises(ModelError) as context:
         Adapter.budget_context(adapter_for(tiny_llava(tower="siglip")), pixels, {})
     assert str(context.value) == str(forward.value)
+
+
+# --------------------------------------------------- arrcoc eval end to end
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "what", "colour", "?"] + \
+    [f"w{i}" for i in range(8)]
+
+
+def _tiny_model_dir(folder: Path, family: str) -> str:
+    """A tiny LLaVA (SigLIP tower, ``default`` strategy) or LLaVA-NeXT saved with its processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast,
+                              SiglipVisionConfig)
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    size = {"shortest_edge": 56}, {"height": 56, "width": 56}
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(WORDS), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+                 patch_size=14)
+    torch.manual_seed(0)
+    if family == "llava_siglip_default":
+        processor = LlavaProcessor(image_processor=CLIPImageProcessor(size=size[0], crop_size=size[1]), tokenizer=fast,
+                                   patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+                                   num_additional_image_tokens=0)
+        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=SiglipVisionConfig(**tower), text_config=text,
+                                                          image_token_id=4, vision_feature_select_strategy="default"))
+    else:
+        pinpoints = [[56, 112], [112, 56], [112, 112]]
+        processor = LlavaNextProcessor(
+            image_processor=LlavaNextImageProcessor(size=size[0], crop_size=size[1], image_grid_pinpoints=pinpoints),
+            tokenizer=fast, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+            num_additional_image_tokens=1)
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**tower), text_config=text, image_token_id=4,
+            image_grid_pinpoints=pinpoints))
+    out = folder / family
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.filterwarnings("ignore::arrcoc.errors.ArrcocWarning")
+@pytest.mark.parametrize("family, message", [
+    # the tower's own refusal, which the eval's second forward raised before the budget context came from the adapter
+    ("llava_siglip_default", r"^llava: vision_feature_select_strategy 'default' drops the first row of the tower's "
+                             r"output, and SiglipVisionModel has no class token"),
+    # LLaVA-NeXT: the eval failed here before too (its second forward said MissingImageInputError: 'pixel_values come
+    # with image_sizes', as it handed the tower no image_sizes); now the reason is said
+    ("llava_next", r"^llava_next: an image is a base view plus rows x cols crops"),
+])
+def test_eval_of_a_model_with_no_budget_context_fails_after_the_reference_run_and_writes_no_row(
+        tmp_path, family, message):
+    pytest.importorskip("transformers")
+    import numpy as np
+
+    from arrcoc.evaluation import evaluate
+
+    model = _tiny_model_dir(tmp_path, family)
+    rng = np.random.default_rng(0)
+    samples = [EvalSample(id=str(i), image=rng.integers(0, 255, (56, 112, 3), dtype=np.uint8),
+                          question="what colour ?", answer=f"w{i}") for i in range(2)]
+    with pytest.raises(ModelError, match=message):
+        evaluate(["fastv"], budgets=(0.5,), model=model, data=samples, out=tmp_path / "out", batch_size=2,
+                 progress=False, plots=False, device="cpu")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json"]
