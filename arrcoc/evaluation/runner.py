@@ -39,7 +39,9 @@ imports only the ones above it in this list):
 The budget rules' context (visual tokens per image, the feature grid, class
 token, depths) comes from the model's adapter
 (:meth:`arrcoc.integrations.hf.adapter.Adapter.budget_context`), read from the
-processor's inputs without running the model.
+processor's inputs and the config without running the model (LLaVA-1.5,
+Qwen2-VL; a family whose adapter does not answer it gets one forward of its
+tower, as every family had before).
 """
 
 from __future__ import annotations
