@@ -23,7 +23,7 @@ from pydantic import (
 )
 from typing_extensions import Annotated
 
-from .errors import ArrcocError, BudgetError, MissingInputError, ParamsError, PluginLoadError, did_you_mean
+from .errors import ArrcocError, BudgetError, MissingInputError, ParamsError, PluginLoadError, StateError, did_you_mean
 from .state import LLMContext, TokenState
 
 KINDS = ("encoder", "query_encoder", "compressor", "scorer", "allocator", "pyramid", "visualizer")
@@ -361,12 +361,21 @@ class LLMCompressor(Compressor):
         """Decoder layers (0-based) at whose input this stage acts, for an LLM of ``num_layers``."""
 
     def llm_context(self, state: TokenState) -> LLMContext:
-        """``state.llm``, or a :class:`~arrcoc.errors.MissingInputError` when the state comes from outside an LLM."""
+        """``state.llm``, or a :class:`~arrcoc.errors.MissingInputError` when the state comes from outside an LLM
+        (a :class:`~arrcoc.errors.StateError` when ``state.llm.layer`` is not one of :meth:`llm_layers`)."""
         if state.llm is None:
             raise MissingInputError(
                 f"{self.name}: runs inside an LLM (arrcoc.hf.apply), which sets state.llm (the decoder layer and "
                 "the model's signals); this state has none (state.llm is None): run the pipeline through a model "
                 "integration, or build the state with llm=arrcoc.LLMContext(...)"
+            )
+        # A stage reads its per-layer rule at state.llm.layer (a schedule index, a table step): a layer outside
+        # llm_layers would silently read another layer's entry (index -1) or fail with a bare IndexError.
+        layers = self.llm_layers(state.llm.num_layers)
+        if state.llm.layer not in layers:
+            raise StateError(
+                f"{self.name}: acts at decoder layers {list(layers)} of a {state.llm.num_layers}-layer LLM, got "
+                f"state.llm.layer {state.llm.layer}"
             )
         return state.llm
 

@@ -10,7 +10,7 @@ import torch
 
 import arrcoc
 from arrcoc import ops
-from arrcoc.errors import BudgetError, MissingInputError, ParamsError
+from arrcoc.errors import BudgetError, MissingInputError, ParamsError, StateError
 from arrcoc.state import LLMContext, TokenState
 from arrcoc_plugins.compressors import aim as A
 
@@ -311,6 +311,23 @@ def test_aim_prune_reads_the_llm_context():
         plugin(state)
     with pytest.raises(MissingInputError, match=r"aim_prune: state.llm.attn_logits is missing.*'attn_logits'"):
         plugin(state.replace(llm=LLMContext(layer=2, num_layers=4, input_visual_counts=torch.tensor([8, 6]))))
+
+
+@pytest.mark.parametrize("layer", [0, 1, 4, 5])
+def test_aim_prune_refuses_a_layer_it_does_not_act_at(layer):
+    # 4 layers, start 1, step 0.25: it acts at layers 2 and 3.  Layer 0 used to read retain_rate[-1] (the last
+    # layer's 0.25) and keep 2 of 8 tokens without a word; layer 4 failed with a bare IndexError.
+    state = make_state(H=2, W=4, counts=[8, 6])
+    S = 13
+    logits = torch.randn(2, 2, S, S, generator=torch.Generator().manual_seed(9))
+    plugin = arrcoc.create("compressor", "aim_prune", start_layer=1, step=0.25)
+    assert plugin.llm_layers(4) == (2, 3)
+    llm = LLMContext(layer=layer, num_layers=4, input_visual_counts=torch.tensor([8, 6]), attn_logits=logits,
+                     visual_columns=(3 + torch.arange(8)).expand(2, 8).contiguous(),
+                     sequence_mask=torch.ones(2, S, dtype=torch.bool))
+    with pytest.raises(StateError, match=rf"aim_prune: acts at decoder layers \[2, 3\] of a 4-layer LLM, "
+                                         rf"got state.llm.layer {layer}"):
+        plugin(state.replace(llm=llm))
 
 
 def test_layer_adaptive_importance():

@@ -330,6 +330,14 @@ def test_sparsevlm_llm_reads_the_llm_context():
             llm=LLMContext(layer=3, num_layers=4, input_visual_counts=torch.tensor([10, 8]))))
     with pytest.raises(MissingInputError, match=r"per_token\['attn_from_text'\]"):
         plugin(state.replace(llm=llm))
+    # A layer it does not act at (layers [2] -> the input of layer 3) used to fail with a bare ValueError
+    # ('1 is not in list') from p.layers.index.
+    for layer in (1, 2, 4):
+        wrong = LLMContext(layer=layer, num_layers=5, input_visual_counts=torch.tensor([10, 8]),
+                           text_mask=state.query_mask, input_visual=input_visual, input_visual_mask=input_mask)
+        with pytest.raises(arrcoc.StateError, match=rf"sparsevlm_llm: acts at decoder layers \[3\] of a 5-layer "
+                                                   rf"LLM, got state.llm.layer {layer}"):
+            plugin(state.with_per_token(attn_from_text=attn).replace(llm=wrong))
 
 
 def test_recycling_with_nothing_deleted_keeps_everything():
