@@ -952,3 +952,16 @@ def test_merge_of_fields_of_different_dtypes():
         torch.testing.assert_close(out.tokens[b], ref["tokens"][b])
         torch.testing.assert_close(out.per_token["score"][b], ref["score"][b].float())
         torch.testing.assert_close(out.per_token["half"][b], ref["score"][b].half(), atol=1e-3, rtol=1e-3)
+
+
+def test_keep_and_merge_pass_gradients_to_the_tokens():
+    # Under autograd (a model's features), the survivors' buffers are filled differentiably.
+    x = torch.randn(2, N, D, requires_grad=True)
+    state = TokenState.from_patches(x, (H, W))
+    out = ops.merge(state, torch.tensor([[1, 2], [3, 4]]), torch.tensor([[0, 0], [5, 6]]))
+    out.tokens.sum().backward()
+    assert torch.allclose(x.grad[0, :3], torch.full((3, D), 1 / 3)) and torch.equal(x.grad[0, 3:], torch.ones(N - 3, D))
+    assert torch.allclose(x.grad[1, 3:7], torch.full((4, D), 0.5)) and torch.equal(x.grad[1, 7:], torch.ones(N - 7, D))
+    x.grad = None
+    (ops.keep(state, torch.tensor([[1, 2], [3, 4]])).tokens * 2).sum().backward()
+    assert x.grad.sum() == 2 * 2 * 2 * D and x.grad[0, 1].eq(2).all() and x.grad[0, 0].eq(0).all()

@@ -42,11 +42,11 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> to
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, full: bool = False,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gather_rows` without the checks, for indices already checked (``full``: every entry is valid;
-    ``out``: a flat ``[B * K, ...]`` tensor to gather into)."""
+    ``out``: a flat ``[B * K, ...]`` tensor to gather into; ``rows``: ``_flat_rows(index, N)`` if known)."""
     B, N = x.shape[:2]
-    flat, rows = x.reshape(B * N, *x.shape[2:]), _flat_rows(index, N)
+    flat, rows = x.reshape(B * N, *x.shape[2:]), _flat_rows(index, N) if rows is None else rows
     if out is not None and x.requires_grad and torch.is_grad_enabled():
         # index_select(out=...) is not differentiable (a model's features under autograd): gather, then copy_
         # into ``out``, which is.
@@ -145,24 +145,27 @@ def _rebuild(state: TokenState, index: torch.Tensor, valid: torch.Tensor, full: 
              origin: torch.Tensor, spare: frozenset[str] = frozenset()
              ) -> tuple[TokenState, torch.Tensor, dict[str, torch.Tensor]]:
     """The state of the tokens ``index`` ``[B, K]`` (packed: real first), ``origin`` given in the old slots,
-    and ``new_slot`` ``[B, N + 1]`` (each old slot's new one, -1 if dropped).  The fields named in ``spare``
-    (``tokens``, ``size``, ``positions``, ``per_token:<name>``) are gathered into rows ``[:B * K]`` of flat
-    buffers with one spare row, returned too (a field is a view of its buffer)."""
+    and ``new_slot`` ``[B, N + 1]`` (each old slot's new one, -1 if dropped; column N unspecified).
+
+    The fields named in ``spare`` (``tokens``, ``size``, ``positions``, ``per_token:<name>``) are gathered
+    into rows ``[:B * K]`` of flat buffers with one spare row, returned too (a field is a view of its buffer).
+    """
     B, N = state.mask.shape
     K = index.shape[1]
     device = state.device
     new_slot = torch.full((B, N + 1), -1, dtype=torch.int64, device=device)
+    # (column N, where dropped slots sink, is never read: origin >= 0 points at a slot < N)
     new_slot.scatter_(1, sink, torch.arange(K, device=device).expand(B, K).contiguous())
-    new_slot[:, N] = -1
     origin = torch.where(origin >= 0, new_slot.gather(1, origin.clamp(min=0)), origin)
 
     buffers: dict[str, torch.Tensor] = {}
+    rows = _flat_rows(index, N)
 
     def gather(name: str, x: torch.Tensor) -> torch.Tensor:
         if name not in spare:
-            return _gather_rows(x, index, valid, full)
+            return _gather_rows(x, index, valid, full, rows=rows)
         buffers[name] = x.new_empty(B * K + 1, *x.shape[2:])
-        return _gather_rows(x, index, valid, full, out=buffers[name][: B * K])
+        return _gather_rows(x, index, valid, full, out=buffers[name][: B * K], rows=rows)
 
     state = dataclasses.replace(
         state,
