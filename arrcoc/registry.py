@@ -215,15 +215,29 @@ class Registry:
 
 
 _registry: Registry | None = None
-_lock = threading.Lock()
+# Re-entrant: building the registry imports the plugin modules, and one that looks a plugin up at import time
+# (arrcoc.create, PluginRef.build, a nested_plugin param) comes back here on the same thread; with a plain lock
+# that call waited for itself forever.  It now gets a PluginLoadError (that module is recorded as failed).
+_lock = threading.RLock()
+_building = False
 
 
 def get_registry() -> Registry:
     """The process-wide registry, built (and entry points loaded) on first use."""
-    global _registry
+    global _registry, _building
     with _lock:
         if _registry is None:
-            _registry = Registry()
+            if _building:  # the thread building it (others wait on the lock): it has no registry to give yet
+                raise PluginLoadError(
+                    "the plugin registry is still loading its entry points: a plugin module looked a plugin up "
+                    "(arrcoc.create, PluginRef.build, a nested_plugin param) while it was imported; do it when "
+                    "the plugin is built or run instead"
+                )
+            _building = True
+            try:
+                _registry = Registry()
+            finally:
+                _building = False
         return _registry
 
 

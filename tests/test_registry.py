@@ -7,6 +7,7 @@ so that the plugins other modules declare do not leak in.
 from __future__ import annotations
 
 import ast
+import threading
 import types
 from pathlib import Path
 from typing import Literal
@@ -525,6 +526,36 @@ def test_a_third_partys_entry_point_named_like_a_builtin_loads_too_and_a_clash_i
             r"\(test_registry\.OtherFirst\)"
         )):
             reg.get("compressor", "first_k")
+
+
+def test_a_plugin_module_that_looks_a_plugin_up_when_imported_fails_to_load_instead_of_hanging(monkeypatch):
+    # Building the process-wide registry imports the plugin modules; one that resolves a plugin reference at import
+    # time comes back to get_registry() on the same thread, which used to wait for its own lock forever.
+    def looks_up_at_import():
+        module = types.ModuleType("lookup_at_import")
+        module.DEFAULT = PluginRef(use="first_k").build("compressor")
+        return module
+
+    points = [FakeEntryPoint("lookup", "lookup_at_import", looks_up_at_import),
+              FakeEntryPoint("good", "good_plugin", _good_module)]
+    monkeypatch.setattr(arrcoc.registry, "metadata", types.SimpleNamespace(entry_points=lambda group: points))
+    monkeypatch.delenv("ARRCOC_LOAD_PLUGINS", raising=False)
+    monkeypatch.setattr(arrcoc.registry, "_registry", None)
+    # A lock of the test's own: should get_registry deadlock, only this test's lock stays held.
+    monkeypatch.setattr(arrcoc.registry, "_lock", threading.RLock())
+    built: list[Registry] = []
+    worker = threading.Thread(target=lambda: built.append(arrcoc.get_registry()), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert built, "get_registry() never returned: the lookup during the import waited for the registry being built"
+    registry = built[0]
+    assert registry.failures["lookup"].startswith(
+        "entry point 'lookup_at_import' of lookup-dist: PluginLoadError: the plugin registry is still loading its "
+        "entry points: a plugin module looked a plugin up (arrcoc.create, PluginRef.build, a nested_plugin param) "
+        "while it was imported"
+    )
+    assert registry.get("compressor", "first_k") is First  # the other modules load; the registry is usable
+    assert arrcoc.get_registry() is registry and type(PluginRef(use="first_k").build("compressor")) is First
 
 
 def test_no_entry_points_when_switched_off(fake_entry_points):
