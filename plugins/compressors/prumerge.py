@@ -369,7 +369,7 @@ def merge_into_kept(
     kept_values: torch.Tensor,
     extra: torch.Tensor,
 ) -> TokenState:
-    """Provenance through :func:`arrcoc.ops.merge`, order through :func:`arrcoc.ops.keep`, then the values.
+    """Provenance and order through :func:`arrcoc.ops.merge` (its ``order`` key), then the values.
 
     Pruned tokens go to the kept token that absorbed them, or to the extra
     token (hosted by the most attended pruned token); output = kept tokens in
@@ -389,18 +389,18 @@ def merge_into_kept(
     src_mask = pruned & ~is_host
     dst_all = torch.where(absorbed_by >= 0, safe.gather(1, absorbed_by.clamp(min=0)), host.expand(B, N))
     src, src_valid = ops.pack(src_mask)
+    # Survivors in the official order: the kept tokens in ``index`` order, then the host of the extra token
+    # (merge's ``order`` sort key; the sources' keys are never read). Invalid entries go to a dummy column N.
+    K = index.shape[1]
+    rank = torch.full((B, N + 1), N + 1, dtype=torch.int64, device=device)
+    rank.scatter_(1, torch.where(valid, safe, N), torch.arange(K, device=device).expand(B, K).contiguous())
+    rank = torch.where(is_host, K, rank[:, :N])
     # The tokens' values are replaced below (PruMerge's update is not an average): move zero-width tokens, so
-    # that merge and keep do not average and gather D-wide rows only to throw them away.
+    # that merge does not average and gather D-wide rows only to throw them away.
     bare = dataclasses.replace(state, tokens=state.tokens[..., :0], cls=None if state.cls is None else state.cls[:, :0])
-    merged = ops.merge(bare, src, dst_all.gather(1, src), src_valid)
-    # Survivors are packed in their original order: map old index -> new slot, then reorder.
-    new_slot = torch.cumsum((kept | is_host).to(torch.int64), 1) - 1
-    out_index = torch.cat([new_slot.gather(1, safe), new_slot.gather(1, host)], 1)
-    out_valid = torch.cat([valid, has_extra[:, None]], 1)
-    out = ops.keep(merged, out_index.masked_fill(~out_valid, 0), out_valid)
-    # The values in the layout ``keep`` made: an image's kept tokens (a prefix of ``valid``; the rows past it
+    out = ops.merge(bare, src, dst_all.gather(1, src), src_valid, order=rank)
+    # The values in the layout merge made: an image's kept tokens (a prefix of ``valid``; the rows past it
     # are zero), then its extra token in the next row.
-    K = kept_values.shape[1]
     values = torch.cat([kept_values, torch.zeros_like(kept_values[:, :1])], 1)
     extra_row = torch.arange(B, device=device) * (K + 1) + valid.sum(1)
     values.view(B * (K + 1), -1).index_copy_(0, extra_row, torch.where(has_extra[:, None], extra, 0.0))
