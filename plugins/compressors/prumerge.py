@@ -34,17 +34,17 @@ that absorbed it (of the kept tokens that have it among their neighbours, the
 one with the most similar key), or, if no kept token took it, into the extra
 token, which lives in the slot of the pruned token with the highest
 attention. ``size`` is conserved and ``origin`` points every patch at the
-token that carries it. :func:`arrcoc.ops.keep` then puts the tokens in the
-official order, and the token values are replaced by the computed ones
+token that carries it; ``merge``'s ``order`` key puts the tokens in the
+official order. The token values are then replaced by the computed ones
 (``dataclasses.replace`` of ``tokens`` only: PruMerge's update ``x_i + sum_j
 a_j x_j`` is not a weighted average, so it cannot come out of ``merge``;
-``merge`` and ``keep`` move zero-width tokens, so that no ``D``-wide average
-is computed only to be replaced). Other ``per_token`` fields are the
+``merge`` moves zero-width tokens, so that no ``D``-wide average is computed
+only to be replaced). Other ``per_token`` fields are the
 size-weighted means ``merge`` makes.
 
 Cost: the neighbour search is one ``torch.topk`` over integer keys that
-order by (cosine, -index), unique per row, so ties need no sort; the
-supplement is a weighted ``embedding_bag`` over the ``neighbors`` rows of
+order by (cosine, -index), unique per row, so ties need no sort (float64
+keys, from float64 inputs, fall back to a stable sort); the supplement is a weighted ``embedding_bag`` over the ``neighbors`` rows of
 each cluster (``O(K L D)``, not a dense ``[K, N] x [N, D]`` product).
 
 Differences, on purpose:

@@ -31,11 +31,11 @@ exactly the three README settings.
 How it goes through :mod:`arrcoc.ops`: :func:`visionzip_select` picks the
 tokens and the assignment (a pure tensor function); :func:`arrcoc.ops.merge`
 merges each assigned token into its target (``size`` conserved, ``origin``
-follows, other ``per_token`` fields averaged), :func:`arrcoc.ops.keep` puts
-dominant before contextual, and the contextual values are set to the official
-``target + mean(assigned)`` (``dataclasses.replace`` of ``tokens`` only: that
-sum is not a weighted average, so ``merge`` cannot produce it; ``merge`` and
-``keep`` move zero-width tokens, so that no ``D``-wide average is computed
+follows, other ``per_token`` fields averaged) and, by its ``order`` key,
+puts dominant before contextual; the contextual values are set to the
+official ``target + mean(assigned)`` (``dataclasses.replace`` of ``tokens``
+only: that sum is not a weighted average, so ``merge`` cannot produce it;
+``merge`` moves zero-width tokens, so that no ``D``-wide average is computed
 only to be replaced).
 
 Differences, on purpose: batched with ragged rows (per-image ``M``); a budget
@@ -216,20 +216,20 @@ class VisionZip(Compressor):
         src_mask = assign >= 0
         src, src_valid = ops.pack(src_mask)
         dst = target_index.gather(1, assign.clamp(min=0).gather(1, src))
-        # The tokens' values are set below (the official sum is not an average): move zero-width tokens, so
-        # that merge and keep do not average and gather D-wide rows only to throw them away.
-        bare = dataclasses.replace(state, tokens=state.tokens[..., :0], cls=None if state.cls is None else state.cls[:, :0])
-        merged = ops.merge(bare, src, dst, src_valid)
-        # Survivors (dominant + targets) are packed in original order; put dominant first.
-        survivors = state.mask & ~src_mask
-        new_slot = torch.cumsum(survivors.to(torch.int64), 1) - 1
-        out_index = torch.cat([new_slot.gather(1, dom_index), new_slot.gather(1, target_index)], 1)
-        out_valid = torch.cat([dom_valid, target_valid], 1)
-        out = ops.keep(merged, out_index.masked_fill(~out_valid, 0), out_valid)
-        # The values in the layout ``keep`` made: an image's dominant tokens (a prefix of ``dom_valid``), then
-        # its contextual ones (a prefix of ``target_valid``), then zeros; one index_copy_ of each part.
+        # Survivors (dominant + targets) in the output order: the dominant tokens, then the targets, each in
+        # original order (merge's ``order`` sort key; the sources' keys are never read).
         B, N, D = state.tokens.shape
         device = state.device
+        position = torch.arange(N, device=device).expand(B, N)
+        is_target = torch.zeros(B, N + 1, dtype=torch.bool, device=device)
+        is_target = is_target.scatter_(1, torch.where(target_valid, target_index, N), True)[:, :N]
+        order = torch.where(is_target, position + N, position)
+        # The tokens' values are set below (the official sum is not an average): move zero-width tokens, so
+        # that merge does not average and gather D-wide rows only to throw them away.
+        bare = dataclasses.replace(state, tokens=state.tokens[..., :0], cls=None if state.cls is None else state.cls[:, :0])
+        out = ops.merge(bare, src, dst, src_valid, order=order)
+        # The values in the layout merge made: an image's dominant tokens (a prefix of ``dom_valid``), then
+        # its contextual ones (a prefix of ``target_valid``), then zeros; one index_copy_ of each part.
         Kd, Kc, W = dom_index.shape[1], target_index.shape[1], out.N
         rows = torch.arange(B, device=device)[:, None] * W
         dummy = B * W  # invalid entries land in one extra row, dropped after
