@@ -313,47 +313,58 @@ class PruMerge(Compressor):
         else:
             k = ops.resolve_keep(self.params.keep, counts, where=f"{self.name}.keep")
             ratio = k.double() / counts.double()
+        # No outlier: keep the most attended token (branch-free: the warning is recorded below, with the others).
         none = (k == 0) & (counts > 0)
-        if bool(none.any()):
-            record_warning(
-                f"{self.name}: no attention outlier in image(s) {none.nonzero().flatten().tolist()}; "
-                f"kept the most attended token (the official code keeps none)"
-            )
-            k = torch.where(none, torch.ones_like(k), k)
-            ratio = torch.where(none, 1.0 / counts.double().clamp(min=1), ratio)
+        k = torch.where(none, torch.ones_like(k), k)
+        ratio = torch.where(none, 1.0 / counts.double().clamp(min=1), ratio)
         index, valid = ops.topk_per_row(attn, k, state.mask, order="score")
+        small = counts - 1 < self.params.neighbors
         if not self.plus:
+            any_none, any_small = torch.stack([none.any(), small.any()]).tolist()  # the one device sync
+            self._warn(none, any_none, False, any_small and state.N > 0)
             return index, valid
         kept = _index_mask(index, valid, state.N)
         ratio = torch.where(counts > 0, ratio, torch.ones_like(ratio))
         samples, stride = spatial_samples(kept, counts, ratio)
-        if bool((torch.floor(torch.floor(1.0 / ratio) / 3.0) < 1).any()):
-            record_warning(
-                f"{self.name}: kept ratio above 1/3 makes int(int(1 / ratio) / 3) = 0; sampled every token "
-                f"(stride 1) where the official arange fails"
-            )
+        wide = torch.floor(torch.floor(1.0 / ratio) / 3.0) < 1
         # Outliers keep their (score) order, the samples follow in increasing index order.
         N = state.N
         rank = torch.full((state.B, N), 3 * N, dtype=torch.int64, device=state.device)
         rank.scatter_(1, index, torch.where(valid, torch.arange(index.shape[1], device=state.device).expand_as(index), 3 * N))
         rank = torch.where(samples, N + torch.arange(N, device=state.device), rank)
         total = valid.sum(1) + samples.sum(1)
-        Kmax = int(total.max()) if state.B else 0
+        # What the host needs, read in one device sync: the output width and the warnings' flags.
+        Kmax, any_none, any_wide, any_small = torch.stack(
+            [total.max() if state.B else total.new_zeros(()), none.any(), wide.any(), small.any()]
+        ).tolist()
+        self._warn(none, bool(any_none), bool(any_wide), bool(any_small) and N > 0)
         index = torch.sort(rank, dim=1, stable=True).indices[:, :Kmax]
         valid = torch.arange(Kmax, device=state.device)[None, :] < total[:, None]
         return index, valid
 
-    def __call__(self, state: TokenState) -> TokenState:
-        attn, keys = self._inputs(state)
-        index, valid = self.select(state, attn)
-        if state.N == 0:  # no token slot at all (an in-LLM stage may leave none): nothing to merge
-            return state
-        small = state.counts - 1 < self.params.neighbors
-        if bool(small.any()):
+    def _warn(self, none: torch.Tensor, any_none: bool, any_wide: bool, any_small: bool) -> None:
+        """The warnings of :meth:`select`, in the order of the steps they concern."""
+        if any_none:
+            record_warning(
+                f"{self.name}: no attention outlier in image(s) {none.nonzero().flatten().tolist()}; "
+                f"kept the most attended token (the official code keeps none)"
+            )
+        if any_wide:
+            record_warning(
+                f"{self.name}: kept ratio above 1/3 makes int(int(1 / ratio) / 3) = 0; sampled every token "
+                f"(stride 1) where the official arange fails"
+            )
+        if any_small:
             record_warning(
                 f"{self.name}: image(s) with fewer than {self.params.neighbors + 1} tokens: each kept token "
                 f"merges all the others (the official topk(k={self.params.neighbors}) fails)"
             )
+
+    def __call__(self, state: TokenState) -> TokenState:
+        attn, keys = self._inputs(state)
+        index, valid = self.select(state, attn)  # records the warnings
+        if state.N == 0:  # no token slot at all (an in-LLM stage may leave none): nothing to merge
+            return state
         kept_values, extra, absorbed_by = prumerge_values(
             state.tokens, keys, attn, state.mask, index, valid, self.params.neighbors
         )
