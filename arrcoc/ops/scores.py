@@ -48,7 +48,8 @@ def similarity_key(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torc
       another kernel for another size);
     * a unit vector's cosine with itself rounds to a few ulps around 1,
       differently for different vectors: cosines within
-      :data:`SIMILARITY_ONE_BAND` of 1 are set to exactly 1.
+      :data:`SIMILARITY_ONE_BAND` of 1 are set to exactly 1 (so near-duplicates
+      above ``1 - 2^-16`` tie too, and are ranked by index).
 
     Duplicates then get bit-equal keys, so the stable sorts, :func:`topk` and
     first-index ``max`` / ``argmax`` of arrcoc break their ties by index.
