@@ -172,16 +172,19 @@ class VisionZip(Compressor):
             total = ops.resolve_keep(p.keep, counts + has_cls, where="visionzip.keep")
             contextual = torch.floor(total.double() * CONTEXTUAL_SHARE + 0.5).to(torch.int64).clamp(min=1)
             dominant = total - contextual
-            if bool((dominant < has_cls).any()):
-                raise BudgetError(
-                    f"visionzip.keep={p.keep!r}: a total of {int(total.min())} tokens leaves no room for the class "
-                    f"token plus at least one contextual token"
-                )
+        no_room = (dominant < has_cls) if p.keep is not None else torch.zeros_like(counts, dtype=torch.bool)
         dominant = dominant - has_cls
-        if bool((dominant < 0).any()):
-            raise BudgetError("visionzip.dominant: counts the class token, so it must be >= 1 when the state has one")
         short = dominant + contextual > counts
-        if bool(short.any()):
+        # The three checks read in one device sync, raised in the order of the steps they concern.
+        any_no_room, any_negative, any_short = torch.stack([no_room.any(), (dominant < 0).any(), short.any()]).tolist()
+        if any_no_room:
+            raise BudgetError(
+                f"visionzip.keep={p.keep!r}: a total of {int(total.min())} tokens leaves no room for the class "
+                f"token plus at least one contextual token"
+            )
+        if any_negative:
+            raise BudgetError("visionzip.dominant: counts the class token, so it must be >= 1 when the state has one")
+        if any_short:
             b = int(short.nonzero()[0])
             raise BudgetError(
                 f"visionzip: dominant={int(dominant[b]) + has_cls} (class token "
