@@ -314,10 +314,11 @@ def merge(
             src_val = src_val * c_src.view(shape)
         buffer.index_add_(0, out_rows, src_val)
 
-    size_w = state.size * state.mask
+    # Pairs are real tokens: the sizes need no masking (and with the default weights, w *is* the sizes: the
+    # positions reuse the tokens' coefficients).
     combine(state.tokens, w, buffers["tokens"])
-    combine(size_w, None, buffers["size"])
-    combine(state.positions, size_w, buffers["positions"])
+    combine(state.size, None, buffers["size"])
+    combine(state.positions, state.size, buffers["positions"])
     for name in averaged:
         combine(state.per_token[name], None if reduce.get(name) == "sum" else w, buffers[f"per_token:{name}"])
     return out
