@@ -73,7 +73,8 @@ def tome_merge(
     if order not in ("official", "spatial"):
         raise ParamsError(f"tome_merge: order must be 'official' or 'spatial', got {order!r}")
     r_req = torch.as_tensor(r, device=state.device, dtype=torch.int64).expand(state.B)
-    if bool((r_req < 0).any()):
+    negative = r < 0 if isinstance(r, int) else bool((r_req < 0).any())  # an int: no device sync
+    if negative:
         raise BudgetError(f"tome_merge: r must be >= 0, got {r_req.tolist()}")
     (src, dst, valid), r_used, key = ops.bipartite_merges(metric, r_req, state.mask, class_token=class_token)
     if src.shape[1] == 0:  # nothing to merge in any image
