@@ -104,3 +104,35 @@ def test_ragged_state_of_equal_grids_is_from_patches():
     assert state.grid == (2, 2) and bool(state.mask.all())
     assert torch.equal(state.tokens, torch.stack(features))
     assert state.origin.tolist() == [[0, 1, 2, 3]] * 2
+
+
+def test_two_threads_loading_one_model_share_it(monkeypatch, tmp_path):
+    """``load_vlm`` loads once per (directory, dtype) even when two threads ask at once (e.g. two pipelines built
+    in parallel, each with ``hf_vision`` and ``hf_text``): the second waits for the first's model instead of
+    loading a copy of its own (twice the memory, and an encoder and query encoder on different objects)."""
+    import threading
+
+    import transformers
+
+    from arrcoc.integrations.hf.vision import load_vlm
+
+    loads: list[str] = []
+    second: dict = {}
+
+    def ask_again():
+        second["model"] = load_vlm(str(tmp_path), "bfloat16")
+
+    def fake_from_pretrained(path, dtype):
+        loads.append(path)
+        if len(loads) == 1:  # while the first load runs, a second thread asks for the same model
+            other = threading.Thread(target=ask_again)
+            other.start()
+            other.join(timeout=2)  # a locked load_vlm keeps it waiting; an unlocked one lets it load a copy
+            second["thread"] = other
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", fake_from_pretrained)
+    first = load_vlm(str(tmp_path), "bfloat16")
+    second["thread"].join()
+    assert loads == [str(tmp_path)]
+    assert second["model"] is first

@@ -36,6 +36,7 @@ stages before the projector and those after it.
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -77,13 +78,20 @@ def tower_options(encoder_params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in encoder_params.items() if k in TowerOptions.model_fields and k != "project"}
 
 
+#: Held while a model is looked up or loaded (see load_vlm).
+_LOAD_LOCK = threading.Lock()
+
+
 def load_vlm(path: str, dtype: str) -> torch.nn.Module:
     """``from_pretrained`` once per (path, dtype): encoder and query encoder share the model.
 
     ``path`` is resolved first (``arrcoc:toyvqa`` is the model shipped in the package), so that the
-    name and the directory it stands for share one model.
+    name and the directory it stands for share one model.  Loads are serialised: ``lru_cache`` alone lets two
+    threads asking at once both run ``from_pretrained`` (two copies of the weights; each caller keeps its own).
     """
-    return _load_vlm(resolve_model(path), dtype)
+    path = resolve_model(path)
+    with _LOAD_LOCK:
+        return _load_vlm(path, dtype)
 
 
 @lru_cache(maxsize=4)
