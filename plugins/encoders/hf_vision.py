@@ -60,15 +60,18 @@ class HFVision(Encoder):
         super().__init__(params, **kwargs)
         if self.params.model is None:
             raise ModelError("hf_vision: set `model:` to a model directory (or use it through arrcoc.hf.apply)")
+        from arrcoc.integrations.hf.adapter import adapter_for
         from arrcoc.integrations.hf.vision import TowerOptions, VisionTower, load_vlm
 
         model = load_vlm(self.params.model, self.params.dtype)
-        self.tower = VisionTower(model, **self.params.model_dump(include=set(TowerOptions.model_fields)))
-        if self.tower.adapter.image_input_names:
+        # Refused before the tower reads its settings: for such a tower they are moot (e.g. an attention layer).
+        adapter = adapter_for(model)
+        if adapter.image_input_names:
             raise ModelError(
-                f"hf_vision: a standalone {self.tower.adapter.family} tower needs its processor's inputs "
-                f"({', '.join(self.tower.adapter.image_input_names)}); use it inside the model with arrcoc.hf.apply"
+                f"hf_vision: a standalone {adapter.family} tower needs its processor's inputs "
+                f"({', '.join(adapter.image_input_names)}); use it inside the model with arrcoc.hf.apply"
             )
+        self.tower = VisionTower(model, **self.params.model_dump(include=set(TowerOptions.model_fields)))
         self.provides = self.tower.provides
         self.mean, self.std = self._normalisation()
 

@@ -101,3 +101,23 @@ def test_normalisation_comes_from_a_processor_saved_by_transformers_5(tmp_path):
     enc = arrcoc.create("encoder", "hf_vision", model=str(tmp_path))
     torch.testing.assert_close(enc.mean.flatten(), torch.tensor([0.5, 0.4, 0.3]))
     torch.testing.assert_close(enc.std.flatten(), torch.tensor([0.2, 0.25, 0.5]))
+
+
+@pytest.mark.parametrize("settings", [{}, {"attention_layer": 99}])
+def test_a_standalone_tower_that_needs_processor_inputs_is_refused_first(tmp_path, settings):
+    """A Qwen2-VL tower needs ``image_grid_thw`` beside the pixels, which a standalone encoder cannot give: that is
+    the error, whatever the tower settings say (an attention layer out of range is moot for such a tower)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
+        image_token_id=900, video_token_id=901, vision_start_token_id=902, vision_end_token_id=903)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=r"hf_vision: a standalone qwen2_vl tower needs its processor's inputs "
+                                         r"\(image_grid_thw\); use it inside the model with arrcoc.hf.apply"):
+        arrcoc.create("encoder", "hf_vision", model=str(tmp_path), **settings)
