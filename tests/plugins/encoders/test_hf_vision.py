@@ -121,3 +121,33 @@ def test_a_standalone_tower_that_needs_processor_inputs_is_refused_first(tmp_pat
     with pytest.raises(ModelError, match=r"hf_vision: a standalone qwen2_vl tower needs its processor's inputs "
                                          r"\(image_grid_thw\); use it inside the model with arrcoc.hf.apply"):
         arrcoc.create("encoder", "hf_vision", model=str(tmp_path), **settings)
+
+
+def test_the_plugin_imports_and_is_listed_without_transformers(tmp_path):
+    """``pip install arrcoc`` without transformers (an old install, a trimmed environment): the plugin module imports
+    and the registry lists it; only building it needs the model (then arrcoc.hf's own error names the extra)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib.abc, sys\n"
+        "class NoTransformers(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'transformers':\n"
+        "            raise ImportError('no transformers here')\n"
+        "sys.meta_path.insert(0, NoTransformers())\n"
+        "import arrcoc_plugins.encoders.hf_vision\n"
+        "from arrcoc.errors import ModelError\n"
+        "from arrcoc.registry import get_registry\n"
+        "registry = get_registry()\n"
+        "assert 'hf_vision' in registry.names('encoder'), registry.names('encoder')\n"
+        "assert 'hf_vision' not in registry.failures, registry.failures\n"
+        "try:\n"
+        "    registry.create('encoder', 'hf_vision', model='arrcoc:toyvqa')\n"
+        "except ModelError as exc:\n"
+        "    print('refused:', exc)\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'transformers']\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "refused: arrcoc.hf needs transformers: pip install 'arrcoc[hf]'"
