@@ -965,3 +965,39 @@ def test_keep_and_merge_pass_gradients_to_the_tokens():
     x.grad = None
     (ops.keep(state, torch.tensor([[1, 2], [3, 4]])).tokens * 2).sum().backward()
     assert x.grad.sum() == 2 * 2 * 2 * D and x.grad[0, 1].eq(2).all() and x.grad[0, 0].eq(0).all()
+
+
+# ------------------------- with the value checks off, a bad index still fails (review of issue 17)
+def _fails_or_is_refused(make) -> None:
+    """What ``make()`` returns must not be a state that passes the stage boundary's check."""
+    try:
+        out = make()
+    except (IndexError, RuntimeError):  # torch's index error in the gather / scatter that used the index
+        return
+    if isinstance(out, TokenState):
+        with pytest.raises(StateError):
+            out.check()
+    else:
+        pytest.fail(f"a bad index was silently used: {out!r}")
+
+
+@pytest.mark.parametrize("index", [
+    [[0, N], [0, 1]],       # one past image 0's row: image 1's first token in the flattened batch
+    [[0, 1], [0, -1]],      # one before image 1's row: image 0's last token
+    [[0, 1], [0, N + 3]],   # past the last image's row
+])
+def test_an_index_outside_its_row_never_reads_another_image_with_the_checks_off(index):
+    # Unchecked (the default), the ops gather rows of the flattened [B * N] batch: an index outside [0, N)
+    # must fail there, not silently read a token of a neighbouring image (a state the boundary cannot tell).
+    state = make_state(cls=False)
+    index = torch.tensor(index)
+    valid = torch.ones_like(index, dtype=torch.bool)
+    assert not ops.checks_enabled()
+    _fails_or_is_refused(lambda: ops.keep(state, index))
+    _fails_or_is_refused(lambda: ops.gather_rows(state.tokens, index, valid))
+    _fails_or_is_refused(lambda: ops.merge(state, index[:, 1:], torch.tensor([[0], [0]])))
+    _fails_or_is_refused(lambda: ops.merge(state, torch.tensor([[2], [2]]), index[:, 1:]))
+    # invalid entries are still ignored, whatever they hold
+    out = ops.keep(state, index, torch.tensor([[True, False], [True, False]]))
+    assert out.counts.tolist() == [1, 1] and torch.equal(out.tokens[:, 0], state.tokens[:, 0])
+

@@ -93,8 +93,12 @@ def check_rows(index: object, valid: object, B: int, N: int, what: str) -> tuple
     """``(index, valid)`` after checking an int64 index ``[B, K]`` into ``N`` slots
     (``valid`` defaults to all True); returns the index with invalid entries set to 0.
 
-    The range is checked when :func:`checking` is on (else an index past the
-    row fails in the gather that uses it)."""
+    The range is checked when :func:`checking` is on.  Off, an index outside
+    ``[0, N)`` is replaced by one past every row, so that the gather or
+    scatter that uses it fails: the ops index the flattened ``[B * N]`` rows
+    of the batch, where ``N`` in image ``b`` (or -1 in image ``b + 1``) is a
+    real token of the neighbouring image, a state no later check can tell
+    from a right one.  Elementwise over ``[B, K]``: no device sync."""
     if not isinstance(index, torch.Tensor) or index.ndim != 2 or index.shape[0] != B or index.dtype != torch.int64:
         got = f"shape {list(index.shape)} dtype {index.dtype}" if isinstance(index, torch.Tensor) else type(index).__name__
         raise StateError(f"{what}: expected an int64 index [B={B}, K], got {got}")
@@ -103,8 +107,11 @@ def check_rows(index: object, valid: object, B: int, N: int, what: str) -> tuple
         valid = torch.ones_like(index, dtype=torch.bool)
     if not isinstance(valid, torch.Tensor) or valid.shape != index.shape or valid.dtype != torch.bool:
         raise StateError(f"{what}: valid must be a bool tensor of shape {list(index.shape)}")
-    if checks_enabled() and bool(((index < 0) | (index >= N))[valid].any()):
-        raise StateError(f"{what}: indices must lie in [0, {N})")
+    if checks_enabled():
+        if bool(((index < 0) | (index >= N))[valid].any()):
+            raise StateError(f"{what}: indices must lie in [0, {N})")
+    else:  # (B + 1) * (N + 1): past the flattened rows from any image, and past a row's dummy slot N
+        index = torch.where((index >= 0) & (index < N), index, (B + 1) * (N + 1))
     return (index.masked_fill(~valid, 0) if given else index), valid
 
 
