@@ -1001,3 +1001,15 @@ def test_an_index_outside_its_row_never_reads_another_image_with_the_checks_off(
     out = ops.keep(state, index, torch.tensor([[True, False], [True, False]]))
     assert out.counts.tolist() == [1, 1] and torch.equal(out.tokens[:, 0], state.tokens[:, 0])
 
+
+def test_a_merge_into_a_token_that_does_not_survive_fails_with_the_checks_off():
+    # A destination that is itself a source (a chain) or a padded slot has no output row: the write must fail,
+    # not land in the previous image's last token.
+    state = ragged(make_state(cls=False), [N, 6])
+    chain = (torch.tensor([[1, 2], [1, 2]]), torch.tensor([[0, 0], [2, 3]]))  # image 1: 1 -> 2 -> 3
+    padded = (torch.tensor([[1], [1]]), torch.tensor([[0], [9]]))            # image 1: into padded slot 9
+    for src, dst in (chain, padded):
+        assert not ops.checks_enabled()
+        _fails_or_is_refused(lambda: ops.merge(state, src, dst))
+        with ops.checking(), pytest.raises(StateError, match=r"merge"):
+            ops.merge(state, src, dst)

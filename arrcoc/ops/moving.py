@@ -271,7 +271,12 @@ def merge(
     # Where each destination landed among the survivors (flat output row; invalid pairs -> the spare row B * K),
     # and the same for one pair per destination only (its group's first), for the writes that must happen once.
     spare = torch.full((B * R,), B * K, dtype=torch.int64, device=device)
-    out_rows = torch.where(valid.reshape(-1), _flat_rows(new_slot.gather(1, dst_sink), K), spare)
+    # A destination with no output row (a padded slot, or a source itself: a chain; refused with the checks on)
+    # has slot -1, which in the flat output is the previous image's last token: send its writes past the buffer
+    # instead, so that they fail (elementwise: no device sync).
+    dst_slot = new_slot.gather(1, dst_sink)
+    dst_slot = torch.where(dst_slot >= 0, dst_slot, (B + 1) * (K + 1))
+    out_rows = torch.where(valid.reshape(-1), _flat_rows(dst_slot, K), spare)
     once_rows = torch.where((first == pair).reshape(-1), out_rows, spare)
     coefficients: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
