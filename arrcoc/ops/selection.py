@@ -10,7 +10,7 @@ import torch
 from ..errors import BudgetError, StateError
 from ..state import TokenState
 from ._checks import check_mask, checks_enabled, per_row_count
-from .moving import keep
+from .moving import _rebuild, keep
 
 __all__ = ["resolve_keep", "topk_per_row", "TopK", "topk", "keep_topk"]
 
@@ -43,6 +43,86 @@ def resolve_keep(keep: float | int, counts: torch.Tensor, *, where: str = "keep"
     return torch.full_like(counts, keep)
 
 
+#: The float32 magnitude bits that every NaN is ranked at: just above +inf's (0x7f800000), so all NaNs tie
+#: (broken by index) above every number, as ``torch.sort`` ranks them.
+_NAN_BITS = 0x7F800001
+#: Index bits of the ranking key at most: ``1 + 32 + bits`` must fit an int64's 63 value bits.
+_MAX_INDEX_BITS = 29
+
+
+def _ranking_key(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """int64 ``[B, N]`` keys in the order of the ranking, largest first and all distinct.
+
+    The order is that of a stable descending sort of ``scores.float()`` followed by a stable
+    sort that puts masked entries last: real before masked, then the float32 score (NaN above
+    +inf, ``-0.0 == 0.0``), then the lower index.  A float32's magnitude bits order like its
+    magnitude, so ``+-magnitude`` is an int32 that orders like the float (``-0.0`` and ``0.0``
+    both give 0; a NaN tests neither ``< 0`` nor above ``_NAN_BITS``).  The key packs
+    ``[real: 1 bit | score: 32 bits | N - 1 - index: bits]``, so ``torch.topk`` of it is exact
+    (no ties left for its kernel to order) with a few elementwise ops instead of full sorts.
+    """
+    s = scores.float()
+    N = s.shape[1]
+    bits = max(1, (N - 1).bit_length())
+    magnitude = s.abs().view(torch.int32).clamp_(max=_NAN_BITS)
+    score = torch.where(s < 0, magnitude.neg(), magnitude)
+    reverse_index = torch.arange(N - 1, -1, -1, device=s.device)
+    key = torch.add(reverse_index, score, alpha=1 << bits)  # int64 (type promotion), computed in int64
+    if mask is not None:
+        key.add_(mask, alpha=1 << (32 + bits))
+    return key
+
+
+def _topk_rows(
+    scores: torch.Tensor, k: int | torch.Tensor, mask: torch.Tensor | None, order: str
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`topk_per_row` plus whether every row keeps ``K`` (``valid`` all True)."""
+    if scores.ndim != 2:
+        raise StateError(f"topk_per_row: expected scores [B, N], got shape {list(scores.shape)}")
+    if order not in ("score", "position"):
+        raise StateError(f"topk_per_row: order must be 'score' or 'position', got {order!r}")
+    B, N = scores.shape
+    if mask is not None:
+        check_mask(mask, (B, N), "topk_per_row")
+    host_k = isinstance(k, numbers.Integral) and not isinstance(k, bool)
+    if host_k and not 0 <= k <= N:  # (a host int: no sync)
+        raise BudgetError(f"topk_per_row: asked for {k} tokens, rows have {N} slots")
+    k_rows = None if host_k and not checks_enabled() else per_row_count(k, B, scores.device, "topk_per_row: k")
+    if checks_enabled():
+        real = scores if mask is None else scores[mask]
+        if torch.isnan(real).any():
+            raise StateError("topk_per_row: scores contain NaN")
+        counts = torch.full((B,), N, device=scores.device) if mask is None else mask.sum(1)
+        if bool((k_rows > counts).any()) or bool((k_rows < 0).any()):
+            raise BudgetError(
+                f"topk_per_row: asked for {k_rows.tolist()} tokens, rows have {counts.tolist()}"
+            )
+    if host_k or not B:
+        K, full = (int(k) if B else 0), True
+    else:
+        fewest, K = torch.stack(torch.aminmax(k_rows)).tolist()  # the output's width: the op's one device sync
+        full = fewest == K
+    if N > 1 << _MAX_INDEX_BITS:  # (no room for the index in the key: full stable sorts)
+        index = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+        if mask is not None:
+            last = torch.sort((~mask.gather(1, index)).to(torch.int8), dim=1, stable=True).indices
+            index = index.gather(1, last)
+        index = index[:, :K]
+    else:
+        # Rows of one width in position order need no ranking among the kept: an unsorted top-k.
+        key = _ranking_key(scores, mask)
+        index = torch.topk(key, K, dim=1, sorted=not (full and order == "position")).indices
+    if full:
+        valid = torch.ones(B, K, dtype=torch.bool, device=scores.device)
+        if order == "position":
+            index = torch.sort(index, dim=1).values
+        return index, valid, True
+    valid = torch.arange(K, device=scores.device)[None, :] < k_rows[:, None]
+    if order == "position":
+        index = torch.sort(index.masked_fill(~valid, N), dim=1).values.masked_fill(~valid, 0)
+    return index, valid, False
+
+
 def topk_per_row(
     scores: torch.Tensor,
     k: int | torch.Tensor,
@@ -53,51 +133,18 @@ def topk_per_row(
     """Masked, ragged top-k over the last dim of ``scores`` ``[B, N]``.
 
     ``k`` is an int or a ``[B]`` tensor of per-row counts.  Masked entries are
-    never selected, ties go to the lower index.  With
-    :func:`arrcoc.ops.checking` on, NaN scores of real tokens and a ``k``
-    outside ``[0, count]`` are errors (a ``k`` past a row's count would select
-    a padded slot, which the stage boundary refuses: its size is 0).
-    ``order="score"`` returns indices by decreasing score, ``"position"`` in
-    increasing index order (the original token order).
+    never selected, ties go to the lower index.  Scores of any floating dtype
+    are ranked as their float32 values (NaN above every number, ``-0.0`` equal
+    to ``0.0``).  With :func:`arrcoc.ops.checking` on, NaN scores of real
+    tokens and a ``k`` outside ``[0, count]`` are errors (a ``k`` past a row's
+    count would select a padded slot, which the stage boundary refuses: its
+    size is 0).  ``order="score"`` returns indices by decreasing score,
+    ``"position"`` in increasing index order (the original token order).
 
-    Returns ``(index [B, K], valid [B, K])`` with ``K = max(k)``.
+    Returns ``(index [B, K], valid [B, K])`` with ``K = max(k)``; one device
+    sync for a tensor ``k`` (``K``), none for an int.
     """
-    if scores.ndim != 2:
-        raise StateError(f"topk_per_row: expected scores [B, N], got shape {list(scores.shape)}")
-    if order not in ("score", "position"):
-        raise StateError(f"topk_per_row: order must be 'score' or 'position', got {order!r}")
-    B, N = scores.shape
-    if mask is not None:
-        check_mask(mask, (B, N), "topk_per_row")
-    k_rows = per_row_count(k, B, scores.device, "topk_per_row: k")
-    if isinstance(k, numbers.Integral) and not 0 <= k <= N:  # (a host int: no sync)
-        raise BudgetError(f"topk_per_row: asked for {k} tokens, rows have {N} slots")
-    if checks_enabled():
-        real = scores if mask is None else scores[mask]
-        if torch.isnan(real).any():
-            raise StateError("topk_per_row: scores contain NaN")
-        counts = torch.full((B,), N, device=scores.device) if mask is None else mask.sum(1)
-        if bool((k_rows > counts).any()) or bool((k_rows < 0).any()):
-            raise BudgetError(
-                f"topk_per_row: asked for {k_rows.tolist()} tokens, rows have {counts.tolist()}"
-            )
-    if isinstance(k, numbers.Integral):
-        K = int(k) if B else 0
-    else:
-        K = int(k_rows.max()) if B else 0  # the output's width: the op's one device sync
-    # Stable descending sort breaks ties by index; then (ragged rows) a stable sort on the
-    # mask puts masked entries last even when real scores are -inf.
-    index = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
-    if mask is not None:
-        last = torch.sort((~mask.gather(1, index)).to(torch.int8), dim=1, stable=True).indices
-        index = index.gather(1, last)
-    index = index[:, :K]
-    if isinstance(k, numbers.Integral):
-        valid = torch.ones(B, K, dtype=torch.bool, device=scores.device)
-    else:
-        valid = torch.arange(K, device=scores.device)[None, :] < k_rows[:, None]
-    if order == "position":
-        index = torch.sort(index.masked_fill(~valid, N), dim=1).values.masked_fill(~valid, 0)
+    index, valid, _ = _topk_rows(scores, k, mask, order)
     return index, valid
 
 
@@ -133,5 +180,14 @@ def keep_topk(
         raise StateError(
             f"keep_topk: scores must be [B, N]={list(state.mask.shape)} (one per token slot), got {got}"
         )
-    index, valid = topk_per_row(scores, k, state.mask, order=order)
-    return keep(state, index, valid)
+    index, valid, full = _topk_rows(scores, k, state.mask, order)
+    if checks_enabled():
+        return keep(state, index, valid)  # (with its checks of the index and of ``origin``)
+    # What keep() would do, less what the top-k already guarantees: the index is in range, on real
+    # tokens, unique per row, its valid entries come first and the width is the most kept (no
+    # packing sort, no second sync for the width).
+    if full:
+        return _rebuild(state, index, valid, True, index, state.origin)[0]
+    index = index.masked_fill(~valid, 0)
+    sink = index.masked_fill(~valid, state.N)  # invalid entries -> the dummy slot N
+    return _rebuild(state, index, valid, False, sink, state.origin)[0]
