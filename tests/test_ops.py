@@ -1013,3 +1013,52 @@ def test_a_merge_into_a_token_that_does_not_survive_fails_with_the_checks_off():
         _fails_or_is_refused(lambda: ops.merge(state, src, dst))
         with ops.checking(), pytest.raises(StateError, match=r"merge"):
             ops.merge(state, src, dst)
+
+
+def ref_merge_tokens(x: torch.Tensor, w: torch.Tensor, src: list[list[int]], dst: list[list[int]]) -> torch.Tensor:
+    """Survivors in index order, each destination the w-weighted mean of its group (float32, differentiable)."""
+    rows = []
+    for b in range(x.shape[0]):
+        groups: dict[int, list[int]] = {}
+        for s, d in zip(src[b], dst[b]):
+            groups.setdefault(d, [d]).append(s)
+        kept = [n for n in range(x.shape[1]) if n not in set(src[b])]
+        rows.append(torch.stack([
+            (x[b, groups.get(n, [n])].float() * w[b, groups.get(n, [n]), None]).sum(0) / w[b, groups.get(n, [n])].sum()
+            for n in kept
+        ]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("many", [False, True])  # several sources per destination (K <= 3R) or a few (K > 3R)
+def test_merge_gradients_equal_the_reference_weighted_means_for_tokens_and_weights(dtype, many):
+    # The gradient of each token and weight is that of the plain group means, also when a destination gathers
+    # several sources (each written once: the destination and the weight totals are not counted per pair).
+    g = torch.Generator().manual_seed(0)
+    src = [list(range(1, N, 2)), [3, 5, 8]] if many else [[1, 3], [5, 7]]
+    dst = [[0] * len(src[0]), [4, 4, 2]] if many else [[0, 0], [4, 4]]
+    R = max(map(len, src))
+    src_t = torch.tensor([s + [0] * (R - len(s)) for s in src])
+    dst_t = torch.tensor([d + [0] * (R - len(d)) for d in dst])
+    valid = torch.tensor([[i < len(s) for i in range(R)] for s in src])
+    x0, w0 = torch.randn(2, N, D, generator=g).to(dtype), torch.rand(2, N, generator=g) + 0.5
+    probe = torch.randn(2, N - min(map(len, src)), D, generator=g)
+    grads = {}
+    for name in ("ops", "reference"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if name == "ops":
+            out = ops.merge(TokenState.from_patches(x, (H, W)), src_t, dst_t, valid, weights=w)
+            tokens, mask = out.tokens.float(), out.mask
+        else:
+            tokens = torch.cat([ref_merge_tokens(x[b:b + 1], w[b:b + 1], [src[b]], [dst[b]])[0].flatten()
+                                for b in range(2)])
+            mask = None
+        if mask is not None:
+            tokens = tokens[mask].flatten()
+        (tokens * probe[:, :, :].flatten()[: tokens.numel()]).sum().backward()
+        grads[name] = (x.grad.float(), w.grad)
+    tol = 1e-5 if dtype != torch.bfloat16 else 2e-2
+    for got, want in zip(grads["ops"], grads["reference"]):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()

@@ -165,6 +165,8 @@ def _rebuild(state: TokenState, index: torch.Tensor, valid: torch.Tensor, full: 
         if name not in spare:
             return _gather_rows(x, index, valid, full, rows=rows)
         buffers[name] = x.new_empty(B * K + 1, *x.shape[2:])
+        if torch.is_grad_enabled():  # the spare row, under autograd: not garbage (NaN times a zero gradient is NaN)
+            buffers[name][B * K].zero_()
         return _gather_rows(x, index, valid, full, out=buffers[name][: B * K], rows=rows)
 
     state = dataclasses.replace(
@@ -278,6 +280,10 @@ def merge(
     dst_slot = torch.where(dst_slot >= 0, dst_slot, (B + 1) * (K + 1))
     out_rows = torch.where(valid.reshape(-1), _flat_rows(dst_slot, K), spare)
     once_rows = torch.where((first == pair).reshape(-1), out_rows, spare)
+    # The group rows the destinations are copied into: by each group's first pair only, the others to a last,
+    # never-read row (an index_copy_ with repeated indices keeps one value, but its gradient goes to every copy:
+    # a destination's token and weight would count once per pair of its group under autograd).
+    group_once = torch.where((first == pair).reshape(-1), group, B * (R + 1))
     coefficients: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def coefficient(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +291,7 @@ def merge(
         if (id(weight), dtype) not in coefficients:
             w_rows = weight.reshape(B * N).to(dtype)
             w_dst, w_src = w_rows.index_select(0, dst_rows), w_rows.index_select(0, src_rows)
-            total = w_dst.new_empty(B * (R + 1)).index_copy_(0, group, w_dst).index_add_(0, group, w_src)
+            total = w_dst.new_empty(B * (R + 1) + 1).index_copy_(0, group_once, w_dst).index_add_(0, group, w_src)
             total = total.index_select(0, group).clamp_min(torch.finfo(torch.float32).tiny)
             coefficients[id(weight), dtype] = (w_dst / total, w_src / total)
         return coefficients[id(weight), dtype]
@@ -306,7 +312,7 @@ def merge(
             if weight is not None:
                 c_dst, c_src = coefficient(weight, acc_dtype)
                 dst_val, src_val = dst_val * c_dst.view(shape), src_val * c_src.view(shape)
-            acc = dst_val.new_empty(B * (R + 1), *x.shape[2:]).index_copy_(0, group, dst_val)
+            acc = dst_val.new_empty(B * (R + 1) + 1, *x.shape[2:]).index_copy_(0, group_once, dst_val)
             acc = acc.index_add_(0, group, src_val).index_select(0, group)
             buffer.index_copy_(0, once_rows, acc.to(x.dtype))
             return
