@@ -10,12 +10,19 @@ dozen ops.  They run only when :func:`checking` is on.
 Off by default, because the pipeline checks once per stage instead:
 :func:`arrcoc.pipeline.check_stage_output` runs :meth:`TokenState.check` on
 every stage's output (prefix masks, sizes > 0, ``origin`` on real tokens,
-finite tokens) and names the stage that broke it.  What a wrong index leaves
-behind is caught there: a kept or merged padded slot has size 0, a bad
-``origin`` points outside the tokens, a non-finite weight gives non-finite
-tokens; an index past the row fails in the gather itself (inside the stage,
-so the error names it too).  Turn the switch on to find *which op* of a
-stage got a bad argument — while writing a plugin, in its tests::
+finite tokens) and names the stage that broke it.  Much of what a wrong
+argument leaves behind is caught there or fails inside the op: a kept
+padded slot has size 0, a bad ``origin`` points outside the tokens, a
+non-finite weight gives non-finite tokens, an index outside its row fails in
+the gather or scatter that uses it (see :func:`check_rows`), and so does a
+merge into a token that does not survive (a chain, a padded slot).  Not all:
+with the switch off, an index repeated in a row of ``keep`` or among
+``merge``'s sources duplicates or double-counts a token, a weight <= 0
+averages to a wrong but finite token, a merged padded source with explicit
+weights adds its (zero) row, and NaN scores rank as the largest — states
+the boundary cannot tell from right ones.  Turn the switch on to find
+*which op* of a stage got a bad argument — while writing a plugin, in its
+tests::
 
     with arrcoc.ops.checking():
         out = my_compressor(state)
@@ -56,7 +63,8 @@ def checking(enabled: bool = True) -> Iterator[None]:
 
     Off by default: each check is a device sync, and the pipeline already
     checks every stage's output once (:func:`arrcoc.pipeline.check_stage_output`).
-    Scoped to the block (and to the thread / task: a ``ContextVar``).
+    Scoped to the block (and to the thread / task: a ``ContextVar``; a thread
+    started inside the block does not inherit it, an asyncio task does).
     """
     token = _CHECKING.set(bool(enabled))
     try:

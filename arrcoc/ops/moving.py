@@ -5,8 +5,9 @@ once, for every field: ``tokens``, ``mask``, ``size``, ``positions``,
 ``origin`` and each ``per_token`` tensor stay aligned, ragged batches stay
 packed (real tokens first), and nothing is silently dropped.  Bad index
 shapes raise :class:`~arrcoc.errors.StateError`; bad index *values* do with
-:func:`arrcoc.ops.checking` on (else the stage boundary's check catches what
-they leave behind).  Each op makes at most one device sync: the width of its output.
+:func:`arrcoc.ops.checking` on (off, an index outside its row still fails;
+the stage boundary's check catches much, not all, of what other bad values
+leave behind: see :mod:`arrcoc.ops._checks`).  Each op makes at most one device sync: the width of its output.
 """
 
 from __future__ import annotations
