@@ -32,8 +32,9 @@ def resolve_keep(keep: float | int, counts: torch.Tensor, *, where: str = "keep"
     if isinstance(keep, float):
         if not 0.0 < keep <= 1.0:
             raise BudgetError(f"{where}: a ratio must lie in (0, 1], got {keep}")
-        # floor(n * keep) in float64 like Python's int(N * rate) (n <= 2^53: exact); elementwise over [B], no matmul
-        return torch.floor(counts.double() * keep).to(torch.int64).clamp(min=1).minimum(counts)
+        # floor(n * keep) in float64 like Python's int(N * rate) (n <= 2^53: exact; the cast truncates, which is
+        # the floor of a product >= 0); elementwise over [B], no matmul
+        return counts.double().mul_(keep).to(torch.int64).clamp_(min=1).minimum(counts)
     if keep < 1:
         raise BudgetError(f"{where}: a count must be >= 1, got {keep}")
     if counts.numel():
@@ -100,8 +101,9 @@ def _topk_rows(
     if host_k or not B:
         K, full = (int(k) if B else 0), True
     else:
-        fewest, K = torch.stack(torch.aminmax(k_rows)).tolist()  # the output's width: the op's one device sync
-        full = fewest == K
+        per_row = k_rows.tolist()  # the output's width: the op's one device sync ([B] ints: fewer ops than a max)
+        K = max(per_row)
+        full = min(per_row) == K
     if N > 1 << _MAX_INDEX_BITS:  # (no room for the index in the key: full stable sorts)
         index = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
         if mask is not None:
