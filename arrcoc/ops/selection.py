@@ -185,9 +185,9 @@ def keep_topk(
     index, valid, full = _topk_rows(scores, k, state.mask, order)
     if checks_enabled():
         return keep(state, index, valid)  # (with its checks of the index and of ``origin``)
-    # What keep() would do, less what the top-k already guarantees: the index is in range, on real
-    # tokens, unique per row, its valid entries come first and the width is the most kept (no
-    # packing sort, no second sync for the width).
+    # What keep() would do, less what the top-k already guarantees: the index is in [0, N), unique per
+    # row (on real tokens when k fits each row's count, which checking() verifies), its valid entries
+    # come first and the width is the most kept (no packing sort, no second sync for the width).
     if full:
         return _rebuild(state, index, valid, True, index, state.origin)[0]
     index = index.masked_fill(~valid, 0)
