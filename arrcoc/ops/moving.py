@@ -26,6 +26,8 @@ __all__ = ["gather_rows", "keep", "merge", "pack", "unmerge", "patches_to_tokens
 
 def _flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
     """Row ids into a ``[B * n, ...]`` flattening for a per-row ``index`` ``[B, K]``."""
+    if index.shape[0] == 1:  # (one row: the index itself, without three ops to add 0 to it)
+        return index.reshape(-1)
     return (index + torch.arange(index.shape[0], device=index.device)[:, None] * n).reshape(-1)
 
 
@@ -127,13 +129,14 @@ def _keep(state: TokenState, safe: torch.Tensor, valid: torch.Tensor) -> TokenSt
     """:func:`keep` of checked indices (invalid entries 0)."""
     B, N = state.mask.shape
     device = state.device
-    # Pack real entries first (stable: keeps the caller's order), trim padding.
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
     K, full = _width(valid.sum(1))
-    order = order[:, :K]
-    safe, valid = safe.gather(1, order), valid.gather(1, order)
-
-    sink = torch.where(valid, safe, torch.full_like(safe, N))  # invalid -> dummy slot N
+    if full and K == valid.shape[1]:  # every entry valid (e.g. a top-k of one k): packed already, nothing to sink
+        sink = safe
+    else:
+        # Pack real entries first (stable: keeps the caller's order), trim padding.
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :K]
+        safe, valid = safe.gather(1, order), valid.gather(1, order)
+        sink = torch.where(valid, safe, torch.full_like(safe, N))  # invalid -> dummy slot N
     if checks_enabled():
         hits = torch.zeros(B, N + 1, dtype=torch.int64, device=device)
         hits.scatter_add_(1, sink, torch.ones_like(sink))
@@ -154,10 +157,12 @@ def _rebuild(state: TokenState, index: torch.Tensor, valid: torch.Tensor, full: 
     B, N = state.mask.shape
     K = index.shape[1]
     device = state.device
-    new_slot = torch.full((B, N + 1), -1, dtype=torch.int64, device=device)
+    # One column more in front, -1, which a dropped patch's origin (-1) reads: origin + 1 indexes it whole.
+    shifted = torch.full((B, N + 2), -1, dtype=torch.int64, device=device)
+    new_slot = shifted[:, 1:]
     # (column N, where dropped slots sink, is never read: origin >= 0 points at a slot < N)
     new_slot.scatter_(1, sink, torch.arange(K, device=device).expand(B, K).contiguous())
-    origin = torch.where(origin >= 0, new_slot.gather(1, origin.clamp(min=0)), origin)
+    origin = shifted.gather(1, origin + 1)
 
     buffers: dict[str, torch.Tensor] = {}
     rows = _flat_rows(index, N)
@@ -170,16 +175,41 @@ def _rebuild(state: TokenState, index: torch.Tensor, valid: torch.Tensor, full: 
             buffers[name][B * K].zero_()
         return _gather_rows(x, index, valid, full, out=buffers[name][: B * K], rows=rows)
 
+    fields = {"size": state.size, **{f"per_token:{k}": v for k, v in state.per_token.items()}}
+    gathered = _gather_stacked(fields, spare, rows, valid, full, B, K)
     state = dataclasses.replace(
         state,
         tokens=gather("tokens", state.tokens),
         mask=valid,
-        size=gather("size", state.size),
+        size=gathered.get("size") if "size" in gathered else gather("size", state.size),
         positions=gather("positions", state.positions),
         origin=origin,
-        per_token={k: gather(f"per_token:{k}", v) for k, v in state.per_token.items()},
+        per_token={k: gathered[f"per_token:{k}"] if f"per_token:{k}" in gathered else gather(f"per_token:{k}", v)
+                   for k, v in state.per_token.items()},
     )
     return state, new_slot, buffers
+
+
+def _gather_stacked(fields: Mapping[str, torch.Tensor], spare: frozenset[str], rows: torch.Tensor,
+                    valid: torch.Tensor, full: bool, B: int, K: int) -> dict[str, torch.Tensor]:
+    """The ``[B, N]`` floating fields of one dtype (``size``, per-token scores) gathered by one
+    ``index_select`` of their stack ``[F, B * N]`` (each a contiguous ``[B, K]`` row of the result):
+    a call per field costs more than the gathering of a few hundred numbers.  Fields in ``spare``, of
+    other shapes, or alone in their dtype are left to the caller (not in the result)."""
+    groups: dict[torch.dtype, list[str]] = {}
+    for name, x in fields.items():
+        if name not in spare and x.ndim == 2 and x.is_floating_point():
+            groups.setdefault(x.dtype, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        stacked = torch.stack([fields[name].reshape(-1) for name in names])
+        picked = torch.index_select(stacked, 1, rows)
+        if not full:
+            picked = picked.masked_fill_(~valid.reshape(1, -1), 0)
+        out.update((name, row.view(B, K)) for name, row in zip(names, picked))
+    return out
 
 
 def merge(

@@ -137,8 +137,8 @@ class FastV(LLMCompressor):
         if attn.ndim != 2:
             raise StateError(f"fastv: per_token[{FIELD!r}] must be [B, N] or [B, N, heads], got {list(attn.shape)}")
         k = fastv_keep_count(state.counts, self.params.keep, self.params.rounding)
-        index, valid = fastv_select(attn.float(), k, state.mask)
-        return ops.keep(state, index, valid)
+        # keep_topk is keep(fastv_select(...)) on one path (the top-k and the gather without re-packing).
+        return ops.keep_topk(state, attn.float(), k, order="position")
 
 
 @hookimpl
