@@ -367,6 +367,19 @@ class TokenState:
             out._check_bookkeeping()
         return out
 
+    def _derive(self, **parts: Any) -> "TokenState":
+        """A copy with ``parts`` replaced, **not validated**: only for :mod:`arrcoc.ops`, which builds every part
+        from this (validated) state's own fields with the shapes, dtypes and device a construction checks
+        (``tokens``, ``mask``, ``size``, ``positions``, ``origin``, ``per_token``).  ``dataclasses.replace`` runs
+        ``__post_init__`` and ``_validate`` (~14 us on a CPU, as much as the gathers of a small keep); every public
+        construction still does."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        if "per_token" in parts:
+            parts["per_token"] = _frozen(parts["per_token"])
+        out.__dict__.update(parts)
+        return out
+
     def with_per_token(self, **fields: torch.Tensor) -> "TokenState":
         """A copy with ``per_token`` fields added or replaced."""
         return dataclasses.replace(self, per_token={**self.per_token, **fields})

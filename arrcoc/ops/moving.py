@@ -49,7 +49,14 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, full
     """:func:`gather_rows` without the checks, for indices already checked (``full``: every entry is valid;
     ``out``: a flat ``[B * K, ...]`` tensor to gather into; ``rows``: ``_flat_rows(index, N)`` if known)."""
     B, N = x.shape[:2]
-    flat, rows = x.reshape(B * N, *x.shape[2:]), _flat_rows(index, N) if rows is None else rows
+    rows = _flat_rows(index, N) if rows is None else rows
+    if out is None and B == 1:  # (one row: select along the tokens axis, without two reshapes around it)
+        gathered = x.index_select(1, rows)
+        if full:
+            return gathered
+        fill = valid.view(*valid.shape, *([1] * (x.ndim - 2)))
+        return gathered.masked_fill_(~fill, 0) if gathered.dtype != torch.bool else gathered.logical_and_(fill)
+    flat = x.reshape(B * N, *x.shape[2:])
     if out is not None and x.requires_grad and torch.is_grad_enabled():
         # index_select(out=...) is not differentiable (a model's features under autograd): gather, then copy_
         # into ``out``, which is.
@@ -161,7 +168,8 @@ def _rebuild(state: TokenState, index: torch.Tensor, valid: torch.Tensor, full: 
     shifted = torch.full((B, N + 2), -1, dtype=torch.int64, device=device)
     new_slot = shifted[:, 1:]
     # (column N, where dropped slots sink, is never read: origin >= 0 points at a slot < N)
-    new_slot.scatter_(1, sink, torch.arange(K, device=device).expand(B, K).contiguous())
+    slots = torch.arange(K, device=device)
+    new_slot.scatter_(1, sink, slots[None] if B == 1 else slots.expand(B, K).contiguous())
     origin = shifted.gather(1, origin + 1)
 
     buffers: dict[str, torch.Tensor] = {}
@@ -177,8 +185,9 @@ def _rebuild(state: TokenState, index: torch.Tensor, valid: torch.Tensor, full: 
 
     fields = {"size": state.size, **{f"per_token:{k}": v for k, v in state.per_token.items()}}
     gathered = _gather_stacked(fields, spare, rows, valid, full, B, K)
-    state = dataclasses.replace(
-        state,
+    # Every part is gathered from the state's own (validated) fields with their shapes, dtypes and device: the
+    # new state needs no second validation (``TokenState._derive``).
+    state = state._derive(
         tokens=gather("tokens", state.tokens),
         mask=valid,
         size=gathered.get("size") if "size" in gathered else gather("size", state.size),
@@ -204,11 +213,12 @@ def _gather_stacked(fields: Mapping[str, torch.Tensor], spare: frozenset[str], r
     for names in groups.values():
         if len(names) < 2:
             continue
-        stacked = torch.stack([fields[name].reshape(-1) for name in names])
+        # (one view of the stack and one of the result instead of one per field)
+        stacked = torch.stack([fields[name] for name in names]).view(len(names), B * fields[names[0]].shape[1])
         picked = torch.index_select(stacked, 1, rows)
         if not full:
             picked = picked.masked_fill_(~valid.reshape(1, -1), 0)
-        out.update((name, row.view(B, K)) for name, row in zip(names, picked))
+        out.update(zip(names, picked.view(len(names), B, K).unbind(0)))
     return out
 
 
