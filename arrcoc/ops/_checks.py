@@ -94,6 +94,8 @@ def per_row_count(k: int | torch.Tensor, B: int, device: torch.device, what: str
     if not integral:
         got = f"a tensor of shape {list(k.shape)} dtype {k.dtype}" if isinstance(k, torch.Tensor) else repr(k)
         raise StateError(f"{what}: expected an int or an integer tensor [B={B}], got {got}")
+    if isinstance(k, torch.Tensor) and k.ndim == 1 and k.dtype == torch.int64 and k.device == device:
+        return k  # (already [B] int64 here: no conversion, no expand)
     return torch.as_tensor(k, device=device, dtype=torch.int64).expand(B)
 
 

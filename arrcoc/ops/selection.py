@@ -28,7 +28,8 @@ def resolve_keep(keep: float | int, counts: torch.Tensor, *, where: str = "keep"
     """
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise BudgetError(f"{where}: expected a ratio in (0, 1] or a count >= 1, got {keep!r}")
-    counts = counts.to(torch.int64)
+    if counts.dtype != torch.int64:  # (no call for a no-op cast)
+        counts = counts.to(torch.int64)
     if isinstance(keep, float):
         if not 0.0 < keep <= 1.0:
             raise BudgetError(f"{where}: a ratio must lie in (0, 1], got {keep}")
@@ -62,7 +63,7 @@ def _ranking_key(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     ``[real: 1 bit | score: 32 bits | N - 1 - index: bits]``, so ``torch.topk`` of it is exact
     (no ties left for its kernel to order) with a few elementwise ops instead of full sorts.
     """
-    s = scores.float()
+    s = scores if scores.dtype == torch.float32 else scores.float()  # (no call for a no-op cast: a few us each)
     N = s.shape[1]
     bits = max(1, (N - 1).bit_length())
     magnitude = s.abs().view(torch.int32).clamp_(max=_NAN_BITS)
@@ -88,8 +89,9 @@ def _topk_rows(
     host_k = isinstance(k, numbers.Integral) and not isinstance(k, bool)
     if host_k and not 0 <= k <= N:  # (a host int: no sync)
         raise BudgetError(f"topk_per_row: asked for {k} tokens, rows have {N} slots")
-    k_rows = None if host_k and not checks_enabled() else per_row_count(k, B, scores.device, "topk_per_row: k")
-    if checks_enabled():
+    checks = checks_enabled()
+    k_rows = None if host_k and not checks else per_row_count(k, B, scores.device, "topk_per_row: k")
+    if checks:
         real = scores if mask is None else scores[mask]
         if torch.isnan(real).any():
             raise StateError("topk_per_row: scores contain NaN")
