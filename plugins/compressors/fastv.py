@@ -138,7 +138,7 @@ class FastV(LLMCompressor):
             raise StateError(f"fastv: per_token[{FIELD!r}] must be [B, N] or [B, N, heads], got {list(attn.shape)}")
         k = fastv_keep_count(state.counts, self.params.keep, self.params.rounding)
         # keep_topk is keep(fastv_select(...)) on one path (the top-k and the gather without re-packing).
-        return ops.keep_topk(state, attn.float(), k, order="position")
+        return ops.keep_topk(state, attn, k, order="position")  # (keep_topk ranks any dtype as its float32 values)
 
 
 @hookimpl

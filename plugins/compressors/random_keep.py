@@ -27,9 +27,10 @@ def random_scores(batch: int, n: int, seed: int, device: torch.device | str = "c
     ``b``'s first ``m`` entries equal ``random_scores(1, m, seed + b)``: a
     padded row ranks its real tokens exactly like an unpadded one.
     """
-    rows = [torch.rand(n, generator=torch.Generator().manual_seed(seed + b)) for b in range(batch)]
-    out = torch.stack(rows) if rows else torch.zeros(0, n)
-    return out.to(device)
+    # (each row drawn as [1, n]: the same numbers as a draw of [n]; one image needs no stacking)
+    rows = [torch.rand(1, n, generator=torch.Generator().manual_seed(seed + b)) for b in range(batch)]
+    out = rows[0] if batch == 1 else torch.cat(rows) if rows else torch.zeros(0, n)
+    return out if out.device == device else out.to(device)
 
 
 def random_keep(state: TokenState, keep: float | int, seed: int = 0) -> TokenState:
