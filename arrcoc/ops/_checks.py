@@ -87,6 +87,8 @@ def check_mask(mask: object, shape: tuple[int, ...], what: str, name: str = "mas
 
 def per_row_count(k: int | torch.Tensor, B: int, device: torch.device, what: str) -> torch.Tensor:
     """An int or an integer ``[B]`` (or scalar) tensor -> int64 ``[B]`` on ``device``; anything else is an error."""
+    if isinstance(k, torch.Tensor) and k.dtype == torch.int64 and k.shape == (B,) and k.device == device:
+        return k  # (already [B] int64 here: no conversion, no expand)
     integral = isinstance(k, numbers.Integral) and not isinstance(k, bool)
     if isinstance(k, torch.Tensor):
         integral = not k.is_floating_point() and not k.is_complex() and k.dtype != torch.bool and k.ndim <= 1
@@ -94,8 +96,6 @@ def per_row_count(k: int | torch.Tensor, B: int, device: torch.device, what: str
     if not integral:
         got = f"a tensor of shape {list(k.shape)} dtype {k.dtype}" if isinstance(k, torch.Tensor) else repr(k)
         raise StateError(f"{what}: expected an int or an integer tensor [B={B}], got {got}")
-    if isinstance(k, torch.Tensor) and k.ndim == 1 and k.dtype == torch.int64 and k.device == device:
-        return k  # (already [B] int64 here: no conversion, no expand)
     return torch.as_tensor(k, device=device, dtype=torch.int64).expand(B)
 
 

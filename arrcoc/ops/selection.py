@@ -86,16 +86,18 @@ def _topk_rows(
     B, N = scores.shape
     if mask is not None:
         check_mask(mask, (B, N), "topk_per_row")
-    host_k = isinstance(k, numbers.Integral) and not isinstance(k, bool)
+    # (a tensor is no numbers.Integral: the abstract class's isinstance check is the slow one, so it goes last)
+    host_k = not isinstance(k, torch.Tensor) and isinstance(k, numbers.Integral) and not isinstance(k, bool)
     if host_k and not 0 <= k <= N:  # (a host int: no sync)
         raise BudgetError(f"topk_per_row: asked for {k} tokens, rows have {N} slots")
     checks = checks_enabled()
-    k_rows = None if host_k and not checks else per_row_count(k, B, scores.device, "topk_per_row: k")
+    device = scores.device
+    k_rows = None if host_k and not checks else per_row_count(k, B, device, "topk_per_row: k")
     if checks:
         real = scores if mask is None else scores[mask]
         if torch.isnan(real).any():
             raise StateError("topk_per_row: scores contain NaN")
-        counts = torch.full((B,), N, device=scores.device) if mask is None else mask.sum(1)
+        counts = torch.full((B,), N, device=device) if mask is None else mask.sum(1)
         if bool((k_rows > counts).any()) or bool((k_rows < 0).any()):
             raise BudgetError(
                 f"topk_per_row: asked for {k_rows.tolist()} tokens, rows have {counts.tolist()}"
@@ -117,11 +119,11 @@ def _topk_rows(
         key = _ranking_key(scores, mask)
         index = torch.topk(key, K, dim=1, sorted=not (full and order == "position")).indices
     if full:
-        valid = torch.ones(B, K, dtype=torch.bool, device=scores.device)
+        valid = torch.ones(B, K, dtype=torch.bool, device=device)
         if order == "position":
             index = torch.sort(index, dim=1).values
         return index, valid, True
-    valid = torch.arange(K, device=scores.device)[None, :] < k_rows[:, None]
+    valid = torch.arange(K, device=device)[None, :] < k_rows[:, None]
     if order == "position":
         index = torch.sort(index.masked_fill(~valid, N), dim=1).values.masked_fill(~valid, 0)
     return index, valid, False
@@ -179,7 +181,7 @@ def keep_topk(
     state: TokenState, scores: torch.Tensor, k: int | torch.Tensor, *, order: str = "position"
 ) -> TokenState:
     """Keep each image's ``k`` highest-scoring real tokens (original order by default)."""
-    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(state.mask.shape):
+    if not isinstance(scores, torch.Tensor) or scores.shape != state.mask.shape:
         got = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise StateError(
             f"keep_topk: scores must be [B, N]={list(state.mask.shape)} (one per token slot), got {got}"
