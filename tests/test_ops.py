@@ -1062,3 +1062,36 @@ def test_merge_gradients_equal_the_reference_weighted_means_for_tokens_and_weigh
     for got, want in zip(grads["ops"], grads["reference"]):
         assert torch.isfinite(got).all()
         assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("order", ["position", "score"])
+def test_keep_topk_of_a_ragged_batch_equals_one_row_runs_field_by_field(order):
+    # A one-row state takes its own gathering path (a select per field along the tokens axis); every field of
+    # every dtype and shape must come out as the batched path's row does.
+    g = torch.Generator().manual_seed(7)
+    B, H, W = 3, 4, 5
+    N = H * W
+    per_token = {"score": torch.randn(B, N, generator=g), "half": torch.randn(B, N, generator=g).half(),
+                 "flag": torch.rand(B, N, generator=g) < 0.5, "keys": torch.randn(B, N, 3, generator=g)}
+    state = TokenState.from_patches(torch.randn(B, N, 6, generator=g), (H, W), per_token=per_token)
+    state = ops.keep_topk(state, torch.randn(B, N, generator=g), torch.tensor([N, 13, 7]))  # ragged: 20, 13, 7
+    scores = torch.randn(B, state.N, generator=g)
+    k = torch.tensor([9, 4, 7])
+    out = ops.keep_topk(state, scores, k, order=order)
+    for b in range(B):
+        n = int(state.counts[b])
+        one = ops.keep_topk(state.image(b), scores[b : b + 1, :n], int(k[b]), order=order)
+        kb = int(k[b])
+        assert one.N == kb and bool(one.mask.all())
+        for name in ("tokens", "size", "positions", "origin"):
+            want = getattr(out, name)[b : b + 1] if name == "origin" else getattr(out, name)[b : b + 1, :kb]
+            assert torch.equal(getattr(one, name), want), (b, name)
+        for name, value in one.per_token.items():
+            assert value.dtype == out.per_token[name].dtype
+            assert torch.equal(value, out.per_token[name][b : b + 1, :kb]), (b, name)
+        # and the one-row result is the reference gather of the chosen tokens
+        chosen = torch.topk(scores[b, :n].double(), kb).indices  # distinct random scores: no ties
+        if order == "position":
+            chosen = chosen.sort().values
+        assert torch.equal(one.tokens[0], state.tokens[b, chosen])
+        assert torch.equal(one.per_token["half"][0], state.per_token["half"][b, chosen])

@@ -379,3 +379,32 @@ def test_llm_context_require_and_type_are_checked():
         state.llm.require("text_mask", "here")
     with pytest.raises(StateError, match="TokenState.llm: expected an LLMContext or None, got dict"):
         state.replace(llm={"layer": 2})
+
+
+def test_states_the_ops_build_are_valid_frozen_states_like_a_validated_construction():
+    # Ops build their output with TokenState._derive (no second validation); it must be the state a validated
+    # construction of the same parts gives: same fields, frozen, read-only per_token, the input untouched.
+    state = fresh(score=torch.arange(B * N, dtype=torch.float32).view(B, N), keys=torch.randn(B, N, 3))
+    index = torch.tensor([[5, 1, 7], [0, 11, 2]])
+    out = ops.keep(state, index)
+    rebuilt = TokenState(**{f.name: getattr(out, f.name) for f in dataclasses.fields(TokenState)})  # validates
+    for f in dataclasses.fields(TokenState):
+        if f.name == "per_token":
+            assert out.per_token.keys() == rebuilt.per_token.keys() == {"score", "keys"}
+            assert all(torch.equal(out.per_token[k], rebuilt.per_token[k]) for k in out.per_token)
+        elif isinstance(getattr(out, f.name), torch.Tensor):
+            assert torch.equal(getattr(out, f.name), getattr(rebuilt, f.name)), f.name
+        else:
+            assert getattr(out, f.name) == getattr(rebuilt, f.name), f.name
+    assert torch.equal(out.per_token["score"], torch.tensor([[5.0, 1.0, 7.0], [12.0, 23.0, 14.0]]))
+    assert out.check() is out
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.tokens = torch.zeros(B, 3, D)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        out.per_token["new"] = torch.zeros(B, 3)  # type: ignore[index]
+    assert state.N == N and set(state.per_token) == {"score", "keys"}  # the input is untouched
+    # every public construction still validates, an op's output included
+    with pytest.raises(StateError, match="TokenState.size"):
+        dataclasses.replace(out, size=torch.ones(B, N))
+    with pytest.raises(StateError, match=r"per_token\['bad'\]"):
+        out.with_per_token(bad=torch.zeros(B, N))
