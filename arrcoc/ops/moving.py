@@ -12,7 +12,6 @@ leave behind: see :mod:`arrcoc.ops._checks`).  Each op makes at most one device 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping
 
 import torch
