@@ -153,3 +153,79 @@ def test_a_generate_after_a_forward_stopped_by_ctrl_c_is_a_call_of_its_own(model
         handle.remove()
     assert report.new_tokens == NEW and report.batch == 2
     assert report.layer_visual[-1] == [32, 32]
+
+
+def test_a_forward_made_from_a_pre_hook_is_nested_and_the_outer_one_goes_on(model, batch):
+    """A user's pre-hook (registered before ``apply``) that calls the model itself: that forward runs between the
+    Run's two pre-hooks, in the middle of the outer one.  Both must compute as on their own (the outer one ran on
+    the inner one's segments: a ModelError, or a shape error inside the rotary embedding)."""
+    other = llava_batch([(4, 4)])
+    with torch.no_grad(), arrcoc.hf.apply(model, FASTV) as run:
+        want_outer, want_report = model(**batch).logits, run.report
+        want_inner = model(**other).logits
+    inner = {}
+
+    def calls_model(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] == 2 and not inner:
+            inner["logits"] = model(**other).logits
+        return None
+
+    handle = model.register_forward_pre_hook(calls_model, with_kwargs=True)
+    try:
+        with torch.no_grad(), arrcoc.hf.apply(model, FASTV) as run:
+            outer = model(**batch).logits
+            report = run.report
+            assert run._call_depth.n == 0 and not run._nested
+    finally:
+        handle.remove()
+    assert torch.equal(outer, want_outer) and torch.equal(inner["logits"], want_inner)
+    assert report.layer_visual == want_report.layer_visual  # the outer call's report
+
+
+def test_a_forward_that_raises_ends_its_call(model, batch):
+    """A forward that raises (here in a decoder layer) still ends its call: run.report describes it, as
+    run.trace does (it kept the previous call's report)."""
+    layer = model.model.language_model.layers[3]
+
+    def fail(module, args, kwargs):
+        raise _Stop("layer 3 refuses")
+
+    one = llava_batch([(4, 4)])
+    with torch.no_grad(), arrcoc.hf.apply(model, FASTV) as run:
+        model(**batch)
+        before = run.report
+        handle = layer.register_forward_pre_hook(fail, with_kwargs=True)
+        try:
+            with pytest.raises(_Stop, match="layer 3 refuses"):
+                model(**one)
+        finally:
+            handle.remove()
+        report = run.report
+        assert run._call_depth.n == 0
+    assert report is not before and report.batch == 1
+    # The layers it reached: layer 3's count is taken by arrcoc's pre-hook, before the one that raised.
+    assert report.layer_visual == [[64], [64], [32], [32]]
+    assert [list(r.tokens_in) for r in run.trace] == [[64]]
+
+
+def test_a_report_that_cannot_be_built_does_not_keep_the_run(model, batch, monkeypatch):
+    """An error while the report of a generate is built (e.g. a sticky CUDA error read back by .tolist()) is
+    raised, and the thread gives the Run back: another thread's call does not wait forever."""
+    import threading
+
+    from arrcoc.integrations.hf import report as report_module
+
+    def broken(cls, call, config):
+        raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
+
+    with torch.no_grad(), arrcoc.hf.apply(model, FASTV) as run:
+        monkeypatch.setattr(report_module.Report, "from_call", classmethod(broken))
+        with pytest.raises(RuntimeError, match="simulated"):
+            _greedy(model, batch)
+        monkeypatch.undo()
+        assert run._call_depth.n == 0
+        done = []
+        worker = threading.Thread(target=lambda: (model(**batch), done.append(1)), daemon=True)
+        worker.start()
+        worker.join(60)
+        assert done, "another thread's forward still waits for the Run"

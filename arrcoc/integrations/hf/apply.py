@@ -105,6 +105,7 @@ class Run:
         # hold it in their thread; another thread's call waits for it.
         self._call_lock = threading.RLock()
         self._call_depth = threading.local()
+        self._opening = threading.local()  # .n: forwards of the thread between _pre_hook and _inputs_hook
         self._attn: str | None = None
         self._generate: Any = None  # the model's own generate, captured by _enter
         # cache -> (the caller's prompt, the shortened prompt's sequence-aligned kwargs) for each generate whose
@@ -310,11 +311,12 @@ class Run:
             # them, so _forward_done will not run): the model computes on its own.
             self._end_call()
             return None
-        if depth and not self.call.generating and not self._nested:
+        if depth and not self.call.generating and not self._nested and not getattr(self._opening, "n", 0):
             # What an earlier forward of this thread kept when Ctrl-C stopped it (a forward made from inside a
             # forward outside generate, from a hook, cannot be told from it: it runs as a call of its own).
             self._end_call(1)
             self.call.in_forward = False
+            self._opening.n = 0
         if args:  # every input by name: positional pixel_values must not slip past the stages
             kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
             args = ()
@@ -340,12 +342,14 @@ class Run:
                     "forward pixel_values"
                 )
             self.pre_llm.check_placeholders(kwargs.get("input_ids"), kwargs)
+        self._opening.n = getattr(self._opening, "n", 0) + 1
         return args, kwargs
 
     def _inputs_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
         """The model's last pre-hook: the inputs the LLM gets, to the engine; the forward's clock starts."""
-        if not self._active or not self.call.in_forward:  # a forward the Run let through (see _pre_hook)
+        if not self._active or not getattr(self._opening, "n", 0):  # a forward the Run let through (see _pre_hook)
             return None
+        self._opening.n -= 1
         if args:
             kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
         ids = kwargs.get("input_ids")
@@ -382,11 +386,20 @@ class Run:
             self._finish()
 
     def _forward_done(self, module: Any, args: tuple, output: Any) -> None:
+        call = self.call
+        if call.in_forward and not call.generating:  # the forward raised before _post_hook: its call ends here
+            call.in_forward = False
+            try:
+                self._finish()
+            except Exception:
+                pass  # the forward's own exception is the one to see
         if self._nested and self._nested[-1][:2] == (getattr(self._call_depth, "n", 0), "forward"):
             self._unnest(len(self._nested) - 1)  # a nested forward ends: the outer call comes back
         else:
             self.call.in_forward = False
         self._end_call()
+        if not getattr(self._call_depth, "n", 0):  # the thread's outermost forward ended (a pre-hook may have raised)
+            self._opening.n = 0
 
     # ---------------------------------------------------------- generate
     def _wrapped_generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -415,10 +428,12 @@ class Run:
         try:
             return self._run_generate(*args, **kwargs)
         finally:
-            self._unnest(nested)  # also what a nested forward stopped by Ctrl-C set aside
-            if not inside:
-                self._finish()  # also for a generate that raised or was stopped: the report says how far it got
-            self._end_call(depth)  # with what a forward stopped by Ctrl-C kept (it never reached _forward_done)
+            try:
+                self._unnest(nested)  # also what a nested forward stopped by Ctrl-C set aside
+                if not inside:
+                    self._finish()  # also for a generate that raised or was stopped: the report says how far it got
+            finally:
+                self._end_call(depth)  # with what a forward stopped by Ctrl-C kept (it never reached _forward_done)
 
     def _run_generate(self, *args: Any, **kwargs: Any) -> Any:
         _refuse_fullgraph_forward(self.model)  # before the pre-LLM stages run
