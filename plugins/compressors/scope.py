@@ -1,0 +1,208 @@
+"""SCOPE (Deng et al., NeurIPS 2025, "SCOPE: Saliency-Coverage Oriented Token
+Pruning for Efficient Multimodel LLMs").
+
+Faithful to kinredon/SCOPE @ 6bf7306, ``scope/clip_encoder.py``
+(``CLIPVisionTower_SCOPE.forward`` l.104-138 and ``SCOPE`` l.140-199):
+
+* before the projector, on the patches of CLIP layer -2 (``hidden_states[-2]``,
+  ``timm_vit`` with ``layer: -2``), saliency ``a`` = the CLS row of the same
+  layer's attention, summed over heads;
+* ``S`` = cosine similarity of the patch features, computed in the features'
+  dtype (the official code runs in the model dtype, fp16);
+* greedy facility location weighted by saliency: start with ``cur_max = 0``;
+  at each of ``T`` steps the coverage gain of candidate ``i`` is
+  ``gain_i = sum_j max(0, S[j, i] - cur_max_j)`` (over every patch ``j``),
+  the score ``gain * a^alpha`` (env ``ALPHA`` 1.0; env ``COMBINED=add``
+  gives ``gain + a^alpha``), chosen tokens score ``-inf``, the ``argmax``
+  (first index on ties) is picked and ``cur_max = max(cur_max, S[best])``;
+* exactly ``T`` picks; the kept patches come out in their original order
+  (``masked_select``), nothing is merged.
+
+Quirks of the official code and what arrcoc does with them:
+
+* the budget is divided by the batch: ``int(T / bs)`` per image, where ``bs``
+  is every image (LLaVA-NeXT: every view of every image) the vision tower gets
+  in one call. At the published setting (LLaVA-1.5, batch 1) this is ``T``;
+  elsewhere it makes an image's budget depend on what it is batched with, a
+  bug. Default: ``T`` per image; ``divide_by_batch: true`` reproduces the
+  official ``int(T / B)`` with ``B`` the rows of the state (a budget that
+  comes out 0 is a ``BudgetError``);
+* the gains are summed in the model dtype (fp16 in the official runs): copied
+  (the computation runs in the features' dtype; an fp16 state gives fp16
+  gains);
+* the saliency is the head *sum*; the encoders expose the head *mean*. For
+  ``combine: multi`` (the default) that is a constant factor on every score,
+  the same ranking; for ``combine: add`` the mean is scaled back by
+  ``heads`` (default: ``state.meta["num_heads"]``, which ``timm_vit`` sets);
+* LLaVA-NeXT crops are put back on 24 x 24 grids without unpad or newline
+  tokens, and the shipped NeXT script runs unpruned: not copied (arrcoc prunes
+  each view like any image and the model integration places the tokens);
+* the class token: the official output has none; arrcoc leaves it in
+  ``state.cls``, apart, as every compressor does (LLaVA's default feature
+  strategy does not feed it to the LLM).
+
+Differences, on purpose: batched with ragged rows (padding never counts in a
+gain and is never picked; each row stops at its own budget); a budget above an
+image's tokens is a ``BudgetError`` (the official loop would pick ``-inf``
+rows); a zero feature vector has cosine 0 with everything (the official
+division gives NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt
+
+from arrcoc import ops
+from arrcoc.errors import BudgetError, InputError, MissingInputError
+from arrcoc.hookspecs import hookimpl
+from arrcoc.plugin import BudgetContext, Compressor, Keep, Params
+from arrcoc.state import TokenState
+
+
+def cosine_matrix(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` cosine similarity of the real tokens in the features' dtype (official
+    ``norm_vectors @ norm_vectors^T``); rows and columns of padding are 0."""
+    norm = features.norm(dim=-1, keepdim=True)
+    # A zero vector (or padding) would divide by 0: its unit vector is taken as 0 instead of NaN.
+    unit = torch.where(norm > 0, features / norm.clamp_min(torch.finfo(features.dtype).tiny), 0.0)
+    unit = unit * mask[..., None].to(unit.dtype)
+    return torch.bmm(unit, unit.transpose(1, 2))
+
+
+def scope_select(
+    features: torch.Tensor,
+    saliency: torch.Tensor,
+    mask: torch.Tensor,
+    budget: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    combine: str = "multi",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy saliency-weighted coverage (official ``SCOPE``): tokens picked per image.
+
+    Args:
+        features: ``[B, N, D]`` patch features (their dtype is the computation's, as the official code).
+        saliency: ``[B, N]`` CLS attention, summed over heads (any positive scale for ``combine="multi"``).
+        mask: ``[B, N]`` real tokens.
+        budget: ``[B]`` int64 picks per image (``1 <= budget <= real tokens``).
+        alpha: exponent of the saliency (official env ``ALPHA``).
+        combine: ``"multi"`` (``gain * a^alpha``, official default) or ``"add"`` (``gain + a^alpha``).
+
+    Returns:
+        ``(picked [B, K], valid [B, K])``: the indices in pick order (``K`` = the largest budget), entries past
+        a row's budget invalid (0).
+    """
+    B, N, _ = features.shape
+    dtype, device = features.dtype, features.device
+    similarity = cosine_matrix(features, mask)  # [B, N, N], S[b, j, i]
+    powered = saliency.to(dtype) ** alpha
+    K = int(budget.max()) if budget.numel() else 0  # the loop length: one sync per call, not per step
+    picked = torch.zeros(B, K, dtype=torch.int64, device=device)
+    chosen = ~mask  # padding is never a candidate
+    cur_max = torch.zeros(B, N, dtype=dtype, device=device)
+    rows = torch.arange(B, device=device)
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    for step in range(K):  # greedy: one pick per step, all images at once
+        # gain_i = sum_j max(0, S[j, i] - cur_max_j) (official l.177-181; chosen columns are -inf below anyway).
+        # Padding rows j of S are 0 and cur_max >= 0: they add exact zeros.
+        gains = (similarity - cur_max[:, :, None]).clamp_min(0).sum(1)
+        scores = gains * powered if combine == "multi" else gains + powered
+        scores = torch.where(chosen, neg_inf, scores)
+        best = scores.argmax(dim=1)  # first index on ties, as the official argmax
+        picked[:, step] = best
+        active = step < budget  # a row past its budget picks nothing more
+        chosen = chosen | (torch.nn.functional.one_hot(best, N).bool() & active[:, None])
+        cur_max = torch.maximum(cur_max, similarity[rows, best])
+    valid = torch.arange(K, device=device)[None, :] < budget[:, None]
+    return picked.masked_fill(~valid, 0), valid
+
+
+class ScopeParams(Params):
+    keep: Keep = Field(
+        64,
+        description="Tokens each image keeps: a count (official SUBSET_RATIO 64 / 128 / 192 of 576) or a ratio "
+        "of its tokens.",
+    )
+    alpha: float = Field(1.0, ge=0.0, description="Exponent of the saliency, a^alpha (official env ALPHA, 1.0).")
+    combine: Literal["multi", "add"] = Field(
+        "multi", description="gain * a^alpha ('multi', official default) or gain + a^alpha ('add', env COMBINED)."
+    )
+    score: str = Field(
+        "cls_attn",
+        description="per_token CLS attention, the saliency (official: layer -2, summed over heads; timm_vit's "
+        "head mean with `layer: -2`).",
+    )
+    heads: PositiveInt | None = Field(
+        None,
+        description="Factor from the exposed head-mean attention to the official head sum, used only by "
+        "combine 'add' ('multi' ranks the same either way); default: the state's meta['num_heads'], else 1.",
+    )
+    divide_by_batch: bool = Field(
+        False,
+        description="Official quirk: each image keeps int(keep / B), B = the images (views) in the batch. Equal "
+        "to keep at batch 1 (the published LLaVA-1.5 runs); off by default, as it ties a budget to the batching.",
+    )
+
+
+class Scope(Compressor):
+    """SCOPE: greedy saliency-weighted coverage (facility location x CLS attention) (Deng et al. 2025)."""
+
+    name = "scope"
+    Params = ScopeParams
+    needs = frozenset({"cls_attention"})
+    stage = "vision"  # before the projector, on CLIP layer -2, as the official CLIPVisionTower_SCOPE
+
+    @classmethod
+    def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float] | None:
+        if params.get("divide_by_batch"):
+            raise BudgetError(
+                "scope.divide_by_batch: true makes each image's budget depend on the batch size, so no budget "
+                "can be set for it; use divide_by_batch: false (the default) to sweep budgets"
+            )
+        return super().budget_bounds(params, context)
+
+    def budgets(self, state: TokenState) -> torch.Tensor:
+        """``[B]`` tokens each image keeps."""
+        p = self.params
+        budget = ops.resolve_keep(p.keep, state.counts, where="scope.keep")
+        if p.divide_by_batch:
+            budget = torch.div(budget, state.B, rounding_mode="floor")  # official int(T / bs)
+            if state.B and bool((budget < 1).any()):
+                raise BudgetError(
+                    f"scope.divide_by_batch: keep={p.keep!r} divided by the {state.B} images of the batch leaves "
+                    f"{int(budget.min())} tokens for an image; keep at least {state.B} tokens or set "
+                    "divide_by_batch: false"
+                )
+        return budget
+
+    def __call__(self, state: TokenState) -> TokenState:
+        p = self.params
+        saliency = state.per_token.get(p.score)
+        if saliency is None:
+            raise MissingInputError(
+                f"scope: needs per_token[{p.score!r}] (the CLS attention, its saliency): the timm_vit encoder "
+                f"provides 'cls_attn' of its `attention_layer` (SCOPE: `layer: -2`); for a tower without a class "
+                f"token there is none. The state has {sorted(state.per_token) or 'none'}"
+            )
+        if saliency.shape != state.mask.shape:
+            raise InputError(
+                f"scope: per_token[{p.score!r}] must be [B, N] = {list(state.mask.shape)} scores, got "
+                f"{list(saliency.shape)}"
+            )
+        if p.combine == "add":
+            heads = p.heads if p.heads is not None else int(state.meta.get("num_heads", 1))
+            saliency = saliency * heads  # head mean -> the official head sum
+        budget = self.budgets(state)
+        picked, valid = scope_select(state.tokens, saliency, state.mask, budget, alpha=p.alpha, combine=p.combine)
+        # Official masked_select: the kept patches in their original order.
+        selected = torch.zeros(state.mask.shape, dtype=torch.int64, device=state.device)
+        selected = selected.scatter_add_(1, picked, valid.to(torch.int64)) > 0
+        return ops.keep(state, *ops.pack(selected))
+
+
+@hookimpl
+def arrcoc_register_plugins(register):
+    register(Scope)

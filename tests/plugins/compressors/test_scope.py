@@ -1,0 +1,204 @@
+"""SCOPE: equivalence with the official greedy loop, ragged batches, ties, errors, budget rule, pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import arrcoc
+from arrcoc import ops
+from arrcoc.errors import BudgetError, InputError, MissingInputError, ParamsError
+from arrcoc.plugin import BudgetContext
+from arrcoc.state import TokenState
+from arrcoc_plugins.compressors.scope import Scope, scope_select
+
+H = W = 8
+N0 = H * W
+
+
+def make_state(B=3, D=12, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return TokenState.from_patches(
+        torch.randn(B, N0, D, generator=g).to(dtype), (H, W), cls_token=torch.randn(B, D, generator=g).to(dtype),
+        per_token={"cls_attn": torch.rand(B, N0, generator=g).softmax(-1)},
+    )
+
+
+def reference(features, cls_attn, k, alpha=1.0, combined="multi"):
+    """Official ``SCOPE`` (kinredon/SCOPE scope/clip_encoder.py) for one image, plain torch.
+
+    Returns the picks in pick order."""
+    x = features[None]
+    unit = x / x.norm(dim=-1, keepdim=True)
+    sim = torch.bmm(unit, unit.transpose(1, 2))
+    n = x.shape[1]
+    selected = torch.zeros(1, n, dtype=torch.bool)
+    cur_max = torch.zeros(1, n, dtype=x.dtype)
+    powered = cls_attn[None].to(x.dtype) ** alpha
+    picks = []
+    for _ in range(k):
+        gains = torch.maximum(torch.zeros(1, dtype=x.dtype),
+                              sim.masked_fill(selected.unsqueeze(1), 0) - cur_max.unsqueeze(2)).sum(dim=1)
+        gains = gains * powered if combined == "multi" else gains + powered
+        gains = gains.masked_fill(selected, float("-inf"))
+        best = int(gains.argmax(dim=1))
+        selected[0, best] = True
+        picks.append(best)
+        cur_max = torch.maximum(cur_max, sim[0, best][None])
+    return picks
+
+
+@pytest.mark.parametrize("keep, alpha, combine", [(10, 1.0, "multi"), (1, 1.0, "multi"), (32, 0.5, "multi"),
+                                                  (16, 2.0, "add"), (N0, 1.0, "multi")])
+def test_matches_official_loop(keep, alpha, combine):
+    state = make_state()
+    heads = 4
+    out = Scope(keep=keep, alpha=alpha, combine=combine, heads=heads)(state).check()
+    assert out.counts.tolist() == [keep] * state.B
+    saliency = state.per_token["cls_attn"] * (heads if combine == "add" else 1)
+    picked, valid = scope_select(state.tokens, saliency, state.mask, torch.full((state.B,), keep),
+                                 alpha=alpha, combine=combine)
+    assert valid.all()
+    for b in range(state.B):
+        picks = reference(state.tokens[b], saliency[b], keep, alpha, combine)
+        assert picked[b].tolist() == picks  # same picks, same pick order
+        kept = sorted(picks)  # the output keeps the original order (official masked_select)
+        assert out.origin[b][out.origin[b] >= 0].tolist() == list(range(keep))
+        assert torch.equal(out.tokens[b], state.tokens[b, kept])
+        assert [j for j in range(N0) if out.origin[b, j] >= 0] == kept
+        assert torch.equal(out.cls[b], state.cls[b])  # the class token stays apart
+
+
+def test_multi_is_invariant_to_the_head_scale_and_add_is_not():
+    state = make_state()
+    mean, summed = Scope(keep=12)(state), Scope(keep=12)(state.with_per_token(cls_attn=state.per_token["cls_attn"] * 16))
+    assert torch.equal(mean.origin, summed.origin)
+    add1, add16 = Scope(keep=12, combine="add", heads=1)(state), Scope(keep=12, combine="add", heads=16)(state)
+    assert not torch.equal(add1.origin, add16.origin)
+    # heads defaults to meta['num_heads'] (timm_vit sets it)
+    assert torch.equal(Scope(keep=12, combine="add")(state.with_meta(num_heads=16)).origin, add16.origin)
+    assert torch.equal(Scope(keep=12, combine="add")(state).origin, add1.origin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_computes_in_the_feature_dtype_like_the_official_code(dtype):
+    state = make_state(dtype=dtype)
+    out = Scope(keep=20)(state).check()
+    assert out.dtype == dtype
+    for b in range(state.B):
+        picks = reference(state.tokens[b], state.per_token["cls_attn"][b], 20)
+        assert [j for j in range(N0) if out.origin[b, j] >= 0] == sorted(picks)
+
+
+def ragged(state: TokenState, counts=(64, 50, 37), seed=1) -> TokenState:
+    g = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(N0, generator=g) for _ in counts])
+    valid = torch.arange(N0)[None, :] < torch.tensor(counts)[:, None]
+    return ops.keep(state, index, valid).check()
+
+
+@pytest.mark.parametrize("keep", [9, 0.3])
+def test_ragged_batch_equals_per_image_runs(keep):
+    state = ragged(make_state())
+    # padding gets the highest saliency and features: must never count nor be picked
+    state = state.with_per_token(cls_attn=state.per_token["cls_attn"].masked_fill(~state.mask, 10.0))
+    state = dataclasses.replace(state, tokens=state.tokens.masked_fill(~state.mask[..., None], 5.0))
+    plugin = Scope(keep=keep)
+    out = plugin(state).check()
+    expected = [9] * 3 if keep == 9 else [int(n * 0.3) for n in (64, 50, 37)]
+    assert out.counts.tolist() == expected
+    for b in range(state.B):
+        one = plugin(state.image(b)).check()
+        n = int(one.counts[0])
+        assert torch.equal(out.tokens[b, :n], one.tokens[0])
+        assert torch.equal(out.origin[b], one.origin[0])
+        assert torch.equal(out.positions[b, :n], one.positions[0])
+        assert (out.tokens[b, n:] == 0).all()
+
+
+def test_ties_broken_by_index():
+    # Identical tokens and saliency: every gain ties at each step, so the picks are the first indices.
+    state = TokenState.from_patches(torch.ones(2, N0, 6), (H, W), per_token={"cls_attn": torch.full((2, N0), 0.5)})
+    picked, _ = scope_select(state.tokens, state.per_token["cls_attn"], state.mask, torch.tensor([5, 5]))
+    assert picked.tolist() == [[0, 1, 2, 3, 4]] * 2
+    out = Scope(keep=5)(state)
+    assert out.origin[0].tolist() == [0, 1, 2, 3, 4] + [-1] * (N0 - 5)
+    # two equal best candidates: the lower index first
+    tokens = torch.eye(N0)[None, :, :8].clone()  # tokens 0..7 orthogonal, the rest zero vectors
+    sal = torch.ones(1, N0)
+    picked, _ = scope_select(tokens, sal, torch.ones(1, N0, dtype=torch.bool), torch.tensor([3]))
+    assert picked.tolist() == [[0, 1, 2]]
+
+
+def test_zero_feature_vector_has_zero_similarity():
+    tokens = torch.randn(1, N0, 6, generator=torch.Generator().manual_seed(3))
+    tokens[0, 5] = 0
+    state = TokenState.from_patches(tokens, (H, W), per_token={"cls_attn": torch.rand(1, N0)})
+    out = Scope(keep=N0)(state).check()
+    assert torch.isfinite(out.tokens).all() and out.counts.tolist() == [N0]
+
+
+def test_divide_by_batch_is_the_official_int_T_over_bs():
+    state = make_state(B=3)
+    out = Scope(keep=10, divide_by_batch=True)(state).check()
+    assert out.counts.tolist() == [3, 3, 3]  # int(10 / 3)
+    per_image = Scope(keep=3)(state)
+    assert torch.equal(out.origin, per_image.origin)
+    one = state.image(0)
+    assert torch.equal(Scope(keep=10, divide_by_batch=True)(one).origin, Scope(keep=10)(one).origin)  # batch 1
+    with pytest.raises(BudgetError, match=r"keep=2 divided by the 3 images of the batch leaves 0 tokens"):
+        Scope(keep=2, divide_by_batch=True)(state)
+
+
+def test_bad_inputs():
+    state = make_state()
+    with pytest.raises(ParamsError, match=r"ratio must lie in \(0, 1\]"):
+        Scope(keep=1.5)
+    with pytest.raises(ParamsError, match="combine"):
+        Scope(combine="max")
+    with pytest.raises(ParamsError, match="subset_ratio"):
+        Scope(subset_ratio=64)
+    with pytest.raises(BudgetError, match="asked to keep 65 tokens, but an image has only 64"):
+        Scope(keep=65)(state)
+    with pytest.raises(BudgetError, match="asked to keep 40 tokens, but an image has only 37"):
+        Scope(keep=40)(ragged(state))
+    with pytest.raises(MissingInputError, match=r"per_token\['cls_attn'\].*timm_vit.*layer: -2"):
+        Scope()(state.replace(per_token={}))
+    with pytest.raises(InputError, match=r"must be \[B, N\] = \[3, 64\] scores, got \[3, 64, 2\]"):
+        Scope()(state.with_per_token(cls_attn=torch.rand(3, 64, 2)))
+
+
+def test_budget_rule_reaches_its_targets():
+    context = BudgetContext(tokens=N0, original=N0, grid=(H, W), layers=4, has_cls=True)
+    assert Scope.budget_bounds({"keep": 64}, context) == (1.0, float(N0))
+    state = make_state()
+    for target in (1, 7.4, 16, 63.6, 64):
+        params = Scope.budget_params({"keep": 64, "alpha": 1.0}, target, context)
+        assert params["alpha"] == 1.0
+        out = Scope(**params)(state)
+        assert out.counts.tolist() == [int(target + 0.5)] * 3
+    with pytest.raises(BudgetError, match="divide_by_batch: true makes each image's budget depend on the batch"):
+        Scope.budget_bounds({"keep": 64, "divide_by_batch": True}, context)
+
+
+TINY = {"use": "timm_vit", "model": "vit_tiny_patch16_224", "model_kwargs": {"depth": 2, "img_size": 64}, "layer": -2}
+
+
+def test_pipeline_with_tiny_vit():
+    spec = {"name": "sc", "encoder": TINY, "compress": [{"use": "scope", "keep": 6}]}
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    state = arrcoc.run_pipeline(spec, images, device="cpu").check()
+    assert state.trace[-1].tokens_in == (17, 17) and state.trace[-1].tokens_out == (7, 7)  # 6 patches + CLS
+
+
+def test_pipeline_missing_cls_attention_is_caught_before_running():
+    enc = {**TINY, "model_kwargs": {"depth": 2, "img_size": 64, "class_token": False, "global_pool": "avg"}}
+    with pytest.raises(MissingInputError, match="needs 'cls_attention'.*no class token"):
+        arrcoc.load_pipeline({"encoder": enc, "compress": [{"use": "scope"}]}, device="cpu")
+
+
+def test_builtin_pipeline_file_loads():
+    spec = arrcoc.resolve_spec("scope")
+    assert [s.use for s in spec.compress] == ["scope"] and spec.compress[0].as_yaml_dict()["keep"] == 64
