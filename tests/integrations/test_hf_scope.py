@@ -1,0 +1,142 @@
+"""SCOPE inside a tiny LLaVA-1.5 (``arrcoc.hf.apply``), batch 3 with different prompt lengths, float64.
+
+* keep everything (``keep: 1.0``: every patch, in its original order) is the unmodified model, bit for bit;
+* a budget of 16 equals the model run on a hand-built prompt that carries the kept features, and the kept
+  features are the ones an independent reference picks: the official greedy loop (kinredon/SCOPE
+  ``SCOPE``) over the model's own ``hidden_states[-2]`` patches with the CLS row of ``attentions[-2]``
+  (an eager copy of the tower) summed over heads, projected by the model's projector.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
+
+import arrcoc  # noqa: E402
+from tiny_models import IMAGE, N0, ROWS, left_pad, llava_batch, tiny_llava  # noqa: E402
+
+NEW = 6
+SPEC = {"encoder": {"use": "timm_vit"}}
+
+
+def scope(**params) -> dict:
+    return {**SPEC, "compress": [{"use": "scope", **params}]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def batch3():
+    return llava_batch(ROWS)
+
+
+@torch.no_grad()
+def last_logits(model, inputs: dict) -> torch.Tensor:
+    return model(**inputs).logits[:, -1]
+
+
+@torch.no_grad()
+def greedy(model, inputs: dict) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+
+
+def official_picks(features: torch.Tensor, cls_attn: torch.Tensor, k: int) -> list[int]:
+    """kinredon/SCOPE ``SCOPE`` for one image (ALPHA 1.0, COMBINED multi): the picks in pick order."""
+    x = features[None]
+    unit = x / x.norm(dim=-1, keepdim=True)
+    sim = torch.bmm(unit, unit.transpose(1, 2))
+    n = x.shape[1]
+    selected = torch.zeros(1, n, dtype=torch.bool)
+    cur_max = torch.zeros(1, n, dtype=x.dtype)
+    picks = []
+    for _ in range(k):
+        gains = torch.maximum(torch.zeros(1, dtype=x.dtype),
+                              sim.masked_fill(selected.unsqueeze(1), 0) - cur_max.unsqueeze(2)).sum(dim=1)
+        gains = (gains * cls_attn[None]).masked_fill(selected, float("-inf"))
+        best = int(gains.argmax(dim=1))
+        selected[0, best] = True
+        picks.append(best)
+        cur_max = torch.maximum(cur_max, sim[0, best][None])
+    return picks
+
+
+@torch.no_grad()
+def reference_features(model, pixels: torch.Tensor, k: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """The official selection on the model's tower: the kept patch indices (original order) and their features
+    through the model's projector, ``[k, hidden]``, per image."""
+    tower = copy.deepcopy(model.model.vision_tower)
+    tower.config._attn_implementation = "eager"  # attention weights, as the official output_attentions=True
+    out = tower(pixels, output_hidden_states=True, output_attentions=True)
+    hidden = out.hidden_states[-2][:, 1:]  # official: patches of hidden_states[-2]
+    cls_attn = out.attentions[-2][:, :, 0, 1:].sum(1)  # CLS row, summed over heads
+    kept_rows, kept = [], []
+    for b in range(pixels.shape[0]):
+        rows = sorted(official_picks(hidden[b], cls_attn[b], k))  # masked_select: original order
+        kept_rows.append(rows)
+        kept.append(model.model.multi_modal_projector(hidden[b, rows]))
+    return kept_rows, kept
+
+
+def prompt_with_features(inputs: dict, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = []
+    for b, k in enumerate(counts):
+        ids = inputs["input_ids"][b].tolist()
+        first = ids.index(IMAGE)
+        rows.append(ids[:first] + [IMAGE] * k + ids[first + N0:])
+    return left_pad(rows)
+
+
+def test_keep_everything_is_the_unmodified_model(model, batch3):
+    ref_logits, ref_tokens = last_logits(model, batch3), greedy(model, batch3)
+    with arrcoc.hf.apply(model, scope(keep=1.0)) as run:
+        logits, tokens = last_logits(model, batch3), greedy(model, batch3)
+    assert run.state.counts.tolist() == [N0] * 3
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_selection_equals_hand_built_prompt_and_official_reference(model, batch3):
+    k = 16
+    L = batch3["input_ids"].shape[1]
+    with arrcoc.hf.apply(model, scope(keep=k)) as run:
+        logits = last_logits(model, batch3)
+        state = run.state
+        tokens = greedy(model, batch3)
+    assert state.counts.tolist() == [k] * 3
+    features = [state.tokens[i, :k] for i in range(3)]
+    expected_rows, expected = reference_features(model, batch3["pixel_values"], k)
+    with torch.no_grad():
+        full = model.model.get_image_features(pixel_values=batch3["pixel_values"]).pooler_output
+    for got, all_rows, rows, want in zip(features, full, expected_rows, expected):
+        # Selection only: each kept feature is one of the model's own rows, the reference's, in original order.
+        match = (got[:, None] - all_rows[None]).abs().amax(-1)
+        assert (match.amin(1) == 0).all()
+        assert match.argmin(1).tolist() == rows
+        # the eager reference tower differs from the model's sdpa one by rounding only
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-8)
+
+    ids_k, mask_k = prompt_with_features(batch3, [k] * 3)
+    fed = {"input_ids": ids_k, "attention_mask": mask_k,
+           "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+    ref_logits = last_logits(model, fed)
+    fed["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    ref_tokens = greedy(model, fed)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    assert torch.equal(tokens[:, :L], batch3["input_ids"])
+    assert torch.equal(tokens[:, L:], ref_tokens[:, ids_k.shape[1]:])
+    assert run.report.layer_visual == [[k] * 3] * 4
+
+
+def test_budget_above_the_tokens_is_refused(model, batch3):
+    with pytest.raises(arrcoc.errors.BudgetError, match="asked to keep 65 tokens, but an image has only 64"):
+        with arrcoc.hf.apply(model, scope(keep=65)):
+            last_logits(model, batch3)
