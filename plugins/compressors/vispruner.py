@@ -47,21 +47,27 @@ Differences from the official code, on purpose (docs/methods/vispruner.md):
   ``r = 0.5``) makes the official indexing raise a shape error; here the
   a-tokens (``ceil(R / 2)``) are scored against the ``floor(R / 2)``
   b-tokens as for even lengths;
-* a round cannot drop more a-tokens than there are (``min(r, ceil(R / 2))``,
-  reached only when ``R < 16``); the official code drops all of them then,
-  and so does this one;
+* a round drops ``min(r, ceil(R / 2))`` a-tokens: when ``r`` exceeds the
+  a-tokens (only for ``R < 16``) the official ``argsort(...)[:, r:]`` is
+  empty and every a-token goes, as here (no difference, said for clarity);
 * ``keep`` above an image's tokens is a :class:`~arrcoc.errors.BudgetError`
   (the official code keeps everything).
 
 Towers without a class token: the official SigLIP path
 (``siglip_encoder.py`` l.34-41) scores by the **last** layer's attention
-averaged over queries (what each token receives), then the head mean.  Point
-``score`` at a per-token field holding that signal; no arrcoc encoder
-computes it yet, so on such a tower this plugin refuses with a
-:class:`~arrcoc.errors.MissingInputError` that says so.
+averaged over queries (``attentions[-1].mean(dim=-2)``: what each token
+receives), then the head mean.  ``signal: received`` computes that from the
+encoder's ``meta["attention_maps"]`` (``timm_vit`` provides the head-mean
+map of every block it runs; ``attention_map: -1``, the last one, is the
+official layer when the encoder runs the whole tower, ``layer: -1``), mapped
+to the current tokens through ``origin`` (a merged token: the mean of its
+patches).  Inside a model (``arrcoc.hf``) no tower exposes these maps yet, so
+there it is refused before anything runs, naming the missing signal.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field, PositiveInt
@@ -178,11 +184,20 @@ class VisPrunerParams(Params):
         "loader default 0.5; README: 0.75 at 64 tokens -> 48 + 16).",
     )
     step: PositiveInt = Field(8, description="Most near-duplicates removed per round (official 8).")
+    signal: Literal["cls", "received"] = Field(
+        "cls",
+        description="Importance: 'cls' = per_token `score` (official CLIP path: layer-22 CLS attention, head "
+        "mean); 'received' = the attention each token receives in an encoder attention map, query mean "
+        "(official path for towers without a class token, SigLIP: the last layer).",
+    )
     score: str = Field(
         "cls_attn",
-        description="per_token importance [B, N] (official: layer-22 CLS attention over the patches, head mean; "
-        "timm_vit's `cls_attn` with `layer: -2`). Towers without a class token: a field holding the last "
-        "layer's attention received, query- and head-mean (official SigLIP rule).",
+        description="per_token importance [B, N] read with signal 'cls' (timm_vit's `cls_attn` with `layer: -2`).",
+    )
+    attention_map: int = Field(
+        -1,
+        description="With signal 'received': which of meta['attention_maps'] (one per encoder block run) to read; "
+        "-1 = the last (official: the tower's last layer; timm_vit `layer: -1` runs it).",
     )
 
 
@@ -194,19 +209,24 @@ class VisPruner(Compressor):
     stage = "vision"
     needs = frozenset({"cls_attention"})
 
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"attention_maps"}) if self.params.signal == "received" else self.needs
+
     def budgets(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T_imp [B], T_div [B])`` per image."""
         total = ops.resolve_keep(self.params.keep, state.counts, where="vispruner.keep")
         return split_budget(total, self.params.important_ratio)
 
-    def __call__(self, state: TokenState) -> TokenState:
+    def importance(self, state: TokenState) -> torch.Tensor:
+        """``[B, N]`` importance of each token, by ``signal``."""
         p = self.params
+        if p.signal == "received":
+            return received_attention(state, p.attention_map)
         attn = state.per_token.get(p.score)
         if attn is None:
             no_cls = "" if state.cls is not None else (
-                " The state has no class token: the official rule for such towers (SigLIP) scores by the last "
-                "layer's attention each token receives (query mean, head mean), which no arrcoc encoder provides "
-                "yet; set `score` to a per_token field holding it."
+                " The state has no class token: use `signal: received` (the official rule for such towers, "
+                "SigLIP: the attention each token receives in the last layer)."
             )
             raise MissingInputError(
                 f"vispruner: needs per_token[{p.score!r}], the importance of each token (official: layer-22 CLS "
@@ -218,9 +238,41 @@ class VisPruner(Compressor):
                 f"vispruner: per_token[{p.score!r}] must be [B, N]={list(state.mask.shape)} scores, got "
                 f"{list(attn.shape)}"
             )
+        return attn
+
+    def __call__(self, state: TokenState) -> TokenState:
         important, diverse = self.budgets(state)
-        selected = vispruner_select(attn, state.tokens, state.mask, important, diverse, p.step)
+        selected = vispruner_select(self.importance(state), state.tokens, state.mask, important, diverse,
+                                    self.params.step)
         return ops.keep(state, *ops.pack(selected))
+
+
+def received_attention(state: TokenState, layer: int = -1) -> torch.Tensor:
+    """Official SigLIP importance (``siglip_encoder.py`` ``feature_select``: ``attentions[-1].mean(dim=-2)``,
+    then the head mean in ``encode_images``): the attention each patch receives, averaged over every query,
+    from the head-mean map ``meta["attention_maps"][layer]`` (the two means commute), prefix columns left
+    out; mapped to the current tokens through ``origin`` (mean over a merged token's patches)."""
+    maps = state.meta.get("attention_maps")
+    if not maps:
+        raise MissingInputError(
+            "vispruner (signal: received): state.meta['attention_maps'] is missing; the timm_vit encoder provides "
+            "it when a stage needs 'attention_maps'"
+        )
+    if not -len(maps) <= layer < len(maps):
+        raise InputError(
+            f"vispruner.attention_map={layer}: the encoder gave {len(maps)} attention maps "
+            f"(valid: {-len(maps)}..{len(maps) - 1})"
+        )
+    prefix = int(state.meta.get("num_prefix_tokens", 0))
+    attention = maps[layer]
+    n0 = state.origin.shape[1]
+    if attention.ndim != 3 or attention.shape[0] != state.B or attention.shape[-1] != n0 + prefix:
+        raise InputError(
+            f"vispruner (signal: received): expected attention maps [B={state.B}, M, {n0 + prefix}] (the {n0} "
+            f"original patches + {prefix} prefix tokens), got {list(attention.shape)}"
+        )
+    per_patch = attention.float().mean(dim=-2)[:, prefix:]
+    return ops.patches_to_tokens(state, per_patch, "mean")
 
 
 @hookimpl

@@ -141,7 +141,7 @@ def test_missing_attention_is_an_error():
     with pytest.raises(MissingInputError, match=r"vispruner: needs per_token\['cls_attn'\].*the state has none"):
         VisPruner()(bare)
     no_cls = TokenState.from_patches(state.tokens, (H, W))
-    with pytest.raises(MissingInputError, match=r"no class token: the official rule for such towers \(SigLIP\)"):
+    with pytest.raises(MissingInputError, match=r"no class token: use `signal: received` \(the official rule for such towers, SigLIP"):
         VisPruner()(no_cls)
     with pytest.raises(InputError, match=r"must be \[B, N\]=\[3, 64\] scores, got \[3, 64, 2\]"):
         VisPruner()(state.replace(per_token={"cls_attn": torch.rand(3, 64, 2)}))
@@ -150,7 +150,7 @@ def test_missing_attention_is_an_error():
 def test_params_are_checked():
     with pytest.raises(ParamsError, match="important_ratio"):
         VisPruner(important_ratio=1.5)
-    with pytest.raises(ParamsError, match="ratio: unknown parameter; valid: keep, important_ratio, step, score"):
+    with pytest.raises(ParamsError, match="ratio: unknown parameter; valid: keep, important_ratio, step, signal, score, attention_map"):
         VisPruner(ratio=0.5)
 
 
@@ -168,3 +168,52 @@ def test_budget_rule_reaches_its_targets():
 
 def test_registered_and_validates():
     assert arrcoc.create("compressor", "vispruner", keep=64).params.keep == 64
+
+
+def reference_received(maps, prefix):
+    """Official SigLIP importance (siglip_encoder.py l.34-41 + encode_images' head mean): per head
+    attentions[-1].mean(dim=-2), then the mean over heads; here from per-head maps, plain loops over heads."""
+    return torch.stack([m.mean(dim=-2) for m in maps.unbind(1)], 1).mean(1)[:, prefix:]
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_received_signal_matches_official_siglip_rule(prefix):
+    g = torch.Generator().manual_seed(5)
+    B, heads, D = 2, 3, 16
+    per_head = torch.rand(B, heads, N0 + prefix, N0 + prefix, generator=g).softmax(-1)
+    head_mean = per_head.mean(1)  # what timm_vit hands on in meta["attention_maps"]
+    features = torch.randn(B, N0, D, generator=g)
+    state = TokenState.from_patches(features, (H, W)).with_meta(
+        attention_maps=(torch.rand(B, N0 + prefix, N0 + prefix, generator=g), head_mean), num_prefix_tokens=prefix)
+    plugin = VisPruner(keep=20, signal="received")
+    assert plugin.requirements() == frozenset({"attention_maps"})
+    out = plugin(state).check()
+    importance = reference_received(per_head, prefix)
+    torch.testing.assert_close(plugin.importance(state), importance, rtol=1e-6, atol=1e-7)
+    for b in range(B):
+        assert kept_indices(out, b) == reference(features[b], importance[b], 20, 0.5)
+    # attention_map picks another of the maps: a different importance.
+    other = VisPruner(keep=20, signal="received", attention_map=0).importance(state)
+    assert not torch.allclose(other, importance)
+
+
+def test_received_signal_errors():
+    state = make_state()
+    with pytest.raises(MissingInputError, match=r"state.meta\['attention_maps'\] is missing"):
+        VisPruner(signal="received")(state)
+    maps = (torch.rand(3, N0, N0),)
+    with pytest.raises(InputError, match=r"attention_map=-2: the encoder gave 1 attention maps \(valid: -1..0\)"):
+        VisPruner(signal="received", attention_map=-2)(state.with_meta(attention_maps=maps))
+    with pytest.raises(InputError, match=r"expected attention maps \[B=3, M, 65\].*got \[3, 64, 64\]"):
+        VisPruner(signal="received")(state.with_meta(attention_maps=maps, num_prefix_tokens=1))
+
+
+def test_received_signal_in_a_pipeline_on_a_tower_without_class_token():
+    spec = {"name": "vp_siglip", "encoder": {"use": "timm_vit", "model": "vit_base_patch16_siglip_224", "layer": -1,
+                                             "model_kwargs": {"depth": 2, "img_size": 64, "embed_dim": 64,
+                                                              "num_heads": 2}},
+            "compress": [{"use": "vispruner", "keep": 6, "signal": "received"}]}
+    out = arrcoc.run_pipeline(spec, torch.rand(2, 3, 64, 64))
+    assert out.counts.tolist() == [6, 6] and out.cls is None
+    with pytest.raises(MissingInputError, match=r"needs 'cls_attention'.*has no class token"):
+        arrcoc.run_pipeline({**spec, "compress": [{"use": "vispruner", "keep": 6}]}, torch.rand(1, 3, 64, 64))
