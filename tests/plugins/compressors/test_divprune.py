@@ -1,4 +1,4 @@
-"""DivPrune: equivalence with the official greedy loop, the picked-twice quirk, ragged batches, ties, errors, budgets."""
+"""DivPrune: the official greedy loop, the picked-twice quirk, ragged batches, ties, errors, budgets."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_ragged_batch_equals_per_image_runs(params, dups):
 def test_duplicates_never_both_kept_before_every_direction_is():
     # 32 directions, each twice: the 32 picks are one of each pair (a duplicate is at distance 0 from its twin).
     out = DivPrune(keep=32)(with_duplicates(make_state())).check()
-    kept = (out.origin >= 0).view(3, 32, 2)  # [pair][twin]... as origin maps the 64 patches
+    kept = (out.origin >= 0).view(3, 32, 2)  # [image, pair (patches 2i, 2i + 1), twin]
     assert kept.sum(-1).eq(1).all()
 
 
