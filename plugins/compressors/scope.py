@@ -37,6 +37,9 @@ Quirks of the official code and what arrcoc does with them:
 * LLaVA-NeXT crops are put back on 24 x 24 grids without unpad or newline
   tokens, and the shipped NeXT script runs unpruned: not copied (arrcoc prunes
   each view like any image and the model integration places the tokens);
+* no class token (SigLIP, Qwen2-VL towers): ``score: null`` is the official
+  ``cls_attn=None`` path, a uniform saliency (pure coverage); with the default
+  ``score`` such a tower is refused with a ``MissingInputError`` that says so;
 * the class token: the official output has none; arrcoc leaves it in
   ``state.cls``, apart, as every compressor does (LLaVA's default feature
   strategy does not feed it to the LLM).
@@ -130,10 +133,11 @@ class ScopeParams(Params):
     combine: Literal["multi", "add"] = Field(
         "multi", description="gain * a^alpha ('multi', official default) or gain + a^alpha ('add', env COMBINED)."
     )
-    score: str = Field(
+    score: str | None = Field(
         "cls_attn",
         description="per_token CLS attention, the saliency (official: layer -2, summed over heads; timm_vit's "
-        "head mean with `layer: -2`).",
+        "head mean with `layer: -2`); null = uniform saliency, pure coverage (the official cls_attn=None "
+        "path), for towers without a class token.",
     )
     heads: PositiveInt | None = Field(
         None,
@@ -154,6 +158,10 @@ class Scope(Compressor):
     Params = ScopeParams
     needs = frozenset({"cls_attention"})
     stage = "vision"  # before the projector, on CLIP layer -2, as the official CLIPVisionTower_SCOPE
+
+    def requirements(self) -> frozenset[str]:
+        # score: null is the official cls_attn=None path (uniform saliency): no CLS attention needed.
+        return self.needs if self.params.score is not None else frozenset()
 
     @classmethod
     def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float] | None:
@@ -180,12 +188,16 @@ class Scope(Compressor):
 
     def __call__(self, state: TokenState) -> TokenState:
         p = self.params
-        saliency = state.per_token.get(p.score)
+        if p.score is None:  # official cls_attn=None: torch.ones saliency, pure coverage
+            saliency = torch.ones(state.mask.shape, dtype=state.dtype, device=state.device)
+        else:
+            saliency = state.per_token.get(p.score)
         if saliency is None:
             raise MissingInputError(
                 f"scope: needs per_token[{p.score!r}] (the CLS attention, its saliency): the timm_vit encoder "
                 f"provides 'cls_attn' of its `attention_layer` (SCOPE: `layer: -2`); for a tower without a class "
-                f"token there is none. The state has {sorted(state.per_token) or 'none'}"
+                f"token there is none: set `score: null` for uniform saliency (pure coverage, the official "
+                f"cls_attn=None path). The state has {sorted(state.per_token) or 'none'}"
             )
         if saliency.shape != state.mask.shape:
             raise InputError(

@@ -4,7 +4,9 @@
 * a budget of 16 equals the model run on a hand-built prompt that carries the kept features, and the kept
   features are the ones an independent reference picks: the official greedy loop (kinredon/SCOPE
   ``SCOPE``) over the model's own ``hidden_states[-2]`` patches with the CLS row of ``attentions[-2]``
-  (an eager copy of the tower) summed over heads, projected by the model's projector.
+  (an eager copy of the tower) summed over heads, projected by the model's projector;
+* LLaVA-NeXT: every view (base and crops) keeps its own budget; Qwen2-VL (no class token): the default is
+  refused with a clear error, ``score: null`` (the official uniform saliency) runs.
 """
 
 from __future__ import annotations
@@ -140,3 +142,41 @@ def test_budget_above_the_tokens_is_refused(model, batch3):
     with pytest.raises(arrcoc.errors.BudgetError, match="asked to keep 65 tokens, but an image has only 64"):
         with arrcoc.hf.apply(model, scope(keep=65)):
             last_logits(model, batch3)
+
+
+# ------------------------------------------------------------------ other families (as test_hf_support_matrix)
+def _rows(counts: list[int], placeholders) -> dict:
+    """Two prompts of different lengths, ``placeholders(n)`` the image's ids with ``n`` image tokens."""
+    texts = [(list(range(5, 8)), list(range(20, 25))), (list(range(5, 6)), list(range(20, 29)))]
+    ids, mask = left_pad([[1, *a, *placeholders(n), *b] for n, (a, b) in zip(counts, texts)])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_llava_next_prunes_every_view():
+    from tiny_models import tiny_llava_next
+
+    model = tiny_llava_next(torch.float32)
+    sizes = torch.tensor([[50, 100], [90, 40]])  # crop grids 1x2 and 2x1: 3 views of 16 tokens each
+    per = arrcoc.hf.adapter_for(model).tokens_per_image(None, {"image_sizes": sizes})
+    batch = {**_rows(per, lambda n: [IMAGE] * n), "pixel_values": torch.randn(2, 5, 3, 56, 56, generator=torch.Generator()
+                                                                 .manual_seed(0)), "image_sizes": sizes}
+    with arrcoc.hf.apply(model, scope(keep=0.5)) as run:
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert run.state.counts.tolist() == [8] * 6  # per view, as the official tower (base view + crops)
+    assert all(seen < full for seen, full in zip(run.report.layer_visual[0], per))
+
+
+def test_qwen2_vl_has_no_class_token_and_runs_with_uniform_saliency():
+    from tiny_models import QWEN_IMAGE, QWEN_START, QWEN_END, tiny_qwen2_vl
+
+    model = tiny_qwen2_vl(torch.float32)
+    grids = torch.tensor([[1, 8, 12], [1, 6, 6]])  # 24 and 9 merged tokens
+    batch = {**_rows([24, 9], lambda n: [QWEN_START, *[QWEN_IMAGE] * n, QWEN_END]), "image_grid_thw": grids,
+             "pixel_values": torch.randn(96 + 36, 1176, generator=torch.Generator().manual_seed(0))}
+    batch["mm_token_type_ids"] = (batch["input_ids"] == QWEN_IMAGE).int()
+    with pytest.raises(arrcoc.errors.MissingInputError, match="needs 'cls_attention'.*no class token"):
+        with arrcoc.hf.apply(model, scope(keep=0.5)):
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+    with arrcoc.hf.apply(model, scope(keep=0.5, score=None)) as run:
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert run.state.counts.tolist() == [12, 4]

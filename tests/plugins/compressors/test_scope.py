@@ -71,6 +71,15 @@ def test_matches_official_loop(keep, alpha, combine):
         assert torch.equal(out.cls[b], state.cls[b])  # the class token stays apart
 
 
+def test_score_null_is_the_official_uniform_saliency():
+    state = make_state().replace(per_token={})
+    out = Scope(keep=12, score=None)(state).check()
+    assert Scope(score=None).requirements() == frozenset() and Scope().requirements() == {"cls_attention"}
+    for b in range(state.B):
+        picks = reference(state.tokens[b], torch.ones(N0), 12)
+        assert [j for j in range(N0) if out.origin[b, j] >= 0] == sorted(picks)
+
+
 def test_multi_is_invariant_to_the_head_scale_and_add_is_not():
     state = make_state()
     mean, summed = Scope(keep=12)(state), Scope(keep=12)(state.with_per_token(cls_attn=state.per_token["cls_attn"] * 16))
@@ -164,7 +173,7 @@ def test_bad_inputs():
         Scope(keep=65)(state)
     with pytest.raises(BudgetError, match="asked to keep 40 tokens, but an image has only 37"):
         Scope(keep=40)(ragged(state))
-    with pytest.raises(MissingInputError, match=r"per_token\['cls_attn'\].*timm_vit.*layer: -2"):
+    with pytest.raises(MissingInputError, match=r"per_token\['cls_attn'\].*timm_vit.*layer: -2.*score: null"):
         Scope()(state.replace(per_token={}))
     with pytest.raises(InputError, match=r"must be \[B, N\] = \[3, 64\] scores, got \[3, 64, 2\]"):
         Scope()(state.with_per_token(cls_attn=torch.rand(3, 64, 2)))
@@ -197,6 +206,11 @@ def test_pipeline_missing_cls_attention_is_caught_before_running():
     enc = {**TINY, "model_kwargs": {"depth": 2, "img_size": 64, "class_token": False, "global_pool": "avg"}}
     with pytest.raises(MissingInputError, match="needs 'cls_attention'.*no class token"):
         arrcoc.load_pipeline({"encoder": enc, "compress": [{"use": "scope"}]}, device="cpu")
+    # score: null (uniform saliency) needs no class token
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    state = arrcoc.run_pipeline({"encoder": enc, "compress": [{"use": "scope", "keep": 5, "score": None}]}, images,
+                                device="cpu").check()
+    assert state.trace[-1].tokens_out == (5, 5)
 
 
 def test_builtin_pipeline_file_loads():
