@@ -1,9 +1,10 @@
-"""CDPruner inside a tiny ``LlavaForConditionalGeneration`` (tiny_models.tiny_llava, float64, batch 3 ragged).
+"""CDPruner inside tiny VLMs (tiny_models): LLaVA-1.5 (float64, batch 3 ragged), LLaVA-NeXT and Qwen2-VL.
 
 The stage runs on the projected features (``stage: projector``), the instruction is the LLM input embeddings of
 each prompt's text after the image.  Expectations come from the unmodified model: keep-everything equals it bit
 for bit, and the selection equals the official greedy DPP (written below for one image) on the model's own
-features and question embeddings, fed back through a hand-built prompt.
+features and question embeddings, fed back through a hand-built prompt.  LLaVA-NeXT: every view keeps the budget and an image's views share one
+relevance min / max; Qwen2-VL: runs with the prompt's text as the instruction.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ transformers = pytest.importorskip("transformers")
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 import arrcoc  # noqa: E402
-from tiny_models import IMAGE, N0, ROWS, left_pad, llava_batch, tiny_llava  # noqa: E402
+from tiny_models import IMAGE, N0, ROWS, left_pad, llava_batch, tiny_llava, tiny_llava_next, tiny_qwen2_vl  # noqa: E402
 from arrcoc.errors import InputError  # noqa: E402
+import arrcoc_plugins.compressors.cdpruner as cdpruner_module  # noqa: E402
+from arrcoc_plugins.compressors.cdpruner import cdpruner_relevance  # noqa: E402
 
 NEW = 6
 
@@ -111,3 +114,42 @@ def test_a_prompt_without_a_question_is_refused(model):
     with arrcoc.hf.apply(model, spec(keep=8)):
         with pytest.raises(InputError, match="a query-aware stage needs text after the image in every prompt"):
             run_model(model, inputs)
+
+
+def test_llava_next_views_each_keep_the_budget_and_share_the_relevance_range(monkeypatch):
+    # Two images with crop grids 1x2 and 2x1: 3 views each of 16 tokens (official NeXT: each view keeps T).
+    model = tiny_llava_next(torch.float32)
+    sizes = torch.tensor([[50, 100], [90, 40]])
+    per = arrcoc.hf.adapter_for(model).tokens_per_image(None, {"image_sizes": sizes})
+    rows = [[1, 5, 6, 7, *[IMAGE] * n, *range(20, 20 + post)] for n, post in zip(per, (5, 9))]
+    ids, mask = left_pad(rows)
+    inputs = {"input_ids": ids, "attention_mask": mask, "image_sizes": sizes,
+              "pixel_values": torch.randn(2, 5, 3, 56, 56, generator=torch.Generator().manual_seed(3))}
+    seen = []
+
+    def spy(*args, **kwargs):  # the groups the stage normalises the relevance over
+        seen.append(args[4])
+        return cdpruner_relevance(*args, **kwargs)
+
+    monkeypatch.setattr(cdpruner_module, "cdpruner_relevance", spy)
+    with arrcoc.hf.apply(model, spec(keep=4)) as run:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert run.state.counts.tolist() == [4] * 6
+    assert run.state.meta["views"] == [(1, 2), (2, 1)]
+    assert seen[0].tolist() == [0, 0, 0, 1, 1, 1]  # one min / max per image, over its views
+    assert out.shape == (2, ids.shape[1] + 3) and torch.equal(out[:, : ids.shape[1]], ids)
+
+
+def test_qwen2_vl_runs_with_the_prompt_as_instruction():
+    model = tiny_qwen2_vl(torch.float32)
+    grids = torch.tensor([[1, 8, 12], [1, 6, 6]])
+    rows = [[1, 5, 6, 902, *[900] * n, 903, *range(20, 20 + post)] for n, post in zip((24, 9), (5, 9))]
+    ids, mask = left_pad(rows)
+    inputs = {"input_ids": ids, "attention_mask": mask, "image_grid_thw": grids,
+              "pixel_values": torch.randn(96 + 36, 1176, generator=torch.Generator().manual_seed(4)),
+              "mm_token_type_ids": (ids == 900).int()}
+    with arrcoc.hf.apply(model, spec(keep=0.5)) as run:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert run.state.counts.tolist() == [12, 4]
+    assert out.shape == (2, ids.shape[1] + 3) and torch.equal(out[:, : ids.shape[1]], ids)
+    assert run.report.layer_visual[0] == [12, 4]
