@@ -87,7 +87,7 @@ def split_budget(total: torch.Tensor, important_ratio: float) -> tuple[torch.Ten
 
 
 def diverse_schedule(residual: int, diverse: int, step: int = 8) -> list[int]:
-    """a-tokens dropped in each round for one image (official ``while`` loop, l.161-175).
+    """a-tokens dropped in each round for one image (official ``while`` loop, l.161-176).
 
     ``r = min(step, R - T_div)`` while positive, capped by the ``ceil(R / 2)``
     a-tokens the round has; the list ends at exactly ``T_div`` tokens.
@@ -131,6 +131,8 @@ def vispruner_select(
     lengths = torch.tensor([n - i for n, i in zip(host_counts, host_imp)], dtype=torch.int64)[:, None]
     lengths = (lengths - torch.cumsum(torch.cat([torch.zeros(B, 1, dtype=torch.int64), drops], 1), 1))  # [B, rounds+1]
     widths = lengths.amax(0).tolist() if B else [0] * (rounds + 1)  # (host tensors: no device sync)
+    # Rounds where every row's list fills the width need no padding masks (a batch of equal images: all).
+    padded = (lengths.amin(0) < lengths.amax(0)).tolist() if B else [False] * (rounds + 1)
     drops, lengths = drops.to(device), lengths.to(device)
 
     selected = torch.zeros(B, N + 1, dtype=torch.bool, device=device)
@@ -143,28 +145,34 @@ def vispruner_select(
     pos = torch.arange(L, device=device)
     residual = ranked.gather(1, (important[:, None] + pos).clamp(max=max(K - 1, 0))) if L else ranked[:, :0]
     if rounds:
-        # Cosines of every pair once (float32, equal in any batch: see ops.similarity_key).
-        sim = ops.similarity_key(features, features)
+        # Cosines of every pair once (float32, equal in any batch: see ops.similarity_key), flat per image.
+        sim = ops.similarity_key(features, features).reshape(B, N * N)
     for t in range(rounds):
         R, drop, L_next = lengths[:, t], drops[:, t], widths[t + 1]
         a, b = residual[:, 0::2], residual[:, 1::2]
         La, Lb = a.shape[1], b.shape[1]
         a_pos, b_pos = torch.arange(La, device=device), torch.arange(Lb, device=device)
-        a_real = 2 * a_pos < R[:, None]
-        b_real = 2 * b_pos + 1 < R[:, None]
-        # Official ``(a @ b.T).max(-1)``: each a-token's highest cosine to a b-token of its row.
-        block = ops.gather_rows(sim, a, a_real).gather(2, b[:, None, :].expand(B, La, Lb))
-        # (a round runs only when some row holds >= 2 tokens, so every round has a b-column)
-        score = block.masked_fill_(~b_real[:, None, :], float("-inf")).amax(-1).masked_fill_(~a_real, float("-inf"))
+        # Official ``(a @ b.T).max(-1)``: each a-token's highest cosine to a b-token of its row (the a x b
+        # block gathered from the matrix; a round runs only when some row holds >= 2 tokens, so Lb >= 1).
+        block = sim.gather(1, (a[:, :, None] * N + b[:, None, :]).reshape(B, La * Lb)).view(B, La, Lb)
+        if padded[t]:
+            a_real = 2 * a_pos < R[:, None]
+            b_real = 2 * b_pos + 1 < R[:, None]
+            score = block.masked_fill_(~b_real[:, None, :], float("-inf")).amax(-1).masked_fill_(~a_real, float("-inf"))
+        else:
+            score = block.amax(-1)
         # Official argsort(descending)[:, r:]: the survivors in score-descending order (ties: list position;
         # padding is last because real a-tokens are a prefix).
         order = torch.sort(score, dim=1, descending=True, stable=True).indices
         n_a = (R + 1) // 2
         kept_a = (a_pos >= drop[:, None]) & (a_pos < n_a[:, None])
         a_dest = torch.where(kept_a, a_pos - drop[:, None], L_next)
-        b_dest = torch.where(b_real, (n_a - drop)[:, None] + b_pos, L_next)
         nxt = torch.zeros(B, L_next + 1, dtype=torch.int64, device=device)
-        nxt.scatter_(1, a_dest, a.gather(1, order)).scatter_(1, b_dest, b)
+        nxt.scatter_(1, a_dest, a.gather(1, order))
+        if padded[t]:
+            nxt.scatter_(1, torch.where(b_pos < (R // 2)[:, None], (n_a - drop)[:, None] + b_pos, L_next), b)
+        else:
+            nxt.scatter_(1, (n_a - drop)[:, None] + b_pos, b)
         residual = nxt[:, :L_next]
     final = residual.shape[1]
     diverse_slot = torch.where(torch.arange(final, device=device) < diverse[:, None], residual, N)
