@@ -3,8 +3,9 @@
 The stage runs on the projected features (``stage: projector``), the instruction is the LLM input embeddings of
 each prompt's text after the image.  Expectations come from the unmodified model: keep-everything equals it bit
 for bit, and the selection equals the official greedy DPP (written below for one image) on the model's own
-features and question embeddings, fed back through a hand-built prompt.  LLaVA-NeXT: every view keeps the budget and an image's views share one
-relevance min / max; Qwen2-VL: runs with the prompt's text as the instruction.
+features and question embeddings, fed back through a hand-built prompt.  LLaVA-NeXT: every view keeps the
+budget and an image's views share one relevance min / max; Qwen2-VL: runs with the prompt's text as the
+instruction.
 """
 
 from __future__ import annotations
