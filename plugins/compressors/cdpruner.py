@@ -131,7 +131,7 @@ def cdpruner_select(
     relevance: torch.Tensor,
     mask: torch.Tensor,
     k: torch.Tensor,
-    eps: float = 0.0,
+    eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy MAP of the conditional DPP ``L = diag(r) S diag(r)``, incremental Cholesky (official l.166-184).
 
@@ -141,6 +141,7 @@ def cdpruner_select(
         eps: a row whose best ``d^2`` is not above ``eps`` times its largest ``diag(L)`` (NaN included) stops the
             DPP and picks its unpicked tokens by largest ``diag(L)`` (official: no stop; past the rank of ``L`` its
             picks follow rounding noise, then NaN).  0: only where the official ``sqrt`` gives NaN or inf.
+            Default: the plugin's.
 
     Returns:
         ``(index [B, K], valid [B, K])``, each row's picks ascending (``K = max k``).
