@@ -56,6 +56,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from arrcoc import ops
@@ -72,7 +73,11 @@ def cosine_matrix(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # A zero vector (or padding) would divide by 0: its unit vector is taken as 0 instead of NaN.
     unit = torch.where(norm > 0, features / norm.clamp_min(torch.finfo(features.dtype).tiny), 0.0)
     unit = unit * mask[..., None].to(unit.dtype)
-    return torch.bmm(unit, unit.transpose(1, 2))
+    # The product is taken on whole tiles of rows (as ops.similarity_key does), so an entry's rounding does not
+    # depend on how long the batch's longest image is: a ragged batch and the image alone get equal values.
+    N = unit.shape[1]
+    tiled = F.pad(unit, (0, 0, 0, -N % ops.SIMILARITY_TILE)) if N % ops.SIMILARITY_TILE else unit
+    return torch.bmm(tiled, tiled.transpose(1, 2))[:, :N, :N]
 
 
 def scope_select(
@@ -107,11 +112,15 @@ def scope_select(
     chosen = ~mask  # padding is never a candidate
     cur_max = torch.zeros(B, N, dtype=dtype, device=device)
     rows = torch.arange(B, device=device)
+    last_row = (mask.sum(1) - 1).clamp_min(0)[:, None, None].expand(B, 1, N)
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
     for step in range(K):  # greedy: one pick per step, all images at once
         # gain_i = sum_j max(0, S[j, i] - cur_max_j) (official l.177-181; chosen columns are -inf below anyway).
         # Padding rows j of S are 0 and cur_max >= 0: they add exact zeros.
-        gains = (similarity - cur_max[:, :, None]).clamp_min(0).sum(1)
+        # Summed as a running sum read at the image's last real row: its value then does not depend on the
+        # padding after it (a plain sum's blocking does), so ties break as in the image's run alone.
+        covered = (similarity - cur_max[:, :, None]).clamp_min(0).cumsum(1)
+        gains = covered.gather(1, last_row).squeeze(1)
         scores = gains * powered if combine == "multi" else gains + powered
         scores = torch.where(chosen, neg_inf, scores)
         best = scores.argmax(dim=1)  # first index on ties, as the official argmax

@@ -154,6 +154,7 @@ PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         start_layer=st.integers(1, NUM_LAYERS - 1), step=st.floats(0.05, 1.0), tau=st.floats(0.05, 1.0),
         iters=st.integers(1, 6), mode=st.sampled_from(["mask", "remove"]),
     ),
+    "divprune": maybe(keep=keeps(), mask_chosen=st.booleans(), metric=st.sampled_from([None, "keys"])),
     "fastv": maybe(keep=keeps(), rounding=st.sampled_from(["floor", "round"])),
     "hired": maybe(keep=keeps()),
     "pool": st.one_of(
@@ -164,6 +165,8 @@ PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "prumerge": maybe(keep=keeps(), neighbors=st.integers(1, 40)),
     "prumerge_plus": maybe(keep=keeps(), neighbors=st.integers(1, 40)),
     "random_keep": maybe(keep=keeps(), seed=st.integers(0, 100)),
+    "scope": maybe(keep=keeps(), alpha=st.floats(0.0, 3.0), combine=st.sampled_from(["multi", "add"]),
+                   score=st.sampled_from(["cls_attn", None]), heads=st.integers(1, 16)),
     "sparsevlm": maybe(
         keep=keeps(), w_text=st.floats(0.0, 1.0), w_sal=st.floats(0.0, 1.0),
         norm=st.sampled_from(["minmax", "rank", "zscore", "none"]), recycle=st.booleans(),
