@@ -154,6 +154,8 @@ PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         start_layer=st.integers(1, NUM_LAYERS - 1), step=st.floats(0.05, 1.0), tau=st.floats(0.05, 1.0),
         iters=st.integers(1, 6), mode=st.sampled_from(["mask", "remove"]),
     ),
+    "cdpruner": maybe(keep=keeps(), negate=st.booleans(), theta=st.one_of(st.none(), st.floats(0.05, 0.95)),
+                      eps=st.sampled_from([0.0, 1e-5, 1e-3])),
     "divprune": maybe(keep=keeps(), mask_chosen=st.booleans(), metric=st.sampled_from([None, "keys"])),
     "fastv": maybe(keep=keeps(), rounding=st.sampled_from(["floor", "round"])),
     "hired": maybe(keep=keeps()),
@@ -181,6 +183,12 @@ PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         r=st.one_of(st.integers(0, 300), st.lists(st.integers(0, 60), min_size=1, max_size=3)),
         metric=st.sampled_from(["keys", "tokens"]), size_weighted=st.booleans(),
         class_token=st.one_of(st.none(), st.booleans()), order=st.sampled_from(["official", "spatial"]),
+    ),
+    "vispruner": st.one_of(
+        st.just({}),
+        st.fixed_dictionaries({"keep": keeps(64), "important_ratio": st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0])}),
+        st.fixed_dictionaries({"keep": keeps(64), "important_ratio": st.floats(0.0, 1.0)},
+                              optional={"step": st.integers(1, 9)}),
     ),
     "visionzip": st.one_of(
         st.just({}),
