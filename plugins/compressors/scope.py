@@ -80,6 +80,22 @@ def cosine_matrix(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.bmm(tiled, tiled.transpose(1, 2))[:, :N, :N]
 
 
+def coverage_gains(similarity: torch.Tensor, cur_max: torch.Tensor, last_row: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` coverage gain of every candidate ``i``: ``sum_j max(0, S[j, i] - cur_max_j)`` (official
+    l.177-181), in the similarity's dtype.
+
+    ``last_row`` (``[B, 1, N]``, each image's last real row, repeated) is where the sum is read: a running sum
+    read there does not depend on the padding after it (a plain sum's blocking does), so ties break as in the
+    image's run alone; padding rows of ``S`` are 0 and ``cur_max >= 0``, they add exact zeros. The sum is
+    accumulated in float32 (or the dtype, if wider) and rounded once, as the official fp16 ``.sum`` does; an
+    fp16 ``cumsum`` on CUDA would round every partial sum (its scan accumulates in the input dtype), many ulps
+    off at N = 576.
+    """
+    accumulate = torch.promote_types(similarity.dtype, torch.float32)
+    covered = (similarity - cur_max[:, :, None]).clamp_min(0).cumsum(1, dtype=accumulate)
+    return covered.gather(1, last_row).squeeze(1).to(similarity.dtype)
+
+
 def scope_select(
     features: torch.Tensor,
     saliency: torch.Tensor,
@@ -115,12 +131,7 @@ def scope_select(
     last_row = (mask.sum(1) - 1).clamp_min(0)[:, None, None].expand(B, 1, N)
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
     for step in range(K):  # greedy: one pick per step, all images at once
-        # gain_i = sum_j max(0, S[j, i] - cur_max_j) (official l.177-181; chosen columns are -inf below anyway).
-        # Padding rows j of S are 0 and cur_max >= 0: they add exact zeros.
-        # Summed as a running sum read at the image's last real row: its value then does not depend on the
-        # padding after it (a plain sum's blocking does), so ties break as in the image's run alone.
-        covered = (similarity - cur_max[:, :, None]).clamp_min(0).cumsum(1)
-        gains = covered.gather(1, last_row).squeeze(1)
+        gains = coverage_gains(similarity, cur_max, last_row)  # chosen columns are -inf below anyway
         scores = gains * powered if combine == "multi" else gains + powered
         scores = torch.where(chosen, neg_inf, scores)
         best = scores.argmax(dim=1)  # first index on ties, as the official argmax

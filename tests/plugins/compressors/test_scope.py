@@ -12,7 +12,7 @@ from arrcoc import ops
 from arrcoc.errors import BudgetError, InputError, MissingInputError, ParamsError
 from arrcoc.plugin import BudgetContext
 from arrcoc.state import TokenState
-from arrcoc_plugins.compressors.scope import Scope, scope_select
+from arrcoc_plugins.compressors.scope import Scope, coverage_gains, scope_select
 
 H = W = 8
 N0 = H * W
@@ -99,6 +99,27 @@ def test_computes_in_the_feature_dtype_like_the_official_code(dtype):
     for b in range(state.B):
         picks = reference(state.tokens[b], state.per_token["cls_attn"][b], 20)
         assert [j for j in range(N0) if out.origin[b, j] >= 0] == sorted(picks)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gains_are_summed_as_the_official_sum(device, dtype):
+    # Official: the fp16 ``max(0, S - cur_max).sum(dim=1)``, accumulated in float32 and rounded once. An fp16
+    # running sum on CUDA rounds each of the 576 partial sums instead (several ulps off at these magnitudes).
+    g = torch.Generator().manual_seed(7)
+    B, N = 2, 576
+    similarity = torch.rand(B, N, N, generator=g).to(dtype).to(device)
+    cur_max = (0.5 * torch.rand(B, N, generator=g)).to(dtype).to(device)
+    last_row = torch.full((B, 1, N), N - 1, device=device)
+    gains = coverage_gains(similarity, cur_max, last_row)
+    assert gains.dtype == dtype
+    expected = (similarity - cur_max[:, :, None]).clamp_min(0).sum(dim=1)  # the official line, as it runs
+    exact = (similarity - cur_max[:, :, None]).clamp_min(0).double().sum(dim=1)
+    assert (expected.double() - exact).abs().max() <= exact.max() * torch.finfo(dtype).eps  # half an ulp + slack
+    torch.testing.assert_close(gains, expected, rtol=torch.finfo(dtype).eps, atol=0)
 
 
 def ragged(state: TokenState, counts=(64, 50, 37), seed=1) -> TokenState:
