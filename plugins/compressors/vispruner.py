@@ -48,8 +48,10 @@ Differences from the official code, on purpose (docs/methods/vispruner.md):
   a-tokens (``ceil(R / 2)``) are scored against the ``floor(R / 2)``
   b-tokens as for even lengths;
 * a round drops ``min(r, ceil(R / 2))`` a-tokens: when ``r`` exceeds the
-  a-tokens (only for ``R < 16``) the official ``argsort(...)[:, r:]`` is
-  empty and every a-token goes, as here (no difference, said for clarity);
+  a-tokens (only for ``R < 16``, e.g. ``T = 9`` at ``r = 0.5`` on 576
+  patches) the official ``argsort(...)[:, r:]`` is empty but
+  ``expand(-1, R // 2 - r)`` gets a negative size and raises; here every
+  a-token goes, the b-tokens stay and the loop goes on;
 * ``keep`` above an image's tokens is a :class:`~arrcoc.errors.BudgetError`
   (the official code keeps everything).
 
