@@ -24,11 +24,12 @@ def make_state(B=3, N=48, D=64, T=5, seed=0, counts=None, dtype=torch.float32):
     return state.replace(query=torch.randn(B, T, D, generator=g).to(dtype), query_mask=qm)
 
 
-def official(x, q, T, negate=True, theta=None, guard=None):
+def official(x, q, T, negate=True, theta=None, guard=None, relevance=None):
     """Official ``encode_images`` (llava_arch.py l.141-184) for one image, plain torch: x [N, D] features
     (also the relevance embeddings: the arrcoc variant), q [M, D] instruction rows.  ``guard`` (a float): stop
-    the DPP where d^2 <= guard * max diag(L) and fill by the largest kernel diagonal (arrcoc's guard of quirk 2)."""
-    x, q = x[None], q
+    the DPP where d^2 <= guard * max diag(L) and fill by the largest kernel diagonal (arrcoc's guard of quirk 2).
+    ``relevance`` ([N]): use it in place of the official l.154-159 (arrcoc's guard of quirk 3 gives ones)."""
+    x, q, forced = x[None], q, relevance
     B, N, C = x.shape
     xn = (x / x.norm(dim=-1, keepdim=True)).float()
     similarity = torch.matmul(xn, xn.transpose(1, 2))
@@ -39,6 +40,8 @@ def official(x, q, T, negate=True, theta=None, guard=None):
     relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
     if theta is not None:
         relevance = torch.exp(theta / (2 * (1 - theta)) * relevance)
+    if forced is not None:
+        relevance = forced.float()[None]
     kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
     cis = torch.zeros((T, B, N))
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
@@ -66,7 +69,7 @@ def kept(out: TokenState, b: int) -> list[int]:
 
 
 # ------------------------------------------------------------- reference
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("negate", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_official_encode_images(seed, negate, dtype):
@@ -148,10 +151,12 @@ def test_equal_relevance_is_guarded():
     r = cdpruner_relevance(state.tokens, state.query, state.query_mask, state.mask)
     assert torch.equal(r, torch.ones_like(r))
     out = arrcoc.create("compressor", "cdpruner", keep=7)(state).check()
-    for b in range(2):  # pure diversity: the official loop with r = 1
+    for b in range(2):  # pure diversity: the official loop (no helper of the plugin) with r = 1
+        expected = official(state.tokens[b], state.query[b], 7, relevance=torch.ones(30))
+        assert len(set(expected)) == 7 and kept(out, b) == expected
         S = cdpruner_similarity(state.tokens[b:b + 1], state.mask[b:b + 1])
         index, valid = cdpruner_select(S, torch.ones(1, 30), state.mask[b:b + 1], torch.tensor([7]))
-        assert kept(out, b) == index[0].tolist() and bool(valid.all())
+        assert index[0].tolist() == expected and bool(valid.all())
 
 
 def test_zero_tokens_are_zero_rows_not_nan():
