@@ -33,7 +33,8 @@ Quirks of the official code and what arrcoc does with them:
 * the saliency is the head *sum*; the encoders expose the head *mean*. For
   ``combine: multi`` (the default) that is a constant factor on every score,
   the same ranking; for ``combine: add`` the mean is scaled back by
-  ``heads`` (default: ``state.meta["num_heads"]``, which ``timm_vit`` sets);
+  ``heads`` (default: ``state.meta["num_heads"]``, which ``timm_vit`` sets),
+  but not the uniform saliency of ``score: null`` (official ``torch.ones``);
 * LLaVA-NeXT crops are put back on 24 x 24 grids without unpad or newline
   tokens, and the shipped NeXT script runs unpruned: not copied (arrcoc prunes
   each view like any image and the model integration places the tokens);
@@ -162,7 +163,8 @@ class ScopeParams(Params):
     heads: PositiveInt | None = Field(
         None,
         description="Factor from the exposed head-mean attention to the official head sum, used only by "
-        "combine 'add' ('multi' ranks the same either way); default: the state's meta['num_heads'], else 1.",
+        "combine 'add' with a `score` ('multi' ranks the same either way; `score: null` is the official "
+        "uniform saliency of ones, not scaled); default: the state's meta['num_heads'], else 1.",
     )
     divide_by_batch: bool = Field(
         False,
@@ -224,9 +226,10 @@ class Scope(Compressor):
                 f"scope: per_token[{p.score!r}] must be [B, N] = {list(state.mask.shape)} scores, got "
                 f"{list(saliency.shape)}"
             )
-        if p.combine == "add":
+        if p.combine == "add" and p.score is not None:
+            # head mean -> the official head sum (the uniform saliency of score: null is the official ones, as is)
             heads = p.heads if p.heads is not None else int(state.meta.get("num_heads", 1))
-            saliency = saliency * heads  # head mean -> the official head sum
+            saliency = saliency * heads
         budget = self.budgets(state)
         picked, valid = scope_select(state.tokens, saliency, state.mask, budget, alpha=p.alpha, combine=p.combine)
         # Official masked_select: the kept patches in their original order.

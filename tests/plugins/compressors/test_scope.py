@@ -80,6 +80,17 @@ def test_score_null_is_the_official_uniform_saliency():
         assert [j for j in range(N0) if out.origin[b, j] >= 0] == sorted(picks)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_score_null_with_add_is_the_official_ones_not_scaled_by_heads(dtype):
+    # Official cls_attn=None: gain + 1 exactly; the head factor belongs to the CLS attention only (gain + 16
+    # would round the small late gains away and break their ties differently).
+    state = make_state(dtype=dtype).replace(per_token={}).with_meta(num_heads=16)
+    out = Scope(keep=24, score=None, combine="add")(state).check()
+    for b in range(state.B):
+        picks = reference(state.tokens[b], torch.ones(N0), 24, combined="add")
+        assert [j for j in range(N0) if out.origin[b, j] >= 0] == sorted(picks)
+
+
 def test_multi_is_invariant_to_the_head_scale_and_add_is_not():
     state = make_state()
     mean, summed = Scope(keep=12)(state), Scope(keep=12)(state.with_per_token(cls_attn=state.per_token["cls_attn"] * 16))
