@@ -182,7 +182,11 @@ def test_budget_counts_like_official_round():
     counts = torch.tensor([576, 576, 10, 14, 2340])
     assert divprune_budget(0.098, counts).tolist() == [56, 56, 1, 1, 229]  # run_Divprune.sh SUBSET_RATIO
     for k in (64, 128, 192):
-        assert divprune_budget(k / 576, counts[:1]).tolist() == [k]  # int(round(...)), where a floor gives k - 1
+        assert divprune_budget(k / 576, counts[:1]).tolist() == [k]
+    # LightCompress's 1 - reduction_ratio (0.8889 / 0.7778 / 0.6667): 63.99 / 127.99 / 191.98 tokens, which
+    # int(round(...)) makes 64 / 128 / 192 where a floor would give 63 / 127 / 191.
+    for reduction, k in ((0.8889, 64), (0.7778, 128), (0.6667, 192)):
+        assert divprune_budget(1 - reduction, counts[:1]).tolist() == [k]
     assert divprune_budget(0.25, counts[2:4]).tolist() == [2, 4]  # 2.5 -> 2, 3.5 -> 4: half to even
     assert divprune_budget(64, counts[:2]).tolist() == [64, 64]
 
