@@ -220,3 +220,25 @@ def test_plugin_flags_and_budget_rule():
         assert params["negate"] is False
         out = CDPruner(**params)(make_state())
         assert out.counts.tolist() == [round(target)] * 3
+
+
+TINY = {"use": "timm_vit", "model": "vit_tiny_patch16_224", "model_kwargs": {"depth": 2, "img_size": 64}}
+
+
+def test_pipeline_with_tiny_vit_and_toy_text_query():
+    spec = {"name": "cd", "encoder": TINY, "query_encoder": {"use": "toy_text"},
+            "compress": [{"use": "cdpruner", "keep": 5}]}
+    pipe = arrcoc.load_pipeline(spec, device="cpu")
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(MissingInputError, match=r"compress\[0\] \(cdpruner\) needs a query"):
+        pipe(images)
+    state = pipe(images, query=["a red cat on a mat", "two dogs"]).check()
+    assert state.counts.tolist() == [5, 5] and state.cls is not None  # the class token stays apart
+    assert state.trace[-1].tokens_in == (17, 17) and state.trace[-1].tokens_out == (6, 6)
+
+
+def test_builtin_pipeline_file_is_the_official_llava_setting():
+    spec = arrcoc.resolve_spec("cdpruner")
+    assert [s.as_yaml_dict() for s in spec.compress] == [{"use": "cdpruner", "keep": 64}]  # vtn 64 of 576
+    assert spec.encoder.params["model"] == "vit_large_patch14_clip_336.openai" and spec.encoder.params["layer"] == -2
+    assert spec.query_encoder.use == "toy_text"
