@@ -26,7 +26,8 @@ over the patches, averaged over heads (``timm_vit`` with ``layer: -2``: its
 How it is computed: :func:`vispruner_select` (pure, batched) returns the
 ``[B, N]`` selection and :func:`arrcoc.ops.keep` moves the tokens.  The
 cosines are computed once as an ``[N, N]`` matrix per image
-(:func:`arrcoc.ops.similarity_key`, float32) and each round gathers the
+(:func:`unit_cosines`, float32, unit vectors first as the official code) and
+each round gathers the
 ``a x b`` block it needs: ``N^2 C`` once instead of the official ``R^2 C / 4``
 per round (cheaper from the first rounds on: 56 rounds at ``T = 128``).  The
 number of rounds and each row's drop per round depend on the counts only, so
@@ -39,10 +40,12 @@ Differences from the official code, on purpose (docs/methods/vispruner.md):
 
 * ties (equal attention, equal cosines) go to the lower index / earlier list
   position; the official ``argsort`` is unstable;
-* the cosines are float32 whatever the features' dtype (official: normalised
-  in the model dtype, fp16 in the paper), with the zero-vector guard of
-  ``similarity_key`` (official: NaN) and cosines within ``2^-16`` of 1 counted
-  as 1 (duplicates tie, broken by list position);
+* the cosines are float32 (or the features' dtype, if wider) whatever the
+  features' dtype (official: normalised in the model dtype, fp16 in the
+  paper); as the official code the features are normalised first and the
+  unit vectors multiplied (dividing the products by the norms instead rounds
+  differently and reorders near-equal scores: other picks for about 1 image
+  in 8 at N = 576); a zero vector has cosine 0 (official: NaN);
 * a residual list of odd length (``N - T_imp`` odd, e.g. ``T = 66`` at
   ``r = 0.5``) makes the official indexing raise a shape error; here the
   a-tokens (``ceil(R / 2)``) are scored against the ``floor(R / 2)``
@@ -72,6 +75,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from arrcoc import ops
@@ -86,6 +90,25 @@ def split_budget(total: torch.Tensor, important_ratio: float) -> tuple[torch.Ten
     # Python's int(T * r) is the truncation of a float64 product >= 0; elementwise over [B], no matmul.
     important = (total.double() * important_ratio).to(torch.int64)
     return important, total - important
+
+
+def unit_cosines(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` cosines of the real tokens as the official ``image_normalized = image_features /
+    image_features.norm(...)`` then ``a @ b.T``: unit vectors first, then their products (float32, or the
+    features' dtype if wider); padding rows and columns, and zero vectors (official: NaN), give 0.
+
+    The product runs on whole tiles of :data:`arrcoc.ops.SIMILARITY_TILE` rows (as
+    :func:`arrcoc.ops.similarity_key`), so an entry's rounding depends on its two vectors only: a ragged batch
+    and the image alone, and the official per-round ``a @ b.T`` blocks, get the same values (CPU BLAS).
+    """
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    x = features.to(dtype)
+    norm = x.norm(dim=-1, keepdim=True)
+    unit = torch.where(norm > 0, x / norm.clamp_min(torch.finfo(dtype).tiny), 0.0) * mask[..., None].to(dtype)
+    N = unit.shape[1]
+    if N % ops.SIMILARITY_TILE:
+        unit = F.pad(unit, (0, 0, 0, -N % ops.SIMILARITY_TILE))
+    return torch.bmm(unit, unit.transpose(1, 2))[:, :N, :N]
 
 
 def diverse_schedule(residual: int, diverse: int, step: int = 8) -> list[int]:
@@ -147,8 +170,8 @@ def vispruner_select(
     pos = torch.arange(L, device=device)
     residual = ranked.gather(1, (important[:, None] + pos).clamp(max=max(K - 1, 0))) if L else ranked[:, :0]
     if rounds:
-        # Cosines of every pair once (float32, equal in any batch: see ops.similarity_key), flat per image.
-        sim = ops.similarity_key(features, features).reshape(B, N * N)
+        # Cosines of every pair once (float32, equal in any batch: see unit_cosines), flat per image.
+        sim = unit_cosines(features, mask).reshape(B, N * N)
     for t in range(rounds):
         R, drop, L_next = lengths[:, t], drops[:, t], widths[t + 1]
         a, b = residual[:, 0::2], residual[:, 1::2]
