@@ -108,7 +108,8 @@ def cdpruner_relevance(
     ``theta`` (the paper's, commented out officially): ``r = exp(theta / (2 (1 - theta)) r)``.
     """
     B = tokens.shape[0]
-    cos = ops.query_similarity(tokens, query, query_mask, reduce="mean")
+    # float32 as officially (CLIP's projections and text tower load in float32), and no float64 product.
+    cos = ops.query_similarity(tokens.float(), query.float(), query_mask, reduce="mean")
     r = -cos if negate else cos
     if groups is None:
         groups = torch.arange(B, device=tokens.device)

@@ -53,7 +53,8 @@ def official_picks(x: torch.Tensor, q: torch.Tensor, T: int) -> list[int]:
     N = x.shape[0]
     xn = (x / x.norm(dim=-1, keepdim=True)).float()
     similarity = xn @ xn.t()
-    relevance = -((x / x.norm(dim=-1, keepdim=True)) @ (q / q.norm(dim=-1, keepdim=True)).t()).float().mean(-1)
+    e_img, e_txt = x.float(), q.float()  # the official relevance embeddings are float32 (CLIP loads in float32)
+    relevance = -((e_img / e_img.norm(dim=-1, keepdim=True)) @ (e_txt / e_txt.norm(dim=-1, keepdim=True)).t()).mean(-1)
     relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
     kernel = relevance[:, None] * similarity * relevance[None, :]
     cis = torch.zeros(T, N)

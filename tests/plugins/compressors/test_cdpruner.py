@@ -242,3 +242,17 @@ def test_builtin_pipeline_file_is_the_official_llava_setting():
     assert [s.as_yaml_dict() for s in spec.compress] == [{"use": "cdpruner", "keep": 64}]  # vtn 64 of 576
     assert spec.encoder.params["model"] == "vit_large_patch14_clip_336.openai" and spec.encoder.params["layer"] == -2
     assert spec.query_encoder.use == "toy_text"
+
+
+def test_float64_tokens_rank_in_float32():
+    # No float64 product (house rule); the official relevance is float32 too (CLIP's projections load in float32).
+    state = make_state(B=2, N=24, D=32, seed=9)
+    wide = state.replace(tokens=state.tokens.double(), query=state.query.double())
+    r64 = cdpruner_relevance(wide.tokens, wide.query, wide.query_mask, wide.mask)
+    r32 = cdpruner_relevance(state.tokens, state.query, state.query_mask, state.mask)
+    assert r64.dtype == torch.float32 and torch.equal(r64, r32)
+    assert cdpruner_similarity(wide.tokens, wide.mask).dtype == torch.float32
+    out = arrcoc.create("compressor", "cdpruner", keep=6)(wide).check()
+    assert out.dtype == torch.float64
+    for b in range(2):
+        assert kept(out, b) == official(wide.tokens[b], wide.query[b][wide.query_mask[b]], 6)
