@@ -129,7 +129,10 @@ def scope_select(
     chosen = ~mask  # padding is never a candidate
     cur_max = torch.zeros(B, N, dtype=dtype, device=device)
     rows = torch.arange(B, device=device)
-    last_row = (mask.sum(1) - 1).clamp_min(0)[:, None, None].expand(B, 1, N)
+    # Each image's last real row: its count - 1 for TokenState's prefix masks, the highest real index for any mask
+    # (a mask with holes must still sum every real row).
+    last_row = (torch.arange(N, device=device) * mask).amax(1) if N else mask.new_zeros(B, dtype=torch.int64)
+    last_row = last_row[:, None, None].expand(B, 1, N)
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
     for step in range(K):  # greedy: one pick per step, all images at once
         gains = coverage_gains(similarity, cur_max, last_row)  # chosen columns are -inf below anyway

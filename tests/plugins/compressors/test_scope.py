@@ -159,6 +159,18 @@ def test_ragged_batch_equals_per_image_runs(keep):
         assert (out.tokens[b, n:] == 0).all()
 
 
+def test_a_mask_with_holes_picks_as_the_real_tokens_alone():
+    # scope_select is public: a mask that is not a prefix must still sum every real row of the gains.
+    g = torch.Generator().manual_seed(4)
+    features, saliency = torch.randn(2, N0, 6, generator=g), torch.rand(2, N0, generator=g)
+    mask = torch.rand(2, N0, generator=g) > 0.3
+    picked, valid = scope_select(features, saliency, mask, torch.tensor([12, 7]))
+    for b in range(2):
+        real = mask[b].nonzero()[:, 0]
+        expected = real[reference(features[b, real], saliency[b, real], int(valid[b].sum()))].tolist()
+        assert picked[b, valid[b]].tolist() == expected
+
+
 def test_ties_broken_by_index():
     # Identical tokens and saliency: every gain ties at each step, so the picks are the first indices.
     state = TokenState.from_patches(torch.ones(2, N0, 6), (H, W), per_token={"cls_attn": torch.full((2, N0), 0.5)})
