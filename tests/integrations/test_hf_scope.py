@@ -180,3 +180,17 @@ def test_qwen2_vl_has_no_class_token_and_runs_with_uniform_saliency():
     with arrcoc.hf.apply(model, scope(keep=0.5, score=None)) as run:
         model.generate(**batch, max_new_tokens=2, do_sample=False)
     assert run.state.counts.tolist() == [12, 4]
+
+
+def test_combine_add_reads_the_towers_head_count(model, batch3):
+    """``combine: add`` turns the encoder's head-mean CLS attention back into the official head sum, with the
+    head count the encoder states (``meta["num_heads"]``, as timm_vit does): inside a model the tower states it
+    too (it did not, and SCOPE used 1), so the default picks as ``heads`` given by hand."""
+    heads = model.config.vision_config.num_attention_heads
+    states = {}
+    for name, extra in (("default", {}), ("given", {"heads": heads})):
+        with arrcoc.hf.apply(model, scope(keep=16, combine="add", **extra)) as run:
+            last_logits(model, batch3)
+        states[name] = run.state
+    assert states["default"].meta["num_heads"] == heads == 4
+    assert torch.equal(states["default"].positions, states["given"].positions)

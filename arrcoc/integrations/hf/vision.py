@@ -162,10 +162,13 @@ class VisionTower(Encoder):
         wants_attention = bool(self.outputs & {"cls_attention", "keys"})
         out = self.adapter.encode_images(pixels, image_inputs, keep_hidden=wants_attention)
         per_token: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"grids": list(out.grids)}
         if wants_attention:
             layers = [self.attn_layer] + (self.extra_layers if "cls_attention" in self.outputs else [])
             for layer in dict.fromkeys(layers):
-                attn, keys = self._attention(layer, out.hidden_states[layer], 1)
+                attn, keys, heads = self._attention(layer, out.hidden_states[layer], 1)
+                if self.params.cls_attention_heads == "mean":
+                    meta["num_heads"] = heads  # cls_attn is a mean over this many heads (as timm_vit says)
                 if "cls_attention" in self.outputs:
                     if layer == self.attn_layer:
                         per_token["cls_attn"] = attn
@@ -173,7 +176,7 @@ class VisionTower(Encoder):
                         per_token[f"cls_attn@{layer}"] = attn
                 if layer == self.attn_layer and "keys" in self.outputs:
                     per_token["keys"] = keys
-        state = ragged_state(out.features, out.grids, out.cls, per_token).with_meta(grids=list(out.grids))
+        state = ragged_state(out.features, out.grids, out.cls, per_token).with_meta(**meta)
         return self.project(state) if self.params.project else state
 
     def project(self, state: TokenState) -> TokenState:
@@ -183,7 +186,8 @@ class VisionTower(Encoder):
         cls_token = None if state.cls is None else self.adapter.project(state.cls[:, None])[:, 0]
         return state.replace(tokens=self.adapter.project(state.tokens), cls=cls_token)
 
-    def _attention(self, layer: int, hidden: torch.Tensor, P: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _attention(self, layer: int, hidden: torch.Tensor, P: int) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+        """``(CLS attention [B, N] or None without a class token, keys [B, N, ...], the layer's heads)``."""
         q, k, scale = self.adapter.vision_qk(layer, hidden)  # [B, heads, N, hd]
         if self.params.cls_attention_heads == "single":
             B, H, N, hd = q.shape
@@ -191,11 +195,11 @@ class VisionTower(Encoder):
             attn = None
             if P:
                 attn = ((qf[:, :1].float() @ kf.float().transpose(1, 2)) * (H * hd) ** -0.5).softmax(-1)[:, 0, P:]
-            return attn, kf[:, P:]
+            return attn, kf[:, P:], H
         attn = None
         if P:
             attn = ((q[:, :, :1].float() @ k.float().transpose(-1, -2)) * scale).softmax(-1)[:, :, 0, P:].mean(1)
-        return attn, k.mean(1)[:, P:]
+        return attn, k.mean(1)[:, P:], q.shape[1]
 
 
 def ragged_state(features: list[torch.Tensor], grids: list[tuple[int, int]], cls: torch.Tensor | None,
