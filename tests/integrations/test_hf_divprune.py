@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 
 import arrcoc  # noqa: E402
 from arrcoc.errors import BudgetError  # noqa: E402
-from tiny_models import IMAGE, N0, ROWS, left_pad, llava_batch, tiny_llava  # noqa: E402
+from tiny_models import N0, ROWS, llava_batch, prompt_with_features, tiny_llava  # noqa: E402
 
 NEW = 6  # new tokens per greedy generation
 
@@ -67,16 +67,6 @@ def official_divprune(features: torch.Tensor, threshold_terms: int) -> list[int]
         s.append(int(scores.argmax()))
     return s
 
-
-def prompt_with_features(inputs: dict, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts with ``counts[b]`` image placeholders in place of the 64, left-padded again."""
-    rows = []
-    for b, k in enumerate(counts):
-        ids = inputs["input_ids"][b].tolist()
-        first = ids.index(IMAGE)
-        assert ids[first:first + N0] == [IMAGE] * N0
-        rows.append(ids[:first] + [IMAGE] * k + ids[first + N0:])
-    return left_pad(rows)
 
 
 def test_keep_everything_is_the_unmodified_model(model, batch3):

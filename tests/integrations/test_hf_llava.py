@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 import arrcoc  # noqa: E402
 from tiny_models import (  # noqa: E402
     BOS, IMAGE, LLAMA, N0, PAD, ROWS, generate_positions, hook_counts, left_pad, llava_batch, llava_row,
-    reference_attention, sample, tiny_llava,
+    prompt_with_features, reference_attention, sample, tiny_llava,
 )
 from arrcoc.errors import ArrcocError, BudgetError, InputError, MissingInputError, ModelError  # noqa: E402
 from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
@@ -121,20 +121,6 @@ def test_keep_everything_is_the_unmodified_model(model, batch1, batch3, spec, ba
 
 
 # --------------------------------------------------------------------------- 2. pre-LLM = hand-built prompt
-def prompt_with_features(inputs: dict, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts with ``counts[b]`` image placeholders in place of the 64, left-padded again.
-
-    Each prompt keeps its own padding (arrcoc drops only placeholders: a prompt that keeps every one is left as
-    it came), shorter rows get more in front.
-    """
-    rows = []
-    for b, k in enumerate(counts):
-        ids = inputs["input_ids"][b].tolist()
-        first = ids.index(IMAGE)
-        assert ids[first:first + N0] == [IMAGE] * N0
-        rows.append(ids[:first] + [IMAGE] * k + ids[first + N0:])
-    return left_pad(rows)
-
 
 @pytest.mark.parametrize("spec, expect", [
     (compress({"use": "random_keep", "keep": 16}), [16, 16, 16]),

@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 import arrcoc  # noqa: E402
-from tiny_models import IMAGE, N0, ROWS, left_pad, llava_batch, tiny_llava  # noqa: E402
+from tiny_models import IMAGE, N0, ROWS, left_pad, llava_batch, prompt_with_features, tiny_llava  # noqa: E402
 
 NEW = 6
 SPEC = {"encoder": {"use": "timm_vit"}}
@@ -87,14 +87,6 @@ def reference_features(model, pixels: torch.Tensor, k: int) -> tuple[list[list[i
         kept.append(model.model.multi_modal_projector(hidden[b, rows]))
     return kept_rows, kept
 
-
-def prompt_with_features(inputs: dict, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = []
-    for b, k in enumerate(counts):
-        ids = inputs["input_ids"][b].tolist()
-        first = ids.index(IMAGE)
-        rows.append(ids[:first] + [IMAGE] * k + ids[first + N0:])
-    return left_pad(rows)
 
 
 def test_keep_everything_is_the_unmodified_model(model, batch3):

@@ -168,3 +168,20 @@ def reference_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     probs = logits.softmax(-1)
     out = (probs @ v).transpose(1, 2).reshape(B, S, -1)
     return attn.o_proj(out), probs, logits
+
+
+def prompt_with_features(inputs: dict, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaVA prompts (:func:`llava_batch`) with ``counts[b]`` image placeholders in place of the ``N0``,
+    left-padded again: the hand-built prompt a pre-LLM selection must equal.
+
+    Each prompt keeps its own padding (arrcoc drops only placeholders: a prompt that keeps every one is left as
+    it came), shorter rows get more in front.
+    """
+    rows = []
+    for b, k in enumerate(counts):
+        ids = inputs["input_ids"][b].tolist()
+        first = ids.index(IMAGE)
+        assert ids[first:first + N0] == [IMAGE] * N0
+        rows.append(ids[:first] + [IMAGE] * k + ids[first + N0:])
+    return left_pad(rows)
+
