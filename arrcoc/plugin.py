@@ -325,10 +325,21 @@ class Compressor(Stage):
 #: ``state.llm.input_visual_mask``;
 #: ``attn_logits``: ``state.llm.attn_logits`` ``[B, heads, L, L]``, masked pre-softmax logits of the whole
 #: sequence, with ``state.llm.visual_columns`` ``[B, N]`` (sequence index of each visual token) and
-#: ``state.llm.sequence_mask``.
-#: Always: ``state.llm.layer``, ``state.llm.num_layers`` and ``state.llm.input_visual_counts`` ``[B]``, the
-#: visual tokens at the LLM input (:class:`arrcoc.state.LLMContext` documents every field).
-LLM_SIGNALS = frozenset({"attn_from_last", "attn_from_text", "attn_logits"})
+#: ``state.llm.sequence_mask``;
+#: ``key_norms``: ``per_token["key_norms"]`` ``[B, N]`` float32, the L1 norm of each visual token's post-rotary keys
+#: at layer ``- 1`` (heads concatenated, key heads repeated as for attention: DART's pivot score), with the same of
+#: the text after the image as ``state.llm.text_key_norms`` ``[B, T]`` (``text_mask``, ``text_positions``);
+#: ``normed_hidden``: ``per_token["normed_hidden"]`` ``[B, N, D]``, the visual hidden states at the stage's layer
+#: through the LLM's final norm (DART's duplication space), with the text's as ``state.llm.text_normed_hidden``;
+#: ``attn_from_last_here``: ``per_token["attn_from_last_here"]`` ``[B, N]`` float32, the head-mean attention each
+#: visual token receives from the last token **in the layer the stage acts at**, computed with that layer's own
+#: input norm, query / key projections and rotary positions on the sequence as it reaches it (PyramidDrop's
+#: ranking; the layer's value and output projections and its kernel do not run for it).
+#: Always: ``state.llm.layer``, ``state.llm.num_layers``, ``state.llm.input_visual_counts`` ``[B]`` (the visual
+#: tokens at the LLM input) and ``state.llm.visual_positions`` (:class:`arrcoc.state.LLMContext` documents every
+#: field).
+LLM_SIGNALS = frozenset({"attn_from_last", "attn_from_text", "attn_logits", "key_norms", "normed_hidden",
+                         "attn_from_last_here"})
 
 
 class LLMCompressor(Compressor):
@@ -388,6 +399,14 @@ class LLMCompressor(Compressor):
     def position_rule(self) -> str:
         """``original``: kept tokens keep their position ids; ``compact``: renumbered contiguously."""
         return getattr(self.params, "positions", "original")
+
+    @property
+    def decode_position_rule(self) -> str:
+        """After a ``compact`` prefill, how decoding steps number new tokens at the layers from this stage on:
+        ``unpruned`` (from the prompt's unpruned length, as ``generate`` does: FastV, SparseVLM v1.0) or
+        ``shifted`` (that number minus the prompt tokens dropped before these layers, so they continue the
+        compact numbering: PyramidDrop)."""
+        return getattr(self.params, "decode_positions", "unpruned")
 
 
 class Scorer(Stage):

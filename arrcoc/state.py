@@ -69,8 +69,9 @@ class LLMContext:
         input_visual_counts: ``[B]`` int64, visual tokens at the LLM input
             (before any in-LLM stage).
         text_mask: ``[B, T]`` bool, the text tokens after the image that
-            ``per_token["attn_from_text"]`` and ``state.query`` are over
-            (set when the stage needs ``attn_from_text``).
+            ``per_token["attn_from_text"]``, ``state.query`` and the ``text_*``
+            fields are over (set when the stage needs ``attn_from_text``,
+            ``key_norms`` or ``normed_hidden``).
         input_visual: ``[B, N0, D]`` hidden states of every visual token at
             the LLM input (before any pruning), with ``input_visual_mask``
             ``[B, N0]`` (set with ``attn_from_text``).
@@ -79,6 +80,18 @@ class LLMContext:
             ``visual_columns`` ``[B, N]`` (the sequence index of each visual
             token) and ``sequence_mask`` ``[B, L]`` (attendable keys) (set when
             the stage needs ``attn_logits``).
+        visual_positions: ``[B, N]`` int64, each visual token's index in its
+            prompt as the LLM got it, padding not counted (0 = the prompt's
+            first token; 0 on padded slots).  Always set.
+        text_positions: ``[B, T]`` int64, the same for the text tokens after
+            the image (set with ``key_norms`` or ``normed_hidden``, with
+            ``text_mask``).
+        text_key_norms: ``[B, T]`` float32, the L1 norm of layer
+            ``layer - 1``'s post-rotary keys (heads concatenated) of the text
+            after the image (set with ``key_norms``).
+        text_normed_hidden: ``[B, T, D]`` the text after the image at this
+            layer's input through the LLM's final norm (set with
+            ``normed_hidden``).
     """
 
     layer: int
@@ -90,6 +103,10 @@ class LLMContext:
     attn_logits: torch.Tensor | None = None
     visual_columns: torch.Tensor | None = None
     sequence_mask: torch.Tensor | None = None
+    visual_positions: torch.Tensor | None = None
+    text_positions: torch.Tensor | None = None
+    text_key_norms: torch.Tensor | None = None
+    text_normed_hidden: torch.Tensor | None = None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -98,13 +115,15 @@ class LLMContext:
     def image(self, b: int, n: int) -> "LLMContext":
         """Prompt ``b`` alone (``n``: its real visual tokens, for ``visual_columns``)."""
         rows = {k: v[b : b + 1] for k, v in self._tensors().items()}
-        if "visual_columns" in rows:
-            rows["visual_columns"] = rows["visual_columns"][:, :n]
+        for name in ("visual_columns", "visual_positions"):  # [B, N]: this prompt's n visual tokens
+            if name in rows:
+                rows[name] = rows[name][:, :n]
         return dataclasses.replace(self, **rows)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LLMContext":
-        """Every tensor on ``device``; ``dtype`` applies to ``input_visual`` (hidden states), as to tokens."""
-        moved = {k: v.to(device=device, dtype=dtype if k == "input_visual" and dtype is not None else None)
+        """Every tensor on ``device``; ``dtype`` applies to the hidden states (``input_visual``,
+        ``text_normed_hidden``), as to tokens."""
+        moved = {k: v.to(device=device, dtype=dtype if k in _HIDDEN_FIELDS and dtype is not None else None)
                  for k, v in self._tensors().items()}
         return dataclasses.replace(self, **moved)
 
@@ -112,12 +131,20 @@ class LLMContext:
         """The field ``name``, or a :class:`MissingInputError` saying which signal provides it."""
         value = getattr(self, name)
         if value is None:
-            signal = "attn_logits" if name in ("attn_logits", "visual_columns", "sequence_mask") else "attn_from_text"
+            signal = _SIGNAL_OF_FIELD.get(name, "attn_from_text")
             raise MissingInputError(
                 f"{where}: state.llm.{name} is missing; the model integration sets it for a stage that needs "
                 f"{signal!r}"
             )
         return value
+
+
+#: LLMContext fields holding hidden states (they follow a dtype change, as tokens do).
+_HIDDEN_FIELDS = ("input_visual", "text_normed_hidden")
+#: The signal (``needs``) that makes the model integration set an LLMContext field (``attn_from_text`` otherwise).
+_SIGNAL_OF_FIELD = {"attn_logits": "attn_logits", "visual_columns": "attn_logits", "sequence_mask": "attn_logits",
+                    "text_key_norms": "key_norms", "text_normed_hidden": "normed_hidden",
+                    "text_positions": "key_norms' or 'normed_hidden"}
 
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:

@@ -129,9 +129,12 @@ def _apply_plan(seq: dict, groups: list[list[int]], mode: str, rule: str, n_prom
     for name, t in seq.items():
         middle = h if name == "h" else t[first]
         new[name] = torch.cat([t[:v0], middle, t[v1 + 1:]])
-    if rule == "compact":
+    if rule in ("compact", "compact_shifted"):
         in_prompt = new["src"] < n_prompt
-        new["pos"] = torch.where(in_prompt, in_prompt.long().cumsum(0) - 1, new["src"])
+        # Generated tokens: numbered from the unpruned prompt length, or (PyramidDrop's decoding rule) from it
+        # minus the prompt tokens this layer no longer sees, which continues the compact numbering.
+        gone = n_prompt - in_prompt.sum() if rule == "compact_shifted" else 0
+        new["pos"] = torch.where(in_prompt, in_prompt.long().cumsum(0) - 1, new["src"] - gone)
     return new
 
 
@@ -140,7 +143,9 @@ def reference_pass(model, ids: torch.Tensor, feats: torch.Tensor, n_prompt: int,
     """One forward of one unpadded sequence without cache; ``(last logits [V], what each layer saw)``.
 
     ``acts[a] = (decide, mode, rule)``: at the input of layer ``a``, ``decide(seen, a)`` returns the visual
-    tokens that go on as groups of ``src`` (prompt index); it runs once (``plans`` keeps its answer).
+    tokens that go on as groups of ``src`` (prompt index); it runs once (``plans`` keeps its answer).  ``rule``:
+    ``original``, ``compact`` or ``compact_shifted`` (compact, and generated tokens numbered on from the kept
+    prompt: PyramidDrop).
     """
     lm = model.model.language_model
     S = ids.shape[0]
@@ -148,8 +153,9 @@ def reference_pass(model, ids: torch.Tensor, feats: torch.Tensor, n_prompt: int,
     h[ids == IMAGE] = feats.to(h.dtype)
     seq = {"h": h, "pos": torch.arange(S), "src": torch.arange(S), "visual": ids == IMAGE,
            "alive": torch.ones(S, dtype=torch.bool)}
-    seen = {"input": h.clone(), "ids": ids}
+    seen = {"input": h.clone(), "ids": ids, "inputs": {}}
     for i, layer in enumerate(lm.layers):
+        seen["inputs"][i] = seq  # the sequence as it reaches layer i, before a stage acts there
         if i in acts:
             decide, mode, rule = acts[i]
             if i not in plans:

@@ -179,7 +179,7 @@ class Run:
             # model.compile(fullgraph=True) compiles the call, hooks included: a forward would fail inside dynamo
             # before any hook could refuse it, so it is refused here.
             _refuse_fullgraph_forward(model)
-        if self.engine.recorder.requests:
+        if self.engine.scoring:
             cfg = self.adapter.text_config
             self._attn = cfg._attn_implementation
             scoring = scoring_implementation(self._attn)

@@ -39,9 +39,14 @@ class Recorder:
 
     ``requests[layer]`` is a set of signals: ``"last"`` (the last query row),
     ``"text"`` (the rows given by ``text_rows()``), ``"logits"`` (every
-    row's masked pre-softmax logits, for PageRank).  Results land in
-    ``results()[layer][signal]``: head-mean probabilities ``[B, R, Lk]`` (fp32)
-    for rows, ``[B, H, L, L]`` logits (fp32) for ``"logits"``.
+    row's masked pre-softmax logits, for PageRank), ``"key_norms"`` (each
+    key's L1 norm over the heads, concatenated after the key heads are
+    repeated).  Results land in ``results()[layer][signal]``: head-mean
+    probabilities ``[B, R, Lk]`` (fp32) for rows, ``[B, H, L, L]`` logits
+    (fp32) for ``"logits"``, ``[B, Lk]`` (fp32) for ``"key_norms"``.
+
+    ``probing``: the layer whose attention module is being *probed* (see
+    :func:`probe_last_row`), None otherwise.
     """
 
     requests: dict[int, set[str]] = field(default_factory=dict)
@@ -49,8 +54,44 @@ class Recorder:
     #: Where the forward in progress records (``results[layer][signal]``), None while nothing is recorded.
     results: Callable[[], dict[int, dict[str, torch.Tensor]] | None] = lambda: None
 
+    probing: int | None = None
+
     def wants(self, layer: int) -> set[str]:
         return self.requests.get(layer, set()) if self.results() is not None else set()
+
+
+class _Probed(Exception):
+    """Carries a probed row out of the attention module, skipping its kernel and output projection."""
+
+    def __init__(self, row: torch.Tensor) -> None:
+        super().__init__("arrcoc probe")
+        self.row = row
+
+
+def probe_last_row(recorder: Recorder, attention_module: torch.nn.Module, hidden: torch.Tensor,
+                   kwargs: dict[str, Any]) -> torch.Tensor:
+    """Head-mean attention ``[B, Lk]`` (fp32) of the last query row in ``attention_module`` on ``hidden``.
+
+    The module runs its own projections, norms and rotary (whatever the model family does) with ``kwargs``
+    (the decoder layer's mask and positions) and no cache; the scoring function computes the row from its
+    post-rotary query / key and stops the module there (:class:`_Probed`), so neither its value path nor its
+    kernel runs, and no cache is written.
+    """
+    layer = int(attention_module.layer_idx)
+    recorder.probing = layer
+    try:
+        # No cache under any of its names (``cache`` from transformers 5.24, ``past_key_values`` before): the
+        # module's default None, so nothing is written into the KV cache of the forward in progress.
+        rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
+        attention_module(hidden_states=hidden, **rest)
+    except _Probed as probed:
+        return probed.row
+    finally:
+        recorder.probing = None
+    raise ModelError(
+        f"arrcoc.hf: probing decoder layer {layer}'s attention did not reach arrcoc's scoring attention function "
+        f"(the module {type(attention_module).__name__} does not call the configured attention implementation)"
+    )
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -82,8 +123,7 @@ def record(recorder: Recorder, module: torch.nn.Module, query: torch.Tensor, key
     B, _, Lq, _ = query.shape
     out = recorder.results().setdefault(layer, {})
     if "last" in wanted:
-        rows = torch.full((B, 1), Lq - 1, dtype=torch.long, device=query.device)
-        out["last"] = _row_logits(query, key, mask, rows, scaling).softmax(-1).mean(1)
+        out["last"] = _last_row(query, key, mask, scaling)[:, None]
     if "text" in wanted:
         rows, valid = recorder.text_rows()
         probs = _row_logits(query, key, mask, rows, scaling).softmax(-1).nan_to_num(0.0).mean(1)
@@ -91,6 +131,15 @@ def record(recorder: Recorder, module: torch.nn.Module, query: torch.Tensor, key
     if "logits" in wanted:
         rows = torch.arange(Lq, device=query.device).expand(B, Lq)
         out["logits"] = _row_logits(query, key, mask, rows, scaling)
+    if "key_norms" in wanted:
+        # DART's ``torch.norm(any_states.permute(0, 2, 1, 3).reshape(B, L, -1), p=1, dim=-1)``, in the key dtype.
+        out["key_norms"] = torch.linalg.vector_norm(key.transpose(1, 2).flatten(2), ord=1, dim=-1).float()
+
+
+def _last_row(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    key = _repeat_kv(key, query.shape[1] // key.shape[1])
+    rows = torch.full((query.shape[0], 1), query.shape[2] - 1, dtype=torch.long, device=query.device)
+    return _row_logits(query, key, mask, rows, scaling).softmax(-1).mean(1)[:, 0]
 
 
 def _eager_of(module: torch.nn.Module) -> Callable:
@@ -118,10 +167,13 @@ def scoring_implementation(base: str) -> str:
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any):
         recorder = _RECORDERS.get(module)
-        if recorder is not None and recorder.wants(int(module.layer_idx)):
+        if recorder is not None:
             scaling = kwargs.get("scaling")
-            record(recorder, module, query, key, attention_mask,
-                   float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
+            scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+            if recorder.probing == int(module.layer_idx):
+                raise _Probed(_last_row(query, key, attention_mask, scaling))
+            if recorder.wants(int(module.layer_idx)):
+                record(recorder, module, query, key, attention_mask, scaling)
         fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else _eager_of(module)
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
 

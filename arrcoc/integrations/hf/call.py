@@ -55,6 +55,7 @@ class Segment:
     mask: Any
     hidden: torch.Tensor | None = None  # replacement hidden states at ``start`` (removal only)
     present: torch.Tensor | None = None  # the entry holds an original column (real or the caller's padding)
+    position_shift: torch.Tensor | None = None  # [B]: decoding positions at these layers = unpruned - shift
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Call:
     attention: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # working: recorded rows
     recording: bool = False                     # the attention recorder writes into ``attention``
     decode_masks: dict[int, Any] = field(default_factory=dict)    # this decoding step's mask per segment
+    decode_positions: dict[int, Any] = field(default_factory=dict)  # (position ids, rotary) per shifted segment
     decode_attention_mask: torch.Tensor | None = None
     filled: Any = None                          # a weak reference to the cache the prefill filled, if any
     # ---- times and sizes

@@ -34,19 +34,22 @@ import torch
 from arrcoc import ops
 from arrcoc.errors import InputError, ModelError, StateError
 from arrcoc.pipeline import run_stage
-from arrcoc.plugin import LLMCompressor
+from arrcoc.plugin import LLM_SIGNALS, LLMCompressor
 from arrcoc.registry import Registry
 from arrcoc.state import LLMContext, TokenState
 
 from . import compat
 from .adapter import Adapter
-from .attention import Recorder, attach, detach
+from .attention import Recorder, attach, detach, probe_last_row
 from .call import Call, Segment
 from .prompt import padding_mask, placeholder_mask
 
 #: per_token field numbering the visual tokens handed to a stage.
 SLOT = "llm_slot"
-_SIGNAL_ROWS = {"attn_from_last": "last", "attn_from_text": "text", "attn_logits": "logits"}
+#: Signals recorded in the attention of the layer before a stage's (LLM_SIGNALS name -> the recorder's request).
+_SIGNAL_ROWS = {"attn_from_last": "last", "attn_from_text": "text", "attn_logits": "logits", "key_norms": "key_norms"}
+#: Signals that carry the text after the image (``state.llm.text_mask``, ``text_positions``).
+_TEXT_SIGNALS = ("attn_from_text", "key_norms", "normed_hidden")
 #: The attribute a KV cache filled by a prefill with llm: stages carries: that prefill's segments (its masks).
 SEGMENTS = "_arrcoc_segments"
 
@@ -64,6 +67,7 @@ class LLMEngine:
         self.num_layers = len(self.layers)
         self.plan: dict[int, list[tuple[str, LLMCompressor]]] = {}
         requests: dict[int, set[str]] = {}
+        self.probed: set[int] = set()  # layers whose own attention a stage reads (attn_from_last_here)
         for label, stage in stages:
             layers = stage.llm_layers(self.num_layers)
             if not layers:
@@ -86,6 +90,8 @@ class LLMEngine:
                 self.plan.setdefault(layer, []).append((label, stage))
                 signals = {_SIGNAL_ROWS[s] for s in stage.requirements() if s in _SIGNAL_ROWS}
                 requests.setdefault(layer - 1, set()).update(signals)
+                if "attn_from_last_here" in stage.requirements():
+                    self.probed.add(layer)
         other = sorted(set(getattr(adapter.text_config, "layer_types", None) or ()) - set(_MASK_TYPES))
         if self.plan and other:
             raise ModelError(
@@ -104,6 +110,11 @@ class LLMEngine:
     @property
     def active(self) -> bool:
         return bool(self.plan)
+
+    @property
+    def scoring(self) -> bool:
+        """Whether the model must run arrcoc's scoring attention function (a stage reads attention or keys)."""
+        return bool(self.recorder.requests or self.probed)
 
     def _recording(self) -> dict[int, dict[str, torch.Tensor]] | None:
         call = self.current()
@@ -135,7 +146,7 @@ class LLMEngine:
             raw_mask = None
         attention_mask = padding_mask(raw_mask, past)
         if not call.prefill:
-            call.decode_masks = {}
+            call.decode_masks, call.decode_positions = {}, {}
             call.decode_attention_mask = attention_mask
             segments = None if cache is None or not self.active else compat.marked(cache, SEGMENTS, self._segments_of)
             if segments is not None:
@@ -203,12 +214,18 @@ class LLMEngine:
         self._count_layer(call, layer, hidden, seg)
         if seg is None or seg.start == 0:
             return None
-        kwargs = dict(kwargs, attention_mask=_layer_mask(self.adapter, seg.mask, layer),
-                      position_embeddings=seg.cos_sin, position_ids=seg.position_ids)
+        kwargs = self._segment_kwargs(seg, layer, kwargs)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _segment_kwargs(self, seg: Segment, layer: int, kwargs: dict) -> dict:
+        """Decoder layer ``layer``'s kwargs for the sequence ``seg`` (the model's own for the unchanged one)."""
+        if seg.start == 0:
+            return kwargs
+        return dict(kwargs, attention_mask=_layer_mask(self.adapter, seg.mask, layer),
+                    position_embeddings=seg.cos_sin, position_ids=seg.position_ids)
 
     @staticmethod
     def _count_layer(call: Call, layer: int, hidden: torch.Tensor, seg: Segment | None) -> None:
@@ -244,7 +261,14 @@ class LLMEngine:
                 new = torch.ones(hidden.shape[0], prefill_length + steps, dtype=torch.long, device=hidden.device)
             mask2d = torch.cat([seg.keys.long(), new[:, prefill_length:].long()], 1)
             call.decode_masks[seg.start] = _causal_mask(self.adapter, hidden, mask2d, cache, seg.start)
-        return args, dict(kwargs, attention_mask=_layer_mask(self.adapter, call.decode_masks[seg.start], layer))
+            if seg.position_shift is not None:
+                position_ids = kwargs["position_ids"] - seg.position_shift[:, None]
+                call.decode_positions[seg.start] = (position_ids, self.adapter.rotary(hidden, position_ids))
+        kwargs = dict(kwargs, attention_mask=_layer_mask(self.adapter, call.decode_masks[seg.start], layer))
+        if seg.position_shift is not None:
+            position_ids, cos_sin = call.decode_positions[seg.start]
+            kwargs.update(position_ids=position_ids, position_embeddings=cos_sin)
+        return args, kwargs
 
     # ---------------------------------------------------------------- act
     def _text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,20 +282,22 @@ class LLMEngine:
         seg = call.segments[-1]
         vidx, vvalid = ops.pack(seg.visual & seg.keys)
         state = self._visual_state(call, hidden, vidx, vvalid)
-        state = self._attach_signals(call, stage, layer, state, seg, vidx, vvalid)
+        state = self._attach_signals(call, stage, layer, state, seg, vidx, vvalid, hidden,
+                                     self._segment_kwargs(seg, layer, kwargs))
         out = run_stage(f"{label}@{layer}", stage, state, self.registry, hidden.device,
                         where=f"{label} at decoder layer {layer}")
         if SLOT not in out.per_token:
             raise StateError(f"{label} ({stage.name}): must return a TokenState that keeps per_token[{SLOT!r}]")
         slots = out.per_token[SLOT]
-        keep_fields = {k: v for k, v in out.per_token.items() if k not in _SIGNAL_ROWS and k != SLOT}
+        keep_fields = {k: v for k, v in out.per_token.items() if k not in LLM_SIGNALS and k != SLOT}
         # What goes on (and what run.llm_states shows): the tokens and their bookkeeping, not the signals.
         record = dataclasses.replace(out, per_token=keep_fields, meta={}, query=None, query_mask=None, llm=None)
         call.llm_states[f"{label}@{layer}"] = record
         call.llm_records.append(record.trace[-1])
         if stage.removes:
             new, visual_order = self._remove(call, seg, hidden, out.tokens, out.mask, slots, vidx,
-                                             stage.position_rule, layer, compat.cache_of(kwargs))
+                                             stage.position_rule, stage.decode_position_rule, layer,
+                                             compat.cache_of(kwargs))
             call.segments.append(new)
             call.carried = ops.keep(record, *visual_order)
             return new.hidden
@@ -318,47 +344,76 @@ class LLMEngine:
         return state if pre is None else dataclasses.replace(state, trace=pre.trace)
 
     def _attach_signals(self, call: Call, stage: LLMCompressor, layer: int, state: TokenState, seg: Segment,
-                        vidx: torch.Tensor, vvalid: torch.Tensor) -> TokenState:
-        """The stage's inputs from layer ``layer - 1``'s attention (:data:`~arrcoc.plugin.LLM_SIGNALS`) and its
-        :class:`~arrcoc.state.LLMContext`."""
+                        vidx: torch.Tensor, vvalid: torch.Tensor, hidden: torch.Tensor,
+                        layer_kwargs: dict) -> TokenState:
+        """The stage's inputs (:data:`~arrcoc.plugin.LLM_SIGNALS`: from layer ``layer - 1``'s attention and
+        keys, from the hidden states here, or from this layer's own attention) and its
+        :class:`~arrcoc.state.LLMContext`.  ``seg`` / ``vidx`` / ``hidden`` / ``layer_kwargs``: the sequence as
+        it reaches ``layer`` now."""
         results = call.attention.get(layer - 1, {})
         # The attention was recorded over the sequence as layer - 1 saw it; an earlier stage acting at this same
-        # layer may have changed it since: find each visual token's column there (a merged token: its source's).
+        # layer may have changed it since: find each token's column there (a merged token: its source's).
         recorded = [s for s in call.segments if s.start <= layer - 1][-1]
         prefill_length = call.segments[0].index.shape[1]
+        to_recorded = lambda columns: columns  # noqa: E731  (identity while the sequence is the recorded one)
         if recorded is not seg:
             column = torch.full((seg.index.shape[0], prefill_length), 0, dtype=torch.long, device=vidx.device)
             column.scatter_(1, recorded.index.masked_fill(~recorded.real, 0),
                             torch.arange(recorded.index.shape[1], device=vidx.device).expand_as(recorded.index)
                             .masked_fill(~recorded.real, 0))
-            vidx = column.gather(1, seg.index.gather(1, vidx))
-            seg = dataclasses.replace(seg, keys=recorded.keys)
+            to_recorded = lambda columns: column.gather(1, seg.index.gather(1, columns))  # noqa: E731
+        rec_vidx = to_recorded(vidx)
         needs = stage.requirements()
         fields: dict[str, torch.Tensor] = {}
         first = call.segments[0]
-        context: dict[str, Any] = {"input_visual_counts": first.visual.sum(1)}
+        # Each original column's index among its prompt's real tokens (the prompt as the LLM got it, unpadded).
+        prompt_index = (first.real.long().cumsum(1) - 1).clamp(min=0)
+        in_prompt = lambda columns, valid: prompt_index.gather(1, seg.index.gather(1, columns)) * valid  # noqa: E731
+        context: dict[str, Any] = {"input_visual_counts": first.visual.sum(1), "visual_positions": in_prompt(vidx, vvalid)}
         if "attn_from_last" in needs:
-            fields["attn_from_last"] = ops.gather_rows(results["last"][:, 0, :, None], vidx, vvalid)[..., 0]
+            fields["attn_from_last"] = ops.gather_rows(results["last"][:, 0, :, None], rec_vidx, vvalid)[..., 0]
+        if any(signal in needs for signal in _TEXT_SIGNALS):
+            t_cols, t_valid = _text_after_image(seg)
+            context.update(text_mask=t_valid, text_positions=in_prompt(t_cols, t_valid))
         if "attn_from_text" in needs:
             probs = results["text"]  # [B, T, S]
             fields["attn_from_text"] = probs.transpose(1, 2).gather(
-                1, vidx[:, :, None].expand(-1, -1, probs.shape[1])) * vvalid[:, :, None]
-            t_index, t_valid = _text_after_image(first)
+                1, rec_vidx[:, :, None].expand(-1, -1, probs.shape[1])) * vvalid[:, :, None]
+            t_index, t_valid0 = _text_after_image(first)
             v_index, v_valid = ops.pack(first.visual)
-            context["text_mask"] = _text_after_image(call.segments[-1])[1]
             # The LLM-input hidden states of the text and of every visual token (before any pruning).
             context["input_visual"] = ops.gather_rows(call.input_hidden, v_index, v_valid)
             context["input_visual_mask"] = v_valid
-            state = state.replace(query=ops.gather_rows(call.input_hidden, t_index, t_valid).to(state.dtype),
-                                  query_mask=t_valid)
+            state = state.replace(query=ops.gather_rows(call.input_hidden, t_index, t_valid0).to(state.dtype),
+                                  query_mask=t_valid0)
         if "attn_logits" in needs:
-            context.update(attn_logits=results["logits"], visual_columns=vidx, sequence_mask=seg.keys)
+            context.update(attn_logits=results["logits"], visual_columns=rec_vidx, sequence_mask=recorded.keys)
+        if "key_norms" in needs:
+            norms = results["key_norms"]  # [B, S at layer - 1]
+            fields["key_norms"] = norms.gather(1, rec_vidx) * vvalid
+            context["text_key_norms"] = norms.gather(1, to_recorded(t_cols)) * t_valid
+        if "normed_hidden" in needs:
+            norm = self._final_norm()
+            fields["normed_hidden"] = norm(state.tokens) * vvalid[:, :, None]
+            context["text_normed_hidden"] = norm(ops.gather_rows(hidden, t_cols, t_valid)) * t_valid[:, :, None]
+        if "attn_from_last_here" in needs:
+            decoder_layer = self.layers[layer]
+            row = probe_last_row(self.recorder, self.adapter.attention_module(decoder_layer),
+                                 decoder_layer.input_layernorm(hidden), layer_kwargs)
+            fields["attn_from_last_here"] = row.gather(1, vidx) * vvalid
         llm = LLMContext(layer=layer, num_layers=self.num_layers, **context)
         return state.with_per_token(**fields).replace(llm=llm)
 
+    def _final_norm(self) -> torch.nn.Module:
+        norm = getattr(self.adapter.language_model, "norm", None)
+        if norm is None:
+            raise ModelError(f"arrcoc.hf: {type(self.adapter.language_model).__name__} has no final norm (.norm); "
+                             "the signal 'normed_hidden' is the hidden states through it")
+        return norm
+
     def _remove(self, call: Call, seg: Segment, hidden: torch.Tensor, vis_tokens: torch.Tensor,
-                vis_mask: torch.Tensor, slots: torch.Tensor, vidx: torch.Tensor, rule: str, layer: int,
-                cache: Any) -> tuple[Segment, tuple[torch.Tensor, torch.Tensor]]:
+                vis_mask: torch.Tensor, slots: torch.Tensor, vidx: torch.Tensor, rule: str, decode_rule: str,
+                layer: int, cache: Any) -> tuple[Segment, tuple[torch.Tensor, torch.Tensor]]:
         """The sequence with the stage's visual tokens in place of the old ones; ragged rows left-padded."""
         B, S = seg.index.shape
         device = hidden.device
@@ -392,11 +447,21 @@ class LLMEngine:
                 f"arrcoc.hf: positions 'compact' renumbers 1-D positions; {self.adapter.family} uses multimodal "
                 "rotary positions, for which it is undefined: use positions: original"
             )
+        shift = seg.position_shift
         if rule == "compact":
             # Renumber the kept tokens contiguously from the row's first original position (SparseVLM v1.0).
             first = cur_pos.masked_fill(~seg.real, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
             position_ids = torch.where(real, first + real.long().cumsum(1) - 1, torch.ones_like(orig))
             cos_sin = self.adapter.rotary(new_hidden, position_ids)
+            if decode_rule == "shifted":
+                # Decoding continues this numbering: a new token's position is its unpruned one minus the prompt
+                # tokens these layers no longer see (PyramidDrop, pdrop_forward l.1259-1268).
+                shift = call.segments[0].real.sum(1) - real.sum(1)
+            elif decode_rule == "unpruned":
+                shift = None
+            else:
+                raise StateError(f"arrcoc.hf: unknown decode position rule {decode_rule!r} "
+                                 "(expected 'unpruned' or 'shifted')")
         elif rule == "original":
             position_ids = cur_pos.gather(1, current).masked_fill(~valid, 1)
             cos_sin = tuple(_gather_positions(t, current, B) for t in cur_cos_sin)
@@ -408,7 +473,7 @@ class LLMEngine:
         from_output = (order - S).clamp(min=0)
         visual_order = (from_output.gather(1, visual_order[0]), visual_order[1])
         return Segment(layer, orig, real, real.clone(), is_visual, cos_sin, position_ids, mask, new_hidden,
-                       present=valid), visual_order
+                       present=valid, position_shift=shift), visual_order
 
 
 def _text_after_image(seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,259 @@
+"""The in-LLM signals of DART and PyramidDrop inside a tiny LLaVA: ``key_norms``, ``normed_hidden``,
+``attn_from_last_here``, the prompt positions in ``state.llm``, and the ``shifted`` decode positions.
+
+A capturing stage (registered for this file only) records the state the engine hands it; each signal is then
+recomputed by hand, for one unpadded prompt, from the model's modules on the no-cache reference's sequence
+(``test_hf_llm_methods.reference_pass``: what each layer saw, written from the method descriptions, not from
+arrcoc's code).  Batch: the 3 left-padded prompts of ``test_hf_llm_methods`` (lengths 73, 76, 72).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import arrcoc  # noqa: E402
+from arrcoc import ops  # noqa: E402
+from arrcoc.hookspecs import hookimpl  # noqa: E402
+from arrcoc.plugin import LLMCompressor, Params  # noqa: E402
+from arrcoc.registry import get_registry  # noqa: E402
+from test_hf_llm_methods import (  # noqa: E402
+    ENC, NEW, first_image, forward_logits, generate, prompt, reference, reference_pass,
+)
+from test_hf_support_matrix import FAMILIES  # noqa: E402
+from tiny_models import IMAGE, N0, ROWS, llava_batch, reference_attention, rotate_half, tiny_llava  # noqa: E402
+
+CAPTURED: list = []
+
+
+class CaptureParams(Params):
+    layers: list[int] = [2]
+    keep: Literal["all", "even"] = "all"
+    positions: Literal["original", "compact"] = "original"
+    decode_positions: Literal["unpruned", "shifted"] = "unpruned"
+
+
+class _Capture(LLMCompressor):
+    """Records its input state; keeps every visual token, or those at even visual indices."""
+
+    Params = CaptureParams
+
+    def llm_layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(self.params.layers)
+
+    def __call__(self, state):
+        CAPTURED.append(state)
+        if self.params.keep == "all":
+            return state
+        rank = torch.arange(state.N, device=state.device).expand(state.B, state.N)
+        index, valid = ops.pack(state.mask & (rank % 2 == 0))
+        return ops.keep(state, index, valid)
+
+
+class CaptureKeys(_Capture):
+    name = "test_signals_keys"
+    needs = frozenset({"key_norms", "normed_hidden"})
+
+
+class CaptureHere(_Capture):
+    name = "test_signals_here"
+    needs = frozenset({"attn_from_last_here"})
+
+
+class CaptureAll(_Capture):
+    name = "test_signals_all"
+    needs = frozenset({"key_norms", "normed_hidden", "attn_from_last_here"})
+
+
+class _Plugins:
+    @hookimpl
+    def arrcoc_register_plugins(self, register):
+        register(CaptureKeys)
+        register(CaptureHere)
+        register(CaptureAll)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins():
+    registry = get_registry()
+    registry.register(_Plugins(), name="test_hf_llm_signals")
+    try:
+        yield
+    finally:
+        registry.unregister("test_hf_llm_signals")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def batch3():
+    return llava_batch(ROWS)
+
+
+@pytest.fixture(scope="module")
+def features(model, batch3):
+    with torch.no_grad():
+        return list(model.model.get_image_features(pixel_values=batch3["pixel_values"]).pooler_output)
+
+
+def spec(use: str, **params) -> dict:
+    return {"encoder": ENC, "llm": [{"use": use, **params}]}
+
+
+def captured(model, batch3, pipeline: dict) -> list:
+    CAPTURED.clear()
+    with torch.no_grad(), arrcoc.hf.apply(model, pipeline):
+        forward_logits(model, batch3)
+    return list(CAPTURED)
+
+
+def _unpadded(batch3, b: int) -> tuple[torch.Tensor, int]:
+    ids = prompt(batch3, b)
+    return ids, first_image(ids)
+
+
+@torch.no_grad()
+def _keys(attn, x: torch.Tensor, pos: torch.Tensor, rotary) -> torch.Tensor:
+    """Post-rotary keys of one sequence ``x`` ``[S, D]``, key heads repeated, heads concatenated: ``[S, H*d]``."""
+    S, hd = x.shape[0], attn.head_dim
+    cos, sin = rotary(x[None], pos[None])
+    k = attn.k_proj(x).view(1, S, -1, hd).transpose(1, 2)
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    k = k.repeat_interleave(attn.config.num_attention_heads // k.shape[1], 1)
+    return k[0].transpose(0, 1).reshape(S, -1)
+
+
+def test_key_norms_and_normed_hidden_equal_the_layer_before(model, batch3, features):
+    """At layer 2: ``key_norms`` are the L1 norms of layer 1's post-rotary keys (heads concatenated), for the
+    visual tokens and the text after the image; ``normed_hidden`` is layer 1's output through the final norm;
+    positions count each prompt's own tokens from 0."""
+    (state,) = captured(model, batch3, spec("test_signals_keys", layers=[2]))
+    lm = model.model.language_model
+    llm = state.llm
+    assert llm.layer == 2 and llm.num_layers == 4
+    for b in range(3):
+        ids, start = _unpadded(batch3, b)
+        _, seen = reference_pass(model, ids, features[b], ids.shape[0], {}, {})
+        seq1 = seen["inputs"][1]
+        keys = _keys(lm.layers[1].self_attn, lm.layers[1].input_layernorm(seq1["h"]), seq1["pos"], lm.rotary_emb)
+        norms = keys.abs().sum(-1)
+        out1 = seen["inputs"][2]["h"]  # layer 1's output = layer 2's input
+        n, after = int((ids == IMAGE).sum()), torch.arange(start + N0, ids.shape[0])
+        visual = torch.arange(start, start + n)
+        assert n == N0 and int(state.counts[b]) == N0
+        torch.testing.assert_close(state.per_token["key_norms"][b, :n], norms[visual].float(), rtol=1e-6, atol=0)
+        T = after.numel()
+        assert llm.text_mask[b].sum() == T and bool(llm.text_mask[b, :T].all())
+        torch.testing.assert_close(llm.text_key_norms[b, :T], norms[after].float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(state.per_token["normed_hidden"][b, :n], lm.norm(out1[visual]),
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(llm.text_normed_hidden[b, :T], lm.norm(out1[after]), rtol=1e-10, atol=1e-12)
+        assert llm.visual_positions[b, :n].tolist() == visual.tolist()
+        assert llm.text_positions[b, :T].tolist() == after.tolist()
+    # Padding rows hold zeros, not a neighbour's values.
+    pads = ~llm.text_mask
+    assert pads.any() and float(llm.text_key_norms[pads].abs().sum()) == 0.0
+    assert float(llm.text_normed_hidden[pads].abs().sum()) == 0.0
+
+
+@torch.no_grad()
+def _attention_here(layer, seq: dict, rotary) -> torch.Tensor:
+    """Head-mean attention of the last token over one sequence, computed with ``layer``'s own norm and q/k."""
+    x = layer.input_layernorm(seq["h"])[None]
+    cos, sin = rotary(x, seq["pos"][None])
+    n = x.shape[1]
+    allowed = (torch.ones(n, n, dtype=torch.bool).tril() & seq["alive"][None, :])[None]
+    _, probs, _ = reference_attention(layer.self_attn, x, cos, sin, allowed)
+    return probs[0, :, -1].mean(0)
+
+
+def _even_plan(seen: dict, a: int) -> list[list[int]]:
+    src = seen["inputs"][a]["src"][seen["inputs"][a]["visual"]]
+    return [[int(s)] for s in src[::2]]
+
+
+def test_attn_from_last_here_is_the_acting_layer_attention(model, batch3, features):
+    """At layers 1 and 3 (the first stage drops every other visual token, compact): ``attn_from_last_here`` is
+    the attention of layer a itself (its input norm, q/k, rotary at the positions it sees now), last row,
+    head mean, over the sequence as it reaches layer a."""
+    states = captured(model, batch3, spec("test_signals_here", layers=[1, 3], keep="even", positions="compact"))
+    assert [s.llm.layer for s in states] == [1, 3]
+    lm = model.model.language_model
+    for b in range(3):
+        ids, _ = _unpadded(batch3, b)
+        plans: dict = {}
+        acts = {1: (_even_plan, "remove", "compact"), 3: (_even_plan, "remove", "compact")}
+        _, seen = reference_pass(model, ids, features[b], ids.shape[0], acts, plans)
+        for state, a in zip(states, (1, 3)):
+            seq = seen["inputs"][a]
+            row = _attention_here(lm.layers[a], seq, lm.rotary_emb)
+            expected = row[seq["visual"]]
+            n = int(state.counts[b])
+            assert n == expected.numel()
+            torch.testing.assert_close(state.per_token["attn_from_last_here"][b, :n], expected.float(),
+                                       rtol=1e-6, atol=1e-9)
+
+
+def test_probing_changes_nothing(model, batch3):
+    """A stage that reads ``attn_from_last_here`` and keeps everything: logits and greedy generation are the
+    model's own, bit for bit (the probe writes no cache and the layer runs as without it)."""
+    with torch.no_grad():
+        logits = forward_logits(model, batch3)
+        tokens, steps = generate(model, batch3)
+    with arrcoc.hf.apply(model, spec("test_signals_here", layers=[2])):
+        with torch.no_grad():
+            assert torch.equal(forward_logits(model, batch3), logits)
+            got_tokens, got_steps = generate(model, batch3)
+    assert torch.equal(got_tokens, tokens) and torch.equal(got_steps, steps)
+
+
+@pytest.mark.parametrize("decode", ["unpruned", "shifted"])
+def test_decode_positions_after_a_compact_drop(model, batch3, features, decode):
+    """Drop every other visual token at layer 2, compact; decoding numbers new tokens from the unpruned prompt
+    length (``unpruned``) or that minus the dropped tokens (``shifted``, PyramidDrop's rule) at layers >= 2.
+    Equal to the no-cache reference with the new tokens numbered that way."""
+    with arrcoc.hf.apply(model, spec("test_signals_here", layers=[2], keep="even", positions="compact",
+                                     decode_positions=decode)):
+        tokens, steps = generate(model, batch3)
+    for b in range(3):
+        ids, _ = _unpadded(batch3, b)
+        rule = "compact_shifted" if decode == "shifted" else "compact"
+        ref = reference(model, ids, features[b], {2: (_even_plan, "remove", rule)})
+        assert torch.equal(tokens[b], ref["tokens"]), (b, tokens[b], ref["tokens"])
+        torch.testing.assert_close(steps[b], ref["steps"], rtol=0, atol=1e-6, check_dtype=False)  # generate: fp32
+    if decode == "shifted":  # the rule matters here: the unpruned numbering gives other logits
+        ids, _ = _unpadded(batch3, 0)
+        other = reference(model, ids, features[0], {2: (_even_plan, "remove", "compact")})
+        assert (other["steps"][1:].float() - steps[0][1:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_signals_in_every_family(family):
+    """LLaVA-1.5, LLaVA-NeXT and Qwen2-VL (multimodal rotary), batch 2 with different images and prompt lengths:
+    the three signals reach the stage with their shapes, the probed row is a distribution over the sequence
+    (its visual part sums to at most 1), and a stage that keeps everything leaves the logits bit-identical."""
+    model, batch, _ = FAMILIES[family]()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    CAPTURED.clear()
+    with torch.no_grad(), arrcoc.hf.apply(model, spec("test_signals_all", layers=[1])):
+        got = model(**batch).logits
+    assert torch.equal(got, logits)
+    (state,) = CAPTURED
+    B, N = state.mask.shape
+    here = state.per_token["attn_from_last_here"]
+    assert B == 2 and here.shape == (B, N) and here.dtype == torch.float32
+    assert bool((here[state.mask] > 0).all()) and bool((here.sum(1) <= 1 + 1e-5).all())
+    assert bool((state.per_token["key_norms"][state.mask] > 0).all())
+    assert state.per_token["normed_hidden"].shape == state.tokens.shape
+    T = state.llm.text_mask.shape[1]
+    assert state.llm.text_key_norms.shape == (B, T) and state.llm.text_normed_hidden.shape[:2] == (B, T)
+    # The text after the image: the prompts' 5 and 9 tokens (Qwen2-VL: and its <|vision_end|>).
+    assert state.llm.text_mask.sum(1).tolist() == ([6, 10] if family == "qwen2_vl" else [5, 9])
