@@ -126,8 +126,8 @@ def synthetic_state(B: int, N: int, D: int, device: torch.device, seed: int = 0)
     return state.replace(query=query, query_mask=torch.ones(B, TEXT_AFTER, dtype=torch.bool, device=device))
 
 
-def llm_state(state: TokenState, needs: frozenset[str], seed: int = 1) -> TokenState:
-    """``state`` as an in-LLM stage gets it at decoder layer :data:`LLM_LAYER` (contract of the hf engine):
+def llm_state(state: TokenState, needs: frozenset[str], layer: int = LLM_LAYER, seed: int = 1) -> TokenState:
+    """``state`` as an in-LLM stage gets it at decoder ``layer`` of :data:`LLM_LAYERS` (contract of the hf engine):
     ``per_token["llm_slot"]``, ``state.llm`` (an :class:`~arrcoc.state.LLMContext` with the layer, the input
     visual counts, the positions and the text after the image) and, of :data:`LLM_SIGNAL_FIELDS`, the signals
     in ``needs`` (the engine fills only those): ``key_norms`` ``[B, N]`` with ``llm.text_key_norms`` ``[B, T]``
@@ -153,7 +153,7 @@ def llm_state(state: TokenState, needs: frozenset[str], seed: int = 1) -> TokenS
         per_token["attn_from_last_here"] = (2.0 * rand(B, N)).softmax(-1)
     fields = {f.name for f in dataclasses.fields(LLMContext)}
     context = dict(
-        layer=LLM_LAYER, num_layers=LLM_LAYERS, input_visual_counts=state.counts.clone(),
+        layer=layer, num_layers=LLM_LAYERS, input_visual_counts=state.counts.clone(),
         text_mask=torch.ones(B, T, dtype=torch.bool, device=device),
         visual_positions=PROMPT_BEFORE + torch.arange(N, device=device).expand(B, N).contiguous(),
         text_positions=PROMPT_BEFORE + N + torch.arange(T, device=device).expand(B, T).contiguous(),
@@ -165,10 +165,11 @@ def llm_state(state: TokenState, needs: frozenset[str], seed: int = 1) -> TokenS
 
 def state_for(plugin, state: TokenState) -> TokenState:
     """The state a plugin is timed on: an in-LLM stage that reads one of the engine's new signals gets
-    :func:`llm_state`; every other plugin the plain synthetic state (as before)."""
+    :func:`llm_state` at the first decoder layer it acts at (of :data:`LLM_SIGNAL_FIELDS` the ones it needs);
+    every other plugin the plain synthetic state (as before)."""
     needs = frozenset(plugin.requirements()) if hasattr(plugin, "requirements") else frozenset(plugin.needs)
     if getattr(plugin, "stage", "vision") == "llm" and needs & set(LLM_SIGNAL_FIELDS):
-        return llm_state(state, needs)
+        return llm_state(state, needs, layer=min(plugin.llm_layers(LLM_LAYERS)))
     return state
 
 
