@@ -19,15 +19,20 @@ Faithful to Theia-4869/CDPruner @ 9541616, ``llava/model/llava_arch.py``
   ``k`` picks after the ``O(N^2 D)`` similarity, no matrix inverted;
 * the picks sorted ascending (original order, l.182-184).
 
-The instruction: the official code embeds the question with CLIP's text tower
-and the patches with CLIP's ``visual_projection``.  Here the relevance is the
-cosine of the (projected) tokens to ``state.query``: inside a VLM
-(``arrcoc.hf``) the LLM input embeddings of the prompt's text after the
-image, standalone whatever the ``query_encoder`` gives.  This is the
-non-official option of METHODS.md for models without a CLIP text tower (an
-arrcoc choice); the CLIP-text variant is not implemented yet.  Each query
-token is one row ``q_m`` (the official rows are 77-token chunks, one for a
-short question); padding query tokens take no part.
+The instruction, two ways:
+
+* ``clip: <CLIP model>`` (the official relevance, ``clip_encoder.py`` ``load_text_tower`` l.39-48 and
+  ``forward`` l.61-98): the question's text (``state.meta["query_text"]``, one string per row) without the
+  LLaVA answer-format suffix (``model_vqa_loader.py`` l.110), tokenised by CLIP's tokenizer with no
+  truncation, zero-padded to a multiple of the text tower's 77 positions and cut into ``M`` rows of 77, whose
+  ``CLIPTextModelWithProjection.text_embeds`` are the rows ``q_m``; the patches' embeddings are
+  ``visual_projection(post_layernorm(features).float())`` of the tower's own features before any projector
+  (``per_token["tower_features"]``: LLaVA-1.5's ``hidden_states[-2][:, 1:]``), float32 as officially.  The
+  DPP similarity stays on the tokens (the projected features inside a VLM);
+* ``clip: null``: the cosine of the tokens themselves to ``state.query``: inside a VLM (``arrcoc.hf``) the
+  LLM input embeddings of the prompt's text after the image, standalone whatever the ``query_encoder``
+  gives.  This is the non-official option of METHODS.md for models without a CLIP text tower (an arrcoc
+  choice).  Each query token is one row ``q_m``; padding query tokens take no part.
 
 Quirks of the official code (docs/methods/cdpruner.md):
 
@@ -61,12 +66,17 @@ out in the official code; ``theta`` offers it (default off).
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from arrcoc import ops
-from arrcoc.errors import InputError
+from arrcoc.errors import InputError, MissingInputError, ModelError
+from arrcoc.models import resolve_model
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Keep, Params
 from arrcoc.state import TokenState
@@ -179,6 +189,147 @@ def cdpruner_select(
     return picks.masked_fill(~valid, 0), valid
 
 
+#: The LLaVA answer-format suffix the official loader removes from the question (``model_vqa_loader.py`` l.110).
+ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+@dataclass(frozen=True, eq=False)
+class ClipRelevance:
+    """What the official relevance reads from a CLIP checkpoint (``load_text_tower``), float32 as officially: the
+    tokenizer, ``CLIPTextModelWithProjection``, and the vision side's ``post_layernorm`` and
+    ``visual_projection`` (the vision encoder itself is not kept: the features come from the model's tower)."""
+
+    source: str
+    tokenizer: Any
+    text_tower: torch.nn.Module
+    post_layernorm: torch.nn.LayerNorm
+    visual_projection: torch.nn.Linear
+
+    @property
+    def context(self) -> int:
+        """The text tower's positions (77): the official chunk length (``max_position_embeddings``)."""
+        return int(self.text_tower.config.max_position_embeddings)
+
+    @property
+    def vision_width(self) -> int:
+        """The width of the tower features ``post_layernorm`` takes."""
+        return int(self.post_layernorm.normalized_shape[0])
+
+    def to(self, device: torch.device | str) -> "ClipRelevance":
+        return ClipRelevance(self.source, self.tokenizer, self.text_tower.to(device), self.post_layernorm.to(device),
+                             self.visual_projection.to(device))
+
+
+_CLIP_LOADED: dict[tuple[str, str], ClipRelevance] = {}
+_CLIP_LOCK = threading.Lock()
+
+
+def load_clip(source: str, device: torch.device | str = "cpu") -> ClipRelevance:
+    """The CLIP parts of ``source`` (a directory, hub id or ``arrcoc:<name>``) on ``device``, loaded once per
+    process and device (every cdpruner stage naming the same model shares them)."""
+    key = (str(source), str(torch.device(device)))
+    with _CLIP_LOCK:
+        if key not in _CLIP_LOADED:
+            loaded = _load_clip(source)
+            _CLIP_LOADED[key] = loaded if key[1] == "cpu" else loaded.to(device)
+        return _CLIP_LOADED[key]
+
+
+def _load_clip(source: str) -> ClipRelevance:
+    from transformers import AutoConfig, CLIPTextModelWithProjection, CLIPTokenizerFast, CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model(source)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ModelError(
+            f"cdpruner.clip: expected a CLIP model directory or hub id (e.g. openai/clip-vit-large-patch14-336), "
+            f"cannot read a model config from {source!r} ({type(exc).__name__}: {exc})"
+        ) from None
+    if getattr(config, "model_type", None) != "clip":
+        raise ModelError(
+            f"cdpruner.clip: expected a CLIP model (config model_type 'clip': a text tower and both projections, e.g. "
+            f"openai/clip-vit-large-patch14-336), got model_type {getattr(config, 'model_type', None)!r} at {source!r}"
+        )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # each half of the checkpoint reports the other half's weights as unused
+    try:
+        tokenizer = CLIPTokenizerFast.from_pretrained(path)
+        text_tower = CLIPTextModelWithProjection.from_pretrained(path, dtype=torch.float32).eval()
+        vision = CLIPVisionModelWithProjection.from_pretrained(path, dtype=torch.float32).eval()
+    except Exception as exc:
+        raise ModelError(
+            f"cdpruner.clip: cannot load the CLIP tokenizer, text tower and visual projection of {source!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    text_width, image_width = text_tower.text_projection.out_features, vision.visual_projection.out_features
+    if text_width != image_width:
+        raise ModelError(
+            f"cdpruner.clip: {source!r} projects the text to {text_width} channels but the images to {image_width}; "
+            "the relevance is their cosine, so both must land in one joint space (text_config and vision_config "
+            "projection_dim of a CLIP checkpoint)"
+        )
+    text_tower.requires_grad_(False)
+    vision.requires_grad_(False)
+    return ClipRelevance(str(source), tokenizer, text_tower, vision.vision_model.post_layernorm,
+                         vision.visual_projection)
+
+
+def clip_text_rows(tokenizer: Any, texts: Sequence[str], context: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The official text rows (``clip_encoder.py`` l.82-89) of each text: tokenised with no truncation,
+    zero-padded (id 0, mask 0) to a multiple of ``context`` and cut into rows of ``context``.
+
+    Returns ``(input_ids [R, context], attention_mask [R, context], rows per text)``.
+    """
+    encoded = tokenizer(list(texts), truncation=False)
+    ids, masks, rows = [], [], []
+    for row_ids, row_mask in zip(encoded["input_ids"], encoded["attention_mask"]):
+        segments = (len(row_ids) - 1) // context + 1
+        padding = context * segments - len(row_ids)
+        ids.append(torch.tensor(row_ids + [0] * padding).view(segments, context))
+        masks.append(torch.tensor(row_mask + [0] * padding).view(segments, context))
+        rows.append(segments)
+    return torch.cat(ids), torch.cat(masks), rows
+
+
+def clip_text_embeds(clip: ClipRelevance, texts: Sequence[str], device: torch.device | str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(text_embeds [B, M, C] float32, mask [B, M])``: each text's official rows through
+    ``CLIPTextModelWithProjection`` (``text_embeds``), ``M`` the most rows of a text.
+
+    Every row of every distinct text goes through the tower in one batch (the rows are independent and all
+    ``context`` long, padding included, as officially); texts repeated across rows (LLaVA-NeXT views) once.
+    """
+    unique = list(dict.fromkeys(texts))
+    ids, attention, rows = clip_text_rows(clip.tokenizer, unique, clip.context)
+    with torch.no_grad():
+        embeds = clip.text_tower(input_ids=ids.to(device), attention_mask=attention.to(device)).text_embeds.float()
+    M = max(rows)
+    out = embeds.new_zeros(len(unique), M, embeds.shape[-1])
+    for u, chunk in enumerate(embeds.split(rows)):  # one copy per distinct text, sizes known on the host
+        out[u, : chunk.shape[0]] = chunk
+    mask = torch.arange(M)[None, :] < torch.tensor(rows)[:, None]
+    which = torch.tensor([unique.index(t) for t in texts], device=out.device)
+    return out[which], mask.to(out.device)[which]
+
+
+def clip_image_embeds(clip: ClipRelevance, features: torch.Tensor) -> torch.Tensor:
+    """``[B, N, C]`` float32: ``visual_projection(post_layernorm(features).float())`` (official l.93-94).
+
+    The layer norm runs in the features' dtype, as the official tower's own (fp16 in LLaVA; float64 features
+    in float32, no float64 product); the projection in float32, as officially loaded.
+    """
+    dtype = features.dtype if features.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    norm = clip.post_layernorm
+    normed = F.layer_norm(features.to(dtype), norm.normalized_shape, norm.weight.to(dtype), norm.bias.to(dtype),
+                          norm.eps)
+    with torch.no_grad():
+        return clip.visual_projection(normed.float())
+
+
 class CDPrunerParams(Params):
     keep: Keep = Field(
         64,
@@ -201,6 +352,18 @@ class CDPrunerParams(Params):
         "x its largest kernel diagonal (the numerical rank of L is reached) fills the rest of its budget with its "
         "unpicked tokens of largest relevance r^2 S_ii; 0: only where the official code gives NaN.",
     )
+    clip: str | None = Field(
+        None,
+        description="A CLIP model (directory or hub id; LLaVA-1.5: openai/clip-vit-large-patch14-336) for the "
+        "official relevance: CLIP text embeddings of the question (state.meta['query_text'], 77-token rows) against "
+        "visual_projection(post_layernorm(tower features)) of the patches. null: the cosine of the tokens to "
+        "state.query (inside a VLM the LLM input embeddings of the prompt's text: an arrcoc choice).",
+    )
+    remove_text: list[str] = Field(
+        [ANSWER_SUFFIX],
+        description="With clip: strings removed from the question (str.replace) before CLIP tokenises it; official: "
+        "LLaVA's answer-format suffix.",
+    )
 
 
 class CDPruner(Compressor):
@@ -221,13 +384,57 @@ class CDPruner(Compressor):
             raise InputError(f"cdpruner: meta['views'] describes {sum(views)} views, the batch holds {state.B}")
         return torch.repeat_interleave(torch.arange(len(views)), torch.tensor(views)).to(state.device)
 
+    def requirements(self) -> frozenset[str]:
+        # clip: the question as text and the tower's features before any projector, instead of the embeddings.
+        return frozenset({"query_text", "tower_features"}) if self.params.clip is not None else self.needs
+
+    def _clip_inputs(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image embeds [B, N, C], text embeds [B, M, C], their mask [B, M])`` of the official relevance."""
+        p = self.params
+        texts = state.meta.get("query_text")
+        if texts is None:
+            raise MissingInputError(
+                "cdpruner.clip: needs the question as text (state.meta['query_text']): pass query='...' strings "
+                "(arrcoc run --query), or inside a VLM arrcoc.hf.apply(model, spec, tokenizer=processor.tokenizer) "
+                "with the prompt given as input_ids"
+            )
+        if isinstance(texts, str) or len(texts) != state.B or not all(isinstance(t, str) for t in texts):
+            raise InputError(
+                f"cdpruner.clip: state.meta['query_text'] must hold one string per row ({state.B}), got "
+                f"{type(texts).__name__} {texts!r:.80}"
+            )
+        features = state.per_token.get("tower_features")
+        if features is None:
+            raise MissingInputError(
+                "cdpruner.clip: needs the tower's features before any projector (per_token['tower_features'], "
+                "provided by the encoder when a stage needs 'tower_features')"
+            )
+        clip = load_clip(p.clip, state.device)
+        if features.shape[-1] != clip.vision_width:
+            raise InputError(
+                f"cdpruner.clip: the tower's features are {features.shape[-1]} wide, but the post_layernorm of "
+                f"{p.clip!r} takes {clip.vision_width}; give the CLIP model whose vision tower produced the features "
+                "(LLaVA-1.5: openai/clip-vit-large-patch14-336)"
+            )
+        questions = []
+        for text in texts:
+            for remove in p.remove_text:  # official: question.replace(suffix, "")
+                text = text.replace(remove, "")
+            questions.append(text)
+        text_embeds, text_mask = clip_text_embeds(clip, questions, state.device)
+        return clip_image_embeds(clip, features), text_embeds, text_mask
+
     def __call__(self, state: TokenState) -> TokenState:
         p = self.params
-        query, query_mask = state.require_query("cdpruner")
+        if p.clip is None:
+            embeds = state.tokens
+            query, query_mask = state.require_query("cdpruner")
+        else:
+            embeds, query, query_mask = self._clip_inputs(state)
         k = ops.resolve_keep(p.keep, state.counts, where="cdpruner.keep")
         similarity = cdpruner_similarity(state.tokens, state.mask)
         relevance = cdpruner_relevance(
-            state.tokens, query, query_mask, state.mask, self._groups(state), negate=p.negate, theta=p.theta
+            embeds, query, query_mask, state.mask, self._groups(state), negate=p.negate, theta=p.theta
         )
         index, valid = cdpruner_select(similarity, relevance, state.mask, k, p.eps)
         return ops.keep(state, index, valid)
