@@ -43,7 +43,7 @@ Quirks of the official code (docs/methods/pyramiddrop.md):
   seq_length)`` (l.1244-1257), consistent only when it collapses to None
   (flash-attn, or sdpa without padding); arrcoc's engine builds the mask of
   the new length;
-* no ``repeat_kv`` in the ranking (l.1330-1345): a GQA model's query heads
+* no ``repeat_kv`` in the ranking (l.1331-1342, l.1395): a GQA model's query heads
   cannot meet its fewer key heads; the engine's signal (and
   :func:`last_query_attention`) repeat the key heads, as attention does;
 * batching is per row, right padding only (``ValueError`` otherwise); arrcoc

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 import arrcoc  # noqa: E402
 from arrcoc_plugins.compressors import pyramiddrop as P  # noqa: E402
 from test_hf_llm_methods import (  # noqa: E402
-    ENC, _singletons, _top, compare, first_image, forward_logits, generate, kept_patches, patches, prompt, reference,
+    ENC, _singletons, _top, compare, forward_logits, generate, kept_patches, patches, prompt, reference,
 )
 from test_hf_support_matrix import FAMILIES  # noqa: E402
 from tiny_models import N0, ROWS, generate_positions, llava_batch, rotate_half, sample, tiny_llava  # noqa: E402
