@@ -39,8 +39,13 @@ Quirks of the official code and what arrcoc does with them:
   tokens, and the shipped NeXT script runs unpruned: not copied (arrcoc prunes
   each view like any image and the model integration places the tokens);
 * no class token (SigLIP, Qwen2-VL towers): ``score: null`` is the official
-  ``cls_attn=None`` path, a uniform saliency (pure coverage); with the default
-  ``score`` such a tower is refused with a ``MissingInputError`` that says so;
+  ``cls_attn=None`` path, a uniform saliency (pure coverage); ``score:
+  attn_received`` is the documented alternative, VisPruner's official SigLIP
+  rule: the attention each token receives in the tower's last layer (query
+  mean, head mean; need ``attention_received``, which the Qwen2-VL / 2.5-VL
+  towers give inside a model), a head mean like ``cls_attn`` (``combine: add``
+  scales it to the head sum the same way); with the default ``score`` such a
+  tower is refused with a ``MissingInputError`` that names both;
 * the class token: the official output has none; arrcoc leaves it in
   ``state.cls``, apart, as every compressor does (LLaVA's default feature
   strategy does not feed it to the LLM).
@@ -65,6 +70,10 @@ from arrcoc.errors import BudgetError, InputError, MissingInputError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import BudgetContext, Compressor, Keep, Params
 from arrcoc.state import TokenState
+
+
+#: The per-token field of the attention each token receives (need ``attention_received``), as encoders name it.
+RECEIVED = "attn_received"
 
 
 def cosine_matrix(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -161,7 +170,8 @@ class ScopeParams(Params):
         "cls_attn",
         description="per_token CLS attention, the saliency (official: layer -2, summed over heads; timm_vit's "
         "head mean with `layer: -2`); null = uniform saliency, pure coverage (the official cls_attn=None "
-        "path), for towers without a class token.",
+        "path), for towers without a class token; 'attn_received' = the attention each token receives in the "
+        "tower's last layer (VisPruner's official rule without a class token; Qwen2-VL towers inside a model).",
     )
     heads: PositiveInt | None = Field(
         None,
@@ -185,8 +195,11 @@ class Scope(Compressor):
     stage = "vision"  # before the projector, on CLIP layer -2, as the official CLIPVisionTower_SCOPE
 
     def requirements(self) -> frozenset[str]:
-        # score: null is the official cls_attn=None path (uniform saliency): no CLS attention needed.
-        return self.needs if self.params.score is not None else frozenset()
+        # score: null is the official cls_attn=None path (uniform saliency): no CLS attention needed; the
+        # attention-received saliency has its own need (the encoder computes it only when asked).
+        if self.params.score is None:
+            return frozenset()
+        return frozenset({"attention_received"}) if self.params.score == RECEIVED else self.needs
 
     @classmethod
     def budget_bounds(cls, params: dict, context: BudgetContext) -> tuple[float, float] | None:
@@ -222,7 +235,9 @@ class Scope(Compressor):
                 f"scope: needs per_token[{p.score!r}] (the CLS attention, its saliency): the timm_vit encoder "
                 f"provides 'cls_attn' of its `attention_layer` (SCOPE: `layer: -2`); for a tower without a class "
                 f"token there is none: set `score: null` for uniform saliency (pure coverage, the official "
-                f"cls_attn=None path). The state has {sorted(state.per_token) or 'none'}"
+                f"cls_attn=None path), or `score: {RECEIVED}` for the attention each token receives where the "
+                f"encoder gives it (Qwen2-VL towers inside a model). The state has "
+                f"{sorted(state.per_token) or 'none'}"
             )
         if saliency.shape != state.mask.shape:
             raise InputError(

@@ -61,13 +61,20 @@ Differences from the official code, on purpose (docs/methods/vispruner.md):
 Towers without a class token: the official SigLIP path
 (``siglip_encoder.py`` l.34-41) scores by the **last** layer's attention
 averaged over queries (``attentions[-1].mean(dim=-2)``: what each token
-receives), then the head mean.  ``signal: received`` computes that from the
-encoder's ``meta["attention_maps"]`` (``timm_vit`` provides the head-mean
-map of every block it runs; ``attention_map: -1``, the last one, is the
-official layer when the encoder runs the whole tower, ``layer: -1``), mapped
-to the current tokens through ``origin`` (a merged token: the mean of its
-patches).  Inside a model (``arrcoc.hf``) no tower exposes these maps yet, so
-there it is refused before anything runs, naming the missing signal.
+receives), then the head mean.  ``signal: received`` reads it from one of two
+places:
+
+* ``attention_map: <block>`` (default ``-1``): computed from the encoder's
+  ``meta["attention_maps"]`` (``timm_vit`` provides the head-mean map of every
+  block it runs; ``-1``, the last one, is the official layer when the encoder
+  runs the whole tower, ``layer: -1``), mapped to the current tokens through
+  ``origin`` (a merged token: the mean of its patches);
+* ``attention_map: null``: the per-token field ``attn_received`` (need
+  ``attention_received``), the same quantity computed by the encoder itself.
+  Inside a model (``arrcoc.hf``) the Qwen2-VL / 2.5-VL towers give it: their
+  last full-attention block, each image's queries, a merged token the mean of
+  its 4 patches (docs/methods/vispruner.md).  A tower with neither a class
+  token nor this signal is refused before anything runs, naming what is missing.
 """
 
 from __future__ import annotations
@@ -83,6 +90,10 @@ from arrcoc.errors import InputError, MissingInputError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import Compressor, Keep, Params
 from arrcoc.state import TokenState
+
+
+#: The per-token field of the attention each token receives (need ``attention_received``), as encoders name it.
+RECEIVED = "attn_received"
 
 
 def split_budget(total: torch.Tensor, important_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,10 +238,12 @@ class VisPrunerParams(Params):
         "cls_attn",
         description="per_token importance [B, N] read with signal 'cls' (timm_vit's `cls_attn` with `layer: -2`).",
     )
-    attention_map: int = Field(
+    attention_map: int | None = Field(
         -1,
         description="With signal 'received': which of meta['attention_maps'] (one per encoder block run) to read; "
-        "-1 = the last (official: the tower's last layer; timm_vit `layer: -1` runs it).",
+        "-1 = the last (official: the tower's last layer; timm_vit `layer: -1` runs it). null = the encoder's own "
+        "per_token 'attn_received' (need 'attention_received'; inside a model the Qwen2-VL / 2.5-VL towers give "
+        "it, from their last full-attention block).",
     )
 
 
@@ -243,7 +256,9 @@ class VisPruner(Compressor):
     needs = frozenset({"cls_attention"})
 
     def requirements(self) -> frozenset[str]:
-        return frozenset({"attention_maps"}) if self.params.signal == "received" else self.needs
+        if self.params.signal == "cls":
+            return self.needs
+        return frozenset({"attention_maps" if self.params.attention_map is not None else "attention_received"})
 
     def budgets(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T_imp [B], T_div [B])`` per image."""
@@ -253,13 +268,27 @@ class VisPruner(Compressor):
     def importance(self, state: TokenState) -> torch.Tensor:
         """``[B, N]`` importance of each token, by ``signal``."""
         p = self.params
-        if p.signal == "received":
+        if p.signal == "received" and p.attention_map is not None:
             return received_attention(state, p.attention_map)
+        if p.signal == "received":
+            attn = state.per_token.get(RECEIVED)
+            if attn is None:
+                raise MissingInputError(
+                    f"vispruner (signal: received, attention_map: null): needs per_token[{RECEIVED!r}], the attention "
+                    "each token receives (inside a model the Qwen2-VL / 2.5-VL towers give it when a stage needs "
+                    "'attention_received'); the state has "
+                    f"{sorted(state.per_token) or 'none'}; with timm_vit use `attention_map: -1` (its attention maps)"
+                )
+            if attn.shape != state.mask.shape:
+                raise InputError(f"vispruner: per_token[{RECEIVED!r}] must be [B, N]={list(state.mask.shape)} scores, "
+                                 f"got {list(attn.shape)}")
+            return attn
         attn = state.per_token.get(p.score)
         if attn is None:
             no_cls = "" if state.cls is not None else (
                 " The state has no class token: use `signal: received` (the official rule for such towers, "
-                "SigLIP: the attention each token receives in the last layer)."
+                "SigLIP: the attention each token receives in the last layer; `attention_map: null` reads the "
+                f"encoder's own per_token {RECEIVED!r})."
             )
             raise MissingInputError(
                 f"vispruner: needs per_token[{p.score!r}], the importance of each token (official: layer-22 CLS "

@@ -6,7 +6,9 @@
   ``SCOPE``) over the model's own ``hidden_states[-2]`` patches with the CLS row of ``attentions[-2]``
   (an eager copy of the tower) summed over heads, projected by the model's projector;
 * LLaVA-NeXT: every view (base and crops) keeps its own budget; Qwen2-VL (no class token): the default is
-  refused with a clear error, ``score: null`` (the official uniform saliency) runs.
+  refused with a clear error naming the substitutes, ``score: null`` (the official uniform saliency) runs, and
+  ``score: attn_received`` (the attention each token receives, VisPruner's official no-class-token rule) picks
+  as the official loop with that saliency recomputed in plain torch (Qwen2-VL and 2.5-VL, two image sizes).
 """
 
 from __future__ import annotations
@@ -186,3 +188,37 @@ def test_combine_add_reads_the_towers_head_count(model, batch3):
         states[name] = run.state
     assert states["default"].meta["num_heads"] == heads == 4
     assert torch.equal(states["default"].positions, states["given"].positions)
+
+
+@pytest.mark.parametrize("factory", ["tiny_qwen2_vl", "tiny_qwen2_5_vl"])
+def test_qwen_runs_with_the_attention_received_saliency(factory):
+    import tiny_models
+    from tiny_models import QWEN_END, QWEN_IMAGE, QWEN_START, qwen_received_reference
+
+    model = getattr(tiny_models, factory)()
+    # A random tiny tower attends almost uniformly (the received attention varies by ~1e-4 of its mean), which
+    # SCOPE's gain * a cannot tell from the uniform saliency: sharpen the last block's queries and keys so that
+    # the saliency decides picks (checked below: other picks than score: null).
+    with torch.no_grad():
+        qkv = model.model.visual.blocks[-1].attn.qkv
+        qkv.weight[: 2 * qkv.in_features] *= 30
+    grids = torch.tensor([[1, 8, 12], [1, 6, 6]])  # 24 and 9 merged tokens
+    batch = {**_rows([24, 9], lambda n: [QWEN_START, *[QWEN_IMAGE] * n, QWEN_END]), "image_grid_thw": grids,
+             "pixel_values": torch.randn(96 + 36, 1176, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
+    batch["mm_token_type_ids"] = (batch["input_ids"] == QWEN_IMAGE).int()
+    with pytest.raises(arrcoc.errors.MissingInputError, match="score: attn_received"):
+        with arrcoc.hf.apply(model, scope(keep=5)):
+            pass
+    with torch.no_grad(), arrcoc.hf.apply(model, scope(keep=5, score="attn_received")) as run:
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert run.state.counts.tolist() == [5, 5]
+    with torch.no_grad(), arrcoc.hf.apply(model, scope(keep=5, score=None)) as uniform:
+        model(**batch)
+    assert not torch.equal(uniform.state.origin, run.state.origin)
+    saliency = qwen_received_reference(model, batch["pixel_values"], grids)
+    with torch.no_grad():
+        features = model.model.get_image_features(batch["pixel_values"], grids).pooler_output
+    for b in range(2):
+        rows = sorted(official_picks(features[b], saliency[b], 5))
+        assert torch.equal(run.state.tokens[b, :5], features[b][rows])
+    assert run.report.layer_visual == [[5, 5]] * 4

@@ -56,6 +56,7 @@ def qwen2_vl():
 
 FAMILIES = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl}
 NO_CLS = "no class token"
+NO_RECEIVED = "gives no 'attention received' signal"
 
 #: method -> (pipeline sections, {family: None (runs) or the refusal's message fragment}).
 MATRIX = {
@@ -75,6 +76,11 @@ MATRIX = {
     "scope": ({"compress": [{"use": "scope", "keep": 0.5}]}, {"qwen2_vl": NO_CLS}),
     "vispruner": ({"compress": [{"use": "vispruner", "keep": 8}]}, {"qwen2_vl": NO_CLS}),
     "scope (score: null)": ({"compress": [{"use": "scope", "keep": 0.5, "score": None}]}, {}),
+    "scope (score: attn_received)": ({"compress": [{"use": "scope", "keep": 0.5, "score": "attn_received"}]},
+                                     {"llava": NO_RECEIVED, "llava_next": NO_RECEIVED}),
+    "vispruner (signal: received, attention_map: null)": (
+        {"compress": [{"use": "vispruner", "keep": 8, "signal": "received", "attention_map": None}]},
+        {"llava": NO_RECEIVED, "llava_next": NO_RECEIVED}),
     "fastv": ({"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]}, {}),
     "sparsevlm_llm": ({"llm": [{"use": "sparsevlm_llm", "layers": [1, 2], "budget": 64, "recycle": False}]},
                       {"qwen2_vl": "multimodal rotary"}),

@@ -185,3 +185,50 @@ def prompt_with_features(inputs: dict, counts: list[int]) -> tuple[torch.Tensor,
         rows.append(ids[:first] + [IMAGE] * k + ids[first + N0:])
     return left_pad(rows)
 
+
+
+def qwen_received_reference(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Per image ``[merged tokens]``, raster order: the attention each token receives in the last vision block of a
+    tiny Qwen2-VL / Qwen2.5-VL (whose last block attends over the whole image), recomputed here in plain torch
+    from the block's ``norm1`` / ``qkv`` on its input (the model's ``hidden_states[-2]``): the rotary angles from
+    each row's patch (row, col) written out (Qwen2-VL: 2 x 2 merge blocks in raster order; Qwen2.5-VL: those
+    blocks grouped in windows of ``window_size / merge / patch`` blocks, raster inside and between windows), the
+    rotation rounded through float32 as the model's ``apply_rotary_pos_emb_vision``, the softmax of every query
+    row over the image's keys, the mean over queries, then over heads; a merged token the mean of its 4 patches.
+    """
+    visual = model.model.visual
+    with torch.no_grad():
+        out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw, output_hidden_states=True)
+    x = out.hidden_states[-2]
+    block = visual.blocks[-1]
+    attn = block.attn
+    merge = int(visual.spatial_merge_size)
+    window = getattr(visual, "window_size", None)
+    inv_freq = visual.rotary_pos_emb.inv_freq.float()
+    result, start = [], 0
+    for t, h, w in grid_thw.tolist():
+        assert t == 1
+        n, gh, gw = h * w, h // merge, w // merge
+        units = list(range(gh * gw))
+        if window is not None:
+            ws = int(window) // merge // int(visual.patch_size)
+            units.sort(key=lambda u: ((u // gw) // ws, (u % gw) // ws, (u // gw) % ws, (u % gw) % ws))
+        cells = [((u // gw) * merge + dr, (u % gw) * merge + dc) for u in units for dr in range(merge)
+                 for dc in range(merge)]
+        pos = torch.tensor(cells, dtype=torch.float32)
+        angles = torch.cat([pos[:, 0, None] * inv_freq, pos[:, 1, None] * inv_freq], -1)
+        angles = torch.cat([angles, angles], -1)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        with torch.no_grad():
+            rows = block.norm1(x[start:start + n])
+            q, k, _ = attn.qkv(rows).view(n, 3, attn.num_heads, -1).unbind(1)  # [n, heads, hd]
+            q = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
+            k = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
+            probs = (torch.einsum("qhd,khd->hqk", q, k) * attn.head_dim ** -0.5).softmax(-1)
+        per_patch = probs.mean(1).mean(0)  # over queries, then heads: [n]
+        per_unit = per_patch.view(-1, merge * merge).mean(-1)
+        raster = torch.empty_like(per_unit)
+        raster[torch.tensor(units)] = per_unit
+        result.append(raster)
+        start += n
+    return result

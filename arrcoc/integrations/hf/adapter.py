@@ -11,7 +11,9 @@ An adapter answers four questions:
 1. **Vision**: run the tower on a batch of images (:meth:`encode_images`:
    per-image features and grids, class tokens, every layer's hidden
    states when attention signals are wanted), a layer's attention inputs
-   (:meth:`vision_qk`, towers with a class token), the projector
+   (:meth:`vision_qk`, towers with a class token), the attention each token
+   receives in the tower (:attr:`attention_received_layer`; ``encode_images(...,
+   received=True)``, towers that give it), the projector
    (:meth:`project`; ``projected`` towers return LLM-space features), and
    the placeholders per image (:meth:`tokens_per_image`), and what the
    budget rules need to know of an image (:meth:`budget_context`).
@@ -45,6 +47,9 @@ class VisionOutput(NamedTuple):
     grids: list[tuple[int, int]]          # per image (rows, cols) of its feature grid, rows * cols = n_i
     cls: torch.Tensor | None              # [images, D_vision] class tokens, or None
     hidden_states: tuple | None           # every layer's input [images, P + N, D_vision] (for attention signals)
+    #: per image [n_i]: the attention each token receives in vision block ``attention_received_layer`` (query
+    #: mean, then head mean), asked with ``received=True``; None otherwise
+    received: list[torch.Tensor] | None = None
 
 
 class Adapter(ABC):
@@ -86,10 +91,31 @@ class Adapter(ABC):
         """Width of the tower's features before the projector (several feature layers concatenated: their sum)."""
         return int(self.model.config.vision_config.hidden_size)
 
+    @property
+    def attention_received_layer(self) -> int | None:
+        """The vision block whose attention gives each token the attention it *receives* (every query's
+        softmax row averaged, then the heads; VisPruner's official rule for towers without a class token), for a
+        tower that gives it: its :meth:`encode_images` then takes ``received=True`` and fills
+        ``VisionOutput.received``.  ``None`` (default): the tower gives no such signal."""
+        return None
+
+    @property
+    def num_vision_heads(self) -> int:
+        """Attention heads of the tower's layers (the attention signals are head means over this many)."""
+        vc = self.model.config.vision_config
+        heads = getattr(vc, "num_heads", None) or getattr(vc, "num_attention_heads", None)
+        if heads is None:
+            raise ModelError(f"{self.family}: the vision config states no head count")
+        return int(heads)
+
     @abstractmethod
     def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
                       ) -> VisionOutput:
-        """Run the tower on a batch of images; ``keep_hidden`` asks for every layer's input hidden states."""
+        """Run the tower on a batch of images; ``keep_hidden`` asks for every layer's input hidden states.
+
+        An adapter whose :attr:`attention_received_layer` is set also takes ``received: bool`` (keyword): the
+        attention each token receives, per image, in ``VisionOutput.received``; the others are never asked.
+        """
 
     @abstractmethod
     def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:

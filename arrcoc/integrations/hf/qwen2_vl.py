@@ -17,17 +17,38 @@ dropped tokens, so a conversation continued from ``past_key_values`` numbers
 its new text after the kept ones.
 Inside the LLM the engine gathers ``(cos, sin)`` (``[B, L, head_dim]``)
 with the kept index.  A compact renumbering is undefined for 3-D
-positions and refused.  The tower has no class token: methods that need
-CLS attention are refused (no replacement signal is offered).
+positions and refused.
+
+The tower has no class token: methods that need CLS attention are refused.
+What it gives instead is the attention each token *receives* (VisPruner's
+official rule for towers without one, ``siglip_encoder.py``:
+``attentions[-1].mean(dim=-2)`` then the head mean), per image: the softmax
+of every query row within the image (``cu_seqlens``: the tower attends within
+each image, and each frame), averaged over the image's queries and the heads,
+for every patch; a merged token (the ``PatchMerger``'s 2x2 patches,
+consecutive rows of the tower's sequence) takes the mean of its 4 patches
+(arrcoc's choice; no official code for this tower).  The block read is the
+LAST one whose attention spans each whole image: Qwen2-VL's last block;
+Qwen2.5-VL's last of ``fullatt_block_indexes`` (every released checkpoint lists
+its last block, ``[7, 15, 23, 31]`` of 32, so this is the official last
+layer; a windowed block would give each token the attention of its window
+only, a different signal, so a config whose last block is windowed reads its
+last full one instead, and one with none gives no signal).  Its input is
+taken, with the block's own ``cu_seqlens`` and rotary embedding, by a pre-hook
+during the model's own tower forward (one forward, no eager attention), and
+the scores are recomputed from the block's ``norm1`` / ``qkv`` / rotary;
+Qwen2.5-VL's window order is undone as the model undoes it
+(``argsort(window_index)`` over the merged tokens).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 
-from arrcoc.errors import InputError
+from arrcoc.errors import InputError, ModelError
 
 from .adapter import Adapter, VisionOutput, register_adapter
 
@@ -39,6 +60,65 @@ def grid_budget_context(config: Any, grid: tuple[int, int]) -> dict[str, Any]:
     return {"original": int(grid[0]) * int(grid[1]), "grid": (int(grid[0]), int(grid[1])),
             "layers": int(config.text_config.num_hidden_layers), "has_cls": False,
             "encoder_layers": int(config.vision_config.depth)}
+
+
+#: Most attention logits held at once by :func:`attention_received` (float32: 256 MiB); the queries are taken in
+#: chunks that fit, so a large image never holds its whole ``heads x N x N`` matrix.
+RECEIVED_CHUNK_ELEMENTS = 1 << 26
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+def _vision_rope(block: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tower's own rotary step (``apply_rotary_pos_emb_vision`` of the block's modeling file, which
+    rounds through float32); the same arithmetic written out where a version has none."""
+    rope = getattr(sys.modules.get(type(block.attn).__module__), "apply_rotary_pos_emb_vision", None)
+    if rope is not None:
+        return rope(q, k, cos, sin)
+    c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    return ((q.float() * c + _rotate_half(q.float()) * s).to(q.dtype),
+            (k.float() * c + _rotate_half(k.float()) * s).to(k.dtype))
+
+
+def attention_received(block: torch.nn.Module, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``[S]``: the attention each row of a Qwen vision block's packed input ``hidden`` ``[S, D]`` receives
+    from the rows of its own segment (``cu_seqlens``: an image, or a frame), averaged over those queries, then
+    over the heads.
+
+    Recomputed from the block's ``norm1``, ``qkv`` and rotary embedding (as the block's attention computes its
+    scores); the segments are padded to one batch ``[segments, heads, L, L]`` (padded keys at -inf, padded
+    queries not counted) and the queries taken in chunks of at most :data:`RECEIVED_CHUNK_ELEMENTS` logits.
+    Float32, or the hidden states' dtype if wider.
+    """
+    attn = block.attn
+    S = hidden.shape[0]
+    h = block.norm1(hidden)
+    heads = int(attn.num_heads)
+    q, k, _ = attn.qkv(h).reshape(S, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, heads, hd]
+    q, k = _vision_rope(block, q, k, *position_embeddings)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    device = hidden.device
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+    L = int(lengths.max()) if lengths.numel() else 0  # the one host read: the padded length
+    pos = torch.arange(L, device=device)
+    real = pos[None] < lengths[:, None]  # [segments, L]
+    index = (cu_seqlens[:-1].to(device)[:, None] + pos).clamp(max=max(S - 1, 0))
+    qs = q[index].to(dtype).transpose(1, 2)  # [segments, heads, L, hd]
+    ks = k[index].to(dtype).transpose(1, 2)
+    key_bias = torch.zeros(real.shape, dtype=dtype, device=device).masked_fill(~real, float("-inf"))[:, None, None]
+    received = torch.zeros(qs.shape[:3], dtype=dtype, device=device)  # [segments, heads, L] summed over queries
+    chunk = max(1, RECEIVED_CHUNK_ELEMENTS // max(1, qs.shape[0] * heads * L))
+    for start in range(0, L, chunk):
+        probs = ((qs[:, :, start:start + chunk] @ ks.transpose(-1, -2)) * attn.scaling + key_bias).softmax(-1)
+        probs = probs * real[:, None, start:start + chunk, None]  # padded queries count for nothing
+        received += probs.sum(2)
+    received = (received / lengths[:, None, None].to(dtype)).mean(1)  # query mean, then head mean
+    return received[real]  # the segments' rows in packed order
 
 
 @register_adapter
@@ -73,13 +153,67 @@ class Qwen2VLAdapter(Adapter):
         return [grid_budget_context(self.model.config, (t * h // merge, w // merge))
                 for t, h, w in self._grid_thw(image_inputs).tolist()]
 
-    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
-                      ) -> VisionOutput:
+    @property
+    def attention_received_layer(self) -> int | None:
+        """The last block whose attention spans each whole image (see the module docstring): Qwen2-VL's last,
+        Qwen2.5-VL's last of ``fullatt_block_indexes``; ``None`` when every block attends in windows."""
+        n = self.num_vision_layers
+        full = getattr(self.visual, "fullatt_block_indexes", None)
+        if full is None:
+            return n - 1
+        spanning = sorted({int(i) % n for i in full if -n <= int(i) < n})
+        return spanning[-1] if spanning else None
+
+    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool,
+                      received: bool = False) -> VisionOutput:
         grid_thw = self._grid_thw(image_inputs).to(pixel_values.device)
-        out = self.model.model.get_image_features(pixel_values, grid_thw)
         merge = int(self.visual.spatial_merge_size)
         grids = [(int(t) * int(h) // merge, int(w) // merge) for t, h, w in grid_thw.tolist()]
-        return VisionOutput(list(out.pooler_output), grids, None, None)
+        if not received:
+            out = self.model.model.get_image_features(pixel_values, grid_thw)
+            return VisionOutput(list(out.pooler_output), grids, None, None)
+        layer = self.attention_received_layer
+        if layer is None:
+            raise ModelError(f"{self.family}: every block of this vision tower attends within windows, so no block "
+                             "gives the attention a token receives from its whole image")
+        block = self.visual.blocks[layer]
+        seen: dict[str, Any] = {}
+
+        def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+            seen["cu_seqlens"], seen["position_embeddings"] = kwargs.get("cu_seqlens"), kwargs.get("position_embeddings")
+
+        handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            out = self.model.model.get_image_features(pixel_values, grid_thw)
+        finally:
+            handle.remove()
+        if seen.get("cu_seqlens") is None or seen.get("position_embeddings") is None:
+            raise ModelError(f"{self.family}: vision block {layer} was not called with cu_seqlens and "
+                             "position_embeddings (another transformers layout), so its attention cannot be read")
+        per_patch = attention_received(block, seen["hidden"], seen["cu_seqlens"], seen["position_embeddings"])
+        # A merged token is 2 x 2 patches, consecutive rows of the tower's sequence (the merger's view(-1, 4 D)).
+        per_token = per_patch.view(-1, merge * merge).mean(-1)
+        window_index = self._window_index(grid_thw)
+        if window_index is not None:  # Qwen2.5-VL: back from window order to raster order, as the model does
+            per_token = per_token[torch.argsort(window_index.to(per_token.device))]
+        counts = [f.shape[0] for f in out.pooler_output]
+        return VisionOutput(list(out.pooler_output), grids, None, None, list(per_token.split(counts)))
+
+    def _window_index(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2.5-VL's window order of the merged tokens (the model's own helper), ``None`` for Qwen2-VL."""
+        visual = self.visual
+        if getattr(visual, "fullatt_block_indexes", None) is None:
+            return None
+        if hasattr(visual, "get_window_index"):  # transformers versions with the helper on the model
+            return visual.get_window_index(grid_thw)[0]
+        try:
+            from transformers.vision_utils import get_vision_window_index
+        except ImportError:
+            raise ModelError(f"{self.family}: this transformers version exposes no window index of the vision "
+                             "tower, so the attention signal cannot be put back in raster order") from None
+        return get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                       window_size=visual.window_size, patch_size=visual.patch_size)[0]
 
     @property
     def image_token_id(self) -> int:

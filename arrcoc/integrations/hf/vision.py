@@ -12,7 +12,13 @@ without the class token — and the same per-token fields as ``timm_vit``:
   (``cls_attention_heads: mean``: head-mean of per-head softmax; ``single``:
   one head over the full width, as PruMerge);
 * ``keys``: the layer's keys (head-mean, or concatenated with ``single``);
-* ``cls``: the class token of the feature layer.
+* ``cls``: the class token of the feature layer;
+* ``attn_received`` (need ``attention_received``), for towers without a class
+  token whose adapter gives it (Qwen2-VL / 2.5-VL,
+  :attr:`~.adapter.Adapter.attention_received_layer`): the attention each
+  token receives in the tower's last full-attention block, averaged over the
+  image's queries and the heads (VisPruner's official rule for towers without
+  a class token; a merged token: the mean of its patches).
 
 Layer indices follow ``timm_vit``: attention "of layer i" is the attention
 computed inside encoder layer ``i`` (whose input is ``hidden_states[i]``);
@@ -123,7 +129,8 @@ class VisionTower(Encoder):
         default = self.adapter.default_attention_layer
         self.attn_layer = default if self.params.attention_layer is None else self._layer(self.params.attention_layer)
         self.extra_layers = sorted({self._layer(i) for i in self.params.extra_attention_layers})
-        self.provides = frozenset({"cls_attention", "keys", "cls"} if self.adapter.has_cls else set())
+        self.provides = frozenset({"cls_attention", "keys", "cls"} if self.adapter.has_cls else set()) | (
+            {"attention_received"} if self.adapter.attention_received_layer is not None else set())
         self.outputs: frozenset[str] = frozenset()
 
     @classmethod
@@ -138,10 +145,27 @@ class VisionTower(Encoder):
         return layer % n
 
     def how_to_provide(self, need: str) -> str:
+        family = self.adapter.family
+        received = self.adapter.attention_received_layer is not None
         if need in ("cls_attention", "keys", "cls") and not self.adapter.has_cls:
-            return (f"; the {self.adapter.family} vision tower has no class token, so arrcoc reads no CLS attention "
+            if received:
+                return (f"; the {family} vision tower has no class token, so arrcoc reads no CLS attention or keys "
+                        "from it; it gives the attention each token receives instead (need 'attention_received', "
+                        "per_token 'attn_received': the official rule for towers without a class token), which "
+                        "vispruner reads with `signal: received, attention_map: null` and scope with "
+                        "`score: attn_received`; or use a method that needs no attention signal (tome with metric: "
+                        "tokens, pool, random_keep, aim_merge, divprune, sparsevlm with w_sal: 0) or an llm: stage")
+            return (f"; the {family} vision tower has no class token, so arrcoc reads no CLS attention "
                     "or keys from it (no replacement signal is offered): use a method that needs none (tome with "
                     "metric: tokens, pool, random_keep, aim_merge, sparsevlm with w_sal: 0) or an llm: stage")
+        if need == "attention_maps":
+            instead = (f" The {family} tower gives the attention each token receives in its last full-attention "
+                       "block directly (per_token 'attn_received'): vispruner reads it with `attention_map: null`."
+                       if received else "")
+            return f"; inside a model arrcoc exposes no per-block attention maps of the tower.{instead}"
+        if need == "attention_received":
+            return (f"; the {family} vision tower gives no 'attention received' signal (arrcoc computes it for the "
+                    "Qwen2-VL / 2.5-VL towers, which have no class token; a tower with one gives its CLS attention)")
         return ""
 
     def configure(self, outputs: frozenset[str]) -> None:
@@ -160,9 +184,15 @@ class VisionTower(Encoder):
     def encode_inputs(self, pixels: torch.Tensor, image_inputs: dict[str, Any]) -> TokenState:
         """The model's own image inputs (``pixel_values`` and e.g. ``image_grid_thw``) -> a ragged state."""
         wants_attention = bool(self.outputs & {"cls_attention", "keys"})
-        out = self.adapter.encode_images(pixels, image_inputs, keep_hidden=wants_attention)
+        wants_received = "attention_received" in self.outputs
+        asked = {"received": True} if wants_received else {}  # only adapters that give the signal are asked
+        out = self.adapter.encode_images(pixels, image_inputs, keep_hidden=wants_attention, **asked)
         per_token: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"grids": list(out.grids)}
+        if wants_received:
+            # Zero past each image's tokens (padding of the ragged state); a head mean, as cls_attn.
+            per_token["attn_received"] = torch.nn.utils.rnn.pad_sequence(list(out.received), batch_first=True)
+            meta["num_heads"] = self.adapter.num_vision_heads
         if wants_attention:
             layers = [self.attn_layer] + (self.extra_layers if "cls_attention" in self.outputs else [])
             for layer in dict.fromkeys(layers):

@@ -75,6 +75,7 @@ def test_score_null_is_the_official_uniform_saliency():
     state = make_state().replace(per_token={})
     out = Scope(keep=12, score=None)(state).check()
     assert Scope(score=None).requirements() == frozenset() and Scope().requirements() == {"cls_attention"}
+    assert Scope(score="attn_received").requirements() == {"attention_received"}
     for b in range(state.B):
         picks = reference(state.tokens[b], torch.ones(N0), 12)
         assert [j for j in range(N0) if out.origin[b, j] >= 0] == sorted(picks)
@@ -260,3 +261,18 @@ def test_pipeline_missing_cls_attention_is_caught_before_running():
 def test_builtin_pipeline_file_loads():
     spec = arrcoc.resolve_spec("scope")
     assert [s.use for s in spec.compress] == ["scope"] and spec.compress[0].as_yaml_dict()["keep"] == 64
+
+
+def test_attention_received_saliency_is_a_field_like_cls_attn():
+    # score: attn_received (towers without a class token: the attention each token receives) is read like the CLS
+    # attention: the official loop with that saliency; combine: add scales it by the head count the same way.
+    g = torch.Generator().manual_seed(3)
+    received = torch.rand(3, N0, generator=g)
+    state = make_state().replace(cls=None, per_token={"attn_received": received}).with_meta(num_heads=4)
+    for combine, factor in (("multi", 1), ("add", 4)):
+        out = Scope(keep=10, score="attn_received", combine=combine)(state).check()
+        for b in range(3):
+            picks = reference(state.tokens[b], received[b] * factor, 10, combined=combine)
+            assert [j for j in range(N0) if out.origin[b, j] >= 0] == sorted(picks)
+    with pytest.raises(MissingInputError, match="or `score: attn_received` for the attention each token receives"):
+        Scope(keep=10)(state)

@@ -232,3 +232,21 @@ def test_received_signal_in_a_pipeline_on_a_tower_without_class_token():
     assert out.counts.tolist() == [6, 6] and out.cls is None
     with pytest.raises(MissingInputError, match=r"needs 'cls_attention'.*has no class token"):
         arrcoc.run_pipeline({**spec, "compress": [{"use": "vispruner", "keep": 6}]}, torch.rand(1, 3, 64, 64))
+
+
+def test_received_field_is_read_with_attention_map_null():
+    # The encoder's own per-token 'attn_received' (inside a model: the Qwen2-VL towers), need 'attention_received':
+    # the importance as it is, then the official selection.
+    g = torch.Generator().manual_seed(7)
+    state = make_state().replace(cls=None, per_token={"attn_received": torch.rand(3, N0, generator=g)})
+    plugin = VisPruner(keep=20, signal="received", attention_map=None)
+    assert plugin.requirements() == frozenset({"attention_received"})
+    assert VisPruner(signal="received").requirements() == frozenset({"attention_maps"})
+    out = plugin(state).check()
+    for b in range(3):
+        assert kept_indices(out, b) == reference(state.tokens[b], state.per_token["attn_received"][b], 20, 0.5)
+    with pytest.raises(MissingInputError, match=r"attention_map: null\): needs per_token\['attn_received'\].*"
+                                                r"with timm_vit use `attention_map: -1`"):
+        plugin(make_state())
+    with pytest.raises(MissingInputError, match=r"`attention_map: null` reads the encoder's own per_token"):
+        VisPruner(keep=20)(state)
