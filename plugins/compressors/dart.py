@@ -76,7 +76,6 @@ Official quirks and what arrcoc does (docs/methods/dart.md):
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -84,7 +83,7 @@ from pydantic import Field, model_validator
 
 from arrcoc import ops
 from arrcoc.budget import layer_mean
-from arrcoc.errors import BudgetError, InputError, MissingInputError, StateError
+from arrcoc.errors import BudgetError, MissingInputError, StateError
 from arrcoc.hookspecs import hookimpl
 from arrcoc.plugin import BudgetContext, Compressor, Keep, LLMCompressor, Params
 from arrcoc.state import TokenState
@@ -411,7 +410,7 @@ class DART(LLMCompressor):
 
 # ------------------------------------------------------------ before the LLM (an arrcoc choice)
 class DARTPreParams(_DARTParams):
-    pass
+    """``dart_pre``: the budget and pivots of ``dart``; no layer (before the LLM) and score order (no positions)."""
 
 
 class DARTPre(Compressor):

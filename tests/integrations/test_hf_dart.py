@@ -29,7 +29,8 @@ from test_hf_llm_methods import (  # noqa: E402
     reference_pass,
 )
 from test_hf_support_matrix import FAMILIES  # noqa: E402
-from tiny_models import IMAGE, N0, ROWS, llava_batch, rotate_half, sample  # noqa: E402
+from tiny_models import N0, ROWS, llava_batch, prompt_with_features, rotate_half, sample  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 __all__ = ["model"]  # the module-scoped tiny LLaVA fixture of test_hf_llm_methods
 
@@ -244,3 +245,32 @@ def test_runs_in_other_families(family):
     assert seen[1] == n and seen[2] == [4 + 8 * ((v // 2) // 8) for v in n] and sum(seen[2]) < sum(n)
     if family == "qwen2_vl":
         assert n == [24, 9] and seen[2] == [12, 4]
+
+
+# --------------------------------------------------------------------------- dart_pre (arrcoc's variant)
+def test_dart_pre_equals_the_reference_and_a_hand_built_prompt(model, batch3, features):
+    """Before the LLM (an arrcoc choice): the reference on the model's own projected features (cosines, pivots
+    by their L1 norm) and the LLM-input embeddings of each prompt's text after the image (text pivots), pivots by
+    score; the model with those features kept equals the model fed a hand-built prompt of them."""
+    with arrcoc.hf.apply(model, {"encoder": ENC, "compress": [{"use": "dart_pre", "keep": BUDGET}]}) as run:
+        logits = forward_logits(model, batch3)
+        state = run.state
+    k = 4 + 8 * (BUDGET // 8)
+    assert state.counts.tolist() == [k] * 3
+    embed = model.get_input_embeddings()
+    kept_features = []
+    for b in range(3):
+        ids = prompt(batch3, b)
+        after = ids[first_image(ids) + N0:]
+        with torch.no_grad():
+            seq = torch.cat([features[b], embed(after).to(features[b].dtype)])
+        margins: list = []
+        kept = dart_official(seq, seq, 0, N0, BUDGET, margins, visit="list")
+        assert min(margins) > 1e-9, margins
+        assert kept_patches(state, b).tolist() == kept
+        assert torch.equal(state.tokens[b, :k], features[b][kept])
+        kept_features.append(state.tokens[b, :k])
+    ids_k, mask_k = prompt_with_features(batch3, [k] * 3)
+    fed = {"input_ids": ids_k, "attention_mask": mask_k,
+           "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}}
+    torch.testing.assert_close(logits, forward_logits(model, fed), rtol=0, atol=1e-12)
