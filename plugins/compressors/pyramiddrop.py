@@ -243,30 +243,34 @@ class PyramidDrop(LLMCompressor):
     def budget_params(cls, params: dict, target: float, context: BudgetContext) -> dict:
         """The mean over decoder layers of the visual tokens each sees (:func:`~arrcoc.budget.layer_mean`) is
         set by the pruning layers and ``ratio``.  Layers are evenly spaced, ``[K, 2K, 3K]`` (as many as the
-        pipeline's ``layers``; those ``>= L`` dropped), with ``K`` the official spacing ``round(L / 4)`` (8 for 32
-        layers) unless even the smallest counts (1 token after the first stage) stay above the target there;
-        then the latest earlier ``K`` that reaches it.  ``ratio`` is then bisected so the mean is the reachable
-        one nearest the target (the counts are whole tokens).  Python floats only: the same params on every
-        machine."""
+        pipeline's ``layers``; those ``>= L`` dropped), and the pyramid keeps the pipeline's ``ratio`` (official
+        0.5) as long as it can: ``K`` is the official spacing ``round(L / 4)`` (8 for 32 layers) or the latest
+        earlier one whose mean at that ratio is at most the target, and ``ratio`` is then raised (bisected) until
+        the mean is the reachable one nearest the target.  Only when even ``K = 1`` at the pipeline's ratio stays
+        above the target is ``ratio`` lowered below it, with ``K = 1``.  (Lowering ``ratio`` at a late ``K``
+        instead would collapse the pyramid into one early drop to a handful of tokens.)  Python floats only:
+        the same params on every machine."""
         p = cls.validate_params(params)
         n, L, stages = context.tokens, context.layers, len(p.layers)
+
+        def mean_of(layers: list[int]):
+            return lambda ratio: cls._mean(n, L, layers, ratio)
+
         for spacing in cls._spacings(params, context):
             layers = cls.budget_layers(spacing, stages, L)
-            if cls._fewest(n, L, layers) <= target * (1 + 1e-12):
-                break
-        else:
-            fewest = cls._fewest(n, L, layers)
+            mean = mean_of(layers)
+            if mean(p.ratio) <= target * (1 + 1e-12):
+                ratio = nearest(mean, target, bisect_increasing(mean, target, p.ratio, 1.0))
+                return {**params, "layers": layers, "ratio": ratio}
+        fewest = cls._fewest(n, L, layers)
+        if fewest > target * (1 + 1e-12):
             raise BudgetError(
                 f"pyramiddrop: a mean of {target:.1f} visual tokens over {L} layers from {n} is out of reach: the "
                 f"fewest is {fewest:.1f} (layers {layers}, one token kept after the first; layers before "
                 f"{layers[0]} see all {n})"
             )
-
-        def mean(ratio: float) -> float:
-            return cls._mean(n, L, layers, ratio)
-
         # Below 1 / (n + 1) every stage keeps its floor of 1 token: the bracket's low end, a valid ratio (> 0).
-        ratio = nearest(mean, target, bisect_increasing(mean, target, 1.0 / (n + 1), 1.0))
+        ratio = nearest(mean, target, bisect_increasing(mean, target, 1.0 / (n + 1), p.ratio))
         return {**params, "layers": layers, "ratio": ratio}
 
     # -------------------------------------------------------------- run

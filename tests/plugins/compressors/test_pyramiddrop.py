@@ -309,9 +309,11 @@ def layer_visual(n: int, num_layers: int, params: dict) -> list[int]:
 
 @pytest.mark.parametrize("tokens, layers, target, expect_layers, expect_counts, expect_mean", [
     (576, 32, 270.0, [8, 16, 24], [288, 144, 72], 270.0),  # the official setting: 576/288/144/72
-    (576, 32, 192.0, [8, 16, 24], [146, 37, 9], 192.0),
-    (576, 32, 128.0, [7, 14, 21], [7, 1, 1], 128.09375),   # K = 8 cannot reach it: even 1 token leaves 144.75
-    (576, 32, 64.0, [3, 6, 9], [86, 13, 1], 64.0),
+    # The pyramid keeps ratio >= 0.5 while an earlier spacing reaches the target at 0.5 (K = 4: mean 171):
+    (576, 32, 192.0, [4, 8, 12], [315, 173, 94], 191.75),
+    (576, 32, 128.0, [2, 4, 6], [297, 153, 79], 128.3125),
+    (576, 32, 96.75, [1, 2, 3], [288, 144, 72], 96.75),    # K = 1 at the official 0.5
+    (576, 32, 64.0, [1, 2, 3], [236, 97, 39], 63.75),      # below it: ratio < 0.5 at K = 1
     (256, 3, 128.0, [1, 2], [94, 34], 128.0),              # the shipped ToyVQA LLM: 3 layers, 256 tokens
     (256, 3, 256.0, [1, 2], [256, 256], 256.0),
     (256, 3, 86.0, [1, 2], [1, 1], 86.0),                  # its fewest
@@ -335,7 +337,16 @@ def test_budget_rule_is_byte_deterministic():
     params = P.PyramidDrop.budget_params({"positions": "compact"}, 128.0, context(256, 3))
     assert repr(params) == "{'positions': 'compact', 'layers': [1, 2], 'ratio': 0.3671875}"
     assert repr(P.PyramidDrop.budget_params({}, 192.0, context(576, 32))) == (
-        "{'layers': [8, 16, 24], 'ratio': 0.2534722222222222}")
+        "{'layers': [4, 8, 12], 'ratio': 0.5484036971034494}")
+
+
+def test_budget_rule_keeps_the_pyramid():
+    """Every 32-layer budget from the official mean down to 64 keeps a pyramid (ratio >= 0.4: no stage
+    collapses to a handful of tokens, as lowering the ratio at the official spacing would do at 128)."""
+    for target in range(64, 271, 2):
+        params = P.PyramidDrop.budget_params({}, float(target), context(576, 32))
+        assert params["ratio"] >= 0.4, (target, params)
+        assert params["layers"] == [params["layers"][0] * s for s in (1, 2, 3)]
 
 
 def test_budget_bounds_and_out_of_reach():
