@@ -66,7 +66,11 @@ def save_tiny_clip(folder, vision_width: int = 32) -> str:
     vision = dict(hidden_size=vision_width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   image_size=28, patch_size=14, projection_dim=16)
     torch.manual_seed(1)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    with torch.no_grad():  # not the identity, nor the tiny LLaVA tower's own (default) layer norm
+        model.vision_model.post_layernorm.weight.normal_(1.0, 0.5)
+        model.vision_model.post_layernorm.bias.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
     return str(folder)
 
 

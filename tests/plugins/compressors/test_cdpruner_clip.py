@@ -10,6 +10,7 @@ directory: no download.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -63,7 +64,11 @@ def save_tiny_clip(folder, *, text_projection: int = PROJECTION, vision_width: i
     vision = dict(hidden_size=vision_width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   image_size=28, patch_size=14, projection_dim=PROJECTION)
     torch.manual_seed(seed)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=PROJECTION)).save_pretrained(folder)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=PROJECTION))
+    with torch.no_grad():  # a layer norm that is not the identity (its default init is)
+        model.vision_model.post_layernorm.weight.normal_(1.0, 0.5)
+        model.vision_model.post_layernorm.bias.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
     if text_projection != PROJECTION:
         weights = load_file(f"{folder}/model.safetensors")
         weights["text_projection.weight"] = torch.randn(text_projection, 24)
@@ -127,7 +132,8 @@ class Official:
     @torch.no_grad()
     def image_embeds(self, features: torch.Tensor) -> torch.Tensor:
         # The tower's own post_layernorm runs in the tower's dtype (fp16 in LLaVA); the projection in float32.
-        norm = self.post_layernorm.to(features.dtype if features.dtype != torch.float64 else torch.float32)
+        dtype = features.dtype if features.dtype != torch.float64 else torch.float32
+        norm = copy.deepcopy(self.post_layernorm).to(dtype)
         image_embeds = norm(features.to(norm.weight.dtype))
         return self.visual_projection(image_embeds.float())
 
