@@ -44,6 +44,8 @@ from arrcoc.state import LLMContext, TokenState  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: (rtol, atol) of values computed from the same numbers in a batch or alone.
 TOLERANCE = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+#: Text tokens after the image that dart's signals give each prompt.
+DART_TEXT = 6
 NUM_LAYERS = 28  # LLM depth given to in-LLM stages (aim_prune's official schedule is for 28 layers)
 
 
@@ -156,6 +158,13 @@ PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     ),
     "cdpruner": maybe(keep=keeps(), negate=st.booleans(), theta=st.one_of(st.none(), st.floats(0.05, 0.95)),
                       eps=st.sampled_from([0.0, 1e-5, 1e-3])),
+    "dart": maybe(
+        keep=keeps(), count=st.sampled_from(["official", "exact"]), pivot_order=st.sampled_from(["official", "score"]),
+        image_pivots=st.integers(0, 6), text_pivots=st.integers(0, DART_TEXT),
+    ),
+    # (the states' queries have 1 to 4 tokens, the first always real: dart_pre's text pivots stay within them)
+    "dart_pre": st.fixed_dictionaries({"text_pivots": st.integers(0, 1)}, optional={
+        "keep": keeps(), "count": st.sampled_from(["official", "exact"]), "image_pivots": st.integers(0, 6)}),
     "divprune": maybe(keep=keeps(), mask_chosen=st.booleans(), metric=st.sampled_from([None, "keys"])),
     "fastv": maybe(keep=keeps(), rounding=st.sampled_from(["floor", "round"])),
     "hired": maybe(keep=keeps()),
@@ -166,6 +175,10 @@ PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     ),
     "prumerge": maybe(keep=keeps(), neighbors=st.integers(1, 40)),
     "prumerge_plus": maybe(keep=keeps(), neighbors=st.integers(1, 40)),
+    "pyramiddrop": maybe(
+        layers=st.sampled_from([[8, 16, 24], [2], [2, 6], [1, 2, 3], [6, 15, 27]]), ratio=st.floats(0.01, 1.0),
+        positions=st.sampled_from(["compact", "original"]), decode_positions=st.sampled_from(["unpruned"]),
+    ),
     "random_keep": maybe(keep=keeps(), seed=st.integers(0, 100)),
     "scope": maybe(keep=keeps(), alpha=st.floats(0.0, 3.0), combine=st.sampled_from(["multi", "add"]),
                    score=st.sampled_from(["cls_attn", None]), heads=st.integers(1, 16)),
@@ -236,6 +249,12 @@ def attach_llm_signals(plugin, state: TokenState, seed: int, layer: int, images:
         for row, (b, n) in enumerate(zip(images, counts)):
             last[row, :n] = torch.rand(n, generator=torch.Generator().manual_seed(seed + b))
         return state.with_per_token(attn_from_last=last)
+    if name == "pyramiddrop":
+        last = torch.zeros(B, N)
+        for row, (b, n) in enumerate(zip(images, counts)):
+            last[row, :n] = torch.rand(n, generator=torch.Generator().manual_seed(seed + b))
+        return state.with_per_token(attn_from_last_here=last).replace(llm=LLMContext(
+            layer=layer, num_layers=NUM_LAYERS, input_visual_counts=state.counts))
     if name == "sparsevlm_llm":
         T = state.query.shape[1]
         attn = torch.zeros(B, N, T)
@@ -245,6 +264,21 @@ def attach_llm_signals(plugin, state: TokenState, seed: int, layer: int, images:
         return state.with_per_token(attn_from_text=attn).replace(llm=LLMContext(
             layer=layer, num_layers=NUM_LAYERS, input_visual_counts=state.counts, text_mask=state.query_mask,
             input_visual=state.tokens, input_visual_mask=state.mask))
+    if name == "dart":
+        # Key norms of the visual and text tokens, the text's normed states; each prompt's image starts at
+        # sequence index 3 and its DART_TEXT text tokens follow it (the positions fix the pivots' set order).
+        T, D = DART_TEXT, state.D
+        norms, text, text_norms = torch.zeros(B, N), torch.zeros(B, T, D), torch.zeros(B, T)
+        for row, (b, n) in enumerate(zip(images, counts)):
+            g = torch.Generator().manual_seed(seed + b)
+            norms[row, :n] = torch.rand(n, generator=g)
+            text[row], text_norms[row] = torch.randn(T, D, generator=g), torch.rand(T, generator=g)
+        positions = (3 + torch.arange(N)).expand(B, N).contiguous()
+        text_positions = 3 + state.counts[:, None] + torch.arange(T)[None, :]
+        return state.with_per_token(key_norms=norms, normed_hidden=state.tokens).replace(llm=LLMContext(
+            layer=layer, num_layers=NUM_LAYERS, input_visual_counts=state.counts, visual_positions=positions,
+            text_positions=text_positions, text_mask=torch.ones(B, T, dtype=torch.bool), text_key_norms=text_norms,
+            text_normed_hidden=text.to(state.dtype)))
     if name == "aim_prune":
         # Sequence of each image: its visual tokens, then its real query tokens, then padding.
         T = state.query.shape[1]
