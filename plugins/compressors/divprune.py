@@ -57,9 +57,24 @@ Differences, on purpose:
 
 Not copied: the hard-coded ``SYS_TOKEN_LEN = 35`` image start (arrcoc knows
 where the image is) and the batch-1 rule (row 0 decides for every row).
+
+Multi-view images (LLaVA-NeXT): the official code selects once over the whole
+flattened image at the LLM input, ``N`` = base view + unpadded crops + newline
+tokens (e.g. 2340), newline tokens competing like any other token, and the
+count is ``int(round(ratio * N))`` of that ``N``.  ``selection: image`` (the
+default) does that: the plugin's ``packed_images`` flag asks the model
+integration for each image as the one sequence the LLM receives (one state
+row per image), and a kept newline token goes to the LLM as it is.
+``selection: view`` selects in each view apart (base and every crop keep
+``keep`` of their own tokens; the integration then packs the kept tokens with
+their newlines), which is not the official method.  Images of one view
+(LLaVA-1.5, Qwen2-VL, a standalone encoder) are one sequence already: both
+give the same picks.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -156,6 +171,12 @@ class DivPruneParams(Params):
         description="What the cosine distances compare: null = the tokens themselves (official: the projected "
         "features at the LLM input), or the name of a per_token field [B, N, C].",
     )
+    selection: Literal["image", "view"] = Field(
+        "image",
+        description="Multi-view images (LLaVA-NeXT): 'image' = one selection over the whole sequence the LLM "
+        "receives (base view, unpadded crops, newline tokens; official, `keep` counted on that length); 'view' = "
+        "each view (base, every crop) apart. The same for one-view images.",
+    )
 
 
 class DivPrune(Compressor):
@@ -164,6 +185,12 @@ class DivPrune(Compressor):
     name = "divprune"
     Params = DivPruneParams
     stage = "projector"  # in a VLM: the projected features at the LLM input, where the official code acts
+
+    @property
+    def packed_images(self) -> bool:
+        """Whether a model integration hands this stage each image as the one sequence the LLM receives (official:
+        one global selection over LLaVA-NeXT's flattened image) rather than one row per view."""
+        return self.params.selection == "image"
 
     def _metric(self, state: TokenState) -> torch.Tensor:
         name = self.params.metric

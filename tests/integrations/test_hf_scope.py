@@ -203,8 +203,9 @@ def test_qwen_runs_with_the_attention_received_saliency(factory):
         qkv = model.model.visual.blocks[-1].attn.qkv
         qkv.weight[: 2 * qkv.in_features] *= 30
     grids = torch.tensor([[1, 8, 12], [1, 6, 6]])  # 24 and 9 merged tokens
+    pixels = torch.randn(96 + 36, 1176, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     batch = {**_rows([24, 9], lambda n: [QWEN_START, *[QWEN_IMAGE] * n, QWEN_END]), "image_grid_thw": grids,
-             "pixel_values": torch.randn(96 + 36, 1176, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
+             "pixel_values": pixels}
     batch["mm_token_type_ids"] = (batch["input_ids"] == QWEN_IMAGE).int()
     with pytest.raises(arrcoc.errors.MissingInputError, match="score: attn_received"):
         with arrcoc.hf.apply(model, scope(keep=5)):

@@ -73,6 +73,7 @@ MATRIX = {
     "aim_merge": ({"compress": [{"use": "aim_merge", "keep": [0.5, 0.5]}]}, {}),
     "cdpruner": ({"compress": [{"use": "cdpruner", "keep": 0.5}]}, {}),
     "divprune": ({"compress": [{"use": "divprune", "keep": 0.5}]}, {}),
+    "divprune (selection: view)": ({"compress": [{"use": "divprune", "keep": 0.5, "selection": "view"}]}, {}),
     "scope": ({"compress": [{"use": "scope", "keep": 0.5}]}, {"qwen2_vl": NO_CLS}),
     "vispruner": ({"compress": [{"use": "vispruner", "keep": 8}]}, {"qwen2_vl": NO_CLS}),
     "scope (score: null)": ({"compress": [{"use": "scope", "keep": 0.5, "score": None}]}, {}),

@@ -181,7 +181,8 @@ class Qwen2VLAdapter(Adapter):
 
         def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-            seen["cu_seqlens"], seen["position_embeddings"] = kwargs.get("cu_seqlens"), kwargs.get("position_embeddings")
+            seen["cu_seqlens"] = kwargs.get("cu_seqlens")
+            seen["position_embeddings"] = kwargs.get("position_embeddings")
 
         handle = block.register_forward_pre_hook(grab, with_kwargs=True)
         try:

@@ -6,9 +6,15 @@ per image in a ragged batch; the prompt handed to the LLM carries as many
 placeholders per image as tokens were kept (left-padded).  Stages declared
 ``stage = "vision"`` run before the projector, the others after it
 (``projector="auto"``); ``"before"`` / ``"after"`` project before / after
-every stage.  Query-aware stages get the prompt's text after the image,
-embedded by the LLM's input embeddings, as the query (after the projector it
-lives in the same space as the visual tokens).
+every stage.  Multi-view images (LLaVA-NeXT) are one state row per view; a
+stage whose ``packed_images`` is true (e.g. a method whose official code
+selects over the whole image sequence the LLM receives) gets them packed
+first: from that stage on, one row per image holding the tokens
+:meth:`~.adapter.Adapter.assemble` hands the LLM (base view, unpadded crops,
+newline tokens), and those rows go to the LLM as they come out.  Query-aware
+stages get the prompt's text after the image, embedded by the LLM's input
+embeddings, as the query (after the projector it lives in the same space as
+the visual tokens).
 
 :meth:`PreLLM.shorten` reads a forward's (or generate's) keyword arguments and
 returns those the model's own forward gets instead, writing what it did into
@@ -17,6 +23,7 @@ the :class:`~.call.Call` (``pre_llm``, ``vision_ms``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -52,6 +59,27 @@ def split_stages(stages: list, projector: str) -> tuple[list, list]:
                 "after the projector; reorder the stages or pass projector='before' / 'after'"
             )
     return list(stages[:first]), list(stages[first:])
+
+
+def packs_images(plugin: Any) -> bool:
+    """Whether a stage acts on each image as the one sequence the LLM receives (its ``packed_images`` flag)."""
+    return bool(getattr(plugin, "packed_images", False))
+
+
+def packed_state(state: TokenState, features: list[torch.Tensor], layout: list[tuple[int, int]]) -> TokenState:
+    """The state of multi-view images (one row per view) as one row per image: ``features`` (what
+    :meth:`~.adapter.Adapter.assemble` made of ``state``: the LLM's image sequences), each on a one-row grid
+    ``(1, n_i)``; each image keeps its first view's query, and the trace and meta (``views`` dropped)."""
+    from .vision import ragged_state
+
+    grids = [(1, int(f.shape[0])) for f in features]
+    packed = ragged_state(features, grids, None, {})
+    first_view = torch.tensor([0] + [1 + r * c for r, c in layout][:-1], device=state.device).cumsum(0)
+    query = None if state.query is None else state.query[first_view]
+    query_mask = None if state.query_mask is None else state.query_mask[first_view]
+    meta = {k: v for k, v in state.meta.items() if k != "views"}
+    packed = packed.replace(query=query, query_mask=query_mask)
+    return dataclasses.replace(packed, meta={**meta, "grids": grids}, trace=state.trace)
 
 
 class PreLLM:
@@ -130,8 +158,19 @@ class PreLLM:
                 state = self._prompt_query(state, ids, embeds, is_image, attention_mask, image_of, layout)
             state = self.pipeline.run_stages(state, self.vision_stages)
             state = self.encoder.project(state)
-            state = self.pipeline.run_stages(state, self.projector_stages)
-        features = adapter.assemble(state, image_inputs)
+            stages, packed_stages = self.projector_stages, []
+            if layout is not None:
+                self._refuse_packing_before_the_projector()
+                first = next((i for i, (_, p) in enumerate(stages) if packs_images(p)), len(stages))
+                stages, packed_stages = stages[:first], stages[first:]
+            state = self.pipeline.run_stages(state, stages)
+            if packed_stages:
+                state = packed_state(state, adapter.assemble(state, image_inputs), layout)
+                state = self.pipeline.run_stages(state, packed_stages)
+        if packed_stages:  # already the LLM's sequences, one row per image
+            features = [state.tokens[i, : int(n)] for i, n in enumerate(state.counts.tolist())]
+        else:
+            features = adapter.assemble(state, image_inputs)
         counts = torch.tensor([f.shape[0] for f in features], device=is_image.device)
         if embeds is None:
             new_ids, new_mask, index, valid = shrink_prompts(ids, attention_mask, adapter.image_token_id,
@@ -173,6 +212,17 @@ class PreLLM:
         call.pre_llm = state
         call.vision_ms = vision_ms
         return kwargs
+
+    def _refuse_packing_before_the_projector(self) -> None:
+        """Multi-view images are packed in the LLM's space (newline tokens): a stage that wants them packed must run
+        after the projector."""
+        for label, plugin in self.vision_stages:
+            if packs_images(plugin):
+                raise ModelError(
+                    f"{label} ({plugin.name}) acts on each image as the sequence the LLM receives (base view, crops, "
+                    f"newline tokens), which exists only after the {self.adapter.family} projector; let it run after "
+                    "the projector (projector='auto' or 'before')"
+                )
 
     def _prompt_query(self, state: TokenState, ids: torch.Tensor | None, embeds: torch.Tensor | None,
                       is_image: torch.Tensor, attention_mask: torch.Tensor | None, image_of: torch.Tensor,

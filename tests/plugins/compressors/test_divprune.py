@@ -234,3 +234,18 @@ def test_builtin_pipeline_file_loads():
     spec = arrcoc.resolve_spec("divprune")
     assert [s.as_yaml_dict() for s in spec.compress] == [{"use": "divprune", "keep": 64}]
     assert spec.encoder.params["model"] == "vit_large_patch14_clip_336.openai"
+
+
+def test_selection_over_the_whole_image_is_the_default_and_asks_for_packed_images():
+    # Official: one selection over each image's whole sequence at the LLM input (LLaVA-NeXT: base view, unpadded
+    # crops and newline tokens); the flag tells a model integration to hand the image packed. One row per image is
+    # that sequence already: 'image' and 'view' pick the same.
+    assert DivPrune().params.selection == "image" and DivPrune().packed_images is True
+    assert DivPrune(selection="view").packed_images is False
+    state = make_state()
+    whole, apart = DivPrune(keep=10)(state).check(), DivPrune(keep=10, selection="view")(state).check()
+    assert torch.equal(whole.origin, apart.origin) and torch.equal(whole.tokens, apart.tokens)
+    for b in range(3):
+        assert [j for j in range(N0) if whole.origin[b, j] >= 0] == sorted(official_divprune(state.tokens[b], 10))
+    with pytest.raises(ParamsError, match="selection"):
+        DivPrune(selection="crop")
