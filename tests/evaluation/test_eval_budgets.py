@@ -24,7 +24,9 @@ from arrcoc.spec import available_pipelines, resolve_spec  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::arrcoc.errors.ArrcocWarning")  # recorded in the trace
 N0 = 256
-TOLERANCE = {"pool": 0.02 * N0}   # tokens; every other pipeline but prumerge_plus: 0.5
+# tokens; every other pipeline but prumerge_plus: 0.5.  DART (official count) keeps 4 + 8j tokens: from layer 1
+# of 3 that is a step of 16 / 3 in the mean, so the nearest reachable mean is within half of it.
+TOLERANCE = {"pool": 0.02 * N0, "dart": 8 / 3 + 1e-9}
 
 
 def prumerge_plus_range(keep: int) -> tuple[int, int]:
@@ -36,7 +38,10 @@ def prumerge_plus_range(keep: int) -> tuple[int, int]:
     stride = max(math.floor(math.floor(1.0 / (keep / N0)) / 3.0), 1)
     samples = -(-(N0 - 1) // stride)
     return keep + 1, min(keep + samples + 1, N0)
-UNREACHABLE = {("fastv", b) for b in (0.25, 0.125, 0.05)} | {("sparsevlm_llm", b) for b in (0.25, 0.125, 0.05)}
+# In-LLM stages on the 3-layer ToyVQA LLM: layer 0 always sees all 256 tokens, so a mean below about a third is out
+# of reach; DART (official count) also never keeps all: 4 + 8 floor(252 / 8) = 252 at most, a mean of 254.7.
+UNREACHABLE = ({(name, b) for name in ("fastv", "sparsevlm_llm", "dart", "pyramiddrop") for b in (0.25, 0.125, 0.05)}
+               | {("dart", 1.0)})
 
 
 @pytest.fixture(scope="module")
