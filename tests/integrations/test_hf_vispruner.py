@@ -193,6 +193,31 @@ def test_qwen_tower_gives_the_attention_received_per_token(make):
     torch.testing.assert_close(alone.per_token["attn_received"][0], got[1, :9], rtol=0, atol=1e-15)
 
 
+def test_qwen_attention_received_in_query_chunks_and_low_precision(monkeypatch):
+    # Queries taken a few at a time (a large image never holds its heads x N x N logits at once) give the same
+    # signal; a bfloat16 model computes it in float32 from its own bfloat16 queries and keys, close to float64.
+    from arrcoc.integrations.hf import qwen2_vl
+
+    model = tiny_qwen2_vl()
+    batch = qwen_batch()
+    reference = qwen_received_reference(model, batch["pixel_values"], QWEN_GRIDS)
+    adapter = arrcoc.hf.adapter_for(model)
+    monkeypatch.setattr(qwen2_vl, "RECEIVED_CHUNK_ELEMENTS", 2 * 4 * 96 * 5)  # 5 queries per chunk: 20 chunks
+    with torch.no_grad():
+        out = adapter.encode_images(batch["pixel_values"], {"image_grid_thw": QWEN_GRIDS}, False, received=True)
+    for got, want in zip(out.received, reference):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    monkeypatch.undo()
+    low = tiny_qwen2_vl(torch.bfloat16)
+    with torch.no_grad():
+        out = arrcoc.hf.adapter_for(low).encode_images(batch["pixel_values"].bfloat16(), {"image_grid_thw": QWEN_GRIDS},
+                                                       False, received=True)
+    for got, want in zip(out.received, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=0)
+        assert torch.isclose(got.sum(), torch.tensor(0.25), rtol=0, atol=1e-6)
+
+
 def test_qwen2_vl_default_and_maps_are_refused_naming_the_substitute():
     model = tiny_qwen2_vl()
     with pytest.raises(MissingInputError, match=r"vispruner\) needs 'cls_attention'.*no class token.*"

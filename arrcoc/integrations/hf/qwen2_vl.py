@@ -156,7 +156,10 @@ class Qwen2VLAdapter(Adapter):
     @property
     def attention_received_layer(self) -> int | None:
         """The last block whose attention spans each whole image (see the module docstring): Qwen2-VL's last,
-        Qwen2.5-VL's last of ``fullatt_block_indexes``; ``None`` when every block attends in windows."""
+        Qwen2.5-VL's last of ``fullatt_block_indexes``; ``None`` when every block attends in windows, and for a
+        subclass that runs the tower its own way (arrcoc.vllm's: its ``encode_images`` takes no ``received``)."""
+        if type(self).encode_images is not Qwen2VLAdapter.encode_images:
+            return None
         n = self.num_vision_layers
         full = getattr(self.visual, "fullatt_block_indexes", None)
         if full is None:
