@@ -200,7 +200,8 @@ class DivPrune(Compressor):
         if value is None:
             raise MissingInputError(
                 f"divprune.metric: needs per_token[{name!r}] to compare tokens by; the state has "
-                f"{sorted(state.per_token) or 'none'} (metric: null compares the tokens themselves)"
+                f"{sorted(state.per_token) or 'none'} (metric: null compares the tokens themselves; multi-view "
+                "images packed for selection: image are the LLM's sequences and carry no per-token fields)"
             )
         if value.ndim != 3 or not value.is_floating_point():
             raise InputError(
