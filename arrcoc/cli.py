@@ -230,7 +230,8 @@ def generate(model_dir: str, pipeline: str, images: tuple[str, ...], prompts: tu
                          f"{exc}") from None
     inputs = inputs.to(next(model.parameters()).device)
     with err_console.status("generating", spinner="dots") if not as_json else _nullcontext():
-        with torch.inference_mode(), hf.apply(model, pipeline, projector=projector) as run:
+        with torch.inference_mode(), \
+                hf.apply(model, pipeline, projector=projector, tokenizer=processor.tokenizer) as run:
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     if as_json:

@@ -94,6 +94,11 @@ def run_stage(label: str, plugin: Stage, state: TokenState, registry: Registry, 
             f"{where} ({plugin.name}) needs a query: pass query='...' (with a query_encoder in the "
             f"pipeline) or query=<tensor [B, T, D]>"
         )
+    if "query_text" in plugin.requirements() and "query_text" not in state.meta:
+        raise MissingInputError(
+            f"{where} ({plugin.name}) needs the query as text: pass query='...' (strings), or inside a model "
+            "arrcoc.hf.apply(model, pipeline, tokenizer=processor.tokenizer) with the prompt as input_ids"
+        )
     hook = registry.hook
     hook.arrcoc_stage_started(stage=label, plugin=plugin, state=state)
     start = clock(device)
@@ -178,8 +183,8 @@ class Pipeline:
         wanted: set[str] = set()
         for label, plugin in [*self.stages, *self.llm]:
             for need in sorted(plugin.requirements()):
-                if need == "query":
-                    continue  # a query may come as a tensor at run time; checked then
+                if need in ("query", "query_text"):
+                    continue  # a query may come as a tensor (or text) at run time; checked then
                 if plugin.stage == "llm" and need in LLM_SIGNALS:
                     continue  # computed inside the LLM by a model integration
                 if need not in available:
@@ -259,6 +264,9 @@ class Pipeline:
                     "(and it has no query_encoder)"
                 )
                 return state
+            state = state.with_meta(query_text=tuple(texts))  # for stages that read the question as text
+            if self.query_encoder is None and not self._uses_query(("query",)):
+                return state  # the stages read the text only
             if self.query_encoder is None:
                 raise MissingInputError(
                     f"{self.spec.source}: query strings need a `query_encoder:` section "
@@ -276,8 +284,8 @@ class Pipeline:
             raise InputError(f"query: expected a string, a list of strings or a tensor, got {_describe(query)}")
         return dataclasses.replace(state, query=emb, query_mask=mask)
 
-    def _uses_query(self) -> bool:
-        return any("query" in plugin.requirements() for _, plugin in [*self.stages, *self.llm])
+    def _uses_query(self, needs: tuple[str, ...] = ("query", "query_text")) -> bool:
+        return any(need in plugin.requirements() for _, plugin in [*self.stages, *self.llm] for need in needs)
 
     def __repr__(self) -> str:
         stages = " -> ".join([self.encoder.name, *(p.name for _, p in self.stages)])

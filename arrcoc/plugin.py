@@ -291,6 +291,14 @@ class Compressor(Stage):
     #: per block.
     per_block_params: ClassVar[frozenset[str] | None] = None
 
+    @property
+    def packed_images(self) -> bool:
+        """True: inside a model, a multi-view image (LLaVA-NeXT's base view and crops) reaches this stage as the
+        one sequence the LLM receives (one row per image, packed by the model's adapter, newline tokens
+        included), as a method whose official code selects over that sequence needs; False (default): one row
+        per view."""
+        return False
+
     def in_block(self, state: TokenState, layer: int, num_layers: int) -> TokenState:
         """Run inside encoder block ``layer`` of ``num_layers`` (after attention).
 

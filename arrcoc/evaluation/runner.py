@@ -170,8 +170,8 @@ class _Runner:
         from ..integrations.hf import apply
 
         totals = Totals()
-        with warnings.catch_warnings(), torch.inference_mode(), apply(self.model, spec) as run, \
-                (context or nullcontext()):
+        with warnings.catch_warnings(), torch.inference_mode(), \
+                apply(self.model, spec, tokenizer=self.tokenizer) as run, (context or nullcontext()):
             warnings.simplefilter("ignore", ArrcocWarning)  # collected from the stage records (Totals.warnings)
             for batch in self.batches(processor_kwargs):
                 start = clock(self.device)

@@ -139,7 +139,8 @@ class TimmViT(Encoder):
                 )
             self._check_block_schedules(self.in_blocks)
         self.provides = frozenset(
-            {"keys", "cls_attention", "cls", "attention_maps"} if self.prefix == 1 else {"keys", "attention_maps"}
+            {"keys", "cls_attention", "cls", "attention_maps", "tower_features"} if self.prefix == 1
+            else {"keys", "attention_maps", "tower_features"}
         )
         self.outputs: frozenset[str] = frozenset()
         cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -260,6 +261,8 @@ class TimmViT(Encoder):
             out = TokenState.from_patches(x[:, P:], self.grid, cls_token=cls_token, per_token=per_token)
         else:
             out = state.replace(tokens=x[:, P:], cls=cls_token, per_token=per_token)
+        if "tower_features" in self.outputs:  # no projector here: the tower's features are the tokens
+            out = out.replace(per_token={**out.per_token, "tower_features": out.tokens})
         return out.with_meta(**meta)
 
     def _attention_name(self, block: int) -> str | None:

@@ -11,7 +11,6 @@ folders: no download.
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -25,11 +24,6 @@ import arrcoc  # noqa: E402
 from arrcoc.errors import InputError, MissingInputError  # noqa: E402
 from tiny_models import BOS, IMAGE, N0, left_pad, tiny_llava, tiny_llava_next, tiny_qwen2_vl  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    "tokenizer" not in inspect.signature(arrcoc.hf.apply).parameters,
-    reason="needs the core change of the CLIP-text variant (arrcoc.hf.apply(tokenizer=...), query_text, "
-           "tower_features); delete this mark with it",
-)
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 NEW = 6

@@ -69,7 +69,7 @@ SHORTENED = "_arrcoc_shortened"
 class Run:
     """One pipeline applied to one model; ``report`` and ``state`` describe the last call."""
 
-    def __init__(self, model: Any, spec: PipelineSpec, projector: str = "auto") -> None:
+    def __init__(self, model: Any, spec: PipelineSpec, projector: str = "auto", tokenizer: Any = None) -> None:
         if projector not in PROJECTOR_CHOICES:
             raise InputError(f"arrcoc.hf.apply: projector must be one of {PROJECTOR_CHOICES}, got {projector!r}")
         self.model = model
@@ -86,7 +86,7 @@ class Run:
         # Inside a model the query is the prompt's own text in the LLM's input embeddings, so the file's
         # query encoder (e.g. hf_text on the shipped toy model, for standalone runs) is never built.
         self.pipeline = Pipeline(spec.model_copy(update={"query_encoder": None}), device=device, encoder=self.encoder)
-        self.pre_llm = PreLLM(model, self.adapter, self.pipeline, self.encoder, projector)
+        self.pre_llm = PreLLM(model, self.adapter, self.pipeline, self.encoder, projector, tokenizer)
         llm = []
         for label, plugin in self.pipeline.llm:
             if not isinstance(plugin, LLMCompressor):
@@ -563,8 +563,11 @@ def _refuse_fullgraph_compile_config(model: Any, compile_config: Any) -> None:
 
 
 @contextmanager
-def apply(model: Any, pipeline: Any, *, projector: str = "auto") -> Iterator[Run]:
+def apply(model: Any, pipeline: Any, *, projector: str = "auto", tokenizer: Any = None) -> Iterator[Run]:
     """Run ``pipeline`` (a name, YAML path, dict or ``PipelineSpec``) inside ``model`` for the ``with`` block.
+
+    ``tokenizer`` (the model's, e.g. ``processor.tokenizer``): stages that read the question as text
+    (``query_text``, e.g. cdpruner's ``clip``) get each prompt's text after the image, decoded with it.
 
     One Run per model at a time: ``apply`` on a model that already runs a
     pipeline (a nested ``with``, or another thread's) raises
@@ -579,7 +582,7 @@ def apply(model: Any, pipeline: Any, *, projector: str = "auto") -> Iterator[Run
     different models may be left in any order.  A Run's ``generate`` kept
     past its block refuses to run.
     """
-    run = Run(model, resolve_spec(pipeline), projector=projector)._enter()
+    run = Run(model, resolve_spec(pipeline), projector=projector, tokenizer=tokenizer)._enter()
     try:
         yield run
     finally:

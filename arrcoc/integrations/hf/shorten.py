@@ -86,10 +86,12 @@ class PreLLM:
     """The pre-LLM part of a pipeline inside one model: its tower (``encoder``) and the stages before and after
     the projector."""
 
-    def __init__(self, model: Any, adapter: Adapter, pipeline: Pipeline, encoder: VisionTower, projector: str) -> None:
+    def __init__(self, model: Any, adapter: Adapter, pipeline: Pipeline, encoder: VisionTower, projector: str,
+                 tokenizer: Any = None) -> None:
         if projector not in PROJECTOR_CHOICES:
             raise InputError(f"arrcoc.hf.apply: projector must be one of {PROJECTOR_CHOICES}, got {projector!r}")
         self.model, self.adapter, self.pipeline, self.encoder = model, adapter, pipeline, encoder
+        self.tokenizer = tokenizer  # decodes the prompt's text for stages that need it as text (query_text)
         self.vision_stages, self.projector_stages = split_stages(pipeline.stages, projector)
 
     @property
@@ -154,7 +156,8 @@ class PreLLM:
             layout = adapter.view_layout(image_inputs)
             if layout is not None:
                 state = state.with_meta(views=layout)
-            if any("query" in p.requirements() for _, p in [*self.vision_stages, *self.projector_stages]):
+            if any(need in p.requirements() for _, p in [*self.vision_stages, *self.projector_stages]
+                   for need in ("query", "query_text")):
                 state = self._prompt_query(state, ids, embeds, is_image, attention_mask, image_of, layout)
             state = self.pipeline.run_stages(state, self.vision_stages)
             state = self.encoder.project(state)
@@ -250,7 +253,14 @@ class PreLLM:
             row_of_image = row_of_image.repeat_interleave(views)
         if bool((~valid.any(1))[row_of_image].any()):
             raise InputError("arrcoc.hf: a query-aware stage needs text after the image in every prompt")
-        return state.replace(query=emb[row_of_image].to(state.dtype), query_mask=valid[row_of_image])
+        state = state.replace(query=emb[row_of_image].to(state.dtype), query_mask=valid[row_of_image])
+        if self.tokenizer is not None and ids is not None:
+            # The question as text (one string per state row): the same tokens, decoded with the model's tokenizer.
+            text_ids = ids.gather(1, index)
+            texts = self.tokenizer.batch_decode([row[ok].tolist() for row, ok in zip(text_ids, valid)],
+                                                skip_special_tokens=True)
+            state = state.with_meta(query_text=tuple(texts[r] for r in row_of_image.tolist()))
+        return state
 
 
 def _as_list(value: Any) -> Any:

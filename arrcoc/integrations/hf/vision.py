@@ -130,7 +130,8 @@ class VisionTower(Encoder):
         self.attn_layer = default if self.params.attention_layer is None else self._layer(self.params.attention_layer)
         self.extra_layers = sorted({self._layer(i) for i in self.params.extra_attention_layers})
         self.provides = frozenset({"cls_attention", "keys", "cls"} if self.adapter.has_cls else set()) | (
-            {"attention_received"} if self.adapter.attention_received_layer is not None else set())
+            {"attention_received"} if self.adapter.attention_received_layer is not None else set()) | {
+            "tower_features"}
         self.outputs: frozenset[str] = frozenset()
 
     @classmethod
@@ -207,6 +208,8 @@ class VisionTower(Encoder):
                 if layer == self.attn_layer and "keys" in self.outputs:
                     per_token["keys"] = keys
         state = ragged_state(out.features, out.grids, out.cls, per_token).with_meta(**meta)
+        if "tower_features" in self.outputs:  # the features before the projector, kept through it (project)
+            state = state.replace(per_token={**state.per_token, "tower_features": state.tokens})
         return self.project(state) if self.params.project else state
 
     def project(self, state: TokenState) -> TokenState:
