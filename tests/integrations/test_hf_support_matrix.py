@@ -90,6 +90,11 @@ MATRIX = {
                   "positions": "original"}]}, {}),
     "aim_prune (mask)": ({"llm": [{"use": "aim_prune", "start_layer": 1, "step": 0.25}]}, {}),
     "aim_prune (remove)": ({"llm": [{"use": "aim_prune", "start_layer": 1, "step": 0.25, "mode": "remove"}]}, {}),
+    "dart": ({"llm": [{"use": "dart", "layer": 2, "keep": 0.5}]}, {}),
+    "dart_pre": ({"compress": [{"use": "dart_pre", "keep": 0.5}]}, {}),
+    "pyramiddrop": ({"llm": [{"use": "pyramiddrop", "layers": [1, 2], "ratio": 0.5}]}, {"qwen2_vl": "multimodal rotary"}),
+    "pyramiddrop (positions: original)": (
+        {"llm": [{"use": "pyramiddrop", "layers": [1, 2], "ratio": 0.5, "positions": "original"}]}, {}),
 }
 
 
