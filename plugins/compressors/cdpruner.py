@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -226,8 +227,14 @@ _CLIP_LOCK = threading.Lock()
 
 def load_clip(source: str, device: torch.device | str = "cpu") -> ClipRelevance:
     """The CLIP parts of ``source`` (a directory, hub id or ``arrcoc:<name>``) on ``device``, loaded once per
-    process and device (every cdpruner stage naming the same model shares them)."""
-    key = (str(source), str(torch.device(device)))
+    process and device (every cdpruner stage naming the same model shares them).
+
+    Keyed by what ``source`` names: a local folder by its absolute path (the same relative name in another
+    working directory is another model), a hub id as it is.
+    """
+    path = resolve_model(source)
+    local = Path(path)
+    key = (str(local.resolve()) if local.is_dir() else path, str(torch.device(device)))
     with _CLIP_LOCK:
         if key not in _CLIP_LOADED:
             loaded = _load_clip(source)

@@ -280,6 +280,19 @@ def test_loaded_once_per_process_and_device(clip_dir):
     assert clip.visual_projection.weight.dtype == torch.float32 and clip.text_tower.dtype == torch.float32
 
 
+def test_a_relative_folder_is_cached_as_the_folder_it_names(tmp_path, monkeypatch):
+    # The cache is keyed by the folder a reference resolves to: the same relative name in another working
+    # directory is another model (here another vision width), not the one loaded first.
+    for sub, width in (("a", VISION), ("b", 24)):
+        (tmp_path / sub).mkdir()
+        save_tiny_clip(tmp_path / sub / "clip", vision_width=width)
+    monkeypatch.chdir(tmp_path / "a")
+    assert load_clip("clip").vision_width == VISION
+    monkeypatch.chdir(tmp_path / "b")
+    assert load_clip("clip").vision_width == 24
+    assert load_clip(str(tmp_path / "b" / "clip")) is load_clip("clip")  # one folder, one load
+
+
 # ----------------------------------------------------------------- errors
 def test_a_folder_that_is_not_a_clip_model_is_refused(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
