@@ -102,6 +102,11 @@ def run(pipeline: str, images: tuple[str, ...], queries: tuple[str, ...], device
     for record in state.trace:
         for note in record.warnings:
             console.print(f"[yellow]warning[/] {record.stage}: {escape(note)}")
+    if pipe.llm:
+        # An llm: stage acts between decoder layers: a standalone pipeline has none, so it did not run here.
+        names = ", ".join(f"{label} ({plugin.name})" for label, plugin in pipe.llm)
+        console.print(f"[yellow]note[/] {escape(names)}: in-LLM stages run only inside a model "
+                      "(arrcoc generate, arrcoc eval, arrcoc.hf.apply); not run here")
     if out is not None:
         console.print(f"figure written to {out}")
 

@@ -134,6 +134,20 @@ def test_run_json_trace(run, tmp_path):
         ("encoder", [17], [17]), ("compress[0]", [17], [13])]
 
 
+def test_run_says_in_llm_stages_do_not_run_standalone(run, tmp_path):
+    spec = tmp_path / "llm.yaml"
+    spec.write_text(
+        "name: llm\nencoder:\n  use: timm_vit\n  model: vit_tiny_patch16_224\n"
+        "  model_kwargs: {depth: 2, img_size: 64}\n  layer: -1\nllm:\n  - {use: pyramiddrop, layers: [2, 4]}\n"
+    )
+    image = tmp_path / "a.png"
+    Image.fromarray((torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()).save(image)
+    result = run("run", str(spec), "--image", str(image), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "note llm[0] (pyramiddrop): in-LLM stages run only inside a model" in result.output
+    assert "17 -> 17 tokens per image" in result.output
+
+
 def test_bench_times_every_stage(run, tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(
