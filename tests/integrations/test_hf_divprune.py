@@ -219,3 +219,21 @@ def test_llava_next_selection_before_the_projector_is_refused(next_model, next_b
     with torch.no_grad(), arrcoc.hf.apply(next_model, divprune(keep=4, selection="view"), projector="after") as run:
         last_logits(next_model, next_batch)
     assert run.state.counts.tolist() == [4] * 6
+
+
+def test_packed_images_keep_each_image_its_own_question():
+    # Packing the views of each image into one row re-indexes what is per row: the query (the first view's) and
+    # the question as text (meta['query_text'], one string per row) alike.
+    from arrcoc.integrations.hf.shorten import packed_state
+    from arrcoc.state import TokenState
+
+    layout = [(1, 2), (2, 1)]  # 3 views per image
+    state = TokenState.from_patches(torch.randn(6, 4, 8, dtype=torch.float64), (2, 2))
+    query = torch.arange(6, dtype=torch.float64)[:, None, None].expand(6, 2, 8)
+    state = state.replace(query=query, query_mask=torch.ones(6, 2, dtype=torch.bool))
+    state = state.with_meta(views=layout, query_text=("q0",) * 3 + ("q1",) * 3)
+    features = [torch.randn(5, 8, dtype=torch.float64), torch.randn(7, 8, dtype=torch.float64)]
+    packed = packed_state(state, features, layout)
+    assert packed.B == 2 and packed.counts.tolist() == [5, 7] and "views" not in packed.meta
+    assert packed.query[:, 0, 0].tolist() == [0.0, 3.0]
+    assert packed.meta["query_text"] == ("q0", "q1")

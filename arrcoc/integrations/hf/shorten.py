@@ -69,7 +69,8 @@ def packs_images(plugin: Any) -> bool:
 def packed_state(state: TokenState, features: list[torch.Tensor], layout: list[tuple[int, int]]) -> TokenState:
     """The state of multi-view images (one row per view) as one row per image: ``features`` (what
     :meth:`~.adapter.Adapter.assemble` made of ``state``: the LLM's image sequences), each on a one-row grid
-    ``(1, n_i)``; each image keeps its first view's query, and the trace and meta (``views`` dropped)."""
+    ``(1, n_i)``; each image keeps its first view's query and question text (``meta["query_text"]``, one string
+    per row), and the trace and meta (``views`` dropped)."""
     from .vision import ragged_state
 
     grids = [(1, int(f.shape[0])) for f in features]
@@ -78,6 +79,8 @@ def packed_state(state: TokenState, features: list[torch.Tensor], layout: list[t
     query = None if state.query is None else state.query[first_view]
     query_mask = None if state.query_mask is None else state.query_mask[first_view]
     meta = {k: v for k, v in state.meta.items() if k != "views"}
+    if meta.get("query_text") is not None:  # per row like the query: one string per image from here on
+        meta["query_text"] = tuple(meta["query_text"][i] for i in first_view.tolist())
     packed = packed.replace(query=query, query_mask=query_mask)
     return dataclasses.replace(packed, meta={**meta, "grids": grids}, trace=state.trace)
 
