@@ -246,7 +246,8 @@ class PyramidDrop(LLMCompressor):
         pipeline's ``layers``; those ``>= L`` dropped), and the pyramid keeps the pipeline's ``ratio`` (official
         0.5) as long as it can: ``K`` is the official spacing ``round(L / 4)`` (8 for 32 layers) or the latest
         earlier one whose mean at that ratio is at most the target, and ``ratio`` is then raised (bisected) until
-        the mean is the reachable one nearest the target.  Only when even ``K = 1`` at the pipeline's ratio stays
+        the mean is the reachable one nearest the target, unless the later spacing at the pipeline's ratio (just
+        above the target) is nearer still: then that one.  Only when even ``K = 1`` at the pipeline's ratio stays
         above the target is ``ratio`` lowered below it, with ``K = 1``.  (Lowering ``ratio`` at a late ``K``
         instead would collapse the pyramid into one early drop to a handful of tokens.)  Python floats only:
         the same params on every machine."""
@@ -256,12 +257,19 @@ class PyramidDrop(LLMCompressor):
         def mean_of(layers: list[int]):
             return lambda ratio: cls._mean(n, L, layers, ratio)
 
+        later = None  # the previous (later) spacing's layers: at the pipeline's ratio their mean is above target
         for spacing in cls._spacings(params, context):
             layers = cls.budget_layers(spacing, stages, L)
             mean = mean_of(layers)
             if mean(p.ratio) <= target * (1 + 1e-12):
                 ratio = nearest(mean, target, bisect_increasing(mean, target, p.ratio, 1.0))
+                # Raising the ratio moves the mean in whole-token steps, which can land farther from a target
+                # just below the later spacing's mean than that mean is: keep the later spacing then (the mean
+                # nearest the target stays non-decreasing in it across spacings; a tie keeps the lower mean).
+                if later is not None and abs(cls._mean(n, L, later, p.ratio) - target) < abs(mean(ratio) - target):
+                    return {**params, "layers": later, "ratio": p.ratio}
                 return {**params, "layers": layers, "ratio": ratio}
+            later = layers
         fewest = cls._fewest(n, L, layers)
         if fewest > target * (1 + 1e-12):
             raise BudgetError(

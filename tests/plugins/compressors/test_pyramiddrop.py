@@ -349,6 +349,31 @@ def test_budget_rule_keeps_the_pyramid():
         assert params["layers"] == [params["layers"][0] * s for s in (1, 2, 3)]
 
 
+@pytest.mark.parametrize("tokens, layers, base", [(576, 32, {}), (576, 32, {"ratio": 0.3}), (2880, 40, {})])
+def test_budget_rule_is_monotone_and_never_farther_than_a_pyramid_at_the_pipeline_ratio(tokens, layers, base):
+    """Just below the mean of spacing K at the pipeline's ratio (m_K) the rule moves to K - 1 and raises the ratio,
+    whose whole-token steps can land farther from the target than m_K itself: it then keeps K at the pipeline's
+    ratio.  So the mean never decreases as the target grows, and no evenly spaced pyramid at the pipeline's ratio
+    comes nearer the target."""
+    ctx = context(tokens, layers)
+    ratio = P.PyramidDrop.validate_params(base).ratio
+    first = max(P.PyramidDrop._spacings(base, ctx))
+    pyramid = {K: P.PyramidDrop._mean(tokens, layers, P.PyramidDrop.budget_layers(K, 3, layers), ratio)
+               for K in range(1, first + 1)}
+    low, _ = P.PyramidDrop.budget_bounds(base, ctx)
+    targets = sorted({t for m in pyramid.values() for t in (m + j / 97 for j in range(-60, 8)) if t >= low})
+    previous = -math.inf
+    for target in targets:
+        params = P.PyramidDrop.budget_params(base, target, ctx)
+        mean = sum(layer_visual(tokens, layers, params)) / layers
+        assert mean >= previous, (target, params)
+        assert all(abs(mean - target) <= abs(m - target) + 1e-12 for m in pyramid.values()), (target, params, mean)
+        previous = mean
+    # 146.2225 on 32 layers: [3, 6, 9] at 0.5 has mean 146.25; [2, 4, 6] raised to the target gave 146.5625
+    params = P.PyramidDrop.budget_params({}, 146.2225390625, context(576, 32))
+    assert params == {"layers": [3, 6, 9], "ratio": 0.5}
+
+
 def test_budget_bounds_and_out_of_reach():
     assert P.PyramidDrop.budget_bounds({}, context(256, 3)) == (86.0, 256.0)  # (256 + 1 + 1) / 3
     assert P.PyramidDrop.budget_bounds({}, context(576, 32)) == ((576 + 31 * 1) / 32, 576.0)  # K = 1
