@@ -236,3 +236,19 @@ def test_a_tower_with_neither_signal_is_refused():
                                                 r"received' signal"):
         with arrcoc.hf.apply(model, spec(keep=4, signal="received", attention_map=None)):
             pass
+
+
+def test_qwen2_5_vl_reads_the_block_the_model_runs_with_full_attention():
+    # Qwen2.5-VL runs block i with full attention iff ``i in fullatt_block_indexes`` (no negative indexing): a
+    # list [-1] leaves every block windowed, so no block gives the attention received from the whole image.
+    from arrcoc.errors import ModelError
+
+    model = tiny_qwen2_5_vl()
+    adapter = arrcoc.hf.adapter_for(model)
+    assert adapter.attention_received_layer == 1
+    model.model.visual.fullatt_block_indexes = [-1]
+    assert adapter.attention_received_layer is None
+    with torch.no_grad(), pytest.raises(ModelError, match="every block of this vision tower attends within windows"):
+        adapter.encode_images(qwen_batch()["pixel_values"], {"image_grid_thw": QWEN_GRIDS}, False, received=True)
+    model.model.visual.fullatt_block_indexes = [0, -1]
+    assert adapter.attention_received_layer == 0

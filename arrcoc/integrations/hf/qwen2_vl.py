@@ -164,7 +164,8 @@ class Qwen2VLAdapter(Adapter):
         full = getattr(self.visual, "fullatt_block_indexes", None)
         if full is None:
             return n - 1
-        spanning = sorted({int(i) % n for i in full if -n <= int(i) < n})
+        # The model's own test is ``layer_num in fullatt_block_indexes``: a negative entry names no block.
+        spanning = sorted({int(i) for i in full if 0 <= int(i) < n})
         return spanning[-1] if spanning else None
 
     def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool,
