@@ -147,6 +147,16 @@ _SIGNAL_OF_FIELD = {"attn_logits": "attn_logits", "visual_columns": "attn_logits
                     "text_positions": "key_norms' or 'normed_hidden"}
 
 
+#: ``meta`` entries holding one value per row (the pipeline's question strings): cut with the row.
+_PER_ROW_META = ("query_text",)
+
+
+def _meta_of_row(meta: Mapping[str, Any], b: int, B: int) -> Mapping[str, Any]:
+    """``meta`` of row ``b`` alone: a per-row entry of ``B`` values becomes the row's own (a batch of one)."""
+    rows = {k: (meta[k][b],) for k in _PER_ROW_META if isinstance(meta.get(k), (tuple, list)) and len(meta[k]) == B}
+    return {**meta, **rows} if rows else meta
+
+
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
 
@@ -352,8 +362,9 @@ class TokenState:
         """Image ``b`` alone: a batch of one, trimmed to its real tokens.
 
         Handy to check that a stage treats a ragged batch like separate runs.
-        ``llm`` (an in-LLM stage's context) is cut to prompt ``b`` too;
-        ``pyramid``, ``allocation``, ``meta`` and ``trace`` are kept as they are.
+        ``llm`` (an in-LLM stage's context) is cut to prompt ``b`` too, and so is
+        ``meta["query_text"]`` (one question string per row); ``pyramid``,
+        ``allocation``, the rest of ``meta`` and ``trace`` are kept as they are.
         """
         if not -self.B <= b < self.B:
             raise StateError(f"TokenState.image: index {b} out of range for a batch of {self.B}")
@@ -378,6 +389,7 @@ class TokenState:
             query_mask=one(self.query_mask, False),
             images=one(self.images, False),
             llm=None if self.llm is None else self.llm.image(b, n),
+            meta=_meta_of_row(self.meta, b, self.B),
         )
 
     def replace(self, **changes: Any) -> "TokenState":

@@ -343,6 +343,24 @@ def test_image_is_one_trimmed_row_of_a_ragged_batch():
         ragged.image(2)
 
 
+def test_image_keeps_its_own_question_text():
+    """``meta['query_text']`` holds one string per row: the image alone gets its own (a stage reading it, e.g.
+    cdpruner's clip, checks one string per row), and ops that move tokens keep it."""
+    state = TokenState.from_patches(torch.randn(3, 6, 4), (2, 3)).with_meta(query_text=("a cat", "a dog", "a mat"),
+                                                                            views=[(1, 2)])
+    index = torch.tensor([[0, 2, 4], [1, 5, 0], [3, 0, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    ragged = ops.keep(state, index, valid)
+    assert ragged.meta["query_text"] == ("a cat", "a dog", "a mat")
+    merged = ops.merge(ragged, torch.tensor([[1], [1], [0]]), torch.tensor([[0], [0], [0]]),
+                       torch.tensor([[True], [True], [False]]))
+    assert merged.meta["query_text"] == ("a cat", "a dog", "a mat")
+    assert [ragged.image(b).meta["query_text"] for b in range(3)] == [("a cat",), ("a dog",), ("a mat",)]
+    assert ragged.image(-1).meta["query_text"] == ("a mat",)
+    assert ragged.image(1).meta["views"] == [(1, 2)]  # other meta: as it is
+    assert "query_text" not in ragged.replace(meta={}).image(0).meta
+
+
 # ------------------------------------------------------------------ LLMContext
 def _llm_state(B: int = 2, N: int = 5) -> TokenState:
     from arrcoc.state import LLMContext
