@@ -26,7 +26,9 @@ from test_hf_llm_methods import (  # noqa: E402
     ENC, _singletons, _top, compare, forward_logits, generate, kept_patches, patches, prompt, reference,
 )
 from test_hf_support_matrix import FAMILIES  # noqa: E402
-from tiny_models import N0, ROWS, generate_positions, llava_batch, rotate_half, sample, tiny_llava  # noqa: E402
+from tiny_models import (  # noqa: E402
+    IMAGE, N0, ROWS, generate_positions, left_pad, llava_batch, rotate_half, sample, tiny_llava, tiny_llava_next,
+)
 from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
 
 LAYERS = [1, 2, 3]
@@ -178,6 +180,39 @@ def test_official_count_of_the_original(model, batch3):
 
 def _sample(batch3, b):
     return sample(batch3, b)
+
+
+# --------------------------------------------------------------------------- ragged counts
+def test_ragged_counts_shift_each_prompt_by_its_own_drops():
+    """LLaVA-NeXT images of different shapes (52 and 56 visual tokens, newlines included): the stages keep 26 / 13
+    and 28 / 14, so each prompt's generated tokens are shifted by its own drops (official: per row,
+    ``cur_visual_length[idx] - next_visual_length[idx]`` at each stage), not by one batch-wide number: the
+    left-padded batch generates what each prompt alone does (tokens and every step's logits), and the shifted rule
+    changes the logits (so the comparison can tell)."""
+    model = tiny_llava_next(torch.float64)
+    sizes = torch.tensor([[50, 100], [90, 40]])
+    per = arrcoc.hf.adapter_for(model).tokens_per_image(None, {"image_sizes": sizes})
+    assert per == [52, 56]
+    ids, mask = left_pad([[1, 5, 6, 7, *[IMAGE] * per[0], *range(20, 25)], [1, 5, *[IMAGE] * per[1], *range(20, 29)]])
+    pixels = torch.randn(2, 5, 3, 56, 56, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
+
+    def alone(b):
+        real = mask[b].bool()
+        return {"input_ids": ids[b, real][None], "attention_mask": mask[b, real][None],
+                "pixel_values": pixels[b:b + 1], "image_sizes": sizes[b:b + 1]}
+
+    results = {}
+    for rule in ("shifted", "unpruned"):
+        with torch.no_grad(), arrcoc.hf.apply(model, pdrop(layers=[1, 2], decode_positions=rule)) as run:
+            tokens, steps = generate(model, batch)
+            assert run.report.layer_visual == [[52, 56], [26, 28], [13, 14], [13, 14]]
+            for b in range(2):
+                one_tokens, one_steps = generate(model, alone(b))
+                assert torch.equal(one_tokens[0], tokens[b])
+                torch.testing.assert_close(one_steps[0], steps[b], rtol=0, atol=1e-10)
+        results[rule] = steps
+    assert (results["shifted"][:, 1:] - results["unpruned"][:, 1:]).abs().amax(-1).amin() > 1e-4
 
 
 # --------------------------------------------------------------------------- other families
