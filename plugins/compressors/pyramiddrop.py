@@ -118,10 +118,10 @@ def last_query_attention(
     post-rotary keys of the sequence (``H`` a multiple of ``Hkv``: the key heads are repeated, as the model's
     attention does; the official ranking has no ``repeat_kv`` and fails for GQA); ``key_mask`` ``[B, L]``
     marks the keys the query may attend to (its causal past, padding excluded).  Official ``pdrop_rank_drop``:
-    ``softmax(q k^T / sqrt(d) + mask, dim=-1, dtype=float32)``, mean over heads.  The products are taken in the
-    inputs' dtype like the official matmul; ``probs_dtype`` casts the probabilities before the head mean as the
-    official ``.to(query_states.dtype)`` does (default: kept in float32).  Returns ``[B, L]`` float32 (0 at
-    masked keys).
+    ``softmax(q k^T / sqrt(d) + mask, dim=-1, dtype=float32)``, mean over heads.  The products and the division
+    by ``sqrt(d)`` are taken in the inputs' dtype like the official matmul; ``probs_dtype`` casts the
+    probabilities before the head mean as the official ``.to(query_states.dtype)`` does (default: kept in
+    float32).  Returns ``[B, L]`` float32 (0 at masked keys).
     """
     if query.ndim != 3 or keys.ndim != 4 or query.shape[0] != keys.shape[0] or query.shape[2] != keys.shape[3]:
         raise StateError(
@@ -136,7 +136,7 @@ def last_query_attention(
         raise StateError(f"last_query_attention: key_mask must be [B, L]={[B, L]}, got {list(key_mask.shape)}")
     # [B, Hkv, H / Hkv, d] x [B, Hkv, L, d]: query head h reads key head h // (H / Hkv), as repeat_kv.
     logits = torch.einsum("bgrd,bgld->bgrl", query.reshape(B, Hkv, H // Hkv, d), keys).reshape(B, H, L)
-    logits = logits.float() / math.sqrt(d)
+    logits = (logits / math.sqrt(d)).float()  # official: matmul(q, k^T) / sqrt(head_dim) in the model's dtype
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
     probs = logits.softmax(-1)

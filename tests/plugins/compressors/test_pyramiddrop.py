@@ -200,9 +200,14 @@ def test_probs_dtype_reproduces_the_official_cast_before_the_head_mean():
     g = torch.Generator().manual_seed(6)
     q, k = torch.randn(1, 4, 8, generator=g).half(), torch.randn(1, 4, 30, 8, generator=g).half()
     got = P.last_query_attention(q, k, probs_dtype=torch.float16)
-    attn = (q[0][:, None] @ k[0].transpose(1, 2)).float() / math.sqrt(8)
+    # official: torch.matmul(q, k^T) / math.sqrt(head_dim), both in the model's dtype, then the fp32 softmax
+    attn = torch.matmul(q[0][:, None], k[0].transpose(1, 2)) / math.sqrt(8)
+    assert attn.dtype == torch.float16
     official = torch.softmax(attn, -1, dtype=torch.float32).to(torch.float16).mean(0)[0]
     assert got.dtype == torch.float32 and torch.equal(got[0], official.float())
+    # the division in fp16 matters: after it in float32 (as a float32 kernel would) the probabilities differ
+    divided_in_fp32 = torch.matmul(q[0][:, None], k[0].transpose(1, 2)).float() / math.sqrt(8)
+    assert not torch.equal(torch.softmax(divided_in_fp32, -1).to(torch.float16).mean(0)[0], official)
     plain = P.last_query_attention(q, k)
     torch.testing.assert_close(plain, got, rtol=0, atol=2e-3)  # float32 mean: differs by fp16 rounding only
 
