@@ -25,20 +25,23 @@ from test_hf_llm_methods import (  # noqa: E402
     ENC, NEW, first_image, forward_logits, generate, prompt, reference, reference_pass,
 )
 from test_hf_support_matrix import FAMILIES  # noqa: E402
-from tiny_models import IMAGE, N0, ROWS, llava_batch, reference_attention, rotate_half, tiny_llava  # noqa: E402
+from tiny_models import (  # noqa: E402
+    IMAGE, N0, PAD, ROWS, llava_batch, reference_attention, rotate_half, tiny_llava,
+)
 
 CAPTURED: list = []
 
 
 class CaptureParams(Params):
     layers: list[int] = [2]
-    keep: Literal["all", "even"] = "all"
+    keep: Literal["all", "even", "even_first_row"] = "all"
     positions: Literal["original", "compact"] = "original"
     decode_positions: Literal["unpruned", "shifted"] = "unpruned"
 
 
 class _Capture(LLMCompressor):
-    """Records its input state; keeps every visual token, or those at even visual indices."""
+    """Records its input state; keeps every visual token, or those at even visual indices (of every row, or of the
+    first row only)."""
 
     Params = CaptureParams
 
@@ -50,7 +53,10 @@ class _Capture(LLMCompressor):
         if self.params.keep == "all":
             return state
         rank = torch.arange(state.N, device=state.device).expand(state.B, state.N)
-        index, valid = ops.pack(state.mask & (rank % 2 == 0))
+        drop = rank % 2 == 1
+        if self.params.keep == "even_first_row":  # a ragged cut: the other rows keep every token
+            drop &= torch.arange(state.B, device=state.device)[:, None] == 0
+        index, valid = ops.pack(state.mask & ~drop)
         return ops.keep(state, index, valid)
 
 
@@ -257,3 +263,26 @@ def test_signals_in_every_family(family):
     assert state.llm.text_key_norms.shape == (B, T) and state.llm.text_normed_hidden.shape[:2] == (B, T)
     # The text after the image: the prompts' 5 and 9 tokens (Qwen2-VL: and its <|vision_end|>).
     assert state.llm.text_mask.sum(1).tolist() == ([6, 10] if family == "qwen2_vl" else [5, 9])
+
+
+def test_signals_after_a_stage_at_the_same_layer_on_a_ragged_right_padded_batch(model):
+    """Prompts that start with their image, right-padded; a stage at layer 1 cuts the first row only (so the
+    sequence layer 1 sees has new padding in front of that row and the caller's behind it), a keep-all stage acts
+    at layer 2 before the capturing one: the key norms recorded at layer 1 are found for every token, the image's
+    first one included (it came from column 0, where every padded column of layer 1's sequence also points)."""
+    rows = [[*[IMAGE] * N0, *range(30, 35)], [*[IMAGE] * N0, *range(30, 39)]]
+    L = max(map(len, rows))
+    ids = torch.tensor([r + [PAD] * (L - len(r)) for r in rows])
+    batch = {"input_ids": ids, "attention_mask": (torch.arange(L)[None] < torch.tensor([[69], [73]])).long(),
+             "pixel_values": torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(3),
+                                         dtype=torch.float64)}
+    cut = {"use": "test_signals_here", "layers": [1], "keep": "even_first_row"}
+    keys = {"use": "test_signals_keys", "layers": [2]}
+    alone = captured(model, batch, {"encoder": ENC, "llm": [cut, keys]})[-1]
+    after = captured(model, batch, {"encoder": ENC, "llm": [cut, {"use": "test_signals_here", "layers": [2]}, keys]})
+    after = after[-1]
+    assert alone.counts.tolist() == after.counts.tolist() == [N0 // 2, N0]
+    assert bool((alone.per_token["key_norms"][alone.mask] > 0).all())
+    assert torch.equal(after.per_token["key_norms"], alone.per_token["key_norms"])
+    assert torch.equal(after.llm.text_key_norms, alone.llm.text_key_norms)
+    assert torch.equal(after.per_token["normed_hidden"], alone.per_token["normed_hidden"])

@@ -357,10 +357,12 @@ class LLMEngine:
         prefill_length = call.segments[0].index.shape[1]
         to_recorded = lambda columns: columns  # noqa: E731  (identity while the sequence is the recorded one)
         if recorded is not seg:
-            column = torch.full((seg.index.shape[0], prefill_length), 0, dtype=torch.long, device=vidx.device)
-            column.scatter_(1, recorded.index.masked_fill(~recorded.real, 0),
-                            torch.arange(recorded.index.shape[1], device=vidx.device).expand_as(recorded.index)
-                            .masked_fill(~recorded.real, 0))
+            # Padded entries write into a spare last column: sent to column 0 they would collide with the real
+            # token that came from the prompt's column 0 (a prompt that starts with its image) and, written after
+            # it (the caller's right padding) or in any order (a GPU scatter), hide where it is.
+            column = torch.zeros(seg.index.shape[0], prefill_length + 1, dtype=torch.long, device=vidx.device)
+            column.scatter_(1, recorded.index.masked_fill(~recorded.real, prefill_length),
+                            torch.arange(recorded.index.shape[1], device=vidx.device).expand_as(recorded.index))
             to_recorded = lambda columns: column.gather(1, seg.index.gather(1, columns))  # noqa: E731
         rec_vidx = to_recorded(vidx)
         needs = stage.requirements()
