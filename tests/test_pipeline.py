@@ -40,6 +40,17 @@ def query_dot(tokens: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> 
     return torch.einsum("bnd,bd->bn", tokens, mean)
 
 
+class ReadsQuestion(Compressor):
+    """Reads the question as text only (as cdpruner's clip): records each row's string as a per-token length."""
+
+    name = "reads_question"
+    needs = frozenset({"query_text"})
+
+    def __call__(self, state: TokenState) -> TokenState:
+        lengths = torch.tensor([len(t) for t in state.meta["query_text"]], dtype=torch.float32)
+        return state.with_per_token(question_length=lengths[:, None].expand(state.B, state.N).to(state.device))
+
+
 class NeedsFoo(Compressor):
     """Needs a per-token field 'foo' that only MakesFoo provides."""
 
@@ -186,7 +197,7 @@ def registry():
     reg = Registry(load_entry_points=False)
     for name, module in [("timm_vit", timm_vit), ("tome", tome), ("toy_text", toy_text)]:
         reg.register(module, name=name)
-    reg.register(Provider(QueryDot, NeedsFoo, MakesFoo, ReturnsNone, Boom, RaisesBudget, RunsOutOfMemory, BadInit,
+    reg.register(Provider(QueryDot, ReadsQuestion, NeedsFoo, MakesFoo, ReturnsNone, Boom, RaisesBudget, RunsOutOfMemory, BadInit,
                           Broken, NanEncoder, ZeroText, WrongText), name="testplugins")
     assert reg.failures == {}
     with using_registry(reg):
@@ -461,6 +472,41 @@ def test_a_stage_needing_a_query_names_itself():
     with pytest.raises(MissingInputError, match=r"^score\[0\] \(query_dot\) needs a query: pass query='\.\.\.'"):
         pipe(pixels(1))
     assert pipe(pixels(1), query=torch.randn(192)).per_token["scores"].shape == (1, 14)
+
+
+def test_a_stage_reading_the_question_as_text_needs_no_query_encoder():
+    """Query strings reach stages as ``meta['query_text']`` (one per image; a list of one or a string asks every
+    image); a pipeline whose stages read only the text needs no query_encoder and encodes nothing."""
+    pipe = arrcoc.load_pipeline({"encoder": ENCODER, "compress": ["reads_question"]}, device="cpu")
+    state = pipe(pixels(2), query=["a red cat", "dogs"])
+    assert state.meta["query_text"] == ("a red cat", "dogs") and state.query is None
+    assert state.per_token["question_length"][:, 0].tolist() == [9.0, 4.0]
+    assert pipe(pixels(2), query="a mug").meta["query_text"] == ("a mug", "a mug")
+    assert pipe(pixels(2), query=["a mug"]).meta["query_text"] == ("a mug", "a mug")
+    assert pipe(pixels(2), query=["a mug"]).image(1).meta["query_text"] == ("a mug",)
+
+
+def test_a_stage_reading_the_question_as_text_without_one_names_itself():
+    pipe = arrcoc.load_pipeline({"encoder": ENCODER, "compress": ["tome", "reads_question"]}, device="cpu")
+    with pytest.raises(MissingInputError, match=r"^compress\[1\] \(reads_question\) needs the query as text: "
+                                                r"pass query='\.\.\.' \(strings\)"):
+        pipe(pixels(1))
+    with pytest.raises(MissingInputError, match=r"\(reads_question\) needs the query as text"):
+        pipe(pixels(1), query=torch.randn(192))  # embeddings carry no text
+    with pytest.raises(InputError, match=r"query: got a list of 3 strings for 2 images"):
+        pipe(pixels(2), query=["a", "b", "c"])
+
+
+def test_text_and_embedding_stages_share_one_question():
+    """A stage reading the text and one reading the encoded query: both from the same strings."""
+    pipe = arrcoc.load_pipeline({"encoder": ENCODER, "query_encoder": {"use": "toy_text"},
+                                 "compress": ["reads_question"], "score": ["query_dot"]}, device="cpu")
+    state = pipe(pixels(2), query=["a red cat", "dogs"])
+    assert state.meta["query_text"] == ("a red cat", "dogs")
+    assert state.query is not None and state.query.shape[0] == 2
+    alone = arrcoc.load_pipeline({"encoder": ENCODER, "query_encoder": {"use": "toy_text"}, "score": ["query_dot"]},
+                                 device="cpu")(pixels(2), query=["a red cat", "dogs"])
+    assert torch.equal(state.query, alone.query)
 
 
 # --------------------------------------------------------------- needs/provides
