@@ -37,6 +37,7 @@ class CaptureParams(Params):
     keep: Literal["all", "even", "even_first_row"] = "all"
     positions: Literal["original", "compact"] = "original"
     decode_positions: Literal["unpruned", "shifted"] = "unpruned"
+    mode: Literal["remove", "mask"] = "remove"
 
 
 class _Capture(LLMCompressor):
@@ -286,3 +287,85 @@ def test_signals_after_a_stage_at_the_same_layer_on_a_ragged_right_padded_batch(
     assert torch.equal(after.per_token["key_norms"], alone.per_token["key_norms"])
     assert torch.equal(after.llm.text_key_norms, alone.llm.text_key_norms)
     assert torch.equal(after.per_token["normed_hidden"], alone.per_token["normed_hidden"])
+
+
+@torch.no_grad()
+def _model_signals(model, batch: dict, a: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three signals at layer ``a`` from the model's own outputs (no arrcoc): eager attention weights of layer
+    ``a`` (last row, head mean) ``[B, L]``, the L1 norms of the KV cache's layer ``a - 1`` keys (key heads repeated,
+    heads concatenated) ``[B, L]``, and the hidden states entering layer ``a`` ``[B, L, D]``."""
+    from arrcoc.integrations.hf.compat import output_cache
+
+    impl = model.config.text_config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(**batch, output_attentions=True, output_hidden_states=True, use_cache=True)
+    finally:
+        model.set_attn_implementation(impl)
+    keys = output_cache(out).layers[a - 1].keys
+    keys = keys.repeat_interleave(model.config.text_config.num_attention_heads // keys.shape[1], 1)
+    return (out.attentions[a][:, :, -1].mean(1).float(), keys.transpose(1, 2).flatten(2).abs().sum(-1).float(),
+            out.hidden_states[a])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_signals_equal_the_model_own_attention_keys_and_hidden_states(family, attention):
+    """LLaVA-1.5, LLaVA-NeXT and Qwen2-VL (multimodal rotary), batch 2 left-padded, loaded with sdpa or eager
+    attention: at layer 2 the probed ``attn_from_last_here`` equals the model's own eager attention weights of layer
+    2 (last row, head mean), ``key_norms`` the norms of the keys the model caches at layer 1, ``normed_hidden`` the
+    model's hidden states entering layer 2 through its final norm; ``visual_positions`` count real tokens only.
+    (float32: the float64 eager reference turns left-padded rows into NaN in transformers itself.)"""
+    model, batch, _ = FAMILIES[family]()
+    here, norms, hidden = _model_signals(model, batch, 2)
+    model.set_attn_implementation(attention)
+    try:
+        CAPTURED.clear()
+        with torch.no_grad(), arrcoc.hf.apply(model, spec("test_signals_all", layers=[2])):
+            model(**batch)
+    finally:
+        model.set_attn_implementation("sdpa")
+    (state,) = CAPTURED
+    real = batch["attention_mask"].bool()
+    visual = (batch["input_ids"] == arrcoc.hf.adapter_for(model).image_token_id) & real
+    norm = arrcoc.hf.adapter_for(model).language_model.norm
+    for b in range(2):
+        columns = visual[b].nonzero().flatten()
+        n = columns.numel()
+        assert int(state.counts[b]) == n
+        torch.testing.assert_close(state.per_token["attn_from_last_here"][b, :n], here[b, columns],
+                                   rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(state.per_token["key_norms"][b, :n], norms[b, columns], rtol=1e-5, atol=0)
+        torch.testing.assert_close(state.per_token["normed_hidden"][b, :n], norm(hidden[b, columns]),
+                                   rtol=1e-5, atol=1e-5)
+        assert state.llm.visual_positions[b, :n].tolist() == (real[b].cumsum(0) - 1)[columns].tolist()
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_signals_after_a_mask_mode_stage(layer):
+    """A ``mode: mask`` stage (AIM's) keeps the even visual tokens at layer 1 or 2, before the capturing stage at
+    layer 2: only the kept tokens reach it; their key norms are those of the model's own layer-1 keys (masking
+    changes no key), the probed attention is the model's layer-2 attention under that mask (the masked tokens
+    get none of it), read from the eager weights of the same run."""
+    model, batch, _ = FAMILIES["llava"]()
+    _, norms, _ = _model_signals(model, batch, 2)
+    model.set_attn_implementation("eager")
+    try:
+        CAPTURED.clear()
+        pipeline = {"encoder": ENC, "llm": [{"use": "test_signals_here", "layers": [layer], "keep": "even",
+                                             "mode": "mask"},
+                                            {"use": "test_signals_all", "layers": [2], "mode": "mask"}]}
+        with torch.no_grad(), arrcoc.hf.apply(model, pipeline):
+            out = model(**batch, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    state = CAPTURED[-1]
+    visual = (batch["input_ids"] == IMAGE) & batch["attention_mask"].bool()
+    for b in range(2):
+        kept = visual[b].nonzero().flatten()[::2]
+        n = kept.numel()
+        assert int(state.counts[b]) == n
+        torch.testing.assert_close(state.per_token["key_norms"][b, :n], norms[b, kept], rtol=1e-5, atol=0)
+        weights = out.attentions[2][b, :, -1].mean(0).float()
+        torch.testing.assert_close(state.per_token["attn_from_last_here"][b, :n], weights[kept], rtol=1e-5, atol=1e-8)
+        assert float(weights[visual[b].nonzero().flatten()[1::2]].abs().max()) == 0.0
