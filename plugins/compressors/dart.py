@@ -38,8 +38,9 @@ Here:
 * :func:`dart_takes` turns a budget into the tokens each pivot takes,
   :func:`dart_select` is the selection on tensors (batched, ragged rows
   through masks, ties to the lower index, 8 steps over a ``[B, N]``
-  candidate mask, no host sync per step), and :func:`pivot_visit_order`
-  the official set order;
+  candidate mask, no host sync per step; a prompt without visual tokens,
+  a text-only one in a batch, keeps none and asks for no pivots), and
+  :func:`pivot_visit_order` the official set order;
 * the ``dart`` plugin (``stage = "llm"``) reads the signals the Hugging
   Face integration fills (``needs = {"key_norms", "normed_hidden"}``):
   ``per_token["key_norms"]`` / ``per_token["normed_hidden"]`` for the visual
@@ -107,12 +108,17 @@ def dart_takes(keep: float | int, counts: torch.Tensor, *, image_pivots: int = 4
 
     A :class:`~arrcoc.errors.BudgetError` when a count is above an image's tokens (``resolve_keep``) or, with
     ``count="exact"``, below the image pivots; :func:`dart_select` refuses takes above an image's candidates.
+    A row of ``counts`` 0 (a prompt without an image) takes nothing.
     """
     pivots = image_pivots + text_pivots
     if pivots < 1:
         raise BudgetError(f"{where}: needs at least one pivot, got {image_pivots} image and {text_pivots} text pivots")
     counts = counts.to(torch.int64)
-    budget = ops.resolve_keep(keep, counts, where=f"{where}.keep")  # [B]; a count above an image's tokens raises
+    # A prompt without visual tokens (a text-only one in a batch) has no image to budget: it takes nothing (a
+    # count is checked against the images only).
+    has_image = counts > 0
+    checked = counts.masked_fill(~has_image, keep) if isinstance(keep, int) and keep >= 1 else counts
+    budget = ops.resolve_keep(keep, checked, where=f"{where}.keep") * has_image  # a count above an image raises
     steps = torch.arange(pivots, device=counts.device)
     if count == "official":
         takes = (budget // pivots)[:, None].expand(-1, pivots)
@@ -122,7 +128,8 @@ def dart_takes(keep: float | int, counts: torch.Tensor, *, image_pivots: int = 4
     else:
         raise BudgetError(f"{where}.count: expected 'official' or 'exact', got {count!r}")
     if count == "exact":  # (a count is known on the host; a ratio costs one sync here)
-        low = keep < image_pivots if isinstance(keep, int) else bool((budget < image_pivots).any())
+        # (a prompt without visual tokens, a text-only one in a batch, has no image to keep pivots of)
+        low = keep < image_pivots if isinstance(keep, int) else bool(((budget < image_pivots) & has_image).any())
         if low:
             raise BudgetError(f"{where}.keep: count: exact keeps {keep} tokens per image, fewer than its "
                               f"{image_pivots} image pivots")
@@ -183,7 +190,8 @@ def dart_select(
         hidden: ``[B, N, D]`` visual states the cosines compare (official: layer ``K - 1``'s output through the
             final norm).
         norms: ``[B, N]`` pivot scores of the visual tokens (official: L1 norm of their post-RoPE keys).
-        mask: ``[B, N]`` real visual tokens.
+        mask: ``[B, N]`` real visual tokens (a row without any: a prompt without an image, which keeps none and
+            needs no pivots).
         text_hidden, text_norms, text_mask: ``[B, T, D]``, ``[B, T]``, ``[B, T]``: the same for the text after
             the image (None with ``text_pivots=0``).
         takes: tokens each pivot takes, in visiting order: an int, or ``[B]`` / ``[B, P]`` int64
@@ -217,11 +225,17 @@ def dart_select(
     take_rows = (take_rows[:, None] if take_rows.ndim == 1 else take_rows).expand(B, pivots)
     # One host read per call for what the loop needs to know: the top-k width of the steps, the rows whose
     # pivots ask for more than their candidates (official topk raises), the shortest text (official topk(4)).
+    # A prompt without visual tokens (a text-only prompt in a batch: the model integration hands the stage one
+    # row per prompt) has no image: no pivots are asked of it and it keeps nothing.
     counts = mask.sum(1)
-    text_counts = text_mask.sum(1) if text_pivots else torch.full_like(counts, text_pivots)
-    short = counts - image_pivots - take_rows.sum(1)
-    width, fewest_left, fewest_text = (torch.stack([take_rows.amax(), short.amin(), text_counts.amin()]).tolist()
-                                       if B else (0, 0, text_pivots))
+    has_image = counts > 0
+    all_text = text_mask.sum(1) if text_pivots else torch.full_like(counts, text_pivots)
+    text_counts = torch.where(has_image, all_text, text_pivots)
+    short = counts - image_pivots * has_image - take_rows.sum(1)
+    width, fewest_left, fewest_text, fewest_visual, most_visual, fewest_any_text = (
+        torch.stack([take_rows.amax(), short.amin(), text_counts.amin(), counts.amin(), counts.amax(),
+                     all_text.amin()]).tolist()
+        if B else (0, 0, text_pivots, 0, 0, text_pivots))
     if fewest_left < 0:
         b = int((short < 0).nonzero()[0, 0])
         raise BudgetError(
@@ -236,11 +250,16 @@ def dart_select(
             f"{few} have only {fewest_text} text token(s) after their image; put the question after the image, "
             "or set text_pivots lower"
         )
-    # Image pivots: largest scores (official topk of the key L1 norms; ties here to the lower index).
-    image_index, _ = ops.topk_per_row(norms, image_pivots, mask, order="score")
+    if most_visual == 0:  # (no prompt has an image: nothing to choose from)
+        return ops.pack(torch.zeros(B, N, dtype=torch.bool, device=device))
+    # Image pivots: largest scores (official topk of the key L1 norms; ties here to the lower index).  Per-row
+    # counts only where a prompt has fewer (one without an image: none), so the usual batch costs no sync here.
+    image_k = image_pivots if fewest_visual >= image_pivots else torch.where(has_image, image_pivots, 0)
+    image_index, image_valid = ops.topk_per_row(norms, image_k, mask, order="score")
     vectors = [_gather_vectors(hidden, image_index)]
     if text_pivots:
-        text_index, _ = ops.topk_per_row(text_norms, text_pivots, text_mask, order="score")
+        text_k = text_pivots if fewest_any_text >= text_pivots else all_text.clamp(max=text_pivots)
+        text_index, _ = ops.topk_per_row(text_norms, text_k, text_mask, order="score")
         vectors.append(_gather_vectors(text_hidden.to(hidden.dtype), text_index))
     pivot_vectors = torch.cat(vectors, 1)  # [B, P, D], image pivots then text pivots (official insertion order)
     if positions is not None:
@@ -249,12 +268,15 @@ def dart_select(
         seq = [positions.gather(1, image_index)]
         if text_pivots:
             seq.append(text_positions.gather(1, text_index))
-        visit = pivot_visit_order(torch.cat(seq, 1))
+        # (a prompt without an image takes nothing: any distinct indices give it an order)
+        seq = torch.where(has_image[:, None], torch.cat(seq, 1), torch.arange(pivots, device=device))
+        visit = pivot_visit_order(seq)
         pivot_vectors = _gather_vectors(pivot_vectors, visit)
     # Cosine of each pivot with every visual token (official -F.cosine_similarity(pivot, candidates)): [B, P, N].
     cosine = ops.similarity_key(pivot_vectors, hidden)
 
-    chosen = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, image_index, True)
+    chosen = torch.zeros(B, N + 1, dtype=torch.bool, device=device).scatter_(
+        1, image_index.masked_fill(~image_valid, N), True)[:, :N]
     candidates = mask & ~chosen  # official valid_indices: the image less its pivots
     negative_inf = torch.tensor(float("-inf"), device=device)
     for step in range(pivots):

@@ -29,7 +29,9 @@ from test_hf_llm_methods import (  # noqa: E402
     reference_pass,
 )
 from test_hf_support_matrix import FAMILIES  # noqa: E402
-from tiny_models import N0, ROWS, llava_batch, prompt_with_features, rotate_half, sample  # noqa: E402
+from tiny_models import (  # noqa: E402
+    BOS, N0, ROWS, left_pad, llava_batch, llava_row, prompt_with_features, rotate_half, sample,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 __all__ = ["model"]  # the module-scoped tiny LLaVA fixture of test_hf_llm_methods
@@ -218,6 +220,23 @@ def test_batched_equals_each_prompt_alone(model, batch3):
             one = sample(batch3, b)
             torch.testing.assert_close(forward_logits(model, one)[0], logits[b], rtol=0, atol=1e-10)
             assert torch.equal(kept_patches(run.llm_states["llm[0]@2"], 0), kept_patches(together, b))
+
+
+def test_a_text_only_prompt_in_the_batch(model, batch3, refs):
+    """One prompt with an image and one without: the text-only prompt has nothing to prune (it keeps none, asks
+    for no budget and no pivots), the other keeps the reference's tokens; each row's logits are those of the
+    prompt alone."""
+    ids, mask = left_pad([llava_row(*DART_ROWS[0]), [BOS, 5, 6]])
+    mixed = {"input_ids": ids, "attention_mask": mask, "pixel_values": batch3["pixel_values"][:1]}
+    with torch.no_grad(), arrcoc.hf.apply(model, dart()) as run:
+        logits = forward_logits(model, mixed)
+        state = run.llm_states["llm[0]@2"]
+        assert state.counts.tolist() == [4 + 8 * (BUDGET // 8), 0]
+        assert torch.equal(kept_patches(state, 0), patches(refs[0][0]["plans"][2], refs[0][0]["image"]))
+        torch.testing.assert_close(logits[0], forward_logits(model, sample(batch3, 0))[0], rtol=0, atol=1e-10)
+    text_only = {"input_ids": torch.tensor([[BOS, 5, 6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(logits[1], forward_logits(model, text_only)[0], rtol=0, atol=1e-10)
 
 
 def test_refuses_a_prompt_without_text_for_the_pivots(model):

@@ -166,6 +166,30 @@ def test_ragged_batch_equals_each_prompt_alone(order):
             assert together[b] == official_reference(prompt[0], prompt[1], prompt[2], prompt[3], 32)
 
 
+@pytest.mark.parametrize("checks", [False, True])
+@pytest.mark.parametrize("order", ["official", "score"])
+@pytest.mark.parametrize("count", ["official", "exact"])
+@pytest.mark.parametrize("keep", [0.5, 24])
+def test_a_prompt_without_visual_tokens_keeps_none_and_changes_nothing_else(keep, order, count, checks):
+    """A batch may hold a text-only prompt (the model integration hands the stage one row per prompt, as
+    FastV's): it has no image to prune, so no budget, no image pivots and no text pivots are asked of it (here 2
+    text tokens, fewer than the 4 text pivots; a count M above its 0 tokens), it keeps none, and the other prompts
+    keep what they keep alone."""
+    with_image = [(*sequence(20 + b, start, n, t), start, n) for b, (start, n, t) in enumerate([(35, 64, 12),
+                                                                                              (7, 41, 5)])]
+    text_only = (*sequence(30, 6, 0, 2), 6, 0)
+    state = llm_state([with_image[0], text_only, with_image[1]])
+    with ops.checking(checks):
+        out = run_dart(state, keep=keep, count=count, pivot_order=order)
+        alone = [kept_positions(s, run_dart(s, keep=keep, count=count, pivot_order=order))[0]
+                 for s in (llm_state([p]) for p in with_image)]
+    assert out.counts.tolist() == [len(alone[0]), 0, len(alone[1])]
+    assert kept_positions(state, out) == [alone[0], [], alone[1]]
+    if count == "official" and order == "official":
+        budgets = [keep if isinstance(keep, int) else int(n * keep) for *_, n in with_image]
+        assert alone == [official_reference(h, k, s, n, m) for (h, k, s, n), m in zip(with_image, budgets)]
+
+
 def test_ratio_budget_per_prompt():
     """A ratio is the official N (1 - reduction_ratio) fallback: floor(n keep) // 8 per pivot, per prompt."""
     prompts = [(*sequence(3, 35, 64, 12), 35, 64), (*sequence(4, 9, 40, 6), 9, 40)]
