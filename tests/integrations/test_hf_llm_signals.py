@@ -369,3 +369,54 @@ def test_signals_after_a_mask_mode_stage(layer):
         weights = out.attentions[2][b, :, -1].mean(0).float()
         torch.testing.assert_close(state.per_token["attn_from_last_here"][b, :n], weights[kept], rtol=1e-5, atol=1e-8)
         assert float(weights[visual[b].nonzero().flatten()[1::2]].abs().max()) == 0.0
+
+
+def test_probing_changes_nothing_with_a_static_cache_under_inference_mode(model, batch3):
+    """``generate`` with ``cache_implementation='static'`` (its masks span the whole cache) under
+    ``torch.inference_mode``: a keep-everything stage reading ``attn_from_last_here`` generates the model's own
+    tokens and logits, and the probed row equals the one a dynamic cache gives."""
+    static = {"cache_implementation": "static"}
+    with torch.inference_mode():
+        out = model.generate(**batch3, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True, **static)
+    rows = []
+    for extra in (static, {}):
+        CAPTURED.clear()
+        with torch.inference_mode(), arrcoc.hf.apply(model, spec("test_signals_here", layers=[2])):
+            got = model.generate(**batch3, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True, **extra)
+        (state,) = CAPTURED
+        rows.append(state.per_token["attn_from_last_here"])
+        if extra:
+            assert torch.equal(got.sequences, out.sequences)
+            assert all(torch.equal(a, b) for a, b in zip(got.logits, out.logits))
+    torch.testing.assert_close(rows[0], rows[1], rtol=1e-6, atol=1e-12)
+
+
+def test_a_failed_probe_leaves_no_probing_behind():
+    """The probe stops the attention module in arrcoc's scoring function; a module that raises, or that never calls
+    the attention function, leaves the recorder as it was (the model's next forward records normally) and the
+    second is refused by name."""
+    from arrcoc.errors import ModelError
+    from arrcoc.integrations.hf.attention import Recorder, probe_last_row
+
+    class Raises(torch.nn.Module):
+        layer_idx = 3
+
+        def forward(self, hidden_states, **kwargs):
+            raise RuntimeError("inside the module")
+
+    class NoKernel(Raises):
+        def forward(self, hidden_states, **kwargs):
+            assert "cache" not in kwargs and "past_key_values" not in kwargs  # the probe never passes a cache
+            return hidden_states, None
+
+    recorder = Recorder()
+    with pytest.raises(RuntimeError, match="inside the module"):
+        probe_last_row(recorder, Raises(), torch.zeros(1, 2, 4), {"cache": object()})
+    assert recorder.probing is None
+    with pytest.raises(ModelError, match=r"probing decoder layer 3's attention did not reach arrcoc's scoring "
+                                         r"attention function \(the module NoKernel"):
+        probe_last_row(recorder, NoKernel(), torch.zeros(1, 2, 4), {"cache": object(), "past_key_values": object(),
+                                                                     "position_ids": None})
+    assert recorder.probing is None
