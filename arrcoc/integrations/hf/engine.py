@@ -20,7 +20,10 @@ layer keeps running its own attention kernel, and the KV cache of layers
 Decode.  Layers ``>= a`` get a mask built from their segment's prefill key
 mask plus the new columns; positions continue from the unpruned length
 (``generate`` numbers new tokens from ``attention_mask``), which is FastV's
-rule and what SparseVLM v1.0 does after its compact prefill numbering.
+rule and what SparseVLM v1.0 does after its compact prefill numbering; after a
+compact stage whose ``decode_position_rule`` is ``shifted`` (PyramidDrop), the
+layers from it on number new tokens from that length minus the prompt tokens
+they no longer see (:attr:`~.call.Segment.position_shift`).
 """
 
 from __future__ import annotations
