@@ -195,7 +195,8 @@ def dart_select(
         text_hidden, text_norms, text_mask: ``[B, T, D]``, ``[B, T]``, ``[B, T]``: the same for the text after
             the image (None with ``text_pivots=0``).
         takes: tokens each pivot takes, in visiting order: an int, or ``[B]`` / ``[B, P]`` int64
-            (:func:`dart_takes`); ``sum + image_pivots`` must not exceed an image's tokens.
+            (:func:`dart_takes`); ``sum + image_pivots`` must not exceed an image's tokens (a row without visual
+            tokens takes none).
         image_pivots, text_pivots: pivots of largest score among the visual / text tokens (official 4 and 4).
         positions, text_positions: ``[B, N]`` / ``[B, T]`` absolute sequence indices; given, the pivots are
             visited in the official set order (:func:`pivot_visit_order`), else in score order (image pivots by
@@ -221,14 +222,14 @@ def dart_select(
             raise StateError(f"dart_select: expected text_hidden [B, T, {hidden.shape[-1]}] and text_norms [B, T] "
                              f"for text_mask {list(text_mask.shape)}, got {list(text_hidden.shape)} and "
                              f"{list(text_norms.shape)}")
-    take_rows = torch.as_tensor(takes, device=device).to(torch.int64)
-    take_rows = (take_rows[:, None] if take_rows.ndim == 1 else take_rows).expand(B, pivots)
-    # One host read per call for what the loop needs to know: the top-k width of the steps, the rows whose
-    # pivots ask for more than their candidates (official topk raises), the shortest text (official topk(4)).
     # A prompt without visual tokens (a text-only prompt in a batch: the model integration hands the stage one
     # row per prompt) has no image: no pivots are asked of it and it keeps nothing.
     counts = mask.sum(1)
     has_image = counts > 0
+    take_rows = torch.as_tensor(takes, device=device).to(torch.int64)
+    take_rows = (take_rows[:, None] if take_rows.ndim == 1 else take_rows).expand(B, pivots) * has_image[:, None]
+    # One host read per call for what the loop needs to know: the top-k width of the steps, the rows whose
+    # pivots ask for more than their candidates (official topk raises), the shortest text (official topk(4)).
     all_text = text_mask.sum(1) if text_pivots else torch.full_like(counts, text_pivots)
     text_counts = torch.where(has_image, all_text, text_pivots)
     short = counts - image_pivots * has_image - take_rows.sum(1)

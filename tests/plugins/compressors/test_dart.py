@@ -185,6 +185,10 @@ def test_a_prompt_without_visual_tokens_keeps_none_and_changes_nothing_else(keep
                  for s in (llm_state([p]) for p in with_image)]
     assert out.counts.tolist() == [len(alone[0]), 0, len(alone[1])]
     assert kept_positions(state, out) == [alone[0], [], alone[1]]
+    # dart_select itself: a prompt without visual tokens takes nothing, whatever the takes say.
+    index, valid = D.dart_select(state.per_token["normed_hidden"], state.per_token["key_norms"], state.mask,
+                                 state.llm.text_normed_hidden, state.llm.text_key_norms, state.llm.text_mask, 3)
+    assert valid.sum(1).tolist() == [4 + 8 * 3, 0, 4 + 8 * 3]
     if count == "official" and order == "official":
         budgets = [keep if isinstance(keep, int) else int(n * keep) for *_, n in with_image]
         assert alone == [official_reference(h, k, s, n, m) for (h, k, s, n), m in zip(with_image, budgets)]
