@@ -1,0 +1,169 @@
+"""Gemma 3 (``Gemma3ForConditionalGeneration``): SigLIP tower, pooling projector, Gemma 3 decoder.
+
+Visual tokens are the projector's output: the SigLIP tower's last hidden
+states (``patches x patches``, no class token) average-pooled to a fixed
+``mm_tokens_per_image`` (256: a 16 x 16 grid of 4 x 4 patches at 896 px),
+RMS-normed and projected (``get_image_features``).  Like Qwen's merger, the
+pooling is part of the projector, so the adapter hands the pooled tokens
+(``projected``): every stage runs on them, each image on the same square
+grid; a pan-and-scan crop is one more image of the same size.  The tower has
+no class token and arrcoc reads no attention from it: methods that need CLS
+attention, keys or the attention a token receives are refused by the tower's
+``how_to_provide`` (the substitutes it names run).
+
+Prompt.  Each image is ``<start_of_image>``, its placeholders,
+``<end_of_image>``; ``token_type_ids`` (1 on the placeholders, as the
+processor returns them) make the decoder attend **bidirectionally within each
+image's block** (a run of image tokens; ``get_block_sequence_ids_for_mask``)
+on top of the causal mask (sliding layers: ``window AND (causal OR block)``).
+A prompt shortened before the LLM carries the gathered ``token_type_ids``
+(:meth:`Gemma3Adapter.shortened_kwargs`): the kept tokens of an image are
+again one block; without ``token_type_ids`` the model is causal, and so is the
+short prompt.  Positions are 1-D (``cumsum(mask) - 1``, as ``generate``
+numbers them); the image features are not scaled, the text embeddings are
+(``sqrt(hidden_size)``, inside the model's embedding: :meth:`Adapter.embed`
+returns them scaled, as the queries of query-aware stages should be).
+
+Inside the LLM two things differ from Llama-like decoders, and both need the
+engine: the layer types use different rotary bases (``rotary_emb(x, positions,
+layer_type)``: :meth:`Gemma3Adapter.rotary` returns ``{layer type: (cos,
+sin)}``), and the image blocks stay bidirectional among the kept tokens
+(:meth:`Gemma3Adapter.attention_blocks`).  An engine without the
+``attention_blocks`` hook on :class:`~.adapter.Adapter` knows neither: there
+``llm:`` stages on Gemma 3 are refused (:attr:`Gemma3Adapter.text_config`).
+
+Soft-capping: ``Gemma3ForConditionalGeneration`` applies no final-logit
+soft-capping (only the text-only ``Gemma3ForCausalLM`` does) and its attention
+passes no ``softcap`` to the kernel, so the scores arrcoc records in the
+decoder are the model's own softmax (released Gemma 3 configs set both caps to
+``null``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from arrcoc.errors import InputError, ModelError
+
+from .adapter import Adapter, VisionOutput, register_adapter
+
+
+def block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, L]``: the image block of each column (0, 1, ... per prompt, one per run of image tokens) or -1 for
+    text: Gemma 3's ``get_block_sequence_ids_for_mask`` (a block starts at an image token after a non-image)."""
+    image = token_type_ids == 1
+    starts = image & ~torch.nn.functional.pad(image, (1, 0), value=False)[:, :-1]
+    return torch.where(image, starts.long().cumsum(1) - 1, -1)
+
+
+@register_adapter
+class Gemma3Adapter(Adapter):
+    family = "gemma3"
+    model_classes = ("Gemma3ForConditionalGeneration",)
+    projected = True
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def num_vision_layers(self) -> int:
+        inner = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        return len(inner.encoder.layers)
+
+    @property
+    def _side(self) -> int:
+        """Tokens per side of each image's pooled grid."""
+        side = round(int(self.model.config.mm_tokens_per_image) ** 0.5)
+        if side * side != int(self.model.config.mm_tokens_per_image):
+            raise ModelError(f"{self.family}: mm_tokens_per_image must be a square (the projector pools to a square "
+                             f"grid), got {self.model.config.mm_tokens_per_image}")
+        return side
+
+    def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
+        return [self._side ** 2] * int(pixel_values.shape[0])
+
+    def budget_context(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        # Every image (a crop too) is pooled to the same square grid: the config says it, no forward needed.
+        tokens = self.tokens_per_image(pixel_values, image_inputs)
+        return self._budget_contexts(tokens, [(self._side, self._side)] * len(tokens))
+
+    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
+                      ) -> VisionOutput:
+        if pixel_values.dim() != 4:
+            raise InputError(f"{self.family}: expected pixel_values [images, 3, H, W], got {list(pixel_values.shape)}")
+        dtype = next(self.vision_tower.parameters()).dtype
+        pooled = self.model.model.get_image_features(pixel_values.to(dtype)).pooler_output  # [images, n, D]
+        side = self._side
+        return VisionOutput(list(pooled), [(side, side)] * pooled.shape[0], None, None)
+
+    def feature_kwargs(self, features: list[torch.Tensor]) -> dict[str, Any]:
+        # Gemma 3's forward reads pooler_output as one tensor (``.to``) and scatters its rows into the
+        # placeholders in order: the images' kept rows, concatenated, as one [1, total, D] tensor.
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])}}
+
+    # ------------------------------------------------------------- prompt
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def shortened_kwargs(self, kwargs: dict[str, Any], index: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+        """The ``token_type_ids`` of the short prompt: the original ones at the kept columns (1 on every kept
+        image token, so each image's kept tokens form one block again), 0 on the padding added in front."""
+        types = kwargs.get("token_type_ids")
+        if types is None:
+            return {}  # the model attends causally; so does the short prompt
+        prompt = kwargs.get("input_ids")
+        prompt = kwargs.get("inputs_embeds") if prompt is None else prompt
+        if prompt is not None and tuple(types.shape) != tuple(prompt.shape[:2]):
+            raise InputError(f"{self.family}: token_type_ids must have the prompt's shape {tuple(prompt.shape[:2])} "
+                             f"(one per column), got {tuple(types.shape)}")
+        return {"token_type_ids": types.to(index.device).gather(1, index).masked_fill(~valid, 0)}
+
+    def attention_blocks(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """Per column of the prompt the LLM gets (a forward's inputs), the bidirectional block it belongs to
+        (:func:`block_ids`), -1 for causal columns; ``None`` without ``token_type_ids`` (the model is causal)."""
+        types = inputs.get("token_type_ids")
+        return None if types is None else block_ids(types)
+
+    # ---------------------------------------------------------------- LLM
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def text_config(self) -> Any:
+        config = self.language_model.config
+        if _ENGINE_HAS_BLOCKS:
+            return config
+        return _CausalOnlyEngineConfig(config)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer type: (cos, sin)}``: each type of layer has its own rotary base (local / global)."""
+        rotary = self.language_model.rotary_emb
+        types = self.language_model.config.layer_types
+        return {kind: rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}
+
+
+#: Whether the engine builds each layer's mask with an adapter's attention blocks (and per-type rotary tables).
+_ENGINE_HAS_BLOCKS = hasattr(Adapter, "attention_blocks")
+
+
+class _CausalOnlyEngineConfig:
+    """The text config as an engine without :meth:`Adapter.attention_blocks` reads it: every attribute the
+    model's, the layer types named with the image blocks that engine cannot build, so that it refuses ``llm:``
+    stages with its own message (which names the types) instead of making the kept image tokens causal."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+    @property
+    def layer_types(self) -> list[str]:
+        return [f"{kind} + bidirectional image blocks (Gemma 3)" for kind in self._config.layer_types]
