@@ -1,0 +1,164 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): AnyRes-max views, unpadding, bilinear pooling of
+large grids, newline tokens; SigLIP tower (no class token), Qwen2 decoder.  Single images (no video).
+
+An image is a base view plus ``rows x cols`` crops, as in LLaVA-NeXT, and
+arrcoc compresses **per view, before packing**, with LLaVA-NeXT's state (one
+row per view, ``meta["views"]``) and its encoding (:class:`LlavaNextAdapter`).
+What the model's ``pack_image_features`` adds to LLaVA-NeXT's packing is the
+``anyres_max_N`` rule (``config.vision_aspect_ratio``): when the unpadded
+stitched crop grid of ``h x w`` cells exceeds ``N`` views (``ratio =
+sqrt(h w / (N S^2)) > 1.1``), it is resized bilinearly (``align_corners=False``,
+no antialias) to ``(int(h // ratio), int(w // ratio))`` after the projector,
+before the newline tokens.
+
+Packing (:meth:`LlavaOnevisionAdapter.assemble`) does that with the kept
+tokens only:
+
+* an image whose grid is not pooled is packed exactly as LLaVA-NeXT packs it
+  (the same code);
+* a pooled grid is resized by **normalised convolution** (Knutsson & Westin
+  1993, interpolation from incomplete samples): each pooled cell is the
+  model's bilinear blend of its (up to 4) source cells, renormalised over the
+  sources that were kept, ``sum w_s m_s x_s / sum w_s m_s``; a cell whose
+  sources were all kept is bit for bit the model's value.  A pooled cell
+  reaches the LLM when the source cell nearest to its sampling point (the one
+  ``nearest-exact`` resizing would take, ``floor((i + 1/2) in / out)``) was
+  kept, so the pooled grid keeps about the fraction of cells the stages kept;
+  a kept token elsewhere still flows into its neighbours' values.  Merged
+  tokens sit at the cell nearest their centroid (tokens meeting in one cell
+  are averaged).  One newline after every pooled row that keeps a cell.
+
+With nothing dropped this is exactly the model's packing (tested against
+``model.model.pack_image_features``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from arrcoc.errors import InputError
+from arrcoc.state import TokenState
+
+from .adapter import VisionOutput, register_adapter
+from .llava_next import LlavaNextAdapter, _unpadded_window
+
+
+@register_adapter
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    family = "llava_onevision"
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    image_input_names = ("image_sizes", "batch_num_images")
+
+    @property
+    def max_views(self) -> int:
+        """``N`` of ``vision_aspect_ratio = "anyres_max_N"``: the crop grid the model keeps unpooled, in views."""
+        aspect = str(getattr(self.model.config, "vision_aspect_ratio", "anyres_max_9"))
+        # The model's own parsing (pack_image_features: int(aspect.strip("anyres_max_"))).
+        return int(aspect.strip("anyres_max_"))
+
+    def pooled_grid(self, size: list[int], rows: int, cols: int) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+        """``((top, bottom, left, right), (out_rows, out_cols))``: the unpadded window of an image's stitched crop
+        grid and the grid the model resizes it to (the window's own size when it is not pooled)."""
+        S = self.side
+        window = _unpadded_window(rows * S, cols * S, size)
+        top, bottom, left, right = window
+        height, width = bottom - top, right - left
+        ratio = math.sqrt(height * width / (self.max_views * S ** 2))  # the model's arithmetic
+        if ratio > 1.1:
+            return window, (int(height // ratio), int(width // ratio))
+        return window, (height, width)
+
+    def _single_images(self, image_inputs: dict[str, Any]) -> None:
+        counts = image_inputs.get("batch_num_images")
+        if counts is not None and any(int(n) != 1 for n in torch.as_tensor(counts).reshape(-1).tolist()):
+            raise InputError(
+                f"llava_onevision: batch_num_images={torch.as_tensor(counts).tolist()}: prompts with several images "
+                "(each encoded as one base view and a newline, without crops) are not supported by arrcoc's pre-LLM "
+                "stages (single images only); give one image per prompt, or use llm: stages only"
+            )
+
+    def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
+        counts = image_inputs.get("batch_num_images")
+        if counts is None:
+            single = [True] * len(self._sizes(image_inputs))
+        else:  # the model's need_patching: an image of a prompt with several is one base view and a newline
+            single = [int(n) == 1 for n in torch.as_tensor(counts).reshape(-1).tolist() for _ in range(int(n))]
+        out = []
+        for size, patched in zip(self._sizes(image_inputs), single):
+            if not patched:
+                out.append(self.side ** 2 + 1)
+                continue
+            rows, cols = self.crop_grid(size)
+            _, (height, width) = self.pooled_grid(size.tolist(), rows, cols)
+            out.append(self.side ** 2 + height * (width + 1))
+        return out
+
+    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
+                      ) -> VisionOutput:
+        self._single_images(image_inputs)
+        return super().encode_images(pixel_values, image_inputs, keep_hidden)
+
+    def assemble(self, state: TokenState, image_inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """Per image: LLaVA-NeXT's packing of the kept tokens; a pooled grid resized from the kept tokens (module
+        docstring)."""
+        out = super().assemble(state, image_inputs)
+        newline = self.model.model.image_newline
+        row = 0
+        for i, (size, (rows, cols)) in enumerate(zip(self._sizes(image_inputs).tolist(),
+                                                      self.view_layout(image_inputs))):
+            window, pooled = self.pooled_grid(size, rows, cols)
+            if pooled != (window[1] - window[0], window[3] - window[2]):
+                n_base = int(state.counts[row])
+                grid = self._pool_kept(state, row + 1, rows, cols, window, pooled)
+                out[i] = torch.cat([state.tokens[row, :n_base], _with_newlines(grid, newline)])
+            row += 1 + rows * cols
+        return out
+
+    def _pool_kept(self, state: TokenState, first: int, rows: int, cols: int, window: tuple[int, int, int, int],
+                   pooled: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values [out_rows, out_cols, D], kept [out_rows, out_cols])`` of one image's pooled crop grid."""
+        S = self.side
+        H, W = rows * S, cols * S
+        views = range(first, first + rows * cols)
+        cells = []
+        for k, v in enumerate(views):  # a handful of views per image
+            n = int(state.counts[v])
+            cell = torch.floor(state.positions[v, :n] + 0.5).long().clamp(0, S - 1)
+            cells.append((cell[:, 0] + (k // cols) * S) * W + cell[:, 1] + (k % cols) * S)
+        index = torch.cat(cells)
+        tokens = torch.cat([state.tokens[v, : int(state.counts[v])] for v in views])
+        D = tokens.shape[-1]
+        total = tokens.new_zeros(H * W, D).index_add_(0, index, tokens)
+        hits = tokens.new_zeros(H * W).index_add_(0, index, torch.ones_like(index, dtype=tokens.dtype))
+        # Tokens meeting in one cell are averaged; a cell of one token keeps it exactly (x / 1).
+        dense = total / hits.clamp(min=1)[:, None]
+        kept = (hits > 0).to(tokens.dtype)
+        top, bottom, left, right = window
+        # [D, H, W] then the window, as the model lays the stitched grid out before unpad_image and interpolate.
+        grid = dense.view(H, W, D).permute(2, 0, 1).contiguous()[:, top:bottom, left:right]
+        mask = kept.view(H, W)[top:bottom, left:right]
+
+        def resize(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.interpolate(x[None], list(pooled), mode="bilinear")[0]
+
+        blend = resize(grid * mask)  # sum over sources w_s m_s x_s: the model's value where every source was kept
+        weight = resize(mask[None])[0]  # sum w_s m_s
+        missing = resize((1 - mask)[None])[0] > 0  # a source of nonzero weight was dropped
+        values = torch.where(missing[None], blend / weight.clamp(min=torch.finfo(weight.dtype).tiny), blend)
+        # The source cell nearest each pooled cell's sampling point decides whether the cell reaches the LLM.
+        (h, w), (oh, ow) = mask.shape, pooled
+        near_r = ((torch.arange(oh, device=mask.device) + 0.5) * (h / oh)).floor().long().clamp(max=h - 1)
+        near_c = ((torch.arange(ow, device=mask.device) + 0.5) * (w / ow)).floor().long().clamp(max=w - 1)
+        return values.permute(1, 2, 0), mask[near_r][:, near_c] > 0
+
+
+def _with_newlines(grid: tuple[torch.Tensor, torch.Tensor], newline: torch.Tensor) -> torch.Tensor:
+    """The kept cells of a pooled grid in raster order, one ``newline`` after every row that keeps a cell."""
+    values, kept = grid
+    rows, cols, D = values.shape
+    column = newline.to(values.dtype).expand(rows, 1, D)
+    with_column = torch.cat([values, column], 1).reshape(rows * (cols + 1), D)
+    return with_column[torch.cat([kept, kept.any(1, keepdim=True)], 1).reshape(-1)]
