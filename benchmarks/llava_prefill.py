@@ -32,7 +32,7 @@ method overhead = end-to-end prefill / the hand-built prompt's (same kept
 length).  Medians over ``--repeats``.
 
     python benchmarks/llava_prefill.py --out out/llava_prefill.md
-    python benchmarks/llava_prefill.py --threads 1 --ratios 64,144 --repeats 2   # interleaved, minima
+    python benchmarks/llava_prefill.py --threads 1 --clock thread --ratios 64,144 --repeats 2   # interleaved, minima
     python benchmarks/llava_prefill.py --ratios 64 --methods cdpruner,scope,dart
 """
 
@@ -141,6 +141,24 @@ def method_specs(k: int, layers: int, total: int = 576, only: str = "") -> dict[
     return methods
 
 
+def use_thread_clock(args) -> None:
+    """Make arrcoc's clock (``arrcoc.timing.clock``, behind every time in ``run.report``) and this script's read
+    the calling thread's CPU time."""
+    import time
+    import types
+
+    import arrcoc.timing
+
+    if args.device != "cpu" or torch.get_num_threads() != 1:
+        raise SystemExit("--clock thread: only on the CPU with --threads 1 (other threads' work would not count)")
+    arrcoc.timing.time = types.SimpleNamespace(perf_counter=time.thread_time)
+    global CLOCK
+    CLOCK = time.thread_time
+
+
+CLOCK = None  # set by --clock thread: the clock of this script's own timings (None: wall time)
+
+
 def share_text(select_ms: float, share: float) -> str:
     """``"1.23 %"``, or empty for a row with no selection stage or no saving to divide by."""
     return "" if not select_ms or math.isnan(share) else f"{100 * share:.2f} %"
@@ -148,7 +166,7 @@ def share_text(select_ms: float, share: float) -> str:
 
 def timed(fn, repeats: int, device: str) -> float:
     """Median ms of ``repeats`` runs after one warm-up."""
-    return time_ms(fn, repeats, torch.device(device))
+    return time_ms(fn, repeats, torch.device(device), **({"clock": CLOCK} if CLOCK else {}))
 
 
 def main() -> None:
@@ -165,11 +183,17 @@ def main() -> None:
                         help="Only the decisive ratios (and the selection share) at K visual tokens, interleaved runs, "
                         "minima; several K comma-separated")
     parser.add_argument("--methods", default="", help="comma-separated method names (default: every row)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="thread: every time (run.report's stages and LLM prefill, the vision tower) is the calling "
+                        "thread's CPU time, not wall time (CPU with --threads 1 only: all the work runs on that thread, "
+                        "and other processes on a shared machine do not count)")
     parser.add_argument("--no-generate", action="store_true", help="skip the generate column (full table)")
     parser.add_argument("--out", default=None, help="Write the table (markdown) here too.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        use_thread_clock(args)
     dtype = torch.bfloat16 if args.real else torch.float32
     model = build_model(args.layers, args.width, args.real, args.device, dtype)
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -266,7 +290,7 @@ def ratios(model, pixels, full, args) -> None:
     with torch.inference_mode():
         feats = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
         vision = time_ms(lambda: model.model.get_image_features(pixel_values=pixels), args.repeats + 1,
-                         torch.device(args.device), warmup=0, stat="min")
+                         torch.device(args.device), warmup=0, stat="min", **({"clock": CLOCK} if CLOCK else {}))
         for k in [int(v) for v in str(args.ratios).split(",")]:
             methods = method_specs(k, layers, 576, args.methods)
             minima = Minima()
@@ -277,7 +301,8 @@ def ratios(model, pixels, full, args) -> None:
             tables.append(f"### 576 -> {k} visual tokens\n\n" + ratio_table(minima, vision, k, 576))
             emit("\n\n".join(tables), args.out)  # what is measured so far, in case the run is stopped
     table = "\n\n".join(tables) + (
-        f"\n\nvision tower (min) {vision:.1f} ms; {torch.get_num_threads()} thread(s); "
+        f"\n\nvision tower (min) {vision:.1f} ms; {torch.get_num_threads()} thread(s), "
+        f"{'CPU time of the calling thread' if CLOCK else 'wall time'}; "
         f"{'LLaVA-1.5-7B decoder bf16' if args.real else f'{args.layers} layers x {args.width} fp32'}; minima over "
         f"{args.repeats + 1} interleaved rounds.\n")
     emit(table, args.out)
