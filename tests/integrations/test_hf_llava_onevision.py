@@ -17,7 +17,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import arrcoc
-from arrcoc.errors import ArrcocError, InputError
+from arrcoc.errors import ArrcocError, InputError, ModelError
 from tiny_llava_onevision import IMAGE, PINPOINTS, S, SIZES, ov_batch, tiny_llava_onevision, views_of
 from tiny_models import generate_positions, left_pad, reference_attention
 
@@ -362,6 +362,22 @@ def test_several_images_per_prompt_refused_before_the_llm_left_to_the_model_insi
         with pytest.raises(InputError, match="single images only"):
             with arrcoc.hf.apply(model, spec(compress=[{"use": "random_keep", "keep": 0.5}])):
                 model(**batch)
+
+
+def test_a_video_beside_the_image_is_refused_before_the_llm(model):
+    batch = ov_batch(model, ["wide"], [(1, 2)])
+    batch["pixel_values_videos"] = torch.zeros(1, 2, 3, S * 14, S * 14, dtype=torch.float64)
+    with pytest.raises(InputError, match="videos are not supported yet"):
+        with torch.no_grad(), arrcoc.hf.apply(model, spec(compress=[{"use": "random_keep", "keep": 0.5}])):
+            model(**batch)
+
+
+def test_a_vision_aspect_ratio_the_model_cannot_read_is_refused_when_entering():
+    model = tiny_llava_onevision(torch.float32)
+    model.config.vision_aspect_ratio = "anyres"
+    with pytest.raises(ModelError, match="vision_aspect_ratio must be 'anyres_max_N'.*got 'anyres'"):
+        with arrcoc.hf.apply(model, spec(compress=[{"use": "random_keep", "keep": 0.5}])):
+            pass
 
 
 # ----------------------------------------------------------------------------------- the support matrix column

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from arrcoc.errors import InputError
+from arrcoc.errors import InputError, ModelError
 from arrcoc.state import TokenState
 
 from .adapter import VisionOutput, register_adapter
@@ -50,14 +50,18 @@ from .llava_next import LlavaNextAdapter, _unpadded_window
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
-    image_input_names = ("image_sizes", "batch_num_images")
+    # pixel_values_videos is taken in (and so kept from the model) only to be refused by name before the LLM:
+    # the model refuses videos beside the image features arrcoc hands it, with a message that names no reason.
+    image_input_names = ("image_sizes", "batch_num_images", "pixel_values_videos")
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        _max_views(model.config)  # a vision_aspect_ratio the model's packing cannot read: said before any work
 
     @property
     def max_views(self) -> int:
         """``N`` of ``vision_aspect_ratio = "anyres_max_N"``: the crop grid the model keeps unpooled, in views."""
-        aspect = str(getattr(self.model.config, "vision_aspect_ratio", "anyres_max_9"))
-        # The model's own parsing (pack_image_features: int(aspect.strip("anyres_max_"))).
-        return int(aspect.strip("anyres_max_"))
+        return _max_views(self.model.config)
 
     def pooled_grid(self, size: list[int], rows: int, cols: int) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
         """``((top, bottom, left, right), (out_rows, out_cols))``: the unpadded window of an image's stitched crop
@@ -72,6 +76,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return window, (height, width)
 
     def _single_images(self, image_inputs: dict[str, Any]) -> None:
+        if image_inputs.get("pixel_values_videos") is not None:
+            raise InputError(
+                "llava_onevision: this call gives pixel_values_videos beside pixel_values; arrcoc's pre-LLM stages "
+                "compress images only (videos are not supported yet): call without the video, or use llm: stages only"
+            )
         counts = image_inputs.get("batch_num_images")
         if counts is not None and any(int(n) != 1 for n in torch.as_tensor(counts).reshape(-1).tolist()):
             raise InputError(
@@ -83,12 +92,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
         counts = image_inputs.get("batch_num_images")
         if counts is None:
-            single = [True] * len(self._sizes(image_inputs))
+            patched = [True] * len(self._sizes(image_inputs))
         else:  # the model's need_patching: an image of a prompt with several is one base view and a newline
-            single = [int(n) == 1 for n in torch.as_tensor(counts).reshape(-1).tolist() for _ in range(int(n))]
+            patched = [int(n) == 1 for n in torch.as_tensor(counts).reshape(-1).tolist() for _ in range(int(n))]
         out = []
-        for size, patched in zip(self._sizes(image_inputs), single):
-            if not patched:
+        for size, crops in zip(self._sizes(image_inputs), patched):
+            if not crops:
                 out.append(self.side ** 2 + 1)
                 continue
             rows, cols = self.crop_grid(size)
@@ -153,6 +162,18 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         near_r = ((torch.arange(oh, device=mask.device) + 0.5) * (h / oh)).floor().long().clamp(max=h - 1)
         near_c = ((torch.arange(ow, device=mask.device) + 0.5) * (w / ow)).floor().long().clamp(max=w - 1)
         return values.permute(1, 2, 0), mask[near_r][:, near_c] > 0
+
+
+def _max_views(config: Any) -> int:
+    aspect = str(config.vision_aspect_ratio)
+    try:  # the model's own parsing (pack_image_features: int(aspect.strip("anyres_max_")))
+        views = int(aspect.strip("anyres_max_"))
+    except ValueError:
+        views = 0
+    if views < 1 or not aspect.startswith("anyres_max_"):
+        raise ModelError(f"llava_onevision: vision_aspect_ratio must be 'anyres_max_N' with N >= 1 (the model packs "
+                         f"its crop grids by it), got {aspect!r}")
+    return views
 
 
 def _with_newlines(grid: tuple[torch.Tensor, torch.Tensor], newline: torch.Tensor) -> torch.Tensor:
