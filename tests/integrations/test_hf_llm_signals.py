@@ -26,7 +26,7 @@ from test_hf_llm_methods import (  # noqa: E402
 )
 from test_hf_support_matrix import FAMILIES  # noqa: E402
 from tiny_models import (  # noqa: E402
-    IMAGE, N0, PAD, ROWS, llava_batch, reference_attention, rotate_half, tiny_llava,
+    IMAGE, N0, PAD, ROWS, llava_batch, llava_row, reference_attention, rotate_half, tiny_llava,
 )
 
 CAPTURED: list = []
@@ -76,12 +76,18 @@ class CaptureAll(_Capture):
     needs = frozenset({"key_norms", "normed_hidden", "attn_from_last_here"})
 
 
+class CaptureLast(_Capture):
+    name = "test_signals_last"
+    needs = frozenset({"attn_from_last", "attn_from_last_here"})
+
+
 class _Plugins:
     @hookimpl
     def arrcoc_register_plugins(self, register):
         register(CaptureKeys)
         register(CaptureHere)
         register(CaptureAll)
+        register(CaptureLast)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -420,3 +426,30 @@ def test_a_failed_probe_leaves_no_probing_behind():
         probe_last_row(recorder, NoKernel(), torch.zeros(1, 2, 4), {"cache": object(), "past_key_values": object(),
                                                                      "position_ids": None})
     assert recorder.probing is None
+
+
+def test_the_last_token_of_a_right_padded_prompt_is_its_last_real_one(model):
+    """Right padding (a plain forward may get it): the query of ``attn_from_last`` (layer a-1) and of the probed
+    ``attn_from_last_here`` (layer a) is each prompt's last real token, not the padding after it: every row's
+    signals equal those of its prompt alone, also after a ragged cut at an earlier layer."""
+    rows = [[*llava_row(2, 3)], [*llava_row(3, 8)]]
+    L = max(map(len, rows))
+    ids = torch.tensor([r + [PAD] * (L - len(r)) for r in rows])
+    pixels = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    batch = {"input_ids": ids, "attention_mask": (ids != PAD).long(), "pixel_values": pixels}
+    for llm in ([{"use": "test_signals_last", "layers": [2]}],
+                [{"use": "test_signals_here", "layers": [1], "keep": "even_first_row"},
+                 {"use": "test_signals_last", "layers": [3]}]):
+        pipeline = {"encoder": ENC, "llm": llm}
+        batched = captured(model, batch, pipeline)[-1]
+        for b, row in enumerate(rows):
+            one = {"input_ids": ids[b:b + 1, :len(row)], "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+                   "pixel_values": pixels[b:b + 1]}
+            if len(llm) == 2 and b == 1:  # alone, the second prompt is the first row: cut it as in the batch
+                continue
+            alone = captured(model, one, pipeline)[-1]
+            n = int(alone.counts[0])
+            assert int(batched.counts[b]) == n
+            for name in ("attn_from_last", "attn_from_last_here"):
+                torch.testing.assert_close(batched.per_token[name][b, :n], alone.per_token[name][0, :n],
+                                           rtol=1e-9, atol=1e-12, msg=f"{name}, row {b}, {len(llm)} stages")

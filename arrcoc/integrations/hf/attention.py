@@ -46,11 +46,14 @@ class Recorder:
     (fp32) for ``"logits"``, ``[B, Lk]`` (fp32) for ``"key_norms"``.
 
     ``probing``: the layer whose attention module is being *probed* (see
-    :func:`probe_last_row`), None otherwise.
+    :func:`probe_last_row`), None otherwise.  ``last_rows()``: ``[B]`` the
+    query row of each prompt's last real token (``"last"`` and the probe; a
+    right-padded prompt's is before its padding), None: the last row.
     """
 
     requests: dict[int, set[str]] = field(default_factory=dict)
     text_rows: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    last_rows: Callable[[], torch.Tensor] | None = None
     #: Where the forward in progress records (``results[layer][signal]``), None while nothing is recorded.
     results: Callable[[], dict[int, dict[str, torch.Tensor]] | None] = lambda: None
 
@@ -123,7 +126,7 @@ def record(recorder: Recorder, module: torch.nn.Module, query: torch.Tensor, key
     B, _, Lq, _ = query.shape
     out = recorder.results().setdefault(layer, {})
     if "last" in wanted:
-        out["last"] = _last_row(query, key, mask, scaling)[:, None]
+        out["last"] = _last_row(query, key, mask, scaling, recorder)[:, None]
     if "text" in wanted:
         rows, valid = recorder.text_rows()
         probs = _row_logits(query, key, mask, rows, scaling).softmax(-1).nan_to_num(0.0).mean(1)
@@ -136,9 +139,14 @@ def record(recorder: Recorder, module: torch.nn.Module, query: torch.Tensor, key
         out["key_norms"] = torch.linalg.vector_norm(key.transpose(1, 2).flatten(2), ord=1, dim=-1).float()
 
 
-def _last_row(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+def _last_row(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+              recorder: Recorder) -> torch.Tensor:
+    """Head-mean attention ``[B, Lk]`` of each prompt's last real token (``recorder.last_rows``)."""
     key = _repeat_kv(key, query.shape[1] // key.shape[1])
-    rows = torch.full((query.shape[0], 1), query.shape[2] - 1, dtype=torch.long, device=query.device)
+    if recorder.last_rows is None:
+        rows = torch.full((query.shape[0], 1), query.shape[2] - 1, dtype=torch.long, device=query.device)
+    else:
+        rows = recorder.last_rows()[:, None].to(query.device)
     return _row_logits(query, key, mask, rows, scaling).softmax(-1).mean(1)[:, 0]
 
 
@@ -171,7 +179,7 @@ def scoring_implementation(base: str) -> str:
             scaling = kwargs.get("scaling")
             scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
             if recorder.probing == int(module.layer_idx):
-                raise _Probed(_last_row(query, key, attention_mask, scaling))
+                raise _Probed(_last_row(query, key, attention_mask, scaling, recorder))
             if recorder.wants(int(module.layer_idx)):
                 record(recorder, module, query, key, attention_mask, scaling)
         fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else _eager_of(module)

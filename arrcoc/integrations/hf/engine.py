@@ -102,7 +102,8 @@ class LLMEngine:
                 f"attention type {other}, whose masks arrcoc cannot build (supported: {list(_MASK_TYPES)}); use "
                 "pre-LLM stages only"
             )
-        self.recorder = Recorder(requests=requests, text_rows=self._text_rows, results=self._recording)
+        self.recorder = Recorder(requests=requests, text_rows=self._text_rows, results=self._recording,
+                                 last_rows=self._last_rows)
         self.handles: list[Any] = []
         # Each cache's own prefill segments: a conversation continued from one cache after another generate
         # (other prompts, same Run) decodes with the masks of the prompt that cache holds, not the last prefill's.
@@ -274,6 +275,12 @@ class LLMEngine:
         return args, kwargs
 
     # ---------------------------------------------------------------- act
+    def _last_rows(self) -> torch.Tensor:
+        """``[B]``: the row of each prompt's last real token in the current segment (right padding follows it)."""
+        real = self.current().segments[-1].real
+        pos = torch.arange(real.shape[1], device=real.device).expand_as(real)
+        return torch.where(real, pos, torch.full_like(pos, -1)).amax(1).clamp(min=0)
+
     def _text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of the text after the last visual token in the current segment: ``(index [B, T], valid)``."""
         return _text_after_image(self.current().segments[-1])
