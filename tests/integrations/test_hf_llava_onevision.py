@@ -162,8 +162,9 @@ def reference_features(model, batch, state):
 
 def hand_built(batch, features):
     """The prompts with as many placeholders per image as ``features`` rows.  Each prompt keeps its own padding
-    (arrcoc drops only placeholders), shorter rows get more in front: the model's float64 logits move by ~1e-8
-    with the padding in front of a prompt (its own arithmetic, also without arrcoc)."""
+    (arrcoc drops only placeholders), shorter rows get more in front, as arrcoc pads: a forward without position
+    ids numbers the columns 0..L-1, padding included, and the rotary tables are float32, so another amount of
+    padding in front moves the float64 logits by ~1e-8 (the model alone, without arrcoc)."""
     rows = []
     for b, f in enumerate(features):
         ids = batch["input_ids"][b].tolist()
