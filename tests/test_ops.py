@@ -459,6 +459,17 @@ def test_resolve_keep_ratio_floor_min_one_and_counts():
     assert ops.resolve_keep(0.5, counts).dtype == torch.int64
 
 
+def test_resolve_keep_a_row_without_tokens_keeps_none():
+    """Inside an LLM a prompt without an image is a row of 0 visual tokens: it asks for nothing under either
+    form, and the count is checked against the rows that have tokens only."""
+    counts = torch.tensor([10, 0, 7])
+    assert ops.resolve_keep(0.5, counts).tolist() == [5, 0, 3]
+    assert ops.resolve_keep(6, counts).tolist() == [6, 0, 6]
+    with pytest.raises(BudgetError, match="asked to keep 8 tokens, but an image has only 7"):
+        ops.resolve_keep(8, counts)
+    assert ops.resolve_keep(3, torch.tensor([0, 0])).tolist() == [0, 0]
+
+
 @pytest.mark.parametrize(
     "keep, match",
     [

@@ -22,7 +22,8 @@ def resolve_keep(keep: float | int, counts: torch.Tensor, *, where: str = "keep"
     at least 1, like the official ``int(N * rate)`` of HiRED / FastV), or an
     absolute count when it is an int >= 1.  A count larger than an image's
     tokens is an error, not a clip (the user's budget: checked always, one
-    device sync for a count).
+    device sync for a count).  A row with no tokens (inside an LLM: a prompt
+    without an image) keeps 0 under either form.
 
     Returns ``[B]`` int64 on ``counts.device``.
     """
@@ -38,11 +39,13 @@ def resolve_keep(keep: float | int, counts: torch.Tensor, *, where: str = "keep"
         return counts.double().mul_(keep).to(torch.int64).clamp_(min=1).minimum(counts)
     if keep < 1:
         raise BudgetError(f"{where}: a count must be >= 1, got {keep}")
+    present = counts > 0
     if counts.numel():
-        fewest = int(counts.min())
+        # The fewest tokens of a row that has any (a text-only prompt's empty row asks for nothing).
+        fewest = int(counts.masked_fill(~present, torch.iinfo(torch.int64).max).min())
         if fewest < keep:
             raise BudgetError(f"{where}: asked to keep {keep} tokens, but an image has only {fewest}")
-    return torch.full_like(counts, keep)
+    return torch.full_like(counts, keep).masked_fill_(~present, 0)
 
 
 #: The float32 magnitude bits that every NaN is ranked at: just above +inf's (0x7f800000), so all NaNs tie
