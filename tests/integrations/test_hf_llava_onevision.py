@@ -183,6 +183,7 @@ def test_per_view_state_and_packing_are_the_models_own(model):
     gives exactly ``pack_image_features`` (unpadding, bilinear pooling of the 2x2 and 3x3 grids, newlines)."""
     names = ["wide", "tall", "square", "big"]
     batch = ov_batch(model, names, [(1, 1)] * 4)
+    del batch["batch_num_images"]  # optional: without it the model crops every image too (the other tests give it)
     adapter = arrcoc.hf.adapter_for(model)
     assert type(adapter).__name__ == "LlavaOnevisionAdapter" and not adapter.has_cls
     with torch.no_grad(), arrcoc.hf.apply(model, spec(compress=[{"use": "random_keep", "keep": 1.0}])) as run:

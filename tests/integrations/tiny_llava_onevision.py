@@ -52,7 +52,7 @@ def ov_batch(model, images: list[str], texts: list[tuple[int, int]], seed: int =
              dtype: torch.dtype = torch.float64) -> dict:
     """Left-padded prompts ``bos, text, <image> x n, question, 9`` (``texts``: text lengths before / after), one
     image each, pixel_values ``[images, max views, 3, 56, 56]`` seeded per image (zeros past an image's views, as
-    the processor pads), ``image_sizes``."""
+    the processor pads), ``image_sizes``, and ``batch_num_images`` (all 1), which the processor always gives."""
     import arrcoc
 
     sizes = torch.tensor([SIZES[name] for name in images])
@@ -65,4 +65,5 @@ def ov_batch(model, images: list[str], texts: list[tuple[int, int]], seed: int =
     per = arrcoc.hf.adapter_for(model).tokens_per_image(pixels, {"image_sizes": sizes})
     rows = [[BOS, *range(5, 5 + pre), *[IMAGE] * n, *range(20, 20 + post), 9] for n, (pre, post) in zip(per, texts)]
     ids, mask = left_pad(rows)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes,
+            "batch_num_images": torch.ones(len(images), dtype=torch.long)}
