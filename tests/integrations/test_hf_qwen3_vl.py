@@ -66,10 +66,11 @@ def image_features(model, batch):
     return list(out.pooler_output), [list(plane) for plane in out.deepstack_features]
 
 
-def shortened_logits(model, batch, cells, features, planes):
+def shortened_logits(model, batch, cells, features, planes, masked=None, from_layer=1):
     """Last-position logits of the model on the prompts whose image ``b`` has ``len(cells[b])`` placeholders, the
     ``j``-th at the position of the image's cell ``cells[b][j]`` (the model's own positions for the full prompt),
-    given ``features`` / ``planes`` (per image, the rows for those placeholders)."""
+    given ``features`` / ``planes`` (per image, the rows for those placeholders); ``masked``: per image the cells
+    whose placeholders are masked as keys from decoder layer ``from_layer`` on."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -89,8 +90,25 @@ def shortened_logits(model, batch, cells, features, planes):
         positions[:, b, L - len(cols):] = full[:, b, cols]
     position_ids = torch.cat([generate_positions(short_mask).masked_fill(short_mask == 0, 0)[None], positions])
     outputs = BaseModelOutputWithDeepstackFeatures(pooler_output=features, deepstack_features=planes)
-    out = model(input_ids=short_ids, attention_mask=short_mask, position_ids=position_ids,
-                mm_token_type_ids=(short_ids == IMAGE).int(), mm_encoder_outputs={"image": outputs})
+    attention_mask, hooks = short_mask, []
+    if masked is not None:
+        dropped = torch.zeros_like(short_ids, dtype=torch.bool)
+        for b, cols in enumerate(sources):
+            image = (short_ids[b] == IMAGE).nonzero().flatten()
+            for j, cell in enumerate(cells[b]):
+                dropped[b, image[j]] = cell in masked[b]
+        base = torch.ones(L, L, dtype=torch.bool).tril()[None] & short_mask.bool()[:, None, :]
+        eye = torch.eye(L, dtype=torch.bool)[None]
+        attention_mask, pruned = (base | eye)[:, None], ((base & ~dropped[:, None, :]) | eye)[:, None]
+        hooks = [layer.register_forward_pre_hook(lambda m, a, k: (a, {**k, "attention_mask": pruned}),
+                                                 with_kwargs=True)
+                 for i, layer in enumerate(model.model.language_model.layers) if i >= from_layer]
+    try:
+        out = model(input_ids=short_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    mm_token_type_ids=(short_ids == IMAGE).int(), mm_encoder_outputs={"image": outputs})
+    finally:
+        for h in hooks:
+            h.remove()
     return out.logits[:, -1]
 
 
@@ -252,6 +270,27 @@ def test_fastv_equals_masking_from_layer_k(model, layer):
     kept = kept_raster(run.llm_states[f"llm[0]@{layer}"], batch["image_grid_thw"])
     with torch.no_grad():
         ref = masked_reference(model, batch, dropped_columns(batch, kept), from_layer=layer)
+    torch.testing.assert_close(logits, ref, atol=1e-8, rtol=0)
+
+
+@needs_core
+def test_pre_llm_dropping_then_fastv_before_the_last_injection(model):
+    """random_keep 0.5 before the LLM, then FastV at layer 1 on the short prompt (the model's visual mask is the
+    short prompt's; two DeepStack injections follow): equals the hand-built short prompt with the planes gathered by
+    the kept indices and FastV's dropped tokens masked as keys from layer 1 on."""
+    batch = qwen3_inputs()
+    stages = spec(compress=[{"use": "random_keep", "keep": 0.5}], llm=[{"use": "fastv", "layer": 1, "keep": 0.5}])
+    with torch.no_grad(), arrcoc.hf.apply(model, stages) as run:
+        logits = model(**batch).logits[:, -1]
+    assert run.report.layer_visual == [[12, 4, 4], [6, 2, 2], [6, 2, 2], [6, 2, 2]]
+    kept = kept_raster(run.state, batch["image_grid_thw"])
+    fastv = kept_raster(run.llm_states["llm[0]@1"], batch["image_grid_thw"])
+    assert all(k == sorted(k) and set(f) < set(k) for k, f in zip(kept, fastv))
+    with torch.no_grad():
+        features, planes = image_features(model, batch)
+        ref = shortened_logits(model, batch, kept, [features[b][kept[b]] for b in range(3)],
+                               [[p[b][kept[b]] for b in range(3)] for p in planes],
+                               masked=[set(k) - set(f) for k, f in zip(kept, fastv)], from_layer=1)
     torch.testing.assert_close(logits, ref, atol=1e-8, rtol=0)
 
 
