@@ -50,6 +50,10 @@ class VisionOutput(NamedTuple):
     #: per image [n_i]: the attention each token receives in vision block ``attention_received_layer`` (query
     #: mean, then head mean), asked with ``received=True``; None otherwise
     received: list[torch.Tensor] | None = None
+    #: name -> per image [n_i, ...]: more values the LLM takes with each token (Qwen3-VL's DeepStack planes); they
+    #: become per_token fields of the state, so every stage moves them with the tokens (``ops.keep`` gathers them,
+    #: ``ops.merge`` averages them with the tokens' weights) and :meth:`Adapter.assemble` reads them back
+    per_token: dict[str, list[torch.Tensor]] | None = None
 
 
 class Adapter(ABC):
@@ -169,6 +173,15 @@ class Adapter(ABC):
         """Multi-view images (LLaVA-NeXT): each image's crop grid; its ``1 + rows * cols`` views are
         consecutive state rows.  ``None``: one state row per image."""
         return None
+
+    def llm_hooks(self, sequence: Any) -> list[Any]:
+        """What the model needs, for as long as a Run lasts, to follow a sequence that ``llm:`` stages changed
+        between decoder layers, for a model that adds something at given positions between its layers (Qwen3-VL's
+        DeepStack planes, added at the visual positions after the first decoder layers): handles with ``remove()``.
+        ``sequence()`` is the :class:`~.call.Segment` the layers now run see during a prefill (each entry's
+        original column, which entries are visual), or None while the sequence is the model's own.  Default:
+        nothing to install."""
+        return []
 
     def assemble(self, state: TokenState, image_inputs: dict[str, Any]) -> list[torch.Tensor]:
         """Per image, the feature rows handed to the LLM, from the final state (default: one row each)."""

@@ -129,6 +129,14 @@ class LLMEngine:
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
         attach(self.recorder, [self.adapter.attention_module(layer) for layer in self.layers])
+        self.handles.extend(self.adapter.llm_hooks(self._changed_sequence))
+
+    def _changed_sequence(self) -> Segment | None:
+        """The sequence the decoder layers run now see in a prefill, None while it is the model's own."""
+        call = self.current()
+        if not call.prefill or not call.segments or call.segments[-1].start == 0:
+            return None
+        return call.segments[-1]
 
     def remove(self) -> None:
         for handle in self.handles:

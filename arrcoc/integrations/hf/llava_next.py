@@ -55,7 +55,7 @@ class LlavaNextAdapter(LlavaAdapter):
             # transformers' pack_image_features views each crop as side x side rows: a class token row more
             # breaks it (a RuntimeError inside the model); said here, before any work.
             raise ModelError(
-                "llava_next: vision_feature_select_strategy 'full' keeps the class token of "
+                f"{self.family}: vision_feature_select_strategy 'full' keeps the class token of "
                 f"{type(self.vision_tower).__name__} in every view, which the model's own packing of the crops "
                 "cannot reshape to its patch grid; use 'default' with a tower that has a class token"
             )
@@ -76,7 +76,7 @@ class LlavaNextAdapter(LlavaAdapter):
         sizes = image_inputs.get("image_sizes")
         if sizes is None:
             raise MissingImageInputError(
-                "llava_next: pixel_values come with image_sizes (build inputs with the processor)")
+                f"{self.family}: pixel_values come with image_sizes (build inputs with the processor)")
         return torch.as_tensor(sizes)
 
     def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
@@ -91,7 +91,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def budget_context(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[dict[str, Any]]:
         # LLaVA-1.5's answer (one patch grid per image) would be wrong here: say so rather than inherit it.
         raise ModelError(
-            "llava_next: an image is a base view plus rows x cols crops, unpadded, with newline tokens, not one "
+            f"{self.family}: an image is a base view plus rows x cols crops, unpadded, with newline tokens, not one "
             "feature grid, so the budget rules (one grid per image) have no context for it"
         )
 
@@ -100,7 +100,8 @@ class LlavaNextAdapter(LlavaAdapter):
         sizes = self._sizes(image_inputs)
         grids = [self.crop_grid(s) for s in sizes]
         if pixel_values.dim() != 5:
-            raise InputError(f"llava_next: expected pixel_values [images, views, 3, H, W], got {list(pixel_values.shape)}")
+            raise InputError(f"{self.family}: expected pixel_values [images, views, 3, H, W], got "
+                             f"{list(pixel_values.shape)}")
         views = torch.cat([pixel_values[i, : 1 + r * c] for i, (r, c) in enumerate(grids)])
         out = super().encode_images(views, {}, keep_hidden)
         return out
@@ -143,5 +144,5 @@ class LlavaNextAdapter(LlavaAdapter):
             out.append(torch.cat(parts))
             row += 1 + rows * cols
         if row != state.B:
-            raise ModelError(f"llava_next: the state holds {state.B} views, the images need {row}")
+            raise ModelError(f"{self.family}: the state holds {state.B} views, the images need {row}")
         return out

@@ -207,6 +207,8 @@ class VisionTower(Encoder):
                         per_token[f"cls_attn@{layer}"] = attn
                 if layer == self.attn_layer and "keys" in self.outputs:
                     per_token["keys"] = keys
+        for name, rows in (out.per_token or {}).items():  # what the LLM takes with each token (zero past it)
+            per_token[name] = torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True)
         state = ragged_state(out.features, out.grids, out.cls, per_token).with_meta(**meta)
         if "tower_features" in self.outputs:  # the features before the projector, kept through it (project)
             state = state.replace(per_token={**state.per_token, "tower_features": state.tokens})
