@@ -131,17 +131,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """``(values [out_rows, out_cols, D], kept [out_rows, out_cols])`` of one image's pooled crop grid."""
         S = self.side
         H, W = rows * S, cols * S
-        views = range(first, first + rows * cols)
-        cells = []
-        for k, v in enumerate(views):  # a handful of views per image
-            n = int(state.counts[v])
-            cell = torch.floor(state.positions[v, :n] + 0.5).long().clamp(0, S - 1)
-            cells.append((cell[:, 0] + (k // cols) * S) * W + cell[:, 1] + (k % cols) * S)
-        index = torch.cat(cells)
-        tokens = torch.cat([state.tokens[v, : int(state.counts[v])] for v in views])
+        V = rows * cols
+        real = state.mask[first:first + V]  # [V, N]
+        cell = torch.floor(state.positions[first:first + V] + 0.5).long().clamp(0, S - 1)  # [V, N, 2]
+        view = torch.arange(V, device=cell.device)[:, None]
+        y, x = cell[..., 0] + (view // cols) * S, cell[..., 1] + (view % cols) * S
+        index = torch.where(real, y * W + x, H * W).reshape(-1)  # padding slots go to a sink cell, cut below
+        tokens = state.tokens[first:first + V].reshape(V * real.shape[1], -1)
         D = tokens.shape[-1]
-        total = tokens.new_zeros(H * W, D).index_add_(0, index, tokens)
-        hits = tokens.new_zeros(H * W).index_add_(0, index, torch.ones_like(index, dtype=tokens.dtype))
+        total = tokens.new_zeros(H * W + 1, D).index_add_(0, index, tokens)[:-1]
+        hits = tokens.new_zeros(H * W + 1).index_add_(0, index, real.reshape(-1).to(tokens.dtype))[:-1]
         # Tokens meeting in one cell are averaged; a cell of one token keeps it exactly (x / 1).
         dense = total / hits.clamp(min=1)[:, None]
         kept = (hits > 0).to(tokens.dtype)
@@ -159,8 +158,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         values = torch.where(missing[None], blend / weight.clamp(min=torch.finfo(weight.dtype).tiny), blend)
         # The source cell nearest each pooled cell's sampling point decides whether the cell reaches the LLM.
         (h, w), (oh, ow) = mask.shape, pooled
-        near_r = ((torch.arange(oh, device=mask.device) + 0.5) * (h / oh)).floor().long().clamp(max=h - 1)
-        near_c = ((torch.arange(ow, device=mask.device) + 0.5) * (w / ow)).floor().long().clamp(max=w - 1)
+        # floor((i + 1/2) in / out) in integers (no float rounding at a tie).
+        def nearest(n_in: int, n_out: int) -> torch.Tensor:
+            odd = 2 * torch.arange(n_out, device=mask.device) + 1
+            return (odd * n_in).div(2 * n_out, rounding_mode="floor").clamp(max=n_in - 1)
+
+        near_r, near_c = nearest(h, oh), nearest(w, ow)
         return values.permute(1, 2, 0), mask[near_r][:, near_c] > 0
 
 
