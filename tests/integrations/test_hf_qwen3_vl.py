@@ -23,6 +23,7 @@ import torch
 
 import arrcoc
 from arrcoc.integrations.hf.adapter import VisionOutput
+from test_hf_generate_parity import MODES, PIPELINES, assert_same
 from tiny_models import generate_positions, left_pad
 from tiny_qwen3_vl import GRIDS, IMAGE, TEXTS, qwen3_inputs, tiny_qwen3_vl
 
@@ -185,6 +186,31 @@ def test_keep_everything_is_the_unmodified_model(model, stages, images):
     assert torch.equal(logits, ref_logits)
     assert torch.equal(tokens, ref_tokens)
     assert "_deepstack_process" not in vars(model.model.language_model)  # the Run's hook is gone
+
+
+@pytest.fixture(scope="module")
+def parity_batch():
+    """Two prompts of different lengths, images of 8x12 and 4x8 patches, left-padded."""
+    return qwen3_inputs((0, 2), texts=[(2, 4), (0, 7)])
+
+
+@needs_core
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+def test_keep_everything_is_invisible_in_every_generate_mode(model, parity_batch, pipeline, mode):
+    """test_hf_generate_parity's modes (sampling, beams, static cache, embeddings, a conversation continued from
+    the cache, dict outputs, forward) x its keep-everything pipelines (FastV at layer 2, before the last
+    injection): the same outputs with and without apply; the features and planes handed on are the model's."""
+    run = MODES[mode]
+    with torch.no_grad():
+        want = run(model, parity_batch)
+        with arrcoc.hf.apply(model, PIPELINES[pipeline]):
+            got = run(model, parity_batch)
+    if getattr(want, "image_outputs", None) is not None:
+        assert_same(got.image_outputs.pooler_output, want.image_outputs.pooler_output, "image features")
+        assert_same(got.image_outputs.deepstack_features, want.image_outputs.deepstack_features, "planes")
+        want, got = dict(want, image_outputs=None), dict(got, image_outputs=None)
+    assert_same(got, want, f"{pipeline}/{mode}")
 
 
 # ------------------------------------------------------------------ pre-LLM
