@@ -256,6 +256,33 @@ def test_a_pooled_cell_is_dropped_with_its_nearest_source_and_blends_only_kept_o
     torch.testing.assert_close(got, reference_features(model, batch, kept)[0], rtol=0, atol=1e-12)
 
 
+def test_tokens_meeting_in_one_cell_of_a_pooled_grid_merge_by_size(model):
+    """Two tokens whose positions round to one cell of a pooled grid (as merged tokens' centroids may) count as
+    one token there, their size-weighted mean, as arrcoc.ops.merge merges: the packing equals the one of a state
+    holding that mean alone in the cell."""
+    from arrcoc import ops
+
+    batch = ov_batch(model, ["big"], [(1, 1)])
+    with torch.no_grad(), arrcoc.hf.apply(model, spec(compress=[{"use": "random_keep", "keep": 1.0}])) as run:
+        model(**batch)
+    state, view, a, b = run.state, 5, 5, 6  # cells (1, 1) and (1, 2) of the middle crop
+    positions, size = state.positions.clone(), state.size.clone()
+    positions[view, b] = positions[view, a] + 0.3  # rounds to a's cell
+    size[view, a], size[view, b] = 1.0, 3.0
+    met = state.replace(positions=positions, size=size)
+    tokens = state.tokens.clone()
+    tokens[view, a] = (state.tokens[view, a] + 3 * state.tokens[view, b]) / 4
+    valid = torch.ones(state.B, S * S, dtype=torch.bool)
+    valid[view, b] = False
+    alone = ops.keep(state.replace(tokens=tokens), torch.arange(S * S).expand(state.B, -1), valid)
+    adapter, inputs = arrcoc.hf.adapter_for(model), {"image_sizes": batch["image_sizes"]}
+    got, expected = adapter.assemble(met, inputs)[0], adapter.assemble(alone, inputs)[0]
+    # b's cell (window (3, 6)) is no pooled cell's nearest source, a's (3, 5) is pooled cell (1, 2)'s: all 44 stay.
+    assert got.shape == expected.shape == model_packed(model, batch)[0].shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+    assert not torch.equal(got, adapter.assemble(state, inputs)[0][: got.shape[0]])
+
+
 # ----------------------------------------------------------------------------------- keep everything
 @pytest.mark.parametrize("stages", [{"compress": [{"use": "random_keep", "keep": 1.0}]},
                                     {"llm": [{"use": "fastv", "layer": 2, "keep": 1.0}]}], ids=["pre_llm", "in_llm"])

@@ -26,7 +26,8 @@ tokens only:
   kept, so the pooled grid keeps about the fraction of cells the stages kept;
   a kept token elsewhere still flows into its neighbours' values.  Merged
   tokens sit at the cell nearest their centroid (tokens meeting in one cell
-  are averaged).  One newline after every pooled row that keeps a cell.
+  are merged: their size-weighted mean).  One newline after every pooled
+  row that keeps a cell.
 
 With nothing dropped this is exactly the model's packing (tested against
 ``model.model.pack_image_features``).
@@ -139,10 +140,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         index = torch.where(real, y * W + x, H * W).reshape(-1)  # padding slots go to a sink cell, cut below
         tokens = state.tokens[first:first + V].reshape(V * real.shape[1], -1)
         D = tokens.shape[-1]
-        total = tokens.new_zeros(H * W + 1, D).index_add_(0, index, tokens)[:-1]
-        hits = tokens.new_zeros(H * W + 1).index_add_(0, index, real.reshape(-1).to(tokens.dtype))[:-1]
-        # Tokens meeting in one cell are averaged; a cell of one token keeps it exactly (x / 1).
-        dense = total / hits.clamp(min=1)[:, None]
+        # Tokens meeting in one cell are merged as arrcoc.ops.merge merges (size-weighted mean); a cell of one
+        # token keeps it exactly (a token of size 1 everywhere when nothing was merged: x * 1 / 1).
+        size = (state.size[first:first + V] * real).reshape(-1).to(tokens.dtype)
+        total = tokens.new_zeros(H * W + 1, D).index_add_(0, index, tokens * size[:, None])[:-1]
+        hits = tokens.new_zeros(H * W + 1).index_add_(0, index, size)[:-1]
+        dense = total / torch.where(hits > 0, hits, torch.ones_like(hits))[:, None]
         kept = (hits > 0).to(tokens.dtype)
         top, bottom, left, right = window
         # [D, H, W] then the window, as the model lays the stitched grid out before unpad_image and interpolate.
