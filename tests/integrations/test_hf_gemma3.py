@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 
 import arrcoc  # noqa: E402
 from arrcoc.errors import ArrcocError, InputError  # noqa: E402
+from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
 from arrcoc.integrations.hf.adapter import Adapter  # noqa: E402
 from test_hf_support_matrix import MATRIX  # noqa: E402
 from tiny_gemma3 import IMAGE, TOKENS, batch, shortened, tiny_gemma3  # noqa: E402
@@ -136,6 +137,31 @@ def test_token_types_of_another_shape_are_refused(model):
             model(**inputs)
 
 
+@needs_core
+def test_a_conversation_continued_from_a_short_prompts_cache_reads_its_token_types(model):
+    # The cache holds the short prompt: the continuation's token_type_ids must be the short prompt's (with the
+    # long ones, the model reads image blocks at the wrong columns), as for the model given the short prompt.
+    inputs = batch(ROWS)
+    extra = torch.full((3, 2), 40)
+    follow = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        with arrcoc.hf.apply(model, spec(compress=[{"use": "random_keep", "keep": 0.5}])) as run:
+            first = model.generate(**inputs, **follow)
+            kept = kept_raster(run.state)
+            ids = torch.cat([first.sequences, extra], 1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones(3, 5, dtype=torch.long)], 1)
+            then = model.generate(input_ids=ids, attention_mask=mask, token_type_ids=(ids == IMAGE).long(),
+                                  cache=output_cache(first), **follow)
+        short = shortened(inputs, [len(k) for k in kept])
+        feats = {"image": BaseModelOutputWithPooling(pooler_output=features_of(model, inputs["pixel_values"], kept))}
+        ref_first = model.generate(**short, mm_encoder_outputs=feats, **follow)
+        ref_ids = torch.cat([ref_first.sequences, extra], 1)
+        ref_mask = torch.cat([short["attention_mask"], torch.ones(3, 5, dtype=torch.long)], 1)
+        ref = model.generate(input_ids=ref_ids, attention_mask=ref_mask, token_type_ids=(ref_ids == IMAGE).long(),
+                             cache=output_cache(ref_first), **follow)
+    torch.testing.assert_close(torch.stack(then.logits), torch.stack(ref.logits), atol=1e-8, rtol=0)
+
+
 @pytest.mark.parametrize("stages", [
     {"compress": [{"use": "pool", "stride": 2}]},
     {"compress": [{"use": "divprune", "keep": 0.5}]},
@@ -218,7 +244,7 @@ def test_fastv_equals_the_decoder_by_hand_and_keeps_the_image_blocks_bidirection
 
 
 @needs_core
-def test_fastv_keeps_positions_and_decodes_as_the_model_on_a_kept_prompt(model):
+def test_fastv_keeping_all_from_layer_1_generates_the_models_tokens(model):
     # Greedy tokens after FastV keeping all at layer 1 (every layer from 1 on is rebuilt by the engine, both
     # types, with the image blocks) equal the unmodified model's: decoding after the rebuilt prefill is exact.
     inputs = batch(ROWS)
