@@ -409,6 +409,13 @@ def test_a_vision_aspect_ratio_the_model_cannot_read_is_refused_when_entering():
             pass
 
 
+def test_the_budget_rules_refuse_it_by_its_own_name(model):
+    """arrcoc eval's budget rules need one feature grid per image; views, unpadding and pooling are none."""
+    batch = ov_batch(model, ["wide"], [(1, 1)])
+    with pytest.raises(ModelError, match="^llava_onevision: an image is a base view plus rows x cols crops"):
+        arrcoc.hf.adapter_for(model).budget_context(batch["pixel_values"], {"image_sizes": batch["image_sizes"]})
+
+
 # ----------------------------------------------------------------------------------- the support matrix column
 NO_CLS = "no class token"
 NO_RECEIVED = "gives no 'attention received' signal"
