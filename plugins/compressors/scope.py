@@ -106,6 +106,30 @@ def coverage_gains(similarity: torch.Tensor, cur_max: torch.Tensor, last_row: to
     return covered.gather(1, last_row).squeeze(1).to(similarity.dtype)
 
 
+def saliency_power(saliency: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """``a^alpha`` (official ``cls_attn ** ALPHA``) in ``dtype``, every entry a function of its own value only.
+
+    torch's CPU ``pow`` is not: its vectorised loop runs on whole blocks of two vectors (32 floats with AVX-512)
+    with the exponent rounded to float32, and the scalar loop on the rest of the tensor with the exponent in float64
+    (``std::pow(float, double)``), several ulps apart at ``alpha`` 1.89. An image's powers then depend on where its row
+    falls in the flattened batch (alone, 18 tokens are all tail; second in a batch of 2, most are in the first block)
+    and its near-tied scores pick differently. ``exp`` and ``log`` run one kernel on every entry (a partial vector
+    on the tail), so ``exp(alpha * log(a))`` is taken in float64 (elementwise, ``[B, N]``) and rounded once: within
+    ~1e-15 of the exact power, so for fp32 / fp16 / bf16 the correctly rounded one but for ties at a rounding
+    boundary. The exponent is ``alpha`` rounded to the computation dtype (float32 for fp16 / bf16), as the
+    official CUDA ``pow`` of a model-dtype tensor by a Python float takes it. ``alpha`` 0 and 1 are exact, as
+    ``torch.pow`` (``a^0 = 1``, ``0^0`` included; ``a^1 = a``).
+    """
+    if alpha == 0:
+        return torch.ones(saliency.shape, dtype=dtype, device=saliency.device)
+    if alpha == 1:
+        return saliency.to(dtype)
+    exponent = torch.tensor(alpha, dtype=torch.promote_types(dtype, torch.float32)).item()  # host scalar, no sync
+    # log(0) = -inf gives exp(-inf) = 0 = 0^alpha (alpha > 0); a negative saliency gives NaN, as pow does for a
+    # non-integer exponent (attention is never negative).
+    return torch.exp(torch.log(saliency.double()) * exponent).to(dtype)
+
+
 def scope_select(
     features: torch.Tensor,
     saliency: torch.Tensor,
@@ -132,7 +156,7 @@ def scope_select(
     B, N, _ = features.shape
     dtype, device = features.dtype, features.device
     similarity = cosine_matrix(features, mask)  # [B, N, N], S[b, j, i]
-    powered = saliency.to(dtype) ** alpha
+    powered = saliency_power(saliency.to(dtype), alpha, dtype)  # per entry, as the image alone (see there)
     K = int(budget.max()) if budget.numel() else 0  # the loop length: one sync per call, not per step
     picked = torch.zeros(B, K, dtype=torch.int64, device=device)
     chosen = ~mask  # padding is never a candidate

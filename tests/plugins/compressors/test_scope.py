@@ -12,7 +12,7 @@ from arrcoc import ops
 from arrcoc.errors import BudgetError, InputError, MissingInputError, ParamsError
 from arrcoc.plugin import BudgetContext
 from arrcoc.state import TokenState
-from arrcoc_plugins.compressors.scope import Scope, coverage_gains, scope_select
+from arrcoc_plugins.compressors.scope import Scope, coverage_gains, saliency_power, scope_select
 
 H = W = 8
 N0 = H * W
@@ -184,6 +184,73 @@ def test_ties_broken_by_index():
     sal = torch.ones(1, N0)
     picked, _ = scope_select(tokens, sal, torch.ones(1, N0, dtype=torch.bool), torch.tensor([3]))
     assert picked.tolist() == [[0, 1, 2]]
+
+
+def duplicates_state(dtype=torch.float32) -> TokenState:
+    """Two 2 x 9 images, ~30% of each image's tokens (with their attention) exact copies of its token 0, a peaked
+    attention (the property test's counterexample: seed 0, dups, attn 'peaked')."""
+    g = torch.Generator().manual_seed(0)
+    B, N, D = 2, 18, 2
+    tokens = torch.randn(B, N, D, generator=g)
+    torch.randn(B, N, 1, generator=g)  # (the property test's keys: keeps the generator's stream)
+    attn = (2.5 * torch.randn(B, N, generator=g)).softmax(-1)
+    torch.rand(B, N, generator=g)  # (its attn_from_last)
+    copies = torch.rand(B, N, generator=g) < 0.3
+    tokens = torch.where(copies[..., None], tokens[:, :1], tokens)
+    attn = torch.where(copies, attn[:, :1], attn)
+    return TokenState.from_patches(tokens.to(dtype), (2, 9), per_token={"cls_attn": attn.to(dtype)})
+
+
+def test_exact_duplicates_in_a_batch_pick_as_the_image_alone():
+    # Image 1's tokens 0 and 14 are the same vector with the same attention: equal gains and saliency, an exact
+    # tie, which the first index must win. torch's CPU pow gave entry 0 (flat position 18 of the batch, inside a
+    # vectorised block, exponent rounded to float32) and entry 14 (position 32, the scalar tail, exponent in
+    # float64) different powers, so the batch picked 14 and the image alone 0.
+    state, alpha = duplicates_state(), 1.8946024880906709
+    assert torch.equal(state.tokens[1, 0], state.tokens[1, 14])
+    assert torch.equal(state.per_token["cls_attn"][1, 0], state.per_token["cls_attn"][1, 14])
+    budget = torch.tensor([9, 9])
+    picked, _ = scope_select(state.tokens, state.per_token["cls_attn"], state.mask, budget, alpha=alpha)
+    one = state.image(1)
+    alone, _ = scope_select(one.tokens, one.per_token["cls_attn"], one.mask, budget[1:], alpha=alpha)
+    assert alone[0].tolist() == [6, 9, 7, 3, 2, 5, 0, 11, 15]  # step 7: 0 and 14 tie, the lower index
+    assert picked[1].tolist() == alone[0].tolist()
+    plugin = Scope(keep=0.5, alpha=alpha)
+    out = plugin(state).check()
+    assert out.origin[1].tolist() == [0, -1, 1, 2, -1, 3, 4, 5, -1, 6, -1, 7, -1, -1, -1, 8, -1, -1]
+    for b in range(state.B):
+        assert torch.equal(out.origin[b], plugin(state.image(b)).origin[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("alpha", [0.3, 1.8946024880906709, 2.7])
+def test_saliency_power_of_an_entry_is_its_own(dtype, alpha):
+    # Rows of 5, 18, 37 and 70 tokens (vector blocks and tails fall anywhere): every entry's power equals that of
+    # the entry alone, in its row alone and anywhere in a batch.
+    g = torch.Generator().manual_seed(9)
+    saliency = (2.5 * torch.randn(4, 70, generator=g)).softmax(-1).to(dtype)
+    powered = saliency_power(saliency, alpha, dtype)
+    for b, n in enumerate([5, 18, 37, 70]):
+        assert torch.equal(saliency_power(saliency[b, :n], alpha, dtype), powered[b, :n])
+    single = torch.stack([saliency_power(s, alpha, dtype) for s in saliency.flatten()]).view_as(saliency)
+    assert torch.equal(single, powered)
+    # the correctly rounded power, the exponent as the official CUDA pow of a model-dtype tensor takes it
+    exponent = torch.tensor(alpha, dtype=torch.promote_types(dtype, torch.float32)).item()
+    expected = (saliency.double() ** exponent).to(dtype)
+    if dtype == torch.float64:
+        # exp(alpha log a) in float64 itself: the rounding of alpha * log(a) scales with |alpha log a| (~60 here)
+        torch.testing.assert_close(powered, expected, rtol=1e-13, atol=0)
+    else:
+        assert torch.equal(powered, expected)
+
+
+def test_saliency_power_0_and_1_are_exact_like_torch_pow():
+    saliency = torch.tensor([[0.0, 1e-30, 0.25, 1.0, 3.0]])
+    assert torch.equal(saliency_power(saliency, 1.0, torch.float32), saliency)
+    assert torch.equal(saliency_power(saliency, 0.0, torch.float32), torch.ones_like(saliency))  # 0^0 = 1
+    assert saliency_power(saliency, 0.5, torch.float32)[0, 0] == 0  # 0^alpha = 0, not NaN
+    assert torch.equal(saliency_power(saliency.double(), 1.0, torch.float64), saliency.double())
+    assert saliency_power(saliency, 2.0, torch.float16).dtype == torch.float16
 
 
 def test_zero_feature_vector_has_zero_similarity():
