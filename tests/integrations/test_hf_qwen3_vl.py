@@ -22,22 +22,9 @@ pytest.importorskip("transformers")
 import torch
 
 import arrcoc
-from arrcoc.integrations.hf.adapter import VisionOutput
 from test_hf_generate_parity import MODES, PIPELINES, assert_same
 from tiny_models import generate_positions, left_pad
-from tiny_qwen3_vl import GRIDS, IMAGE, TEXTS, qwen3_inputs, tiny_qwen3_vl
-
-#: The core change this family needs (VisionOutput.per_token, Adapter.llm_hooks: /tmp/arrcoc/qwen3_vl-core.patch).
-CORE = "per_token" in VisionOutput._fields
-needs_core = pytest.mark.skipif(not CORE, reason="needs the core change qwen3_vl-core.patch")
-
-
-@pytest.mark.skipif(CORE, reason="the core carries the planes")
-def test_a_core_that_cannot_carry_the_planes_refuses_the_family_by_name():
-    with pytest.raises(arrcoc.ArrcocError, match="DeepStack planes .* qwen3_vl-core.patch"):
-        with arrcoc.hf.apply(tiny_qwen3_vl(torch.float32), spec()):
-            pass
-
+from tiny_qwen3_vl import IMAGE, qwen3_inputs, tiny_qwen3_vl
 
 @pytest.fixture(scope="module")
 def model():
@@ -146,7 +133,6 @@ def dropped_columns(batch, kept):
 
 
 # ------------------------------------------------------------------ the tower
-@needs_core
 def test_one_tower_forward_gives_tokens_planes_and_the_attention_received(model):
     """encode_images: the model's own features and DeepStack planes per image, and the attention each token
     receives in the last block (every Qwen3-VL block attends over the whole image) equal to the plain-torch
@@ -171,7 +157,6 @@ def test_one_tower_forward_gives_tokens_planes_and_the_attention_received(model)
 
 
 # ------------------------------------------------------------------ keep everything
-@needs_core
 @pytest.mark.parametrize("stages", [{}, {"compress": [{"use": "random_keep", "keep": 1.0}]},
                                     {"llm": [{"use": "fastv", "layer": 1, "keep": 1.0}]}],
                          ids=["none", "random_keep", "fastv"])
@@ -194,7 +179,6 @@ def parity_batch():
     return qwen3_inputs((0, 2), texts=[(2, 4), (0, 7)])
 
 
-@needs_core
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("pipeline", list(PIPELINES))
 def test_keep_everything_is_invisible_in_every_generate_mode(model, parity_batch, pipeline, mode):
@@ -225,7 +209,6 @@ def dropped_half(model):
     return batch, logits, kept
 
 
-@needs_core
 def test_pre_llm_dropping_equals_masking_with_original_positions(model, dropped_half):
     batch, logits, kept = dropped_half
     with torch.no_grad():
@@ -233,7 +216,6 @@ def test_pre_llm_dropping_equals_masking_with_original_positions(model, dropped_
     torch.testing.assert_close(logits, ref, atol=1e-8, rtol=0)
 
 
-@needs_core
 @pytest.mark.parametrize("plane", [None, 0, 1, 2], ids=["right", "plane0_wrong", "plane1_wrong", "plane2_wrong"])
 def test_every_deepstack_plane_is_gathered_with_the_kept_indices(model, dropped_half, plane):
     """The hand-built prompt with every plane gathered by the kept indices equals arrcoc; gathering one plane with
@@ -253,7 +235,6 @@ def test_every_deepstack_plane_is_gathered_with_the_kept_indices(model, dropped_
         assert (logits - ref).abs().max() > 1e-6
 
 
-@needs_core
 def test_merged_tokens_merge_their_planes_with_the_same_weights(model):
     """ToMe (size-weighted means from size 1): each merged token and each of its planes is the mean over the
     patches it stands for; and the logits equal the model fed exactly those rows."""
@@ -284,7 +265,6 @@ def test_merged_tokens_merge_their_planes_with_the_same_weights(model):
 
 
 # ------------------------------------------------------------------ in-LLM
-@needs_core
 @pytest.mark.parametrize("layer", [1, 2, 3])
 def test_fastv_equals_masking_from_layer_k(model, layer):
     """FastV at layer 1 or 2 prunes before DeepStack injections (the kept tokens keep their own planes), at 3
@@ -299,7 +279,6 @@ def test_fastv_equals_masking_from_layer_k(model, layer):
     torch.testing.assert_close(logits, ref, atol=1e-8, rtol=0)
 
 
-@needs_core
 def test_pre_llm_dropping_then_fastv_before_the_last_injection(model):
     """random_keep 0.5 before the LLM, then FastV at layer 1 on the short prompt (the model's visual mask is the
     short prompt's; two DeepStack injections follow): equals the hand-built short prompt with the planes gathered by
@@ -334,7 +313,6 @@ def test_in_llm_planes_follow_the_original_columns():
 
 
 # ------------------------------------------------------------------ batches
-@needs_core
 @pytest.mark.parametrize("stages", [{"compress": [{"use": "tome", "r": 3, "metric": "tokens"}]},
                                     {"compress": [{"use": "random_keep", "keep": 0.5}]},
                                     {"llm": [{"use": "fastv", "layer": 1, "keep": 0.5}]}],
@@ -384,7 +362,6 @@ def _matrix():
     return MATRIX
 
 
-@needs_core
 @pytest.mark.parametrize("method", list(_matrix()))
 def test_support_matrix(matrix_family, method):
     """Every method of the support matrix on Qwen3-VL, batch 2: runs (generate works, some layer sees fewer visual

@@ -31,9 +31,6 @@ hidden states at the visual positions after decoder layer ``j``
   token that an ``llm:`` stage merged there (sparsevlm_llm's recycled
   clusters) takes the plane of the token whose slot it holds (the hidden
   states inside the LLM carry no plane of their own).
-
-Both need the core's ``VisionOutput.per_token`` and ``Adapter.llm_hooks``; with
-a core without them the adapter refuses the model by name.
 """
 
 from __future__ import annotations
@@ -45,7 +42,7 @@ import torch
 from arrcoc.errors import ModelError
 from arrcoc.state import TokenState
 
-from .adapter import Adapter, VisionOutput, register_adapter
+from .adapter import VisionOutput, register_adapter
 from .qwen2_vl import Qwen2VLAdapter
 
 #: The per_token field of DeepStack plane ``j`` (added after decoder layer ``j``).
@@ -81,12 +78,6 @@ class _Restore:
             vars(self.owner).pop(self.name, None)
 
 
-def _core_carries_planes() -> bool:
-    """Whether this arrcoc core carries per-token values of the tower through the stages (``VisionOutput.per_token``)
-    and lets an adapter follow a sequence changed between decoder layers (``Adapter.llm_hooks``)."""
-    return "per_token" in VisionOutput._fields and "llm_hooks" in vars(Adapter)
-
-
 @register_adapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
@@ -94,12 +85,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
-        if not _core_carries_planes():
-            raise ModelError(
-                f"arrcoc.hf: {type(model).__name__} adds DeepStack planes at the visual positions after its first "
-                "decoder layers; pruning must move them with the tokens, which needs an arrcoc core whose "
-                "VisionOutput has per_token and whose Adapter has llm_hooks (core change qwen3_vl-core.patch); this "
-                "one has neither, so the family is not supported by it")
         # What assemble made of the last state: (the features, per plane their rows), for feature_kwargs.
         self._assembled: tuple[list[torch.Tensor], list[list[torch.Tensor]]] | None = None
 
