@@ -21,7 +21,7 @@ from arrcoc.errors import ArrcocError, InputError  # noqa: E402
 from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
 from arrcoc.integrations.hf.adapter import Adapter  # noqa: E402
 from test_hf_support_matrix import MATRIX  # noqa: E402
-from tiny_gemma3 import IMAGE, TOKENS, batch, shortened, tiny_gemma3  # noqa: E402
+from tiny_gemma3 import IMAGE, batch, shortened, tiny_gemma3  # noqa: E402
 
 NEW = 10  # new tokens per greedy generation
 #: Text before / after and images of the three prompts (the second: two images, as a pan-and-scan crop makes).
@@ -162,6 +162,43 @@ def test_a_conversation_continued_from_a_short_prompts_cache_reads_its_token_typ
     torch.testing.assert_close(torch.stack(then.logits), torch.stack(ref.logits), atol=1e-8, rtol=0)
 
 
+def received_reference(model, pixels):
+    """Per image ``[16]``: the attention each pooled token receives in the tower's last block, recomputed here in
+    plain torch from that block's input (the tower's ``hidden_states[-2]``): layer norm, per-head q / k, the
+    softmax of every query row over all patches, the mean over queries then heads; a token the mean of its 2 x 2
+    patches (cells (2r + i, 2c + j) of the 8 x 8 patch grid)."""
+    tower = model.model.vision_tower
+    x = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    block = getattr(tower, "vision_model", tower).encoder.layers[-1]
+    ln, attn = block.layer_norm1, block.self_attn
+    h = torch.nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    heads = attn.num_heads
+    q = (h @ attn.q_proj.weight.T + attn.q_proj.bias).unflatten(-1, (heads, -1)).transpose(1, 2)
+    k = (h @ attn.k_proj.weight.T + attn.k_proj.bias).unflatten(-1, (heads, -1)).transpose(1, 2)
+    probs = ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1)  # [images, heads, 64, 64]
+    patch = probs.mean(2).mean(1).view(-1, 8, 8)
+    return [torch.stack([patch[i, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean() for r in range(4) for c in range(4)])
+            for i in range(patch.shape[0])]
+
+
+@pytest.mark.parametrize("chunk", [None, 4 * 64 * 10], ids=["whole", "10_queries_a_chunk"])
+def test_attention_received_equals_the_plain_torch_recomputation(model, monkeypatch, chunk):
+    from arrcoc.integrations.hf import gemma3
+
+    if chunk is not None:
+        monkeypatch.setattr(gemma3, "RECEIVED_CHUNK_ELEMENTS", chunk)
+    pixels = batch(ROWS)["pixel_values"]
+    adapter = arrcoc.hf.adapter_for(model)
+    assert adapter.attention_received_layer == 1
+    with torch.no_grad():
+        out = adapter.encode_images(pixels, {}, keep_hidden=False, received=True)
+        ref = received_reference(model, pixels)
+        features = model.model.get_image_features(pixels).pooler_output
+    assert torch.equal(torch.stack(out.features), features)  # the hook changes nothing in the model's forward
+    for got, want in zip(out.received, ref):
+        torch.testing.assert_close(got, want, atol=1e-14, rtol=0)
+
+
 @pytest.mark.parametrize("stages", [
     {"compress": [{"use": "pool", "stride": 2}]},
     {"compress": [{"use": "divprune", "keep": 0.5}]},
@@ -263,14 +300,12 @@ def test_llm_stages_are_refused_without_the_engine_hook(model):
 
 # ------------------------------------------------------------------------------------------- support matrix
 NO_CLS = "no class token"
-NO_RECEIVED = "gives no 'attention received' signal"
 #: Until the engine builds the image blocks, every llm: stage is refused (by the engine, naming the layer types).
 LLM = None if CORE else "bidirectional image blocks"
 #: method -> the refusal's message fragment on Gemma 3 (absent: runs).
 REFUSALS = {
     "tome": NO_CLS, "hired": NO_CLS, "prumerge": NO_CLS, "prumerge_plus": NO_CLS, "visionzip": NO_CLS,
     "sparsevlm (pre-LLM)": NO_CLS, "scope": NO_CLS, "vispruner": NO_CLS,
-    "scope (score: attn_received)": NO_RECEIVED, "vispruner (signal: received, attention_map: null)": NO_RECEIVED,
     **{method: LLM for method, (sections, _) in MATRIX.items() if "llm" in sections and LLM},
 }
 

@@ -7,9 +7,15 @@ RMS-normed and projected (``get_image_features``).  Like Qwen's merger, the
 pooling is part of the projector, so the adapter hands the pooled tokens
 (``projected``): every stage runs on them, each image on the same square
 grid; a pan-and-scan crop is one more image of the same size.  The tower has
-no class token and arrcoc reads no attention from it: methods that need CLS
-attention, keys or the attention a token receives are refused by the tower's
-``how_to_provide`` (the substitutes it names run).
+no class token: methods that need CLS attention or keys are refused by the
+tower's ``how_to_provide``, which names the substitutes.  What it gives
+instead is the attention each token *receives* (need ``attention_received``,
+per-token ``attn_received``): VisPruner's official rule for SigLIP towers, the
+last block's attention averaged over the queries, then the heads
+(:func:`siglip_attention_received`, recomputed from the block's input taken by
+a pre-hook during the model's own tower forward), a pooled token the mean of
+its patches; VisPruner reads it with ``signal: received, attention_map:
+null``, SCOPE with ``score: attn_received``.
 
 Prompt.  Each image is ``<start_of_image>``, its placeholders,
 ``<end_of_image>``; ``token_type_ids`` (1 on the placeholders, as the
@@ -48,6 +54,7 @@ import torch
 from arrcoc.errors import InputError, ModelError
 
 from .adapter import Adapter, VisionOutput, register_adapter
+from .qwen2_vl import RECEIVED_CHUNK_ELEMENTS
 
 
 def block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -56,6 +63,28 @@ def block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
     image = token_type_ids == 1
     starts = image & ~torch.nn.functional.pad(image, (1, 0), value=False)[:, :-1]
     return torch.where(image, starts.long().cumsum(1) - 1, -1)
+
+
+def siglip_attention_received(block: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``[images, P]``: the attention each patch receives in a SigLIP encoder block on its input ``hidden``
+    ``[images, P, D]``: every query's softmax row (all patches, no mask), averaged over the queries, then over the
+    heads (VisPruner's rule for towers without a class token, ``attentions[-1].mean(dim=-2)`` then the head mean).
+
+    Recomputed from the block's ``layer_norm1`` and ``q_proj`` / ``k_proj`` (the block's attention computes its
+    scores so), in float32 or the hidden states' dtype if wider, the queries in chunks of at most
+    :data:`~.qwen2_vl.RECEIVED_CHUNK_ELEMENTS` logits (a 896 px image has 4096 patches).
+    """
+    attn = block.self_attn
+    images, P, _ = hidden.shape
+    h = block.layer_norm1(hidden)
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    q = attn.q_proj(h).view(images, P, attn.num_heads, -1).transpose(1, 2).to(dtype)  # [images, heads, P, hd]
+    k = attn.k_proj(h).view(images, P, attn.num_heads, -1).transpose(1, 2).to(dtype)
+    received = torch.zeros(images, attn.num_heads, P, dtype=dtype, device=hidden.device)
+    chunk = max(1, RECEIVED_CHUNK_ELEMENTS // max(1, images * attn.num_heads * P))
+    for start in range(0, P, chunk):
+        received += ((q[:, :, start:start + chunk] @ k.transpose(-1, -2)) * attn.scale).softmax(-1).sum(2)
+    return (received / P).mean(1)
 
 
 @register_adapter
@@ -70,8 +99,7 @@ class Gemma3Adapter(Adapter):
 
     @property
     def num_vision_layers(self) -> int:
-        inner = getattr(self.vision_tower, "vision_model", self.vision_tower)
-        return len(inner.encoder.layers)
+        return len(self._encoder_layers)
 
     @property
     def _side(self) -> int:
@@ -90,14 +118,43 @@ class Gemma3Adapter(Adapter):
         tokens = self.tokens_per_image(pixel_values, image_inputs)
         return self._budget_contexts(tokens, [(self._side, self._side)] * len(tokens))
 
-    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool
-                      ) -> VisionOutput:
+    @property
+    def _encoder_layers(self) -> Any:
+        inner = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        return inner.encoder.layers
+
+    @property
+    def attention_received_layer(self) -> int | None:
+        """The tower's last block: SigLIP attends over the whole image in every block, and VisPruner's official
+        rule for SigLIP towers reads the last one (``attentions[-1]``)."""
+        return self.num_vision_layers - 1
+
+    def encode_images(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any], keep_hidden: bool,
+                      received: bool = False) -> VisionOutput:
         if pixel_values.dim() != 4:
             raise InputError(f"{self.family}: expected pixel_values [images, 3, H, W], got {list(pixel_values.shape)}")
         dtype = next(self.vision_tower.parameters()).dtype
-        pooled = self.model.model.get_image_features(pixel_values.to(dtype)).pooler_output  # [images, n, D]
         side = self._side
-        return VisionOutput(list(pooled), [(side, side)] * pooled.shape[0], None, None)
+        if not received:
+            pooled = self.model.model.get_image_features(pixel_values.to(dtype)).pooler_output  # [images, n, D]
+            return VisionOutput(list(pooled), [(side, side)] * pooled.shape[0], None, None)
+        block = self._encoder_layers[self.attention_received_layer]
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            pooled = self.model.model.get_image_features(pixel_values.to(dtype)).pooler_output
+        finally:
+            handle.remove()
+        per_patch = siglip_attention_received(block, seen["hidden"])  # [images, patches], raster order
+        # A pooled token is the mean of its kernel x kernel patches (the projector's AvgPool2d over the raster grid):
+        # it receives their mean attention (arrcoc's choice, as for Qwen's merged tokens; no official code).
+        patches = round(per_patch.shape[1] ** 0.5)
+        per_token = torch.nn.functional.avg_pool2d(per_patch.view(-1, 1, patches, patches), patches // side)
+        return VisionOutput(list(pooled), [(side, side)] * pooled.shape[0], None, None, list(per_token.flatten(1)))
 
     def feature_kwargs(self, features: list[torch.Tensor]) -> dict[str, Any]:
         # Gemma 3's forward reads pooler_output as one tensor (``.to``) and scatters its rows into the
