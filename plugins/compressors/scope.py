@@ -54,7 +54,9 @@ Differences, on purpose: batched with ragged rows (padding never counts in a
 gain and is never picked; each row stops at its own budget); a budget above an
 image's tokens is a ``BudgetError`` (the official loop would pick ``-inf``
 rows); a zero feature vector has cosine 0 with everything (the official
-division gives NaN).
+division gives NaN); ``a^alpha`` is the correctly rounded power of each entry
+(``saliency_power``), not torch's CPU ``pow``, whose result depends on where
+the entry falls in the batch.
 """
 
 from __future__ import annotations
