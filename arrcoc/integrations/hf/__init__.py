@@ -17,7 +17,7 @@ from .compat import check_version as _check_version
 
 _check_version()  # an older release would fail later, inside generate, with a message that names no version
 
-from . import gemma3, llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (register the adapters)
+from . import gemma3, internvl, llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (register the adapters)
 from .adapter import Adapter, adapter_for, register_adapter, supported_models
 from .apply import Run, apply, load
 from .report import Report, layer_flops
