@@ -19,7 +19,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 import arrcoc  # noqa: E402
 from arrcoc.errors import ArrcocError, InputError  # noqa: E402
 from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
-from arrcoc.integrations.hf.adapter import Adapter  # noqa: E402
 from test_hf_support_matrix import MATRIX  # noqa: E402
 from tiny_gemma3 import IMAGE, batch, shortened, tiny_gemma3  # noqa: E402
 
@@ -29,10 +28,6 @@ ROWS = [(3, 5, 1), (2, 8, 2), (4, 2, 1)]
 #: Gemma 3's RMSNorm computes in float32 even in a float64 model, so one prompt alone and in a padded batch differ
 #: by ~1.2e-7 in the unmodified model itself: comparisons across batch layouts use this tolerance (same layout: 1e-8).
 ACROSS_LAYOUTS = 1e-6
-#: Whether the engine builds each layer's mask with the adapter's image blocks (the core half of this adapter).
-CORE = hasattr(Adapter, "attention_blocks")
-needs_core = pytest.mark.skipif(not CORE, reason="llm: stages on Gemma 3 need the engine's attention_blocks hook "
-                                "(/tmp/arrcoc/gemma3-core.patch)")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +68,7 @@ def on_short_prompt(model, inputs, kept, token_types=True):
 # ------------------------------------------------------------------------------------------- keep everything
 @pytest.mark.parametrize("stages", [
     {}, {"compress": [{"use": "random_keep", "keep": 1.0}]},
-    pytest.param({"llm": [{"use": "fastv", "layer": 2, "keep": 1.0}]}, marks=needs_core)],
+    {"llm": [{"use": "fastv", "layer": 2, "keep": 1.0}]}],
     ids=["none", "random_keep", "fastv"])
 @pytest.mark.parametrize("rows", [ROWS[:1], ROWS], ids=["batch1", "batch3"])
 def test_keep_everything_is_the_unmodified_model(model, stages, rows):
@@ -137,7 +132,6 @@ def test_token_types_of_another_shape_are_refused(model):
             model(**inputs)
 
 
-@needs_core
 def test_a_conversation_continued_from_a_short_prompts_cache_reads_its_token_types(model):
     # The cache holds the short prompt: the continuation's token_type_ids must be the short prompt's (with the
     # long ones, the model reads image blocks at the wrong columns), as for the model given the short prompt.
@@ -202,7 +196,7 @@ def test_attention_received_equals_the_plain_torch_recomputation(model, monkeypa
 @pytest.mark.parametrize("stages", [
     {"compress": [{"use": "pool", "stride": 2}]},
     {"compress": [{"use": "divprune", "keep": 0.5}]},
-    pytest.param({"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]}, marks=needs_core)],
+    {"llm": [{"use": "fastv", "layer": 2, "keep": 0.5}]}],
     ids=["pool", "divprune", "fastv"])
 def test_batched_equals_per_sample(model, stages):
     inputs = batch(ROWS)
@@ -262,7 +256,6 @@ def sample(inputs, b):
             "pixel_values": inputs["pixel_values"][first:first + ROWS[b][2]]}
 
 
-@needs_core
 def test_fastv_equals_the_decoder_by_hand_and_keeps_the_image_blocks_bidirectional(model):
     inputs = batch(ROWS)
     with torch.no_grad(), arrcoc.hf.apply(model, spec(llm=[{"use": "fastv", "layer": 2, "keep": 0.5}])) as run:
@@ -280,7 +273,6 @@ def test_fastv_equals_the_decoder_by_hand_and_keeps_the_image_blocks_bidirection
             assert (logits[b] - causal).abs().max() > 1e-3, (b, (logits[b] - causal).abs().max())
 
 
-@needs_core
 def test_fastv_keeping_all_from_layer_1_generates_the_models_tokens(model):
     # Greedy tokens after FastV keeping all at layer 1 (every layer from 1 on is rebuilt by the engine, both
     # types, with the image blocks) equal the unmodified model's: decoding after the rebuilt prefill is exact.
@@ -291,22 +283,12 @@ def test_fastv_keeping_all_from_layer_1_generates_the_models_tokens(model):
             assert torch.equal(greedy(model, inputs), ref)
 
 
-@pytest.mark.skipif(CORE, reason="the engine builds the image blocks")
-def test_llm_stages_are_refused_without_the_engine_hook(model):
-    with pytest.raises(ArrcocError, match="bidirectional image blocks"):
-        with torch.no_grad(), arrcoc.hf.apply(model, spec(llm=[{"use": "fastv", "layer": 2, "keep": 0.5}])):
-            model(**batch(ROWS))
-
-
 # ------------------------------------------------------------------------------------------- support matrix
 NO_CLS = "no class token"
-#: Until the engine builds the image blocks, every llm: stage is refused (by the engine, naming the layer types).
-LLM = None if CORE else "bidirectional image blocks"
 #: method -> the refusal's message fragment on Gemma 3 (absent: runs).
 REFUSALS = {
     "tome": NO_CLS, "hired": NO_CLS, "prumerge": NO_CLS, "prumerge_plus": NO_CLS, "visionzip": NO_CLS,
     "sparsevlm (pre-LLM)": NO_CLS, "scope": NO_CLS, "vispruner": NO_CLS,
-    **{method: LLM for method, (sections, _) in MATRIX.items() if "llm" in sections and LLM},
 }
 
 

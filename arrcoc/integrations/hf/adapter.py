@@ -23,7 +23,10 @@ An adapter answers four questions:
    (:meth:`shortened_kwargs`: e.g. multimodal rotary positions computed
    from the original prompt).
 3. **LLM**: the decoder layers, their attention modules, the text config,
-   the input embeddings and the rotary embedding (:meth:`rotary`).
+   the input embeddings, the rotary embedding (:meth:`rotary`; one table per
+   layer type where the types differ, :attr:`rotary_per_layer_type`) and the
+   blocks of the prompt that attend both ways (:meth:`attention_blocks`,
+   Gemma 3's images), which the engine keeps when it rebuilds a layer's mask.
 4. **Names**: ``family`` for messages and reports.
 """
 
@@ -70,6 +73,9 @@ class Adapter(ABC):
     #: Model keyword arguments that change the image features per call (LLaVA's ``vision_feature_layer``): pre-LLM
     #: stages encode the images as the config says, so a call giving another value is refused, not ignored.
     config_only_inputs: ClassVar[tuple[str, ...]] = ()
+    #: Whether the decoder's layer types (``text_config.layer_types``) have rotary tables of their own (Gemma 3:
+    #: local and global bases): :meth:`rotary` then returns ``{layer type: (cos, sin)}``.
+    rotary_per_layer_type: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -244,8 +250,17 @@ class Adapter(ABC):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """``(cos, sin)`` of ``position_ids`` for every decoder layer, or ``{layer type: (cos, sin)}``
+        (:attr:`rotary_per_layer_type`)."""
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def attention_blocks(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """``[B, L]``: per column of the prompt the LLM gets (``inputs``: a prefill forward's keyword arguments,
+        after any pre-LLM shortening), the block it belongs to, whose entries attend to each other both ways on top
+        of the causal mask (Gemma 3: the tokens of one image), -1 for causal columns.  ``None`` (default): causal
+        everywhere.  The engine gives the tokens it keeps their blocks when it rebuilds a layer's mask."""
+        return None
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

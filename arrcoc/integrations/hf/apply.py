@@ -354,7 +354,7 @@ class Run:
             kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
         ids = kwargs.get("input_ids")
         self.engine.begin_forward(self.call, ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"),
-                                  compat.cache_of(kwargs))
+                                  compat.cache_of(kwargs), inputs=kwargs)
         self.call.forward_start = clock(ids)
         return None
 
@@ -469,7 +469,7 @@ class Run:
             call.generating = call.in_forward = False  # (a forward that raised never reached its post hook)
         cache = kwargs.get("past_key_values", kwargs.get("cache", getattr(out, "past_key_values", None)))
         if self.pre_llm.active and original is not None and cache is not None and "input_ids" in kwargs:
-            aligned = ("input_ids", "attention_mask", "mm_token_type_ids")
+            aligned = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
             short = {k: kwargs[k] for k in aligned if kwargs.get(k) is not None}
             compat.mark(cache, SHORTENED, (original, short, self.adapter.position_state), self._shortened)
         elif fresh and cache is not None:  # a cache refilled with a prompt nothing shortened (reused, reset)

@@ -42,7 +42,8 @@ class Segment:
     ``index`` ``[B, S]``: original sequence position of each entry (0 on
     padding); ``real``: a token (not padding); ``keys``: attendable as a key
     (real and not masked); ``visual``: a visual token; ``cos_sin``,
-    ``position_ids`` and ``mask`` are the decoder-layer kwargs for it.
+    ``position_ids`` and ``mask`` are the decoder-layer kwargs for it (``cos_sin`` and ``mask`` per layer type,
+    ``{type: value}``, where the types differ).
     """
 
     start: int
@@ -50,7 +51,7 @@ class Segment:
     real: torch.Tensor
     keys: torch.Tensor
     visual: torch.Tensor
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None
+    cos_sin: Any
     position_ids: torch.Tensor | None
     mask: Any
     hidden: torch.Tensor | None = None  # replacement hidden states at ``start`` (removal only)
@@ -84,6 +85,7 @@ class Call:
     # ---- the prompt of the prefill forward, as the LLM gets it
     input_ids: torch.Tensor | None = None       # [B, L] (None for a prompt given as embeddings)
     placeholders: torch.Tensor | None = None    # [B, L] image slots
+    blocks: torch.Tensor | None = None          # [B, L] bidirectional blocks (Adapter.attention_blocks), None: causal
     real: torch.Tensor | None = None            # [B, L] real tokens (the attention mask), None: all real
     prefill: bool = False                       # the forward in progress fills an empty cache
     # ---- pre-LLM stages

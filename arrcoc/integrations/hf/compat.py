@@ -70,15 +70,50 @@ def cache_kwarg(function: Any, cache: Any) -> dict[str, Any]:
 
 
 def causal_mask(config: Any, inputs_embeds: Any, attention_mask: Any, cache: Any, layer_idx: int,
-                sliding: bool = False) -> Any:
+                sliding: bool = False, blocks: Any = None) -> Any:
     """``create_causal_mask`` (``sliding``: ``create_sliding_window_causal_mask``, the config's window) sized
-    against cache layer ``layer_idx``, under either cache keyword."""
+    against cache layer ``layer_idx``, under either cache keyword.
+
+    ``blocks`` ``[B, S]`` (an adapter's :meth:`~.adapter.Adapter.attention_blocks` over the sequence): entries of
+    one block (``>= 0``) also attend to each other both ways, OR-ed with the causal mask; on a sliding layer the
+    window then cuts that union (``window AND (causal OR block)``, Gemma 3's ``create_masks_for_vision_model``; a
+    sliding mask OR a block would let a block reach past the window).  Written as mask functions, which every
+    supported release takes (``block_sequence_ids`` is newer).
+    """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     create = create_sliding_window_causal_mask if sliding else create_causal_mask
+    functions: dict[str, Any] = {}
+    if blocks is not None:
+        functions["or_mask_function"] = _block_overlay(blocks)
+        if sliding:
+            create = create_causal_mask
+            functions["and_mask_function"] = _window_overlay(int(config.sliding_window))
     keyword = _cache_keyword(create)
     return create(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=None,
-                  layer_idx=layer_idx, **{keyword: cache})
+                  layer_idx=layer_idx, **functions, **{keyword: cache})
+
+
+def _block_overlay(blocks: Any) -> Any:
+    """Mask function: query and key in the same block (``>= 0``).  Keys past ``blocks`` (a static cache's
+    unwritten slots) are in none; indices are clamped so that they index nothing outside it."""
+    last = blocks.shape[1] - 1
+
+    def same_block(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        q_block = blocks[batch_idx, q_idx.clamp(max=last)]
+        kv_block = blocks[batch_idx, kv_idx.clamp(max=last)]
+        return (q_block == kv_block) & (q_block >= 0) & (kv_idx <= last)
+
+    return same_block
+
+
+def _window_overlay(window: int) -> Any:
+    """Mask function: the key is fewer than ``window`` entries back (transformers' ``sliding_window_overlay``)."""
+
+    def in_window(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return kv_idx > q_idx - window
+
+    return in_window
 
 
 def cache_of(kwargs: dict[str, Any]) -> Any:

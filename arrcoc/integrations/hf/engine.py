@@ -13,7 +13,11 @@ rows it needs).  The pre-hook of layer ``a`` builds the stage's
 and either **removes** the dropped tokens (gathers hidden states, rotary
 ``(cos, sin)``, position ids; left-pads ragged rows so the last token stays
 last; builds the 4-D mask with ``create_causal_mask(layer_idx=a)``) or
-**masks** them as keys.  Later layers get the same replaced kwargs, so every
+**masks** them as keys.  A model whose prompt has blocks that attend both ways
+(:meth:`~.adapter.Adapter.attention_blocks`: Gemma 3's images) keeps them: the
+kept tokens of a block are one block again in the rebuilt mask; a model whose
+layer types have rotary tables of their own gets each type its table.
+Later layers get the same replaced kwargs, so every
 layer keeps running its own attention kernel, and the KV cache of layers
 ``>= a`` holds only what they saw.
 
@@ -146,9 +150,10 @@ class LLMEngine:
 
     # ------------------------------------------------- one forward of a call
     def begin_forward(self, call: Call, ids: torch.Tensor | None, embeds: torch.Tensor | None, raw_mask: Any,
-                      cache: Any) -> None:
-        """A forward of ``call`` starts with these inputs (as the LLM gets them, after any pre-LLM shortening):
-        a prefill sets up its first segment, a decoding step finds the segments of the prompt its cache holds."""
+                      cache: Any, inputs: dict | None = None) -> None:
+        """A forward of ``call`` starts with these inputs (as the LLM gets them, after any pre-LLM shortening;
+        ``inputs``: all its keyword arguments): a prefill sets up its first segment, a decoding step finds the
+        segments of the prompt its cache holds."""
         past = 0 if cache is None else cache.get_seq_length()
         call.prefill = past == 0
         # generate with a static cache (and compiled forwards) pass a dict of 4-D masks: read the 2-D one behind it.
@@ -177,6 +182,12 @@ class LLMEngine:
                              "got neither")
         B, L = call.placeholders.shape
         device = call.placeholders.device
+        call.blocks = None if inputs is None else self.adapter.attention_blocks(inputs)
+        if call.blocks is not None:
+            if tuple(call.blocks.shape) != (B, L):
+                raise ModelError(f"arrcoc.hf: {self.adapter.family}'s attention blocks have shape "
+                                 f"{tuple(call.blocks.shape)}, the prompt {(B, L)}")
+            call.blocks = call.blocks.to(device)
         real = torch.ones(B, L, dtype=torch.bool, device=device) if call.real is None else call.real
         visual = call.placeholders & real
         index = torch.arange(L, device=device).expand(B, L)
@@ -236,8 +247,8 @@ class LLMEngine:
         """Decoder layer ``layer``'s kwargs for the sequence ``seg`` (the model's own for the unchanged one)."""
         if seg.start == 0:
             return kwargs
-        return dict(kwargs, attention_mask=_layer_mask(self.adapter, seg.mask, layer),
-                    position_embeddings=seg.cos_sin, position_ids=seg.position_ids)
+        return dict(kwargs, attention_mask=_for_layer(self.adapter, seg.mask, layer),
+                    position_embeddings=_for_layer(self.adapter, seg.cos_sin, layer), position_ids=seg.position_ids)
 
     @staticmethod
     def _count_layer(call: Call, layer: int, hidden: torch.Tensor, seg: Segment | None) -> None:
@@ -276,10 +287,10 @@ class LLMEngine:
             if seg.position_shift is not None:
                 position_ids = kwargs["position_ids"] - seg.position_shift[:, None]
                 call.decode_positions[seg.start] = (position_ids, self.adapter.rotary(hidden, position_ids))
-        kwargs = dict(kwargs, attention_mask=_layer_mask(self.adapter, call.decode_masks[seg.start], layer))
+        kwargs = dict(kwargs, attention_mask=_for_layer(self.adapter, call.decode_masks[seg.start], layer))
         if seg.position_shift is not None:
             position_ids, cos_sin = call.decode_positions[seg.start]
-            kwargs.update(position_ids=position_ids, position_embeddings=cos_sin)
+            kwargs.update(position_ids=position_ids, position_embeddings=_for_layer(self.adapter, cos_sin, layer))
         return args, kwargs
 
     # ---------------------------------------------------------------- act
@@ -327,12 +338,24 @@ class LLMEngine:
         keys = seg.keys & (~seg.visual | keep)
         by_slot = torch.sort(slots.masked_fill(~out.mask, slots.shape[1] + vidx.shape[1]), dim=1).indices
         call.carried = ops.keep(record, by_slot, out.mask.gather(1, by_slot))
-        mask = _causal_mask(self.adapter, hidden, keys.long(), compat.cache_of(kwargs), layer)
-        cos_sin = seg.cos_sin or call.layer_kwargs.get("position_embeddings")
+        blocks = None if call.blocks is None else call.blocks.gather(1, seg.index).masked_fill(~seg.real, -1)
+        mask = _causal_mask(self.adapter, hidden, keys.long(), compat.cache_of(kwargs), layer, blocks)
+        cos_sin = seg.cos_sin or self._input_rotary(call, hidden)
         pos = seg.position_ids if seg.position_ids is not None else call.layer_kwargs.get("position_ids")
         call.segments.append(dataclasses.replace(seg, start=layer, keys=keys, mask=mask, cos_sin=cos_sin,
                                                  position_ids=pos, hidden=None))
         return hidden
+
+    def _input_rotary(self, call: Call, hidden: torch.Tensor) -> Any:
+        """The rotary table(s) of the sequence as the model numbered it: layer 0's, which every layer shares, or
+        ``{layer type: (cos, sin)}`` from layer 0's positions where the types have their own (computed as the model
+        computes them: the same values)."""
+        if not self.adapter.rotary_per_layer_type:
+            return call.layer_kwargs.get("position_embeddings")
+        positions = call.layer_kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        return self.adapter.rotary(hidden, positions)
 
     def _visual_state(self, call: Call, hidden: torch.Tensor, vidx: torch.Tensor, vvalid: torch.Tensor
                       ) -> TokenState:
@@ -457,7 +480,7 @@ class LLMEngine:
         is_visual = torch.cat([torch.zeros_like(text), vis_mask], 1).gather(1, order) & valid
         real = torch.cat([seg.real, vis_mask], 1).gather(1, order) & valid
         # Positions as the tokens have them NOW (an earlier compact stage may have renumbered them).
-        cur_cos_sin = seg.cos_sin or call.layer_kwargs.get("position_embeddings")
+        cur_cos_sin = seg.cos_sin or self._input_rotary(call, hidden)
         cur_pos = seg.position_ids if seg.position_ids is not None else call.layer_kwargs.get("position_ids")
         if cur_pos is None:
             cur_pos = torch.arange(S, device=device)[None]
@@ -484,10 +507,12 @@ class LLMEngine:
                                  "(expected 'unpruned' or 'shifted')")
         elif rule == "original":
             position_ids = cur_pos.gather(1, current).masked_fill(~valid, 1)
-            cos_sin = tuple(_gather_positions(t, current, B) for t in cur_cos_sin)
+            cos_sin = _per_type(cur_cos_sin, lambda table: tuple(_gather_positions(t, current, B) for t in table))
         else:
             raise StateError(f"arrcoc.hf: unknown position rule {rule!r} (expected 'original' or 'compact')")
-        mask = _causal_mask(self.adapter, new_hidden, real.long(), cache, layer)
+        # A kept token keeps its block (its source column's; a merged token its first source's).
+        blocks = None if call.blocks is None else call.blocks.gather(1, orig).masked_fill(~real, -1)
+        mask = _causal_mask(self.adapter, new_hidden, real.long(), cache, layer, blocks)
         # The stage's output tokens in the order they now stand in the sequence.
         visual_order = ops.pack(is_visual)
         from_output = (order - S).clamp(min=0)
@@ -514,22 +539,30 @@ def _gather_positions(table: torch.Tensor, index: torch.Tensor, B: int) -> torch
 _MASK_TYPES = ("full_attention", "sliding_attention")
 
 
-def _causal_mask(adapter: Adapter, hidden: torch.Tensor, mask2d: torch.Tensor, cache: Any, layer: int) -> Any:
-    """The 4-D mask of layers ``>= layer`` over ``mask2d``; a model whose layers attend in windows gets one mask
-    per attention type (``{type: mask}``, each sized against the first cache layer of its type from ``layer``
-    on; :func:`_layer_mask` picks a layer's)."""
+def _causal_mask(adapter: Adapter, hidden: torch.Tensor, mask2d: torch.Tensor, cache: Any, layer: int,
+                 blocks: torch.Tensor | None = None) -> Any:
+    """The 4-D mask of layers ``>= layer`` over ``mask2d`` (``blocks``: the sequence's bidirectional blocks, see
+    :func:`.compat.causal_mask`); a model whose layers attend in windows gets one mask per attention type
+    (``{type: mask}``, each sized against the first cache layer of its type from ``layer`` on; :func:`_for_layer`
+    picks a layer's)."""
     config = adapter.text_config
     types = list(getattr(config, "layer_types", None) or ())
     if not types or set(types) == {"full_attention"}:
-        return compat.causal_mask(config, hidden, mask2d, cache, layer)
+        return compat.causal_mask(config, hidden, mask2d, cache, layer, blocks=blocks)
     masks = {}
     for i in range(layer, len(types)):
         if types[i] not in masks:
             masks[types[i]] = compat.causal_mask(config, hidden, mask2d, cache, i,
-                                                 sliding=types[i] == "sliding_attention")
+                                                 sliding=types[i] == "sliding_attention", blocks=blocks)
     return masks
 
 
-def _layer_mask(adapter: Adapter, mask: Any, layer: int) -> Any:
-    """Layer ``layer``'s mask from what :func:`_causal_mask` built."""
-    return mask[adapter.text_config.layer_types[layer]] if isinstance(mask, dict) else mask
+def _for_layer(adapter: Adapter, value: Any, layer: int) -> Any:
+    """Layer ``layer``'s entry of a value built per attention type (``{type: value}``: a mask of
+    :func:`_causal_mask`, a rotary table of a model whose types have their own), or the value itself."""
+    return value[adapter.text_config.layer_types[layer]] if isinstance(value, dict) else value
+
+
+def _per_type(value: Any, function: Callable[[Any], Any]) -> Any:
+    """``function`` applied to a value, or to each entry of one built per attention type (``{type: value}``)."""
+    return {kind: function(entry) for kind, entry in value.items()} if isinstance(value, dict) else function(value)

@@ -30,13 +30,15 @@ numbers them); the image features are not scaled, the text embeddings are
 (``sqrt(hidden_size)``, inside the model's embedding: :meth:`Adapter.embed`
 returns them scaled, as the queries of query-aware stages should be).
 
-Inside the LLM two things differ from Llama-like decoders, and both need the
-engine: the layer types use different rotary bases (``rotary_emb(x, positions,
-layer_type)``: :meth:`Gemma3Adapter.rotary` returns ``{layer type: (cos,
-sin)}``), and the image blocks stay bidirectional among the kept tokens
-(:meth:`Gemma3Adapter.attention_blocks`).  An engine without the
-``attention_blocks`` hook on :class:`~.adapter.Adapter` knows neither: there
-``llm:`` stages on Gemma 3 are refused (:attr:`Gemma3Adapter.text_config`).
+Inside the LLM two things differ from Llama-like decoders, and the adapter
+tells the engine both: the layer types use different rotary bases
+(``rotary_emb(x, positions, layer_type)``: :meth:`Gemma3Adapter.rotary`
+returns ``{layer type: (cos, sin)}``, ``rotary_per_layer_type``), and the
+image blocks (:meth:`Gemma3Adapter.attention_blocks`), which the engine keeps
+in every mask it rebuilds: the kept tokens of an image stay one bidirectional
+block, on sliding layers cut by the window as the model cuts it.  Positions
+after in-LLM removal are the stage's rule (FastV: the original ones; compact
+renumbering is defined, the positions being 1-D).
 
 Soft-capping: ``Gemma3ForConditionalGeneration`` applies no final-logit
 soft-capping (only the text-only ``Gemma3ForCausalLM`` does) and its attention
@@ -92,6 +94,7 @@ class Gemma3Adapter(Adapter):
     family = "gemma3"
     model_classes = ("Gemma3ForConditionalGeneration",)
     projected = True
+    rotary_per_layer_type = True
 
     @property
     def vision_tower(self) -> torch.nn.Module:
@@ -192,35 +195,8 @@ class Gemma3Adapter(Adapter):
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
 
-    @property
-    def text_config(self) -> Any:
-        config = self.language_model.config
-        if _ENGINE_HAS_BLOCKS:
-            return config
-        return _CausalOnlyEngineConfig(config)
-
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{layer type: (cos, sin)}``: each type of layer has its own rotary base (local / global)."""
         rotary = self.language_model.rotary_emb
-        types = self.language_model.config.layer_types
-        return {kind: rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}
+        return {kind: rotary(hidden, position_ids, kind) for kind in dict.fromkeys(self.text_config.layer_types)}
 
-
-#: Whether the engine builds each layer's mask with an adapter's attention blocks (and per-type rotary tables).
-_ENGINE_HAS_BLOCKS = hasattr(Adapter, "attention_blocks")
-
-
-class _CausalOnlyEngineConfig:
-    """The text config as an engine without :meth:`Adapter.attention_blocks` reads it: every attribute the
-    model's, the layer types named with the image blocks that engine cannot build, so that it refuses ``llm:``
-    stages with its own message (which names the types) instead of making the kept image tokens causal."""
-
-    def __init__(self, config: Any) -> None:
-        self._config = config
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._config, name)
-
-    @property
-    def layer_types(self) -> list[str]:
-        return [f"{kind} + bidirectional image blocks (Gemma 3)" for kind in self._config.layer_types]

@@ -27,15 +27,23 @@ cell on the shuffled grid; ``pool`` / ``tome`` merge shuffled tokens by the
 size-weighted mean of their concatenated features, which the projector then
 maps as the model maps any token.
 
-What does not survive the shuffle.  The tower's class-token attention, its
-keys and the class token itself are per PATCH (``1 + p^2`` entries), while
-the LLM receives one token per 2 x 2 block; no arrcoc signal is defined on
-the shuffled tokens, so the stages that read them (CLS attention: HiRED,
-PruMerge, VisionZip, VisPruner, SCOPE, SparseVLM pre-LLM with ``w_sal > 0``;
-keys: ToMe's default metric) are refused when the tower is asked for them
-(:meth:`InternVLAdapter.encode_images`), naming the stages that run.  (A
-substitute, the CLS attention averaged over a token's four patches, would
-need the core's tower wrapper to pool per-patch signals; it is not offered.)
+What does not survive the shuffle.  The tower's class-token attention and
+its keys are per PATCH (``1 + p^2`` rows), while the LLM receives one token
+per 2 x 2 block, and the class token itself (width ``D``) is not a token of
+the shuffled space (width ``4 D``).  With the core's
+:meth:`~.adapter.Adapter.signal_per_token` (``/tmp/arrcoc/internvl-core.patch``
+until it lands) arrcoc offers a documented **substitute**: ``cls_attn`` (and
+``cls_attn@<i>``) and ``keys`` of a token are the **mean over its four
+patches** of the per-patch values, computed from the InternViT block's own
+``layernorm_before``, ``q_proj`` / ``k_proj`` and query / key norms (the CLS
+row of the softmax over the tile's ``1 + p^2`` rows, then the mean of a
+token's patches: the attention share of the block it folds, divided by 4);
+the class token is not handed on (``state.cls`` is None; the stages keep no
+class token apart).  Without that core method the stages that read these
+signals (CLS attention: HiRED, PruMerge, VisionZip, VisPruner, SCOPE,
+SparseVLM pre-LLM with ``w_sal > 0``; keys: ToMe's default metric) are
+refused when the tower is asked for them (:meth:`InternVLAdapter.
+encode_images`), naming the pixel shuffle and the stages that run.
 What the tower does give per token is the attention it **receives**
 (:attr:`InternVLAdapter.attention_received_layer`, per_token
 ``attn_received``; VisPruner's rule for towers whose class token is not
@@ -60,6 +68,10 @@ import torch
 from arrcoc.errors import InputError, ModelError
 
 from .adapter import Adapter, VisionOutput, register_adapter
+
+#: Whether the core turns per-patch tower signals into per-token ones (``Adapter.signal_per_token``); without it the
+#: class-token signals are refused.
+CORE = "signal_per_token" in vars(Adapter)
 
 #: Most attention logits held at once by the attention-received signal (float32: 256 MiB): tiles are taken in
 #: chunks that fit.
@@ -108,8 +120,9 @@ class InternVLAdapter(Adapter):
 
     @property
     def has_cls(self) -> bool:
-        # InternViT has a class token: the tower is asked for its signals, and refuses them with the reason
-        # (encode_images) rather than the generic "no class token", which would be untrue here.
+        # InternViT has a class token: the tower wrapper asks for its signals, which come per token (the core's
+        # signal_per_token) or are refused with the reason (encode_images) rather than the generic "no class
+        # token", which would be untrue here.
         return True
 
     @property
@@ -137,12 +150,42 @@ class InternVLAdapter(Adapter):
         """A shuffled token concatenates ``fold^2`` patches of the tower's width."""
         return int(self.model.config.vision_config.hidden_size) * self._fold ** 2
 
+    @property
+    def default_attention_layer(self) -> int:
+        """The block producing the feature layer (its CLS attention and keys; the last block for ``-1``)."""
+        block = self.attention_received_layer
+        if block is None:
+            raise ModelError(f"{self.family}: vision_feature_layer {self.model.config.vision_feature_layer} is the "
+                             "tower's embeddings, which no block's attention produced")
+        return block
+
+    def vision_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Per-head ``(q, k, scale)`` of InternViT block ``layer`` on its input ``hidden`` (its own
+        ``layernorm_before``, projections and query / key norms, as the block's attention computes them)."""
+        block = self.vision_tower.encoder.layer[layer]
+        attn = block.attention
+        h = block.layernorm_before(hidden)
+        B, N, _ = h.shape
+        heads = int(attn.num_heads)
+        q = attn.q_norm(attn.q_proj(h)).reshape(B, N, heads, -1).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(h)).reshape(B, N, heads, -1).transpose(1, 2)
+        return q, k, float(attn.scale)
+
+    def signal_per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """``[tiles, p^2, ...]`` per patch -> ``[tiles, g^2, ...]``: the mean over the fold x fold block of patches
+        each shuffled token concatenates (rows fold r.., columns fold c..: the model's pixel_shuffle)."""
+        tiles, side, fold = values.shape[0], self.grid_side, self._fold
+        rest = values.shape[2:]
+        blocks = values.reshape(tiles, side, fold, side, fold, *rest)
+        return blocks.mean((2, 4)).reshape(tiles, side * side, *rest)
+
     def _refuse_tower_signals(self) -> None:
         raise ModelError(
             f"{self.family}: the InternViT tower's class-token attention, keys and class token are per patch, but "
             f"the pixel shuffle folds each {self._fold} x {self._fold} block of patches into one LLM token before "
             "the projector, so these signals have no value per token; a stage that needs them (cls_attention, "
-            f"keys, cls) cannot run on InternVL: use {ALTERNATIVES}"
+            f"keys, cls) cannot run on InternVL without the core's Adapter.signal_per_token (which gives the mean "
+            f"over a token's patches): use {ALTERNATIVES}"
         )
 
     def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
@@ -172,7 +215,7 @@ class InternVLAdapter(Adapter):
         """``pixel_values [tiles, 3, S, S]`` -> per tile the shuffled features ``[g^2, fold^2 D]`` before the
         projector, as ``InternVLModel.get_image_features`` computes them (the model's own ``pixel_shuffle``);
         ``received``: per tile the attention each token receives (see the module docstring)."""
-        if keep_hidden:
+        if keep_hidden and not CORE:
             self._refuse_tower_signals()
         if pixel_values.dim() != 4:
             raise InputError(f"{self.family}: expected pixel_values [tiles, 3, H, W] (every tile of every image, "
@@ -193,7 +236,7 @@ class InternVLAdapter(Adapter):
             handle = self.vision_tower.encoder.layer[block].register_forward_pre_hook(grab)
         try:
             out = self.vision_tower(pixel_values=pixel_values.to(dtype=inner.dtype), return_dict=True,
-                                    output_hidden_states=layer != -1)
+                                    output_hidden_states=keep_hidden or layer != -1)
         finally:
             if handle is not None:
                 handle.remove()
@@ -212,52 +255,24 @@ class InternVLAdapter(Adapter):
                 raise ModelError(f"{self.family}: vision block {self.attention_received_layer} was not called with "
                                  "its input as the first argument (another transformers layout), so its attention "
                                  "cannot be read")
-            per_patch = self._received(self.vision_tower.encoder.layer[self.attention_received_layer],
-                                       seen["hidden"])[:, 1:]  # [tiles, p^2]: the patches' columns
-            fold = self._fold
-            # A shuffled token is the fold x fold block of patches at rows fold r.., columns fold c.. (the
-            # model's pixel_shuffle): the mean of its patches, in the tokens' raster order.
-            per_token = list(per_patch.reshape(tiles, side, fold, side, fold).mean((2, 4)).reshape(tiles, -1))
-        return VisionOutput(list(shuffled), [(side, side)] * tiles, None, None, per_token)
+            per_patch = self._received(self.attention_received_layer, seen["hidden"])[:, 1:]  # the patches' columns
+            per_token = list(InternVLAdapter.signal_per_token(self, per_patch))  # the mean of a token's patches
+        # hidden_states[i] is the input of block i (the embeddings first), as the tower wrapper reads them.
+        hidden = tuple(out.hidden_states) if keep_hidden else None
+        return VisionOutput(list(shuffled), [(side, side)] * tiles, None, hidden, per_token)
 
-    @staticmethod
-    def _received(block: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """``[tiles, 1 + p^2]``: the attention each row of an InternViT block's input ``hidden`` receives, every
-        query's softmax row (over the tile's rows, as the block attends: no mask) averaged over the queries,
-        then over the heads.  Recomputed from the block's own ``layernorm_before``, ``q_proj`` / ``k_proj`` and
-        query/key norms; float32 (or the input's dtype if wider), tiles taken in chunks of at most
-        :data:`RECEIVED_CHUNK_ELEMENTS` logits."""
-        attn = block.attention
-        h = block.layernorm_before(hidden)
-        tiles, N, _ = h.shape
-        heads = int(attn.num_heads)
-        q = attn.q_norm(attn.q_proj(h)).reshape(tiles, N, heads, -1).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(h)).reshape(tiles, N, heads, -1).transpose(1, 2)
+    def _received(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``[tiles, 1 + p^2]``: the attention each row of InternViT block ``block``'s input ``hidden`` receives,
+        every query's softmax row (over the tile's rows, as the block attends: no mask) averaged over the queries,
+        then over the heads (:meth:`vision_qk`); float32 (or the input's dtype if wider), tiles taken in chunks of at
+        most :data:`RECEIVED_CHUNK_ELEMENTS` logits."""
+        q, k, scale = self.vision_qk(block, hidden)
+        tiles, heads, N, _ = q.shape
         dtype = torch.promote_types(q.dtype, torch.float32)
         chunk = max(1, RECEIVED_CHUNK_ELEMENTS // max(1, heads * N * N))
         out = []
         for start in range(0, tiles, chunk):
             qs, ks = q[start:start + chunk].to(dtype), k[start:start + chunk].to(dtype)
-            probs = ((qs @ ks.transpose(-1, -2)) * attn.scale).softmax(-1)  # [chunk, heads, N, N]
+            probs = ((qs @ ks.transpose(-1, -2)) * scale).softmax(-1)  # [chunk, heads, N, N]
             out.append(probs.mean(2).mean(1))  # query mean, then head mean
         return torch.cat(out)
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(features)
-
-    def feature_kwargs(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        # InternVL's forward reads pooler_output as one tensor (``.to``) and scatters its rows into the
-        # placeholders in order: every tile's kept rows, concatenated, as one [1, total, D] tensor.
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])}}
-
-    # ------------------------------------------------------------- prompt
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    # ---------------------------------------------------------------- LLM
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
