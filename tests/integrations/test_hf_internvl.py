@@ -20,11 +20,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 
 import arrcoc  # noqa: E402
 from arrcoc.errors import ArrcocError, ModelError  # noqa: E402
+from arrcoc.integrations.hf.internvl import CORE  # noqa: E402
+from arrcoc.integrations.hf.vision import VisionTower  # noqa: E402
 from test_hf_support_matrix import MATRIX  # noqa: E402
 from tiny_internvl import IMAGE, PATCHES, SIDE, TOKENS, batch, shortened, tiny_internvl  # noqa: E402
 from tiny_models import generate_positions, reference_attention  # noqa: E402
 
 NEW = 10  # new tokens per greedy generation
+needs_core = pytest.mark.skipif(not CORE, reason="per-token CLS attention and keys need the core's "
+                                "Adapter.signal_per_token (/tmp/arrcoc/internvl-core.patch)")
 #: Text before / after and the tiles of each image of the three prompts: one tile alone; two tiles and the
 #: thumbnail; two images (a tile and its thumbnail, then one tile).
 ROWS = [(3, 5, [1]), (2, 8, [3]), (4, 2, [2, 1])]
@@ -104,6 +108,68 @@ def test_attention_received_is_the_towers_eager_attention_averaged_over_each_tok
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
     # Not a uniform signal (that would make the check above vacuous).
     assert torch.stack(out.received).std() > 1e-3
+
+
+@needs_core
+@pytest.mark.parametrize("heads", ["mean", "single"])
+def test_cls_attention_and_keys_are_the_means_over_each_tokens_patches(heads):
+    # The substitute for the class-token signals: per token, the mean over its 2 x 2 patches of the CLS row of the
+    # tower's own eager attention weights (head mean), or of that row over the full width ('single', written out
+    # here from the block's modules), and of the keys.
+    eager = tiny_internvl(attn_implementation="eager")
+    pixels = batch(ROWS)["pixel_values"]
+    tower = VisionTower.for_model(eager, attention_layer=-1, extra_attention_layers=[0], cls_attention_heads=heads)
+    tower.configure(frozenset({"cls_attention", "keys"}))
+    with torch.no_grad():
+        state = tower.encode_inputs(pixels, {})
+        out = eager.model.vision_tower(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
+    assert state.cls is None and state.tokens.shape[:2] == (pixels.shape[0], TOKENS)
+
+    def pooled(per_patch):  # [tiles, 64, ...] -> [tiles, 16, ...], the mean of each token's block, written out
+        grid = per_patch.reshape(per_patch.shape[0], PATCHES, PATCHES, *per_patch.shape[2:])
+        return torch.stack([grid[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean((1, 2))
+                            for r in range(SIDE) for c in range(SIDE)], 1)
+
+    for name, block in (("cls_attn", 1), ("cls_attn@0", 0)):
+        if heads == "mean":
+            per_patch = out.attentions[block][:, :, 0, 1:].mean(1)
+        else:
+            layer = eager.model.vision_tower.encoder.layer[block]
+            h = layer.layernorm_before(out.hidden_states[block])
+            q, k = layer.attention.q_proj(h), layer.attention.k_proj(h)
+            per_patch = ((q[:, :1] @ k.transpose(1, 2)) * q.shape[-1] ** -0.5).softmax(-1)[:, 0, 1:]
+        # The tower wrapper takes the CLS softmax in float32 (as on every family): float32 rounding.
+        torch.testing.assert_close(state.per_token[name].double(), pooled(per_patch), atol=1e-6, rtol=0)
+    layer = eager.model.vision_tower.encoder.layer[1]
+    k = layer.attention.k_proj(layer.layernorm_before(out.hidden_states[1]))[:, 1:]
+    if heads == "mean":
+        k = k.reshape(*k.shape[:2], 4, -1).mean(2)
+    torch.testing.assert_close(state.per_token["keys"], pooled(k), atol=1e-12, rtol=0)
+    assert state.per_token["cls_attn"].std() > 1e-3  # not uniform: the check above is not vacuous
+
+
+@needs_core
+def test_a_cls_attention_selection_equals_the_short_prompt_with_the_hand_pooled_ranking(model):
+    # VisPruner's important tokens alone (important_ratio 1: keep 5 of 16 per tile by CLS attention): per tile, the
+    # 5 tokens of the largest patch-mean CLS attention (the signal checked against the eager weights above) reach
+    # the LLM as the model's own features.
+    inputs = batch(ROWS)
+    stage = {"use": "vispruner", "keep": 5, "important_ratio": 1.0}
+    with torch.no_grad(), arrcoc.hf.apply(model, spec(compress=[stage])) as run:
+        logits = model(**inputs).logits[:, -1]
+        tower = VisionTower.for_model(model)
+        tower.configure(frozenset({"cls_attention"}))
+        attn = tower.encode_inputs(inputs["pixel_values"], {}).per_token["cls_attn"]
+    kept = kept_raster(run.state)
+    top = torch.sort(-attn, dim=1, stable=True).indices[:, :5]
+    assert [sorted(k) for k in kept] == sorted_rows(top)
+    with torch.no_grad():
+        ref, _, _ = on_short_prompt(model, inputs, kept)
+    torch.testing.assert_close(logits, ref, atol=1e-8, rtol=0)
+
+
+def sorted_rows(index):
+    return [sorted(row) for row in index.tolist()]
 
 
 # ------------------------------------------------------------------------------------------- keep everything
@@ -246,6 +312,7 @@ def test_batched_equals_per_sample(model, stages):
 
 
 # ------------------------------------------------------------------------------------------- refusals
+@pytest.mark.skipif(CORE, reason="the core gives the class-token signals per token")
 def test_class_token_signals_are_refused_with_the_pixel_shuffle_named(model):
     with pytest.raises(ModelError, match=r"pixel shuffle folds each 2 x 2 block of patches into one LLM token.*"
                                          r"signal: received"):
@@ -265,7 +332,7 @@ def test_a_select_strategy_keeping_the_class_token_is_refused_when_entering():
 # ------------------------------------------------------------------------------------------- support matrix
 PIXEL_SHUFFLE = "pixel shuffle folds each 2 x 2 block"
 #: method -> the refusal's message fragment on InternVL (absent: runs).
-REFUSALS = {
+REFUSALS = {} if CORE else {
     "tome": PIXEL_SHUFFLE, "hired": PIXEL_SHUFFLE, "prumerge": PIXEL_SHUFFLE, "prumerge_plus": PIXEL_SHUFFLE,
     "visionzip": PIXEL_SHUFFLE, "sparsevlm (pre-LLM)": PIXEL_SHUFFLE, "scope": PIXEL_SHUFFLE,
     "vispruner": PIXEL_SHUFFLE,

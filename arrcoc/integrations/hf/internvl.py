@@ -152,12 +152,10 @@ class InternVLAdapter(Adapter):
 
     @property
     def default_attention_layer(self) -> int:
-        """The block producing the feature layer (its CLS attention and keys; the last block for ``-1``)."""
+        """The block producing the feature layer (its CLS attention and keys; the last block for ``-1``; block 0,
+        the nearest, for features read from the embeddings)."""
         block = self.attention_received_layer
-        if block is None:
-            raise ModelError(f"{self.family}: vision_feature_layer {self.model.config.vision_feature_layer} is the "
-                             "tower's embeddings, which no block's attention produced")
-        return block
+        return 0 if block is None else block
 
     def vision_qk(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per-head ``(q, k, scale)`` of InternViT block ``layer`` on its input ``hidden`` (its own
@@ -276,3 +274,23 @@ class InternVLAdapter(Adapter):
             probs = ((qs @ ks.transpose(-1, -2)) * scale).softmax(-1)  # [chunk, heads, N, N]
             out.append(probs.mean(2).mean(1))  # query mean, then head mean
         return torch.cat(out)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
+
+    def feature_kwargs(self, features: list[torch.Tensor]) -> dict[str, Any]:
+        # InternVL's forward reads pooler_output as one tensor (``.to``) and scatters its rows into the
+        # placeholders in order: every tile's kept rows, concatenated, as one [1, total, D] tensor.
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])}}
+
+    # ------------------------------------------------------------- prompt
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    # ---------------------------------------------------------------- LLM
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
