@@ -209,6 +209,20 @@ def test_pre_llm_dropping_equals_the_short_prompt(model, stage):
     assert torch.equal(tokens[:, L:], ref_tokens[:, short["input_ids"].shape[1]:])
 
 
+def test_a_prompt_given_as_embeddings_is_shortened_as_the_ids_are(model):
+    inputs = batch(ROWS)
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
+    as_embeds = {k: v for k, v in inputs.items() if k != "input_ids"} | {"inputs_embeds": embeds}
+    pipe = spec(compress=[{"use": "pool", "stride": 2}])  # deterministic: the same tokens both ways
+    with torch.no_grad():
+        with arrcoc.hf.apply(model, pipe):
+            by_ids = model(**inputs).logits[:, -1]
+        with arrcoc.hf.apply(model, pipe) as run:
+            by_embeds = model(**as_embeds).logits[:, -1]
+    assert run.report.layer_visual[0] == [4, 12, 12]
+    torch.testing.assert_close(by_embeds, by_ids, atol=1e-10, rtol=0)
+
+
 def test_merged_tokens_are_the_projected_mean_of_their_shuffled_features(model):
     # pool stride 2 merges each 2 x 2 block of a tile's 4 x 4 tokens: the LLM gets the projector of their mean
     # (in the shuffled space, before the projector), in the model's prompt at 4 tokens per tile.
