@@ -44,10 +44,11 @@ signals (CLS attention: HiRED, PruMerge, VisionZip, VisPruner, SCOPE,
 SparseVLM pre-LLM with ``w_sal > 0``; keys: ToMe's default metric) are
 refused when the tower is asked for them (:meth:`InternVLAdapter.
 encode_images`), naming the pixel shuffle and the stages that run.
-What the tower does give per token is the attention it **receives**
-(:attr:`InternVLAdapter.attention_received_layer`, per_token
-``attn_received``; VisPruner's rule for towers whose class token is not
-usable, as for the Qwen towers): in the block producing the feature layer,
+
+Attention received (with or without the core method): the attention each
+token **receives** (:attr:`InternVLAdapter.attention_received_layer`,
+per_token ``attn_received``; VisPruner's rule for towers without a usable
+class token, as for the Qwen towers): in the block producing the feature layer,
 every query's softmax row over the tile's ``1 + p^2`` rows (the class row
 among them, as the block attends), averaged over the queries, then the heads,
 then over the four patches the shuffle folds into the token.  ``vispruner``
@@ -78,9 +79,9 @@ CORE = "signal_per_token" in vars(Adapter)
 RECEIVED_CHUNK_ELEMENTS = 1 << 26
 #: What runs on InternVL instead of a stage that needs the tower's class-token signals.
 ALTERNATIVES = ("the attention each token receives (vispruner with signal: received, attention_map: null; scope "
-                "with score: attn_received), tome with metric: tokens, pool, random_keep, aim_merge, divprune, cdpruner, dart_pre, sparsevlm "
-                "with w_sal: 0, scope with score: null, or an llm: stage (fastv, dart, pyramiddrop, sparsevlm_llm, "
-                "aim_prune)")
+                "with score: attn_received), tome with metric: tokens, pool, random_keep, aim_merge, divprune, "
+                "cdpruner, dart_pre, sparsevlm with w_sal: 0, scope with score: null, or an llm: stage (fastv, dart, "
+                "pyramiddrop, sparsevlm_llm, aim_prune)")
 
 
 @register_adapter
