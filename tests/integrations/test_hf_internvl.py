@@ -20,15 +20,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 
 import arrcoc  # noqa: E402
 from arrcoc.errors import ArrcocError, ModelError  # noqa: E402
-from arrcoc.integrations.hf.internvl import CORE  # noqa: E402
 from arrcoc.integrations.hf.vision import VisionTower  # noqa: E402
 from test_hf_support_matrix import MATRIX  # noqa: E402
 from tiny_internvl import IMAGE, PATCHES, SIDE, TOKENS, batch, shortened, tiny_internvl  # noqa: E402
 from tiny_models import generate_positions, reference_attention  # noqa: E402
 
 NEW = 10  # new tokens per greedy generation
-needs_core = pytest.mark.skipif(not CORE, reason="per-token CLS attention and keys need the core's "
-                                "Adapter.signal_per_token (/tmp/arrcoc/internvl-core.patch)")
 #: Text before / after and the tiles of each image of the three prompts: one tile alone; two tiles and the
 #: thumbnail; two images (a tile and its thumbnail, then one tile).
 ROWS = [(3, 5, [1]), (2, 8, [3]), (4, 2, [2, 1])]
@@ -110,7 +107,6 @@ def test_attention_received_is_the_towers_eager_attention_averaged_over_each_tok
     assert torch.stack(out.received).std() > 1e-3
 
 
-@needs_core
 @pytest.mark.parametrize("heads", ["mean", "single"])
 def test_cls_attention_and_keys_are_the_means_over_each_tokens_patches(heads):
     # The substitute for the class-token signals: per token, the mean over its 2 x 2 patches of the CLS row of the
@@ -148,7 +144,6 @@ def test_cls_attention_and_keys_are_the_means_over_each_tokens_patches(heads):
     assert state.per_token["cls_attn"].std() > 1e-3  # not uniform: the check above is not vacuous
 
 
-@needs_core
 def test_a_cls_attention_selection_equals_the_short_prompt_with_the_hand_pooled_ranking(model):
     # VisPruner's important tokens alone (important_ratio 1: keep 5 of 16 per tile by CLS attention): per tile, the
     # 5 tokens of the largest patch-mean CLS attention (the signal checked against the eager weights above) reach
@@ -326,15 +321,6 @@ def test_batched_equals_per_sample(model, stages):
 
 
 # ------------------------------------------------------------------------------------------- refusals
-@pytest.mark.skipif(CORE, reason="the core gives the class-token signals per token")
-def test_class_token_signals_are_refused_with_the_pixel_shuffle_named(model):
-    with pytest.raises(ModelError, match=r"pixel shuffle folds each 2 x 2 block of patches into one LLM token.*"
-                                         r"signal: received"):
-        with torch.no_grad(), arrcoc.hf.apply(model, spec(compress=[{"use": "visionzip", "dominant": 4,
-                                                                     "contextual": 2}])):
-            model(**batch(ROWS))
-
-
 def test_a_select_strategy_keeping_the_class_token_is_refused_when_entering():
     model = tiny_internvl(torch.float32)
     model.config.vision_feature_select_strategy = "full"
@@ -344,13 +330,8 @@ def test_a_select_strategy_keeping_the_class_token_is_refused_when_entering():
 
 
 # ------------------------------------------------------------------------------------------- support matrix
-PIXEL_SHUFFLE = "pixel shuffle folds each 2 x 2 block"
 #: method -> the refusal's message fragment on InternVL (absent: runs).
-REFUSALS = {} if CORE else {
-    "tome": PIXEL_SHUFFLE, "hired": PIXEL_SHUFFLE, "prumerge": PIXEL_SHUFFLE, "prumerge_plus": PIXEL_SHUFFLE,
-    "visionzip": PIXEL_SHUFFLE, "sparsevlm (pre-LLM)": PIXEL_SHUFFLE, "scope": PIXEL_SHUFFLE,
-    "vispruner": PIXEL_SHUFFLE,
-}
+REFUSALS: dict[str, str] = {}  # every method runs (class-token signals: the mean over a token's patches)
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,13 @@ class Adapter(ABC):
         """Per-head ``(q, k, scale)`` ``[B, heads, N, head_dim]`` of vision layer ``layer`` on its input ``hidden``."""
         raise ModelError(f"{self.family}: the vision tower's attention cannot be read per layer")
 
+    def signal_per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """The tower's per-patch attention signals ``[images, patches, ...]`` (CLS attention, keys of the layer
+        whose attention is read; the class row already dropped) as one value per feature token ``[images, n,
+        ...]``, for a tower whose tokens fold several patches before the projector (InternVL's pixel shuffle: the
+        mean over a token's patches).  Default: each token is one patch, the values as they are."""
+        return values
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The multimodal projector: vision features -> LLM input space (identity when ``projected``)."""
         return features

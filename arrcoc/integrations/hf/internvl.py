@@ -30,22 +30,17 @@ maps as the model maps any token.
 What does not survive the shuffle.  The tower's class-token attention and
 its keys are per PATCH (``1 + p^2`` rows), while the LLM receives one token
 per 2 x 2 block, and the class token itself (width ``D``) is not a token of
-the shuffled space (width ``4 D``).  With the core's
-:meth:`~.adapter.Adapter.signal_per_token` (``/tmp/arrcoc/internvl-core.patch``
-until it lands) arrcoc offers a documented **substitute**: ``cls_attn`` (and
+the shuffled space (width ``4 D``).  With
+:meth:`~.adapter.Adapter.signal_per_token` arrcoc offers a documented **substitute**: ``cls_attn`` (and
 ``cls_attn@<i>``) and ``keys`` of a token are the **mean over its four
 patches** of the per-patch values, computed from the InternViT block's own
 ``layernorm_before``, ``q_proj`` / ``k_proj`` and query / key norms (the CLS
 row of the softmax over the tile's ``1 + p^2`` rows, then the mean of a
 token's patches: the attention share of the block it folds, divided by 4);
 the class token is not handed on (``state.cls`` is None; the stages keep no
-class token apart).  Without that core method the stages that read these
-signals (CLS attention: HiRED, PruMerge, VisionZip, VisPruner, SCOPE,
-SparseVLM pre-LLM with ``w_sal > 0``; keys: ToMe's default metric) are
-refused when the tower is asked for them (:meth:`InternVLAdapter.
-encode_images`), naming the pixel shuffle and the stages that run.
+class token apart).
 
-Attention received (with or without the core method): the attention each
+Attention received: the attention each
 token **receives** (:attr:`InternVLAdapter.attention_received_layer`,
 per_token ``attn_received``; VisPruner's rule for towers without a usable
 class token, as for the Qwen towers): in the block producing the feature layer,
@@ -70,19 +65,9 @@ from arrcoc.errors import InputError, ModelError
 
 from .adapter import Adapter, VisionOutput, register_adapter
 
-#: Whether the core turns per-patch tower signals into per-token ones (``Adapter.signal_per_token``); without it the
-#: class-token signals are refused.
-CORE = "signal_per_token" in vars(Adapter)
-
 #: Most attention logits held at once by the attention-received signal (float32: 256 MiB): tiles are taken in
 #: chunks that fit.
 RECEIVED_CHUNK_ELEMENTS = 1 << 26
-#: What runs on InternVL instead of a stage that needs the tower's class-token signals.
-ALTERNATIVES = ("the attention each token receives (vispruner with signal: received, attention_map: null; scope "
-                "with score: attn_received), tome with metric: tokens, pool, random_keep, aim_merge, divprune, "
-                "cdpruner, dart_pre, sparsevlm with w_sal: 0, scope with score: null, or an llm: stage (fastv, dart, "
-                "pyramiddrop, sparsevlm_llm, aim_prune)")
-
 
 @register_adapter
 class InternVLAdapter(Adapter):
@@ -121,9 +106,8 @@ class InternVLAdapter(Adapter):
 
     @property
     def has_cls(self) -> bool:
-        # InternViT has a class token: the tower wrapper asks for its signals, which come per token (the core's
-        # signal_per_token) or are refused with the reason (encode_images) rather than the generic "no class
-        # token", which would be untrue here.
+        # InternViT has a class token: the tower wrapper asks for its signals, which come per token
+        # (signal_per_token: the mean over a token's patches).
         return True
 
     @property
@@ -178,22 +162,13 @@ class InternVLAdapter(Adapter):
         blocks = values.reshape(tiles, side, fold, side, fold, *rest)
         return blocks.mean((2, 4)).reshape(tiles, side * side, *rest)
 
-    def _refuse_tower_signals(self) -> None:
-        raise ModelError(
-            f"{self.family}: the InternViT tower's class-token attention, keys and class token are per patch, but "
-            f"the pixel shuffle folds each {self._fold} x {self._fold} block of patches into one LLM token before "
-            "the projector, so these signals have no value per token; a stage that needs them (cls_attention, "
-            f"keys, cls) cannot run on InternVL without the core's Adapter.signal_per_token (which gives the mean "
-            f"over a token's patches): use {ALTERNATIVES}"
-        )
-
     def tokens_per_image(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[int]:
         # Every tile (a thumbnail too) is one "image" of grid_side^2 placeholders: the prompt gives each tile its
         # own run, and the model fills the runs in order.
         return [self.grid_side ** 2] * int(pixel_values.shape[0])
 
     def budget_context(self, pixel_values: torch.Tensor, image_inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        # Per tile, from the config; the class-token signals are refused, so the budget rules count no class token.
+        # Per tile, from the config; no class token is handed on, so the budget rules count none.
         tokens = self.tokens_per_image(pixel_values, image_inputs)
         side = self.grid_side
         return [{**c, "has_cls": False} for c in self._budget_contexts(tokens, [(side, side)] * len(tokens))]
@@ -214,8 +189,6 @@ class InternVLAdapter(Adapter):
         """``pixel_values [tiles, 3, S, S]`` -> per tile the shuffled features ``[g^2, fold^2 D]`` before the
         projector, as ``InternVLModel.get_image_features`` computes them (the model's own ``pixel_shuffle``);
         ``received``: per tile the attention each token receives (see the module docstring)."""
-        if keep_hidden and not CORE:
-            self._refuse_tower_signals()
         if pixel_values.dim() != 4:
             raise InputError(f"{self.family}: expected pixel_values [tiles, 3, H, W] (every tile of every image, "
                              f"as the processor stacks them), got {list(pixel_values.shape)}")

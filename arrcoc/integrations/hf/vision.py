@@ -13,6 +13,10 @@ without the class token — and the same per-token fields as ``timm_vit``:
   one head over the full width, as PruMerge);
 * ``keys``: the layer's keys (head-mean, or concatenated with ``single``);
 * ``cls``: the class token of the feature layer;
+* for a tower whose LLM tokens fold several patches each (InternVL's pixel
+  shuffle), ``cls_attn`` and ``keys`` are per token: the adapter's
+  :meth:`~.adapter.Adapter.signal_per_token` of the per-patch values (the mean
+  over a token's patches);
 * ``attn_received`` (need ``attention_received``), for towers without a class
   token whose adapter gives it (Qwen2-VL / 2.5-VL,
   :attr:`~.adapter.Adapter.attention_received_layer`): the attention each
@@ -198,6 +202,8 @@ class VisionTower(Encoder):
             layers = [self.attn_layer] + (self.extra_layers if "cls_attention" in self.outputs else [])
             for layer in dict.fromkeys(layers):
                 attn, keys, heads = self._attention(layer, out.hidden_states[layer], 1)
+                # One value per token where a token folds several patches (InternVL's pixel shuffle).
+                attn, keys = self.adapter.signal_per_token(attn), self.adapter.signal_per_token(keys)
                 if self.params.cls_attention_heads == "mean":
                     meta["num_heads"] = heads  # cls_attn is a mean over this many heads (as timm_vit says)
                 if "cls_attention" in self.outputs:
