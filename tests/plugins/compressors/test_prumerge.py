@@ -264,5 +264,7 @@ def test_an_image_with_no_token_left(cls):
         alone = [cls()(state.image(b)).check() for b in range(2)]
     assert out.counts[0] == 0 and alone[0].N == 0 and bool((out.origin[0] == -1).all())
     assert torch.equal(out.origin[1], alone[1].origin[0]) and out.counts[1] == alone[1].counts[0]
-    with pytest.raises(BudgetError, match=r"asked to keep 2 tokens, but an image has only 0"):
-        cls(keep=2)(state.image(0))
+    # A count asks nothing of an image with no token (as a ratio does), and is checked against the others.
+    assert cls(keep=2)(state.image(0)).check().counts.tolist() == [0]
+    with pytest.raises(BudgetError, match=r"asked to keep 61 tokens, but an image has only 60"):
+        cls(keep=61)(state)
