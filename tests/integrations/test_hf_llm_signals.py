@@ -453,3 +453,85 @@ def test_the_last_token_of_a_right_padded_prompt_is_its_last_real_one(model):
             for name in ("attn_from_last", "attn_from_last_here"):
                 torch.testing.assert_close(batched.per_token[name][b, :n], alone.per_token[name][0, :n],
                                            rtol=1e-9, atol=1e-12, msg=f"{name}, row {b}, {len(llm)} stages")
+
+
+def _gemma3():
+    from tiny_gemma3 import batch as gemma_batch, tiny_gemma3
+
+    inputs = gemma_batch([(3, 9, 1), (1, 4, 1)])
+    return tiny_gemma3(torch.float32), {**inputs, "pixel_values": inputs["pixel_values"].float()}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_the_probe_shortcut_changes_no_bit(family, monkeypatch):
+    """LLaVA-1.5, Qwen2-VL (multimodal rotary) and Gemma 3 (``q_norm``, ``query_pre_attn_scalar``), float32, batch 2
+    left-padded: the probe that projects no value and only a block of query rows gives ``attn_from_last_here``
+    equal, bit for bit, to the probe through the whole module; it did skip the work (its value projection is a
+    broadcast, its query is zero outside each prompt's block), and left every projection's forward the class's."""
+    from arrcoc.integrations.hf import attention
+
+    model, batch = _gemma3() if family == "gemma3" else FAMILIES[family]()[:2]
+    lm = model.model.language_model
+    probed = lm.layers[1].self_attn
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [probed.q_proj.register_forward_hook(lambda m, a, out: outputs.__setitem__("query", out)),
+             probed.v_proj.register_forward_hook(lambda m, a, out: seen.append((outputs["query"], out)))]
+    rows = {}
+    try:
+        for shortcut in (False, True):
+            monkeypatch.setattr(attention, "PROBE_SHORTCUT", shortcut)
+            seen.clear()
+            (state,) = captured(model, batch, spec("test_signals_here", layers=[1]))
+            rows[shortcut] = state.per_token["attn_from_last_here"]
+            query, value = seen[0]  # the probe's call (the layer's own forward follows it)
+            B, L = query.shape[:2]
+            assert L > attention._QUERY_BLOCK
+            projected = int((query != 0).any(-1).sum())
+            if shortcut:
+                assert value.stride() == (0, 0, 0) and projected == B * attention._QUERY_BLOCK
+            else:
+                assert value.stride() != (0, 0, 0) and projected > B * attention._QUERY_BLOCK  # (padding: zero)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert bool((rows[True][state.mask] > 0).all())
+    assert torch.equal(rows[True], rows[False])
+    for layer in lm.layers:
+        for projection in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+            assert "forward" not in projection.__dict__
+            assert projection.forward.__func__ is type(projection).forward
+
+
+def test_the_probe_shortcut_restores_the_projections_when_the_module_raises():
+    """Inside the probe ``q_proj`` gives the full projection's rows in each prompt's block of 16 rows ending at its
+    last real token (``Recorder.last_rows``; from row 0 when that token is among the first 16) and zeros elsewhere,
+    ``v_proj`` zeros of its shape; the module raising, both forwards are restored (a class's and one set on the
+    instance alike) and the probing flag is cleared."""
+    from arrcoc.integrations.hf.attention import Recorder, probe_last_row
+
+    class Raises(torch.nn.Module):
+        layer_idx = 0
+
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = torch.nn.Linear(8, 12), torch.nn.Linear(8, 4)
+
+        def forward(self, hidden_states, **kwargs):
+            self.got = self.q_proj(hidden_states), self.v_proj(hidden_states).view(2, 40, 2, 2).transpose(1, 2)
+            raise RuntimeError("inside the module")
+
+    module = Raises()
+    instance_forward = module.v_proj.forward  # as accelerate sets one
+    module.v_proj.forward = instance_forward
+    hidden = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(0))
+    recorder = Recorder(last_rows=lambda: torch.tensor([30, 5]))
+    with pytest.raises(RuntimeError, match="inside the module"):
+        probe_last_row(recorder, module, hidden, {})
+    query, value = module.got
+    full = module.q_proj(hidden)
+    assert torch.equal(query[0, 15:31], full[0, 15:31]) and torch.equal(query[1, :16], full[1, :16])
+    assert not query[0, :15].any() and not query[0, 31:].any() and not query[1, 16:].any()
+    assert value.shape == (2, 2, 40, 2) and not value.any()
+    assert recorder.probing is None
+    assert "forward" not in module.q_proj.__dict__ and module.v_proj.__dict__["forward"] is instance_forward

@@ -18,6 +18,7 @@ patched at once and an unpatched model pays nothing.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -31,6 +32,17 @@ from arrcoc.errors import ModelError
 SUPPORTED_BASES = ("sdpa", "eager")
 
 _RECORDERS: "weakref.WeakKeyDictionary[torch.nn.Module, Recorder]" = weakref.WeakKeyDictionary()
+
+#: Whether :func:`probe_last_row` spares the projections the probed row does not read (see
+#: :func:`_needed_projections_only`); off, the module projects every row's query, key and value.
+PROBE_SHORTCUT = True
+
+#: Rows of the query block the shortcut projects per prompt.  Not one row: BLAS computes a product of a few rows
+#: with a matrix-vector kernel that sums in another order (MKL: under 4 rows), so the last row alone would
+#: differ from its row of the full projection in the last bits; a block of 16 goes through the same
+#: matrix-matrix kernel and is bit-identical (tests/integrations/test_hf_llm_signals.py checks it on the CPU; a
+#: GPU BLAS that picks its kernel by the row count, a split-K one for few rows, could round the block otherwise).
+_QUERY_BLOCK = 16
 
 
 @dataclass
@@ -78,7 +90,9 @@ def probe_last_row(recorder: Recorder, attention_module: torch.nn.Module, hidden
     The module runs its own projections, norms and rotary (whatever the model family does) with ``kwargs``
     (the decoder layer's mask and positions) and no cache; the scoring function computes the row from its
     post-rotary query / key and stops the module there (:class:`_Probed`), so neither its value path nor its
-    kernel runs, and no cache is written.
+    kernel runs, and no cache is written.  Where the module projects with ``q_proj`` / ``v_proj`` Linear layers,
+    it projects no value and only the query rows around each prompt's last token
+    (:func:`_needed_projections_only`).
     """
     layer = int(attention_module.layer_idx)
     recorder.probing = layer
@@ -86,7 +100,8 @@ def probe_last_row(recorder: Recorder, attention_module: torch.nn.Module, hidden
         # No cache under any of its names (``cache`` from transformers 5.24, ``past_key_values`` before): the
         # module's default None, so nothing is written into the KV cache of the forward in progress.
         rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
-        attention_module(hidden_states=hidden, **rest)
+        with _needed_projections_only(attention_module, recorder):
+            attention_module(hidden_states=hidden, **rest)
     except _Probed as probed:
         return probed.row
     finally:
@@ -95,6 +110,50 @@ def probe_last_row(recorder: Recorder, attention_module: torch.nn.Module, hidden
         f"arrcoc.hf: probing decoder layer {layer}'s attention did not reach arrcoc's scoring attention function "
         f"(the module {type(attention_module).__name__} does not call the configured attention implementation)"
     )
+
+
+@contextlib.contextmanager
+def _needed_projections_only(module: torch.nn.Module, recorder: Recorder):
+    """While the probe runs: ``module.v_proj`` returns zeros without computing (the probe stops the module before
+    the values are read) and ``module.q_proj`` projects only a block of :data:`_QUERY_BLOCK` rows ending at each
+    prompt's last real token (``recorder.last_rows``; the other rows are zeros).  The probed row stays bit-identical:
+    every step from the projection to the scoring function is row-wise (rotary; Qwen3's and Gemma 3's ``q_norm``
+    normalise each head of each row; Gemma's ``query_pre_attn_scalar`` is only the scaling), and the block's rows
+    are those of the full projection (see :data:`_QUERY_BLOCK`).  Both forwards are restored on the way out, also
+    when the module raises.  A module without these Linear children runs whole."""
+    q_proj, v_proj = getattr(module, "q_proj", None), getattr(module, "v_proj", None)
+    if not (PROBE_SHORTCUT and isinstance(q_proj, torch.nn.Linear) and isinstance(v_proj, torch.nn.Linear)):
+        yield
+        return
+    # The forward each call reaches now: the class's, or one set on the instance (accelerate's offloading hook).
+    query_forward = q_proj.forward
+    saved = {q_proj: q_proj.__dict__.get("forward"), v_proj: v_proj.__dict__.get("forward")}
+
+    def query_rows(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] <= _QUERY_BLOCK:
+            return query_forward(x)
+        B, L, D = x.shape
+        last = (recorder.last_rows().to(x.device) if recorder.last_rows is not None
+                else torch.full((B,), L - 1, dtype=torch.long, device=x.device))
+        # [B, block]: the rows up to each last token, starting at 0 where the last token is among the first rows.
+        rows = (last - (_QUERY_BLOCK - 1)).clamp(min=0)[:, None] + torch.arange(_QUERY_BLOCK, device=x.device)
+        block = query_forward(x.gather(1, rows[:, :, None].expand(B, _QUERY_BLOCK, D)))
+        return block.new_zeros(B, L, block.shape[-1]).scatter_(
+            1, rows[:, :, None].expand(B, _QUERY_BLOCK, block.shape[-1]), block)
+
+    def no_values(x: torch.Tensor) -> torch.Tensor:
+        # Broadcast zeros: no memory written, and the module's view / transpose of its values still work.
+        return x.new_zeros(()).expand(*x.shape[:-1], v_proj.out_features)
+
+    q_proj.forward, v_proj.forward = query_rows, no_values
+    try:
+        yield
+    finally:
+        for projection, forward in saved.items():
+            if forward is None:
+                del projection.forward
+            else:
+                projection.forward = forward
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
