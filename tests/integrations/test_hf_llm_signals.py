@@ -462,15 +462,32 @@ def _gemma3():
     return tiny_gemma3(torch.float32), {**inputs, "pixel_values": inputs["pixel_values"].float()}
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def _qwen3_vl():
+    from tiny_qwen3_vl import qwen3_inputs, tiny_qwen3_vl
+
+    return tiny_qwen3_vl(torch.float32), qwen3_inputs((0, 2), dtype=torch.float32)
+
+
+def _internvl():
+    from tiny_internvl import batch as internvl_batch, tiny_internvl
+
+    return tiny_internvl(torch.float32), internvl_batch([(3, 5, [1]), (1, 9, [2])], dtype=torch.float32)
+
+
+SHORTCUT_FAMILIES = {"llava": lambda: FAMILIES["llava"]()[:2], "qwen2_vl": lambda: FAMILIES["qwen2_vl"]()[:2],
+                     "gemma3": _gemma3, "qwen3_vl": _qwen3_vl, "internvl": _internvl}
+
+
+@pytest.mark.parametrize("family", list(SHORTCUT_FAMILIES))
 def test_the_probe_shortcut_changes_no_bit(family, monkeypatch):
-    """LLaVA-1.5, Qwen2-VL (multimodal rotary) and Gemma 3 (``q_norm``, ``query_pre_attn_scalar``), float32, batch 2
-    left-padded: the probe that projects no value and only a block of query rows gives ``attn_from_last_here``
-    equal, bit for bit, to the probe through the whole module; it did skip the work (its value projection is a
-    broadcast, its query is zero outside each prompt's block), and left every projection's forward the class's."""
+    """LLaVA-1.5, Qwen2-VL (multimodal rotary), Gemma 3 (``q_norm``, ``query_pre_attn_scalar``), Qwen3-VL (``q_norm``,
+    grouped keys) and InternVL (Qwen2), float32, batch 2 left-padded: the probe that projects no value and only a
+    block of query rows gives ``attn_from_last_here`` equal, bit for bit, to the probe through the whole module; it
+    did skip the work (its value projection is a broadcast, its query is zero outside each prompt's block), and left
+    every projection's forward the class's."""
     from arrcoc.integrations.hf import attention
 
-    model, batch = _gemma3() if family == "gemma3" else FAMILIES[family]()[:2]
+    model, batch = SHORTCUT_FAMILIES[family]()
     lm = model.model.language_model
     probed = lm.layers[1].self_attn
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
