@@ -142,7 +142,8 @@ def measure_round(minima: Minima, setup: Setup, features: Any, k: int, methods: 
             raise SystemExit(f"{name}: the last decoder layer sees {report.layer_visual[-1]} visual tokens, not "
                              f"{lengths[name]} as in the first call")
         minima.add(name, llm=report.llm_prefill_ms, stages=report.stages_ms,
-                   select=report.stages_ms + sum(report.llm_stage_ms.values()), e2e=ms)
+                   select=report.stages_ms + sum(report.llm_stage_ms.values()), e2e=ms,
+                   **({"tower": report.vision_ms} if report.vision_ms else {}))
         minima.info[name] = _seen(report)
 
 
@@ -165,7 +166,11 @@ def ratio_table(minima: Minima, k: int, total: int, lengths: dict[str, int]) -> 
     same length, and the selection share.
 
     A pre-LLM method's reference is the hand-built prompt of the length it hands the LLM (``lengths``); an in-LLM
-    method's, and the full prompt's, the hand-built prompt of ``k``.  ``selection share`` = the method's own stage
+    method's, and the full prompt's, the hand-built prompt of ``k``.  ``tower ms in the call``: the vision tower
+    inside the method's call (``run.report.vision_ms``, the signals arrcoc reads from it included; a hand-built
+    prompt's: the tower alone; empty where the model runs its tower itself, in-LLM pipelines); ``rest ms``: the
+    call's time outside tower, pre-LLM stages and decoder stack (embedding, the engine's assembly and positions,
+    the last position's logits), from the minima.  ``selection share`` = the method's own stage
     time / the LLM prefill time that removing ``total - k`` tokens saves (all ``total`` minus the hand-built
     prompt of ``k``); ``LLM ms / FLOP-proportional`` = the LLM prefill time against all-tokens' time scaled by the
     FLOP ratio (1.0: the LLM costs what its tokens cost; above it: the engine's extra work, e.g. the in-LLM
@@ -178,8 +183,9 @@ def ratio_table(minima: Minima, k: int, total: int, lengths: dict[str, int]) -> 
     saved = base - rows[hand_name(k)]["llm"]
     lines = [f"| method | visual tokens (last layer / mean) | LLM prefill ms (min) | LLM speed-up vs {total} | "
              f"pre-LLM stages ms | selection ms | selection share of the {saved:.0f} ms saved | hand-built reference "
-             f"| LLM overhead vs hand-built | e2e ms (min) | e2e overhead vs hand-built | LLM ms / FLOP-proportional |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| LLM overhead vs hand-built | tower ms in the call | rest ms | e2e ms (min) | e2e overhead vs hand-built "
+             f"| LLM ms / FLOP-proportional |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         n = lengths.get(name, k) if not name.startswith("hand-built") else int(name.split()[-1])
         ref = rows[hand_name(n)]
@@ -190,8 +196,11 @@ def ratio_table(minima: Minima, k: int, total: int, lengths: dict[str, int]) -> 
         select = row.get("select", row["stages"])
         share = f"{100 * select / saved:.2f} %" if select and saved > 0 else ""
         flop_ratio = (f"{row['llm'] / (base * info['flops'] / base_flops):.3f}" if info and base_flops else "")
+        tower = vision if "call" in row else row.get("tower")
+        rest = "" if tower is None else f"{e2e - tower - row['stages'] - row['llm']:.1f}"
+        tower = "" if tower is None else f"{tower:.1f}"
         lines.append(f"| {name} | {seen} | {row['llm']:.1f} | {base / row['llm']:.2f}x | {row['stages']:.1f} | "
-                     f"{select:.2f} | {share} | {n} | {row['llm'] / ref['llm']:.3f} | {e2e:.1f} | "
+                     f"{select:.2f} | {share} | {n} | {row['llm'] / ref['llm']:.3f} | {tower} | {rest} | {e2e:.1f} | "
                      f"{e2e / ref_e2e:.3f} | {flop_ratio} |")
     return "\n".join(lines) + f"\n\nvision tower (min) {vision:.1f} ms"
 
