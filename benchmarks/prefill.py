@@ -512,7 +512,8 @@ def tome_rounds(tokens: int, keep: int) -> list[int]:
 
 def family_methods(per_view: int, k: int, ratio: float = 0.25) -> dict[str, dict]:
     """Every pre-LLM method of the support matrix at ``ratio`` of each view's (tile's, image's) ``per_view``
-    tokens, and FastV at layer 2 keeping ``k``; the ones a family refuses are reported by :func:`probe`."""
+    tokens (PruMerge(+): their adaptive count), and FastV at layer 2 keeping ``k``; the ones a family refuses are
+    reported by :func:`probe`."""
     r = tome_rounds(per_view, int(per_view * ratio))
     pre = {
         "random_keep": {"use": "random_keep", "keep": ratio},
@@ -520,8 +521,11 @@ def family_methods(per_view: int, k: int, ratio: float = 0.25) -> dict[str, dict
         "tome (keys)": {"use": "tome", "r": r},
         f"tome (metric: tokens, r {r})": {"use": "tome", "r": r, "metric": "tokens"},
         "hired": {"use": "hired", "keep": ratio},
-        "prumerge (keep)": {"use": "prumerge", "keep": ratio},
-        "prumerge_plus (keep)": {"use": "prumerge_plus", "keep": ratio},
+        # PruMerge(+) at their official adaptive count (IQR outliers): a fixed 25 % would give PruMerge+ a sampling
+        # stride of floor(floor(1 / 0.25) / 3) = 1, every token (its official rule), so they keep their own count
+        # and are compared with a hand-built prompt of it.
+        "prumerge (adaptive)": {"use": "prumerge"},
+        "prumerge_plus (adaptive)": {"use": "prumerge_plus"},
         "visionzip (keep)": {"use": "visionzip", "keep": ratio},
         "sparsevlm (CLS)": {"use": "sparsevlm", "keep": ratio},
         "sparsevlm (w_sal 0)": {"use": "sparsevlm", "keep": ratio, "w_sal": 0.0},
