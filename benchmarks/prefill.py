@@ -27,10 +27,12 @@ end-to-end overhead of each method (its whole call from the pixels) against
 a hand-built prompt of the **same length** (the vision tower, then the
 unmodified model on a prompt carrying the first n features, built as the
 family's tests build it: Qwen's grid of n placeholders with the model's
-positions and, for Qwen3-VL, every DeepStack plane's first n rows; Gemma 3's
+positions (Qwen3-VL: the full prompt's positions of the kept cells, as
+test_hf_qwen3_vl passes them, and every DeepStack plane's first n rows); Gemma 3's
 image block with its ``token_type_ids``).  Every pre-LLM method of the
-support matrix is tried at 25 % of each view's (tile's, image's) tokens;
-the ones the family refuses are listed under the table; ``fastv`` at layer 2
+support matrix is tried at 25 % of each view's (tile's, image's) tokens
+(PruMerge and PruMerge+ at their official adaptive count); the ones the
+family refuses are listed under the table; ``fastv`` at layer 2
 keeps 25 % in the LLM.  A pre-LLM method's reference is a hand-built prompt of
 the length it hands the LLM (on LLaVA-OneVision the newlines of the rows
 that keep a token, and merging methods' counts, vary by method).
@@ -373,11 +375,26 @@ def qwen3_vl_setup(args) -> Setup:
     pixels = torch.randn(32 * 32, 3 * 2 * 16 * 16, device=args.device)
     encode = lambda: model.model.get_image_features(pixels, full["image_grid_thw"])  # noqa: E731
 
+    with torch.inference_mode():  # the model's own positions of the full prompt (test_hf_qwen3_vl's reference)
+        positions, _ = model.model.get_rope_index(full["input_ids"], full["mm_token_type_ids"],
+                                                  full["image_grid_thw"], attention_mask=full["attention_mask"])
+    image_columns = (full["input_ids"][0] == QWEN_IMAGE).nonzero().flatten()
+
     def hand(n: int, out: Any) -> dict:
+        """As test_hf_qwen3_vl's ``shortened_logits``: ``n`` placeholders at the full prompt's positions of the
+        first ``n`` image cells (3-D rows gathered, the text row renumbered), every DeepStack plane's first ``n``
+        rows."""
+        L = full["input_ids"].shape[1]
+        keep = torch.ones(L, dtype=torch.bool, device=args.device)
+        keep[image_columns[n:]] = False
+        ids = full["input_ids"][:, keep]
+        text_row = torch.arange(ids.shape[1], device=args.device)[None, None]
         planes = [[plane[0][:n]] for plane in out.deepstack_features]
         outputs = BaseModelOutputWithDeepstackFeatures(pooler_output=[out.pooler_output[0][:n]],
                                                        deepstack_features=planes)
-        return {**_qwen_prompt(_qwen_grid(n), args.device), "mm_encoder_outputs": {"image": outputs}}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "position_ids": torch.cat([text_row, positions[:, :, keep]]),
+                "mm_token_type_ids": (ids == QWEN_IMAGE).int(), "mm_encoder_outputs": {"image": outputs}}
 
     return Setup(model, full, {"pixel_values": pixels}, 256, encode, hand,
                  f"Qwen3-VL shape: vision {depth} blocks x 1152 (DeepStack planes from blocks "
