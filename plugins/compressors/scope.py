@@ -92,20 +92,43 @@ def cosine_matrix(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.bmm(tiled, tiled.transpose(1, 2))[:, :N, :N]
 
 
-def coverage_gains(similarity: torch.Tensor, cur_max: torch.Tensor, last_row: torch.Tensor) -> torch.Tensor:
+def gains_workspace(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers :func:`coverage_gains` writes in, allocated once per call of :func:`scope_select`: ``[B, N, N]``
+    in the similarity's dtype and ``[B, N, N]`` float64."""
+    return torch.empty_like(similarity), torch.empty_like(similarity, dtype=torch.float64)
+
+
+def coverage_gains(
+    similarity: torch.Tensor, cur_max: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """``[B, N]`` coverage gain of every candidate ``i``: ``sum_j max(0, S[j, i] - cur_max_j)`` (official
     l.177-181), in the similarity's dtype.
 
-    ``last_row`` (``[B, 1, N]``, each image's last real row, repeated) is where the sum is read: a running sum
-    read there does not depend on the padding after it (a plain sum's blocking does), so ties break as in the
-    image's run alone; padding rows of ``S`` are 0 and ``cur_max >= 0``, they add exact zeros. The sum is
-    accumulated in float32 (or the dtype, if wider) and rounded once, as the official fp16 ``.sum`` does; an
-    fp16 ``cumsum`` on CUDA would round every partial sum (its scan accumulates in the input dtype), many ulps
-    off at N = 576.
+    ``max(0, S - cur_max)`` is taken in the similarity's dtype (the official fp16), summed in float64, rounded to
+    float32 (or the dtype, if wider) and once more to the dtype: the official fp16 ``.sum`` accumulates in float32
+    and rounds once. The rows are summed by halving, ``row r += row r + h`` for ``h`` = the powers of two below
+    ``N`` from the largest down, each step elementwise: the association of an image's rows does not depend on the
+    padding after them (a plain ``.sum``'s blocking depends on ``N``), since padding rows of ``S`` are 0 and
+    ``cur_max >= 0``: in a batch the extra steps (``h`` at or above the image's own power of two) add exact zeros,
+    then the image alone's steps follow, on the same values. So a ragged batch gives each image its gains alone,
+    on any device. For fp16 the float64 sums are exact (every term a multiple of 2^-24 below 2), the gain is the
+    exact sum rounded; for float32 / bf16 they are exact unless a positive term involves a cosine or ``cur_max``
+    below ~``N`` 2^-29 (1e-6 at ``N`` = 576: nearly orthogonal tokens), and then within ~1e-13 relative of it.
+    (This replaced a float32 ``cumsum`` over the rows read at each image's last real row: the same values on the
+    CPU, whose scan accumulates in double, at 4-7x the time; on CUDA that scan accumulated in float32.)
+
+    ``workspace`` (:func:`gains_workspace`) is reused across the greedy steps; allocated here if not given.
     """
-    accumulate = torch.promote_types(similarity.dtype, torch.float32)
-    covered = (similarity - cur_max[:, :, None]).clamp_min(0).cumsum(1, dtype=accumulate)
-    return covered.gather(1, last_row).squeeze(1).to(similarity.dtype)
+    N = similarity.shape[1]
+    covered, rows = gains_workspace(similarity) if workspace is None else workspace
+    torch.sub(similarity, cur_max[:, :, None], out=covered).clamp_min_(0)
+    rows.copy_(covered)
+    live, half = N, 1 << max(N - 1, 1).bit_length() - 1  # rows >= live are 0; half: the largest power of 2 < N
+    while half >= 1 and live > 1:
+        rows[:, : live - half] += rows[:, half:live]  # rows [live - half, half) would add zeros: skipped
+        live, half = half, half // 2
+    gains = rows[:, 0] if N else rows.new_zeros(rows.shape[0], 0)
+    return gains.to(torch.promote_types(similarity.dtype, torch.float32)).to(similarity.dtype)
 
 
 def saliency_power(saliency: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
@@ -157,6 +180,9 @@ def scope_select(
     """
     B, N, _ = features.shape
     dtype, device = features.dtype, features.device
+    # The picks are indices: nothing here carries a gradient (the kept features are gathered by the caller), and
+    # autograd would keep every step's [B, N, N] gain terms alive (and refuses the workspace's out= writes).
+    features, saliency = features.detach(), saliency.detach()
     similarity = cosine_matrix(features, mask)  # [B, N, N], S[b, j, i]
     powered = saliency_power(saliency.to(dtype), alpha, dtype)  # per entry, as the image alone (see there)
     K = int(budget.max()) if budget.numel() else 0  # the loop length: one sync per call, not per step
@@ -164,13 +190,10 @@ def scope_select(
     chosen = ~mask  # padding is never a candidate
     cur_max = torch.zeros(B, N, dtype=dtype, device=device)
     rows = torch.arange(B, device=device)
-    # Each image's last real row: its count - 1 for TokenState's prefix masks, the highest real index for any mask
-    # (a mask with holes must still sum every real row).
-    last_row = (torch.arange(N, device=device) * mask).amax(1) if N else mask.new_zeros(B, dtype=torch.int64)
-    last_row = last_row[:, None, None].expand(B, 1, N)
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    workspace = gains_workspace(similarity) if K else None
     for step in range(K):  # greedy: one pick per step, all images at once
-        gains = coverage_gains(similarity, cur_max, last_row)  # chosen columns are -inf below anyway
+        gains = coverage_gains(similarity, cur_max, workspace)  # chosen columns are -inf below anyway
         scores = gains * powered if combine == "multi" else gains + powered
         scores = torch.where(chosen, neg_inf, scores)
         best = scores.argmax(dim=1)  # first index on ties, as the official argmax

@@ -12,7 +12,7 @@ from arrcoc import ops
 from arrcoc.errors import BudgetError, InputError, MissingInputError, ParamsError
 from arrcoc.plugin import BudgetContext
 from arrcoc.state import TokenState
-from arrcoc_plugins.compressors.scope import Scope, coverage_gains, saliency_power, scope_select
+from arrcoc_plugins.compressors.scope import Scope, cosine_matrix, coverage_gains, saliency_power, scope_select
 
 H = W = 8
 N0 = H * W
@@ -125,13 +125,74 @@ def test_half_precision_gains_are_summed_as_the_official_sum(device, dtype):
     B, N = 2, 576
     similarity = torch.rand(B, N, N, generator=g).to(dtype).to(device)
     cur_max = (0.5 * torch.rand(B, N, generator=g)).to(dtype).to(device)
-    last_row = torch.full((B, 1, N), N - 1, device=device)
-    gains = coverage_gains(similarity, cur_max, last_row)
+    gains = coverage_gains(similarity, cur_max)
     assert gains.dtype == dtype
     expected = (similarity - cur_max[:, :, None]).clamp_min(0).sum(dim=1)  # the official line, as it runs
     exact = (similarity - cur_max[:, :, None]).clamp_min(0).double().sum(dim=1)
     assert (expected.double() - exact).abs().max() <= exact.max() * torch.finfo(dtype).eps  # half an ulp + slack
     torch.testing.assert_close(gains, expected, rtol=torch.finfo(dtype).eps, atol=0)
+
+
+def gains_case(dtype, counts, seed=0, steps=3, device="cpu"):
+    """A padded batch of cosine matrices (images of ``counts`` tokens; padding rows and columns 0, as
+    ``cosine_matrix`` gives) and a ``cur_max`` after ``steps`` picks."""
+    g = torch.Generator().manual_seed(seed)
+    B, N = len(counts), max(counts)
+    mask = torch.arange(N)[None, :] < torch.tensor(counts)[:, None]
+    features = (torch.randn(B, N, 16, generator=g) + torch.randn(B, 1, 16, generator=g)).to(dtype)
+    similarity = cosine_matrix(features, mask)
+    cur_max = torch.zeros(B, N, dtype=dtype)
+    for _ in range(steps):
+        best = torch.randint(0, N, (B,), generator=g) % torch.tensor(counts)
+        cur_max = torch.maximum(cur_max, similarity[torch.arange(B), best])
+    return similarity.to(device), cur_max.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("counts", [(1, 1), (2, 1), (31, 5), (32, 33, 1), (33, 32), (100, 64, 7, 96),
+                                    (577, 300, 33, 512, 513)])
+def test_gains_of_an_image_do_not_depend_on_the_padding_or_the_batch(device, dtype, counts):
+    # The rows are summed by halving from the largest power of two below N: in a batch the steps above the image's
+    # own add exact zeros, then come the image alone's steps on the same values.
+    similarity, cur_max = gains_case(dtype, counts, device=device)
+    gains = coverage_gains(similarity, cur_max)
+    assert gains.dtype == dtype
+    for b, n in enumerate(counts):
+        alone = coverage_gains(similarity[b : b + 1, :n, :n].contiguous(), cur_max[b : b + 1, :n].contiguous())
+        assert torch.equal(gains[b, :n], alone[0])
+        assert torch.equal(alone[0], coverage_gains(similarity[b : b + 1], cur_max[b : b + 1])[0, :n])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gains_are_the_exact_sum_rounded(device, dtype):
+    # Every term is a multiple of 2^-24 below 2 (fp16 always; bf16 here, from float32 rand): the float64 sums are
+    # exact in any order, so a gain is the exact sum rounded to float32 and then to the dtype, on any device.
+    g = torch.Generator().manual_seed(7)
+    B, N = 2, 576
+    similarity = torch.rand(B, N, N, generator=g).to(dtype).to(device)
+    cur_max = (0.5 * torch.rand(B, N, generator=g)).to(dtype).to(device)
+    exact = (similarity - cur_max[:, :, None]).clamp_min(0).double().sum(dim=1)
+    assert torch.equal(coverage_gains(similarity, cur_max), exact.float().to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("counts", [(64, 50, 37), (577, 300, 33)])
+def test_gains_equal_the_running_sum_they_replaced(dtype, counts):
+    # The gains were a float32 cumsum over the rows read at each image's last real row (on the CPU a scan that
+    # accumulates in double, 4-7x the time): the same values (fp16 exactly, for any input; float32 / bf16 as long
+    # as the double sums are exact, as they are for these cosines).
+    similarity, cur_max = gains_case(dtype, counts, seed=3, steps=5)
+    last_row = (torch.tensor(counts) - 1)[:, None, None].expand(len(counts), 1, max(counts))
+    running = (similarity - cur_max[:, :, None]).clamp_min(0).cumsum(1, dtype=torch.float32)
+    assert torch.equal(coverage_gains(similarity, cur_max), running.gather(1, last_row).squeeze(1).to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gains_of_no_token(device):
+    similarity = torch.zeros(2, 0, 0, device=device)
+    assert coverage_gains(similarity, torch.zeros(2, 0, device=device)).shape == (2, 0)
 
 
 def ragged(state: TokenState, counts=(64, 50, 37), seed=1) -> TokenState:
