@@ -115,7 +115,7 @@ def coverage_gains(
     exact sum rounded; for float32 / bf16 they are exact unless a positive term involves a cosine or ``cur_max``
     below ~``N`` 2^-29 (1e-6 at ``N`` = 576: nearly orthogonal tokens), and then within ~1e-13 relative of it.
     (This replaced a float32 ``cumsum`` over the rows read at each image's last real row: the same values on the
-    CPU, whose scan accumulates in double, at 4-7x the time; on CUDA that scan accumulated in float32.)
+    CPU, whose scan accumulates in double, at 2-7x the time; on CUDA that scan accumulated in float32.)
 
     ``workspace`` (:func:`gains_workspace`) is reused across the greedy steps; allocated here if not given.
     """

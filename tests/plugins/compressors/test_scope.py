@@ -181,7 +181,7 @@ def test_half_precision_gains_are_the_exact_sum_rounded(device, dtype):
 @pytest.mark.parametrize("counts", [(64, 50, 37), (577, 300, 33)])
 def test_gains_equal_the_running_sum_they_replaced(dtype, counts):
     # The gains were a float32 cumsum over the rows read at each image's last real row (on the CPU a scan that
-    # accumulates in double, 4-7x the time): the same values (fp16 exactly, for any input; float32 / bf16 as long
+    # accumulates in double, 2-7x the time): the same values (fp16 exactly, for any input; float32 / bf16 as long
     # as the double sums are exact, as they are for these cosines).
     similarity, cur_max = gains_case(dtype, counts, seed=3, steps=5)
     last_row = (torch.tensor(counts) - 1)[:, None, None].expand(len(counts), 1, max(counts))
