@@ -259,7 +259,9 @@ def _to_pil(pixels: Any) -> Any:
 @click.argument("pipelines", nargs=-1)
 @click.option("--budgets", default="1.0,0.5,0.25,0.125,0.05", show_default=True,
               help="Fractions of the visual tokens the LLM sees (mean over decoder layers), comma-separated.")
-@click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True, help="Questions.")
+# --questions: torchrun's own parser reads `--n` after `-m arrcoc eval` as an ambiguous abbreviation of its options.
+@click.option("--n", "--questions", "n", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Questions (--questions under torchrun, whose parser takes --n for its own --nnodes...).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Folder for results.csv, results.md and the plots; a rerun resumes from its results.csv.")
 @click.option("--model", "model_dir", default=None,
@@ -275,14 +277,19 @@ def _to_pil(pixels: Any) -> Any:
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None, help="torch intra-op threads.")
 @click.option("--restart", is_flag=True, help="Discard the results already in --out.")
 @click.option("--no-plots", is_flag=True, help="Skip the matplotlib figures.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local processes (gloo), each evaluating a shard of the questions; the tables are those of one "
+              "process. Under torchrun / accelerate launch leave it out: each launched process is a rank.")
 def eval_(pipelines: tuple[str, ...], budgets: str, n: int, out: str, model_dir: str | None, data: str,
           batch_size: int, max_new_tokens: int | None, no_baselines: bool, device: str, threads: int | None,
-          restart: bool, no_plots: bool) -> None:
+          restart: bool, no_plots: bool, nproc: int) -> None:
     """Accuracy, loyalty and cost of PIPELINES (default: every shipped one) at each budget, against baselines.
 
     Writes OUT/results.csv (a row per method and budget, as it finishes), OUT/results.md and plots
-    (accuracy vs visual tokens, vs prefill ms, per question type). See docs/eval.md.
+    (accuracy vs visual tokens, vs prefill ms, per question type). See docs/eval.md; data-parallel:
+    --nproc N, or torchrun --nproc-per-node N -m arrcoc eval ... (docs/eval.md, "Many processes").
     """
+    import os
     import time
 
     import torch
@@ -304,7 +311,10 @@ def eval_(pipelines: tuple[str, ...], budgets: str, n: int, out: str, model_dir:
     result = evaluate(list(pipelines), budgets=fractions, n=n, out=out, model=model_dir, data=data,
                       batch_size=batch_size, max_new_tokens=max_new_tokens, baselines=not no_baselines,
                       device=None if device == "auto" else device, restart=restart, plots=not no_plots,
-                      log=lambda line: err_console.print(escape(line), highlight=False))
+                      log=lambda line: err_console.print(escape(line), highlight=False),
+                      processes=nproc)
+    if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return   # one table, from rank 0 of torchrun / accelerate launch
     table = Table(title=f"arrcoc eval: accuracy (visual tokens per image), {result.rows[0]['n']} questions")
     table.add_column("method")
     from .evaluation.output import accuracy_grid

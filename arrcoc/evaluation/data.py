@@ -20,6 +20,7 @@ does not exist, or (when it is loaded) an image that cannot be decoded is a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,15 @@ def _jsonl(path: Path, n: int) -> list[EvalSample]:
                                "be unique")
         seen[s.id] = s.where
     return out
+
+
+# ------------------------------------------------------- data-parallel shards
+def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The one-process batches (by index) rank ``rank`` of ``world`` evaluates: ``b % world == rank``."""
+    return list(range(rank, math.ceil(n / batch_size), world))
+
+
+def shard_samples(samples: list[EvalSample], batch_size: int, rank: int, world: int) -> list[EvalSample]:
+    """The rank's questions: its batches, whole and in order (the runner batches them back exactly)."""
+    return [s for b in shard_batches(len(samples), batch_size, rank, world)
+            for s in samples[b * batch_size:(b + 1) * batch_size]]

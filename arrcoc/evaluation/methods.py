@@ -89,6 +89,11 @@ def row_key(method: str, budget: float) -> tuple[str, str]:
     return method, f"{float(budget):g}"
 
 
+def outcome_key(method: str, budget: float) -> str:
+    """A row's label as one string (the key of a rank's ``outcomes.pt``)."""
+    return "\t".join(row_key(method, budget))
+
+
 def check_budgets(budgets: Sequence[float]) -> list[float]:
     """``budgets`` as floats in (0, 1], each with its own label; a :class:`BudgetError` naming a bad one."""
     out = []

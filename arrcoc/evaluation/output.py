@@ -68,6 +68,11 @@ def markdown(result: Any, fingerprint: dict[str, Any]) -> str:
         f"answer; {result.seconds / 60:.1f} min.  Budget = fraction of the visual tokens the LLM sees, averaged "
         "over decoder layers (docs/eval.md).  Baselines are marked *.",
         "",
+        *([f"Data-parallel: {fingerprint['processes']} processes, batch b of the one-process run on rank "
+           f"b % {fingerprint['processes']}; every accuracy, loyalty, KL, token, FLOP and KV column is the one-process "
+           "value.  **Times are per rank**: each question's milliseconds were measured inside the process that ran "
+           "it, beside the others sharing the machine, then averaged over all questions; the minutes above are "
+           "rank 0's wall clock.", ""] if fingerprint.get("processes", 1) > 1 else []),
         "## Accuracy (visual tokens per image)",
         "",
         "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",

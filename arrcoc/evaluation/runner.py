@@ -27,6 +27,17 @@ run and every method reuse them.  Rows already in ``results.csv`` are
 skipped; ``run.json`` records what the rows were computed with (model files,
 data, questions), and a mismatch is an error rather than a mixed table.
 
+**Data-parallel** (``processes=N``, or under ``torchrun`` / ``accelerate
+launch``): the questions are cut into batches of ``batch_size`` exactly as
+one process cuts them, and batch ``b`` goes to rank ``b % N``, so every
+``generate`` call holds the same questions, padded alike, as in one process.
+Each rank evaluates every method and budget on its shard and keeps its own
+store (``OUT/shards/rank{r}-of{N}/``, :mod:`.store`), resumed row by row;
+rank 0 gathers each call's outcomes (gloo ``gather_object``: no shared file
+system needed), replays them in the one-process batch order
+(:func:`~.totals.merge_outcomes`) and writes the tables.  Milliseconds are
+measured per rank.
+
 This module only orchestrates: it loads the model, batches the questions,
 runs each (method, budget) and shows progress.  Below it, in layers (each
 imports only the ones above it in this list):
@@ -46,9 +57,16 @@ tower, as every family had before).
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
+import signal
+import socket
+import sys
 import time
 import warnings
 from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -60,13 +78,16 @@ from ..errors import ArrcocError, ArrcocWarning, BudgetError, InputError, ModelE
 from ..models import check_model_dir
 from ..spec import PipelineSpec
 from ..timing import clock
-from .data import EvalSample, describe, load_samples
+from .data import EvalSample, describe, load_samples, shard_samples
 from .methods import (
-    ALL_TOKENS, DEFAULT_BUDGETS, DOWNSAMPLE, Method, check_budgets, methods_for, no_stages, row_key,
+    ALL_TOKENS, DEFAULT_BUDGETS, DOWNSAMPLE, Method, check_budgets, methods_for, no_stages, outcome_key, row_key,
 )
 from .output import write_outputs
-from .store import DONE, load_reference, make_out_dir, resume, run_fingerprint, save_reference, save_rows, write_rows
-from .totals import Reference, Scoring, Totals, question_types
+from .store import (
+    DONE, SHARDS, append_ledger, atomic_write, check_world, load_outcomes, load_reference, make_out_dir, resume,
+    run_fingerprint, save_outcomes, save_reference, save_rows, shard_dir, write_rows,
+)
+from .totals import Reference, Scoring, Totals, call_record, merge_outcomes, question_types
 
 
 @dataclass
@@ -204,6 +225,7 @@ def evaluate(
     restart: bool = False,
     plots: bool = True,
     log: Callable[[str], None] | None = None,
+    processes: int = 1,
 ) -> EvalResult:
     """Evaluate ``pipelines`` (names, YAML paths, dicts or specs; default: every shipped pipeline) at each budget.
 
@@ -211,16 +233,48 @@ def evaluate(
     ToyVQA model; ``data``: ``toyvqa`` / ``toyvqa:<split>`` (default: the test split), a JSONL file or a folder
     with ``metadata.jsonl``, or a list of :class:`~arrcoc.evaluation.data.EvalSample`.  With ``out``, rows go
     to ``out/results.csv`` as they finish (a rerun skips them), then ``results.md`` and the plots.
+
+    ``processes > 1`` spawns that many local ranks (gloo) and shards the questions among them; under
+    ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``) this process is one rank (docs/eval.md, "Many processes").
+    Either way the rows are those of one process; the milliseconds are measured per rank.
     """
     began = time.perf_counter()
     budgets = check_budgets(budgets)
     if batch_size < 1:
         raise InputError(f"arrcoc eval: batch_size must be >= 1, got {batch_size}")
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise InputError(f"arrcoc eval: processes must be an integer >= 1, got {processes!r}")
+    where = env_world()
+    if where is not None and processes > 1:
+        raise InputError(f"arrcoc eval: this process is rank {where[0]} of {where[1]} already (torchrun / accelerate "
+                         f"launch); --nproc {processes} spawns processes of its own: use one or the other")
     methods = methods_for(pipelines, baselines)
     samples = list(data) if isinstance(data, list) else load_samples(data, n)
+    if (where is not None or processes > 1) and out is None:
+        raise InputError("arrcoc eval: a data-parallel run needs an output folder (--out): each process keeps its "
+                         "shard of the results there, and rank 0 writes the tables")
     out_dir = make_out_dir(out)   # before the model loads: a bad --out fails in a second, not after a minute
+    if processes > 1:
+        if model is not None and not isinstance(model, (str, Path)):
+            raise InputError("arrcoc eval: a data-parallel run loads the model in every process; pass a checkpoint "
+                             f"folder (or nothing, for the shipped model), not a {type(model).__name__}")
+        return _launch(dict(pipelines=list(pipelines), budgets=budgets, n=n, out=out_dir, model=model,
+                                    data=data, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    baselines=baselines, device=device, progress=progress, restart=restart,
+                                    plots=plots, log=log), processes)
     n = len(samples)
     types = question_types(samples)
+    if where is not None:
+        return _run_rank(
+            where, methods=methods, budgets=budgets, samples=samples, types=types, out_dir=out_dir, model=model,
+            device=device, data=describe(data) if not isinstance(data, list) else "samples", batch_size=batch_size,
+            max_new_tokens=max_new_tokens, restart=restart, plots=plots, progress=progress,
+            say=log or (lambda message: None), began=began)
+    if out_dir is not None:
+        if restart:
+            shutil.rmtree(out_dir / SHARDS, ignore_errors=True)
+        else:
+            check_world(out_dir, 1)
     m, processor, description = load_model(model, device)
     runner = _Runner(m, processor, samples, batch_size, max_new_tokens)
     fingerprint = run_fingerprint(m, description, describe(data) if not isinstance(data, list) else "samples",
@@ -304,22 +358,29 @@ def _evaluate_one(runner: _Runner, method: Method, budget: float, scoring: Scori
                   ) -> dict[str, Any]:
     """The row of ``method`` at ``budget``: downsampling through the processor, a pipeline through its budget
     plan (an ``unreachable`` row where the budget rules cannot reach ``budget``)."""
-    reference = scoring.reference
+    totals, params, unreachable = _measure(runner, method, budget, scoring.reference, bar)
+    if totals is None:
+        return scoring.unreachable(method, budget, unreachable)
+    return scoring.row(method, budget, totals, params)
+
+
+def _measure(runner: _Runner, method: Method, budget: float, reference: Reference, bar: "_Progress"
+             ) -> tuple[Totals | None, dict[str, Any], str]:
+    """``(totals, params, "")`` of ``method`` at ``budget`` on the runner's questions, or ``(None, {}, why)``
+    where the budget rules cannot reach ``budget``."""
     if method.name == DOWNSAMPLE:
         from ..integrations.hf import adapter_for
 
         tokens = max(round(budget * reference.original), 1)
         kwargs, context, grid = adapter_for(runner.model).downsampling(runner.processor, tokens)
         params = {"image": {"grid": list(grid), **kwargs.get("crop_size", {})}}
-        totals = runner.run(no_stages(), bar.advance, processor_kwargs=kwargs, context=context)
-        return scoring.row(method, budget, totals, params)
+        return runner.run(no_stages(), bar.advance, processor_kwargs=kwargs, context=context), params, ""
     try:
         plan = plan_budget(method.spec, budget, **reference.budget_context)
     except BudgetError as exc:
-        bar.advance(len(scoring.samples))
-        return scoring.unreachable(method, budget, str(exc))
-    totals = runner.run(plan.spec, bar.advance)
-    return scoring.row(method, budget, totals, plan.params)
+        bar.advance(len(runner.samples))
+        return None, {}, str(exc)
+    return runner.run(plan.spec, bar.advance), plan.params, ""
 
 
 def _summary(row: dict[str, Any]) -> str:
@@ -357,3 +418,260 @@ class _Progress:
     def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+# ------------------------------------------------------- data-parallel runs
+#: Test hook (tests/evaluation/test_eval_parallel.py): ``"RANK:ROWS"`` makes rank RANK, once it has recorded
+#: ROWS rows in this process, write its PID to ``halted`` in its shard folder and wait to be killed.
+HALT_ENV = "ARRCOC_EVAL_TEST_HALT"
+#: Ranks finish at different times and wait for each other; a rank that dies is the launcher's to end
+#: (torchrun, accelerate, :func:`_launch` all stop the others), so the collectives may wait long.
+_TIMEOUT = timedelta(days=7)
+
+
+def env_world() -> tuple[int, int, int] | None:
+    """``(rank, world, local_rank)`` set by torchrun / accelerate launch / :func:`_launch`; None in one process."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise InputError(f"arrcoc eval: WORLD_SIZE / RANK / LOCAL_RANK must be integers ({exc})") from None
+    if world <= 1:
+        return None
+    if not 0 <= rank < world:
+        raise InputError(f"arrcoc eval: RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world, local
+
+
+class _Group:
+    """The gloo process group the ranks exchange their outcomes over (CPU objects, whatever the model's device)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.rank, self.world = dist, rank, world
+        self.owned = not dist.is_initialized()
+        if self.owned:
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=_TIMEOUT)
+            self.group = None
+        else:  # the caller's group (maybe NCCL): a gloo one beside it for Python objects
+            self.group = dist.new_group(backend="gloo", timeout=_TIMEOUT)
+
+    def barrier(self) -> None:
+        self.dist.barrier(group=self.group)
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        out = [None] * self.world if self.rank == 0 else None
+        self.dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def close(self) -> None:
+        if self.owned:
+            self.dist.destroy_process_group()
+
+
+def _halt_after() -> tuple[int, int] | None:
+    value = os.environ.get(HALT_ENV)
+    if not value:
+        return None
+    rank, rows = value.split(":")
+    return int(rank), int(rows)
+
+
+def _run_rank(
+    where: tuple[int, int, int], *, methods: list[Method], budgets: list[float], samples: list[EvalSample],
+    types: list[str], out_dir: Path, model: Any, device: str | None, data: str, batch_size: int,
+    max_new_tokens: int | None, restart: bool, plots: bool, progress: bool, say: Callable[[str], None],
+    began: float,
+) -> Any:
+    """This rank's part of a data-parallel :func:`~.runner.evaluate`; rank 0 also merges and writes the tables."""
+    rank, world, local = where
+    if not isinstance(model, (str, Path)) and model is not None:
+        raise InputError("arrcoc eval: a data-parallel run loads the model in every process; pass a checkpoint "
+                         f"folder (or nothing, for the shipped model), not a {type(model).__name__}")
+    if not restart:
+        check_world(out_dir, world)   # read-only, before any collective: every rank raises the same error at once
+    group = _Group(rank, world)
+    try:
+        if restart and rank == 0:
+            shutil.rmtree(out_dir / SHARDS, ignore_errors=True)
+            for name in ("results.csv", "reference.pt", "run.json"):
+                (out_dir / name).unlink(missing_ok=True)
+        group.barrier()   # rank 0's --restart is done before any rank opens its shard
+
+        mine = shard_samples(samples, batch_size, rank, world)
+        configs = [(meth, b) for meth in methods for b in ([1.0] if meth.name == ALL_TOKENS else budgets)]
+        records: dict[str, Any] = {}
+        fingerprint: dict[str, Any] = {}
+        if mine or rank == 0:
+            if (device is None and torch.cuda.is_available()) or device == "cuda":
+                # one GPU per local rank (torchrun / accelerate); ranks share them round robin when fewer
+                device = f"cuda:{local % max(torch.cuda.device_count(), 1)}"
+            m, processor, description = load_model(model, device)
+            # The longest answer over all questions, not the shard's: every call generates as in one process.
+            new_tokens = _Runner(m, processor, samples, batch_size, max_new_tokens).max_new_tokens
+            fingerprint = run_fingerprint(m, description, data, samples, new_tokens, batch_size) | {"processes": world}
+            if rank == 0:
+                resume(out_dir, fingerprint, restart=False, say=say)   # run.json: settings checked, written
+            folder = shard_dir(out_dir, rank, world)
+            folder.mkdir(parents=True, exist_ok=True)
+            records = _evaluate_shard(_Runner(m, processor, mine, batch_size, new_tokens), folder, configs, types,
+                                      run_fingerprint(m, description, data, mine, new_tokens, batch_size)
+                                      | {"rank": rank, "processes": world},
+                                      rank, progress and rank == 0, say)
+        gathered = group.gather(records)
+        rows = None
+        if rank == 0:
+            rows = merge_outcomes(gathered, methods, configs, samples, types, batch_size, world)
+        rows = group.broadcast(rows)
+    finally:
+        group.close()
+    result = EvalResult(rows=rows, out=out_dir, question_types=types, seconds=time.perf_counter() - began)
+    if rank == 0:
+        write_rows(out_dir / "results.csv", rows, types)
+        write_outputs(result, fingerprint, plots=plots)
+    return result
+
+
+def _evaluate_shard(runner: Any, folder: Path, configs: list[tuple[Method, float]], types: list[str],
+                    fingerprint: dict[str, Any], rank: int, progress: bool, say: Callable[[str], None]
+                    ) -> dict[str, Any]:
+    """Every (method, budget) on this rank's questions, skipping the rows its shard store already holds."""
+    resume(folder, fingerprint, restart=False, say=say)   # the shard's run.json: same settings, or an error
+    records = load_outcomes(folder, say)
+    ids = [s.id for s in runner.samples]
+    halt = _halt_after()
+    recorded = 0
+
+    def finished(method: str, budget: float, record: dict[str, Any], seconds: float) -> None:
+        nonlocal recorded
+        records[outcome_key(method, budget)] = record
+        save_outcomes(folder, records)
+        append_ledger(folder, method, budget, rank, ids, seconds)
+        recorded += 1
+        if halt is not None and halt == (rank, recorded):
+            atomic_write(folder / "halted", f"{os.getpid()}\n".encode())
+            while True:   # the test kills this process by its PID
+                time.sleep(1)
+
+    pending = [(m, b) for m, b in configs if m.name != ALL_TOKENS and outcome_key(m.name, b) not in records]
+    reference = load_reference(folder, fingerprint, say) if outcome_key(ALL_TOKENS, 1.0) in records else None
+    bar = _Progress(progress, total=(len(pending) + (reference is None)) * len(runner.samples))
+    if reference is None or pending:
+        runner.warm_up()
+    if reference is None:
+        began = time.perf_counter()
+        reference = _reference(runner, bar)
+        save_reference(folder, fingerprint, reference)
+        finished(ALL_TOKENS, 1.0, call_record(reference.totals, ids, {}, context=reference.budget_context),
+                 time.perf_counter() - began)
+    scoring = Scoring(runner.samples, types, reference)
+    for meth, budget in pending:
+        bar.describe(f"{meth.name} @ {budget:g}")
+        began = time.perf_counter()
+        try:
+            totals, params, unreachable = _measure(runner, meth, budget, reference, bar)
+        except ArrcocError as exc:
+            raise type(exc)(f"arrcoc eval: {meth.name} at budget {budget:g}: {exc}") from exc
+        except Exception as exc:  # a pipeline that cannot run is an error, never a silent skip
+            raise ModelError(f"arrcoc eval: {meth.name} at budget {budget:g} failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        kl = scoring.kl(totals) if totals is not None else None
+        finished(meth.name, budget, call_record(totals, ids, params, unreachable, kl=kl), time.perf_counter() - began)
+        say(f"rank {rank}: {meth.name} @ {budget:g} done")
+    bar.stop()
+    return records
+
+
+# ------------------------------------------------------------------ --nproc
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RankLog:
+    """A picklable ``log`` for a spawned rank: stderr lines prefixed with the rank."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.prefix = f"[rank {rank}/{world}] "
+
+    def __call__(self, line: str) -> None:
+        print(self.prefix + line, file=sys.stderr, flush=True)
+
+
+def _child(rank: int, world: int, port: int, threads: int, kwargs: dict[str, Any], queue: Any) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    try:
+        result = evaluate(**kwargs)
+    except ArrcocError as exc:
+        try:   # the error itself for the parent to raise, when it survives pickling (an unusual __init__ may not)
+            payload: ArrcocError = pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001
+            payload = ModelError(f"{type(exc).__name__}: {exc}")
+        queue.put(("error", rank, payload))
+        sys.exit(1)
+    if rank == 0:
+        queue.put(("result", rank, result))
+
+
+def _launch(kwargs: dict[str, Any], processes: int) -> Any:
+    """``processes`` local ranks (spawned, gloo) running ``evaluate(**kwargs)``; rank 0's result.
+
+    The first rank to fail stops the others (as torchrun does); its :class:`ArrcocError` is raised here, and
+    the rows every rank finished stay in its shard for the next run to resume.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    threads = max(1, torch.get_num_threads() // processes)
+    procs = []
+    for rank in range(processes):
+        child_kwargs = dict(kwargs, progress=kwargs.get("progress", True) and rank == 0,
+                            log=RankLog(rank, processes) if kwargs.get("log") is not None else None)
+        procs.append(ctx.Process(target=_child, args=(rank, processes, port, threads, child_kwargs, queue),
+                                 name=f"arrcoc-eval-rank{rank}"))
+    for p in procs:
+        p.start()
+    messages: list[tuple[str, int, Any]] = []
+    failed: tuple[int, int] | None = None
+    try:
+        while any(p.is_alive() for p in procs):
+            while not queue.empty():
+                messages.append(queue.get())
+            failed = failed or next(((r, p.exitcode) for r, p in enumerate(procs)
+                                     if p.exitcode not in (None, 0)), None)
+            if failed is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:   # a failed rank (or Ctrl-C here) stops the rest, as torchrun does
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join()
+    while not queue.empty():
+        messages.append(queue.get())
+    for kind, rank, payload in messages:
+        if kind == "error":
+            raise payload
+    failed = failed or next(((r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)), None)
+    result = next((payload for kind, rank, payload in messages if kind == "result"), None)
+    if failed is not None or result is None:
+        rank, code = failed or (0, None)
+        raise ModelError(f"arrcoc eval: rank {rank} of {processes} exited with code {code}; the rows each rank "
+                         "finished are kept in its shard (OUT/shards): run the same command again to resume")
+    return result

@@ -10,6 +10,13 @@
 * ``reference.pt``: the uncompressed run (:class:`~.totals.Reference`), a
   cache of a deterministic run: one that cannot be read is computed again.
 
+* ``shards/rank{r}-of{w}/`` (a data-parallel run): each rank's own
+  ``run.json``, ``reference.pt``, ``outcomes.pt`` (per finished row, each
+  call's sums, answers and per-question KL; :func:`save_outcomes`) and
+  ``evaluated.jsonl`` (a line per row the rank computed, appended:
+  :func:`append_ledger`); :func:`check_world` refuses to resume them with
+  another number of processes.
+
 Imports :mod:`.methods` and :mod:`.totals` below it; nothing here runs a model.
 """
 
@@ -318,3 +325,70 @@ def _reference_from(saved: dict[str, Any]) -> Reference:
     totals = Totals(**values, logprob_batches=[acc["logprobs"]])
     return Reference(ids=saved["ids"], totals=totals, original=saved["original"], grid=tuple(saved["grid"]),
                      has_cls=saved["has_cls"], layers=saved["layers"], encoder_layers=saved["encoder_layers"])
+
+
+# ------------------------------------------------- data-parallel shards
+#: A data-parallel run's per-rank stores: ``OUT/shards/rank{r}-of{w}/`` (docs/eval.md, "Many processes").
+SHARDS = "shards"
+
+
+def shard_dir(out_dir: Path, rank: int, world: int) -> Path:
+    return out_dir / SHARDS / f"rank{rank}-of{world}"
+
+
+def check_world(out_dir: Path, world: int) -> None:
+    """An :class:`InputError` when ``out_dir`` holds the shards of a run with another number of processes."""
+    folder = out_dir / SHARDS
+    found: dict[int, str] = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            head, _, tail = path.name.rpartition("-of")
+            if path.is_dir() and head.startswith("rank") and tail.isdigit():
+                found.setdefault(int(tail), path.name)
+    other = sorted(w for w in found if w != world)
+    if other:
+        w = other[0]
+        raise InputError(
+            f"arrcoc eval: {out_dir} holds the shards of a {w}-process run ({SHARDS}/{found[w]}), but this run has "
+            f"{world} process{'es' if world > 1 else ''}; each process resumes its own shard, so resume with {w} "
+            f"(arrcoc eval --nproc {w} ..., or torchrun --nproc-per-node {w} -m arrcoc eval ...), or --restart "
+            "to discard them")
+    if world > 1 and not found and (out_dir / "results.csv").is_file():
+        meta = out_dir / "run.json"
+        try:
+            processes = json.loads(meta.read_text(encoding="utf-8")).get("processes", 1)
+        except (OSError, ValueError, AttributeError):
+            processes = 1
+        if processes == 1:
+            raise InputError(
+                f"arrcoc eval: {out_dir} holds the results of a one-process run, which keeps no per-question "
+                f"outcomes to resume {world} processes from; resume it with one process, or --restart to discard "
+                "them")
+
+
+def load_outcomes(folder: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    path = folder / "outcomes.pt"
+    if not path.is_file():
+        return {}
+    try:
+        saved = torch.load(path, weights_only=True)
+        return dict(saved["rows"])
+    except Exception as exc:  # noqa: BLE001 - a damaged file of a deterministic run: computed again
+        say(f"{path}: cannot be read ({type(exc).__name__}: {str(exc)[:120]}); this shard's rows are computed again")
+        return {}
+
+
+def save_outcomes(folder: Path, rows: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save({"rows": rows}, buffer)
+    atomic_write(folder / "outcomes.pt", buffer.getvalue())
+
+
+def append_ledger(folder: Path, method: str, budget: float, rank: int, ids: list[str], seconds: float) -> None:
+    """One line per row this rank computed, appended (a resume adds lines, never rewrites them)."""
+    line = json.dumps({"method": method, "budget": row_key(method, budget)[1], "rank": rank, "questions": ids,
+                       "seconds": round(seconds, 3)})
+    with (folder / "evaluated.jsonl").open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -14,14 +14,16 @@ Imports only :mod:`.methods` and :mod:`.data` below it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import BudgetError, ModelError
 from .data import EvalSample
-from .methods import Method
+from .methods import ALL_TOKENS, Method, outcome_key
 
 if TYPE_CHECKING:
     from ..integrations.hf.report import Report
@@ -65,22 +67,44 @@ class Totals:
     warnings: dict[str, int] = field(default_factory=dict)   # pre-LLM stage warning -> images it was raised for
     visual_tokens_in: list[int] = field(default_factory=list)   # per sample, at the LLM input
 
+    #: Every call's sums, as :meth:`add_call` took them: a data-parallel run replays its ranks' calls in the
+    #: one-process batch order (:func:`merge_outcomes`), so its sums are the same additions in the same order.
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    #: Per-question ``KL(p_all || p_method)`` computed where the log-probabilities are (each rank of a
+    #: data-parallel run, against its own questions' reference); ``None``: :class:`Scoring` computes it.
+    question_kl: torch.Tensor | None = None
+
     def add(self, report: "Report", predictions: list[str], logprobs: torch.Tensor, total_ms: float) -> None:
         """One call: its ``run.report``, its answers, the next-token log-probabilities at the answer position."""
-        self.total_ms += total_ms
-        self.predictions.extend(predictions)
-        self.logprob_batches.append(logprobs)
-        self.__dict__.pop("logprobs", None)   # the cached concatenation is stale
-        visual = torch.tensor(report.layer_visual, dtype=torch.float64).sum(1)  # [layers, B] -> [layers]
-        self.layer_visual = visual if self.layer_visual is None else self.layer_visual + visual
-        self.prefill_flops += report.prefill_flops
-        self.kv_cache_bytes += report.kv_cache_bytes
-        self.prefill_ms += report.prefill_ms
-        self.llm_prefill_ms += report.llm_prefill_ms
+        warned: dict[str, int] = {}
         for record in report.pre_llm:
             for note in record.warnings:
-                self.warnings[note] = self.warnings.get(note, 0) + 1
-        self.visual_tokens_in.extend(report.visual_tokens_in)
+                warned[note] = warned.get(note, 0) + 1
+        self.add_call({
+            "predictions": list(predictions),
+            "layer_visual": torch.tensor(report.layer_visual, dtype=torch.float64).sum(1),  # [layers, B] -> [layers]
+            "prefill_flops": report.prefill_flops, "kv_cache_bytes": report.kv_cache_bytes,
+            "prefill_ms": report.prefill_ms, "llm_prefill_ms": report.llm_prefill_ms, "total_ms": total_ms,
+            "warnings": warned, "visual_tokens_in": list(report.visual_tokens_in),
+        }, logprobs)
+
+    def add_call(self, call: dict[str, Any], logprobs: torch.Tensor | None = None) -> None:
+        """One call's sums (the dict :meth:`add` builds from a report), and its log-probabilities if at hand."""
+        self.calls.append(call)
+        self.total_ms += call["total_ms"]
+        self.predictions.extend(call["predictions"])
+        if logprobs is not None:
+            self.logprob_batches.append(logprobs)
+            self.__dict__.pop("logprobs", None)   # the cached concatenation is stale
+        visual = call["layer_visual"]
+        self.layer_visual = visual if self.layer_visual is None else self.layer_visual + visual
+        self.prefill_flops += call["prefill_flops"]
+        self.kv_cache_bytes += call["kv_cache_bytes"]
+        self.prefill_ms += call["prefill_ms"]
+        self.llm_prefill_ms += call["llm_prefill_ms"]
+        for note, count in call["warnings"].items():
+            self.warnings[note] = self.warnings.get(note, 0) + count
+        self.visual_tokens_in.extend(call["visual_tokens_in"])
 
     @cached_property
     def logprobs(self) -> torch.Tensor:
@@ -124,6 +148,11 @@ class Scoring:
     types: list[str]
     reference: Reference
 
+    def kl(self, totals: Totals) -> torch.Tensor:
+        """Per question, ``KL(p_all || p_method)`` (float64, nats) at the answer position."""
+        p_ref = self.reference.logprobs.double()
+        return (p_ref.exp() * (p_ref - totals.logprobs.double())).sum(-1)
+
     def reference_row(self, method: Method) -> dict[str, Any]:
         """The uncompressed run's own row (loyalty 1 and KL 0 by definition)."""
         return self._row(method, 1.0, self.reference.totals, {}, compare=False)
@@ -141,8 +170,7 @@ class Scoring:
             loyal, kl = [True] * n, torch.zeros(n, dtype=torch.float64)
         else:
             loyal = [normalise(p) == normalise(r) for p, r in zip(totals.predictions, reference.predictions)]
-            p_ref = reference.logprobs.double()
-            kl = (p_ref.exp() * (p_ref - totals.logprobs.double())).sum(-1)
+            kl = totals.question_kl if totals.question_kl is not None else self.kl(totals)
         per_layer = (totals.layer_visual / n).tolist()
         visual = sum(per_layer) / len(per_layer)
         note = method.note
@@ -173,3 +201,66 @@ class Scoring:
         row.update(method=method.name, kind=method.kind, budget=budget, status="unreachable", note=reason,
                    pipeline=method.spec.source if method.spec is not None else "")
         return row
+
+
+# ------------------------------------------------------- data-parallel runs
+def call_record(totals: Totals | None, ids: list[str], params: dict[str, Any], note: str = "",
+            kl: torch.Tensor | None = None, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A row's outcomes on one rank: each call's sums with its questions' KL (plain types: weights_only)."""
+    if totals is None:
+        return {"status": "unreachable", "note": note, "params": "{}", "calls": [], "ids": ids}
+    calls = []
+    start = 0
+    for call in totals.calls:
+        size = len(call["predictions"])
+        calls.append({**call, **({"kl": kl[start:start + size].clone()} if kl is not None else {})})
+        start += size
+    record = {"status": "ok", "note": note, "params": json.dumps(params), "calls": calls, "ids": ids}
+    if context is not None:
+        record["context"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in context.items()}
+    return record
+
+
+def merge_outcomes(gathered: list[dict[str, Any]], methods: list[Method], configs: list[tuple[Method, float]],
+           samples: list[EvalSample], types: list[str], batch_size: int, world: int) -> list[dict[str, Any]]:
+    """The rows of all questions from every rank's outcomes, as one process computes them."""
+    batches = math.ceil(len(samples) / batch_size)
+
+    def totals_of(key: str) -> tuple[Totals, dict[str, Any]]:
+        totals, kls = Totals(), []
+        for b in range(batches):
+            record = gathered[b % world].get(key)
+            if record is None or len(record["calls"]) <= b // world:
+                raise ModelError(f"arrcoc eval: rank {b % world} of {world} returned no outcome of batch {b} for "
+                                 f"{key.replace(chr(9), ' @ ')}; its shard store is damaged: --restart")
+            call = record["calls"][b // world]
+            totals.add_call(call)
+            if "kl" in call:
+                kls.append(call["kl"])
+        if kls:
+            totals.question_kl = torch.cat(kls)
+        return totals, gathered[0][key]
+
+    ref_totals, first = totals_of(outcome_key(ALL_TOKENS, 1.0))
+    contexts = {json.dumps(r[outcome_key(ALL_TOKENS, 1.0)]["context"], sort_keys=True) for r in gathered if r}
+    visual_in = ref_totals.visual_tokens_in
+    if len(set(visual_in)) != 1 or len(contexts) != 1:
+        raise BudgetError(
+            f"arrcoc eval: budgets are fractions of one visual-token count per image, but this model gives images "
+            f"{sorted(set(visual_in))[:5]} tokens (e.g. LLaVA-NeXT, Qwen2-VL); use a LLaVA-1.5-style model")
+    context = first["context"]
+    reference = Reference(ids=[s.id for s in samples], totals=ref_totals, original=int(context["original"]),
+                          grid=tuple(context["grid"]), has_cls=bool(context["has_cls"]),
+                          layers=int(context["layers"]), encoder_layers=int(context["encoder_layers"]))
+    scoring = Scoring(samples, types, reference)
+    rows = [scoring.reference_row(methods[0])]
+    for meth, budget in configs:
+        if meth.name == ALL_TOKENS:
+            continue
+        record = gathered[0].get(outcome_key(meth.name, budget))
+        if record is not None and record["status"] == "unreachable":
+            rows.append(scoring.unreachable(meth, budget, record["note"]))
+            continue
+        totals, record = totals_of(outcome_key(meth.name, budget))
+        rows.append(scoring.row(meth, budget, totals, json.loads(record["params"])))
+    return rows
