@@ -107,6 +107,32 @@ def test_a_pruning_pipeline_scores_what_arrcoc_eval_reports_at_that_budget(task,
     assert "pipeline=cdpruner" in results["config"]["model_args"]
 
 
+def test_two_processes_score_what_one_does(task, reference, env, tmp_path) -> None:
+    """``torchrun --nproc-per-node 2 -m lmms_eval`` (gloo on the CPU; ``accelerate launch`` starts one process
+    where there is no GPU): each rank runs its shard, the report's sums are added over both."""
+    result, _ = reference
+    row = result.row("cdpruner", BUDGET)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lmms_eval",
+               "--model", "arrcoc", "--model_args",
+               f"pretrained=arrcoc:toyvqa,pipeline=cdpruner,budget={BUDGET},batch_size={BATCH}",
+               "--include_path", str(task), "--tasks", "arrcoc_toyvqa", "--output_path", str(tmp_path),
+               "--device", "cpu"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    files = sorted(tmp_path.rglob("*_results.json"))
+    assert done.returncode == 0 and files, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert "Running on rank 1" in done.stdout + done.stderr   # two processes ran
+    results = json.loads(files[-1].read_text())
+    scores = results["results"]["arrcoc_toyvqa"]
+    assert scores["exact_match,none"] == row["accuracy"]
+    for t in QUESTION_TYPES:
+        assert scores[f"acc_{t},none"] == row[f"acc_{t}"], t
+    throughput = results["throughput"]
+    assert throughput["avg_arrcoc_images"] == N   # both ranks' images, not rank 0's
+    for field in ("visual_tokens", "visual_tokens_in", "prefill_gflops"):   # per image, whatever the batches
+        assert throughput[f"avg_arrcoc_{field}"] == pytest.approx(row[field], rel=1e-9), field
+    # (kv_bytes counts each batch's left padding, which depends on which questions share a batch)
+
+
 @pytest.fixture(scope="module")
 def docs(task: Path) -> list[dict]:
     from PIL import Image
