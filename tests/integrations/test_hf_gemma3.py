@@ -145,14 +145,14 @@ def test_a_conversation_continued_from_a_short_prompts_cache_reads_its_token_typ
             ids = torch.cat([first.sequences, extra], 1)
             mask = torch.cat([inputs["attention_mask"], torch.ones(3, 5, dtype=torch.long)], 1)
             then = model.generate(input_ids=ids, attention_mask=mask, token_type_ids=(ids == IMAGE).long(),
-                                  cache=output_cache(first), **follow)
+                                  past_key_values=output_cache(first), **follow)
         short = shortened(inputs, [len(k) for k in kept])
         feats = {"image": BaseModelOutputWithPooling(pooler_output=features_of(model, inputs["pixel_values"], kept))}
         ref_first = model.generate(**short, mm_encoder_outputs=feats, **follow)
         ref_ids = torch.cat([ref_first.sequences, extra], 1)
         ref_mask = torch.cat([short["attention_mask"], torch.ones(3, 5, dtype=torch.long)], 1)
         ref = model.generate(input_ids=ref_ids, attention_mask=ref_mask, token_type_ids=(ref_ids == IMAGE).long(),
-                             cache=output_cache(ref_first), **follow)
+                             past_key_values=output_cache(ref_first), **follow)
     torch.testing.assert_close(torch.stack(then.logits), torch.stack(ref.logits), atol=1e-8, rtol=0)
 
 
