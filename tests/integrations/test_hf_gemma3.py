@@ -17,9 +17,9 @@ import torch  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 import arrcoc  # noqa: E402
-from arrcoc.errors import ArrcocError, InputError  # noqa: E402
+from arrcoc.errors import InputError  # noqa: E402
 from arrcoc.integrations.hf.compat import output_cache  # noqa: E402
-from test_hf_support_matrix import MATRIX  # noqa: E402
+from test_hf_support_matrix import MATRIX, check_cell  # noqa: E402
 from tiny_gemma3 import IMAGE, batch, shortened, tiny_gemma3  # noqa: E402
 
 NEW = 10  # new tokens per greedy generation
@@ -302,21 +302,7 @@ def matrix_batch():
 
 @pytest.mark.parametrize("method", list(MATRIX))
 def test_support_matrix(matrix_batch, method):
-    model, inputs = matrix_batch
-    sections, _ = MATRIX[method]
-    pipe = {"encoder": {"use": "timm_vit", "extra_attention_layers": [0]}, **sections}
-    L = inputs["input_ids"].shape[1]
-    if method in REFUSALS:
-        with pytest.raises(ArrcocError, match=REFUSALS[method]):
-            with torch.no_grad(), arrcoc.hf.apply(model, pipe):
-                model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        return
-    with torch.no_grad(), arrcoc.hf.apply(model, pipe) as run:
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape == (2, L + 3) and torch.equal(out[:, :L], inputs["input_ids"])
-    seen = run.report.layer_visual  # [layer][prompt] visual tokens attended; the model alone: 16 and 32
-    if "compress" in sections:
-        assert sum(seen[0]) < 48, seen
-    else:
-        assert seen[0] == [16, 32] and sum(seen[-1]) < 48, seen
-    assert [r.plugin for r in run.report.pre_llm] == [s["use"] for s in sections.get("compress", [])]
+    """Every method of the support matrix on this family, batch 2: runs or refuses with the message of
+    :data:`REFUSALS` (test_hf_support_matrix.check_cell)."""
+    model, batch = matrix_batch
+    check_cell(model, batch, method, REFUSALS, alone=[16, 32])

@@ -19,9 +19,9 @@ import torch  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 import arrcoc  # noqa: E402
-from arrcoc.errors import ArrcocError, ModelError  # noqa: E402
+from arrcoc.errors import ModelError  # noqa: E402
 from arrcoc.integrations.hf.vision import VisionTower  # noqa: E402
-from test_hf_support_matrix import MATRIX  # noqa: E402
+from test_hf_support_matrix import MATRIX, check_cell  # noqa: E402
 from tiny_internvl import IMAGE, PATCHES, SIDE, TOKENS, batch, shortened, tiny_internvl  # noqa: E402
 from tiny_models import generate_positions, reference_attention  # noqa: E402
 
@@ -343,21 +343,7 @@ def matrix_batch():
 
 @pytest.mark.parametrize("method", list(MATRIX))
 def test_support_matrix(matrix_batch, method):
-    model, inputs = matrix_batch
-    sections, _ = MATRIX[method]
-    pipe = {"encoder": {"use": "timm_vit", "extra_attention_layers": [0]}, **sections}
-    L = inputs["input_ids"].shape[1]
-    if method in REFUSALS:
-        with pytest.raises(ArrcocError, match=REFUSALS[method]):
-            with torch.no_grad(), arrcoc.hf.apply(model, pipe):
-                model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        return
-    with torch.no_grad(), arrcoc.hf.apply(model, pipe) as run:
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape == (2, L + 3) and torch.equal(out[:, :L], inputs["input_ids"])
-    seen = run.report.layer_visual  # [layer][prompt] visual tokens attended; the model alone: 16 and 48
-    if "compress" in sections:
-        assert sum(seen[0]) < 64, seen
-    else:
-        assert seen[0] == [16, 48] and sum(seen[-1]) < 64, seen
-    assert [r.plugin for r in run.report.pre_llm] == [s["use"] for s in sections.get("compress", [])]
+    """Every method of the support matrix on this family, batch 2: runs or refuses with the message of
+    :data:`REFUSALS` (test_hf_support_matrix.check_cell)."""
+    model, batch = matrix_batch
+    check_cell(model, batch, method, REFUSALS, alone=[16, 48])

@@ -17,8 +17,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import arrcoc
-from arrcoc.errors import ArrcocError, InputError, ModelError
+from arrcoc.errors import InputError, ModelError
 from tiny_llava_onevision import IMAGE, PINPOINTS, S, SIZES, ov_batch, tiny_llava_onevision, views_of
+from test_hf_support_matrix import MATRIX, check_cell
 from tiny_models import generate_positions, left_pad, reference_attention
 
 NEW = 10
@@ -435,35 +436,13 @@ def matrix_family():
     return model, ov_batch(model, ["wide", "square"], [(3, 5), (1, 9)], dtype=torch.float32)
 
 
-def _matrix():
-    from test_hf_support_matrix import MATRIX
-
-    return MATRIX
-
-
-@pytest.mark.parametrize("method", list(_matrix()))
+@pytest.mark.parametrize("method", list(MATRIX))
 def test_support_matrix(matrix_family, method):
+    """Every method of the support matrix on this family, batch 2: runs or refuses with the message of
+    :data:`REFUSALS` (test_hf_support_matrix.check_cell)."""
     model, batch = matrix_family
-    sections, _ = _matrix()[method]
-    pipeline = {"encoder": {"use": "timm_vit", "extra_attention_layers": [0]}, **sections}
-    L = batch["input_ids"].shape[1]
-    with torch.no_grad():
-        with arrcoc.hf.apply(model, {"encoder": {"use": "timm_vit"}}) as plain:
-            model(**batch)
-        before = plain.report.layer_visual[0]
-        if method in REFUSALS:
-            with pytest.raises(ArrcocError, match=REFUSALS[method]):
-                with arrcoc.hf.apply(model, pipeline):
-                    model.generate(**batch, max_new_tokens=3, do_sample=False)
-            return
-        with arrcoc.hf.apply(model, pipeline) as run:
-            out = model.generate(**batch, max_new_tokens=3, do_sample=False)
-    assert out.shape == (2, L + 3) and torch.equal(out[:, :L], batch["input_ids"])
-    seen = run.report.layer_visual
-    assert len(seen[0]) == 2
-    assert [r.plugin for r in run.report.pre_llm] == [s["use"] for s in sections.get("compress", [])]
-    assert any(sum(layer) < sum(before) for layer in seen), (before, seen)
+    check_cell(model, batch, method, REFUSALS)
 
 
 def test_support_matrix_knows_every_refused_method():
-    assert set(REFUSALS) <= set(_matrix())
+    assert set(REFUSALS) <= set(MATRIX)

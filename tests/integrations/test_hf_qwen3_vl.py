@@ -24,6 +24,7 @@ import torch
 import arrcoc
 from test_hf_generate_parity import MODES, PIPELINES, assert_same
 from tiny_models import generate_positions, left_pad
+from test_hf_support_matrix import MATRIX, check_cell  # noqa: E402
 from tiny_qwen3_vl import IMAGE, qwen3_inputs, tiny_qwen3_vl
 
 @pytest.fixture(scope="module")
@@ -356,35 +357,9 @@ def matrix_family():
     return qwen3_matrix_batch()
 
 
-def _matrix():
-    from test_hf_support_matrix import MATRIX
-
-    return MATRIX
-
-
-@pytest.mark.parametrize("method", list(_matrix()))
+@pytest.mark.parametrize("method", list(MATRIX))
 def test_support_matrix(matrix_family, method):
-    """Every method of the support matrix on Qwen3-VL, batch 2: runs (generate works, some layer sees fewer visual
-    tokens, every pre-LLM stage in the report) or refuses with the message of :data:`QWEN3_REFUSALS`."""
+    """Every method of the support matrix on this family, batch 2: runs or refuses with the message of
+    :data:`QWEN3_REFUSALS` (test_hf_support_matrix.check_cell)."""
     model, batch = matrix_family
-    sections, _ = _matrix()[method]
-    full_spec = {"encoder": {"use": "timm_vit", "extra_attention_layers": [0]}, **sections}
-    L = batch["input_ids"].shape[1]
-    with torch.no_grad():
-        with arrcoc.hf.apply(model, spec()) as plain:
-            model(**batch)
-        before = plain.report.layer_visual[0]
-        assert before == [24, 9]
-        if method in QWEN3_REFUSALS:
-            with pytest.raises(arrcoc.ArrcocError, match=QWEN3_REFUSALS[method]):
-                with arrcoc.hf.apply(model, full_spec):
-                    model.generate(**batch, max_new_tokens=3, do_sample=False)
-            return
-        with arrcoc.hf.apply(model, full_spec) as run:
-            out = model.generate(**batch, max_new_tokens=3, do_sample=False)
-    assert out.shape == (2, L + 3) and torch.equal(out[:, :L], batch["input_ids"])
-    seen = run.report.layer_visual
-    stages = sections.get("compress", [])
-    assert [r.plugin for r in run.report.pre_llm] == [s["use"] for s in stages]
-    assert all(r.ms > 0 and len(r.tokens_in) == len(r.tokens_out) for r in run.report.pre_llm)
-    assert any(sum(layer) < sum(before) for layer in seen), (before, seen)
+    check_cell(model, batch, method, QWEN3_REFUSALS, alone=[24, 9])
