@@ -177,10 +177,10 @@ def received_reference(model, pixels):
 
 @pytest.mark.parametrize("chunk", [None, 4 * 64 * 10], ids=["whole", "10_queries_a_chunk"])
 def test_attention_received_equals_the_plain_torch_recomputation(model, monkeypatch, chunk):
-    from arrcoc.integrations.hf import gemma3
+    from arrcoc.integrations.hf import adapter as hf_adapter
 
     if chunk is not None:
-        monkeypatch.setattr(gemma3, "RECEIVED_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(hf_adapter, "RECEIVED_CHUNK_ELEMENTS", chunk)
     pixels = batch(ROWS)["pixel_values"]
     adapter = arrcoc.hf.adapter_for(model)
     assert adapter.attention_received_layer == 1

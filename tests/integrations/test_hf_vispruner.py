@@ -196,13 +196,13 @@ def test_qwen_tower_gives_the_attention_received_per_token(make):
 def test_qwen_attention_received_in_query_chunks_and_low_precision(monkeypatch):
     # Queries taken a few at a time (a large image never holds its heads x N x N logits at once) give the same
     # signal; a bfloat16 model computes it in float32 from its own bfloat16 queries and keys, close to float64.
-    from arrcoc.integrations.hf import qwen2_vl
+    from arrcoc.integrations.hf import adapter as hf_adapter
 
     model = tiny_qwen2_vl()
     batch = qwen_batch()
     reference = qwen_received_reference(model, batch["pixel_values"], QWEN_GRIDS)
     adapter = arrcoc.hf.adapter_for(model)
-    monkeypatch.setattr(qwen2_vl, "RECEIVED_CHUNK_ELEMENTS", 2 * 4 * 96 * 5)  # 5 queries per chunk: 20 chunks
+    monkeypatch.setattr(hf_adapter, "RECEIVED_CHUNK_ELEMENTS", 2 * 4 * 96 * 5)  # 5 queries per chunk: 20 chunks
     with torch.no_grad():
         out = adapter.encode_images(batch["pixel_values"], {"image_grid_thw": QWEN_GRIDS}, False, received=True)
     for got, want in zip(out.received, reference):

@@ -43,6 +43,30 @@ from arrcoc.state import TokenState
 _ADAPTERS: list[type["Adapter"]] = []
 
 
+#: Most attention logits held at once by the attention-received signals of towers without a class token
+#: (float32: 256 MiB): the queries (or tiles) are taken in chunks that fit, so a large image never holds its whole
+#: ``heads x N x N`` matrix.
+RECEIVED_CHUNK_ELEMENTS = 1 << 26
+
+
+def received_sums(q: torch.Tensor, k: torch.Tensor, scale: float, key_bias: torch.Tensor | None = None,
+                  query_real: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, heads, L]``: the softmax attention each key receives, summed over the queries, from ``q`` / ``k``
+    ``[B, heads, L, hd]`` (``key_bias``: added to the logits, e.g. -inf at padded keys; ``query_real`` ``[B, L]``:
+    the queries that count), the queries in chunks of at most :data:`RECEIVED_CHUNK_ELEMENTS` logits.  The towers'
+    "attention received" signals (VisPruner's rule without a class token) divide it by their query counts."""
+    B, heads, L, _ = q.shape
+    received = torch.zeros(B, heads, L, dtype=q.dtype, device=q.device)
+    chunk = max(1, RECEIVED_CHUNK_ELEMENTS // max(1, B * heads * L))
+    for start in range(0, L, chunk):
+        logits = (q[:, :, start:start + chunk] @ k.transpose(-1, -2)) * scale
+        probs = (logits if key_bias is None else logits + key_bias).softmax(-1)
+        if query_real is not None:
+            probs = probs * query_real[:, None, start:start + chunk, None]  # padded queries count for nothing
+        received += probs.sum(2)
+    return received
+
+
 class VisionOutput(NamedTuple):
     """What :meth:`Adapter.encode_images` returns for a batch of images."""
 

@@ -55,8 +55,7 @@ import torch
 
 from arrcoc.errors import InputError, ModelError
 
-from .adapter import Adapter, VisionOutput, register_adapter
-from .qwen2_vl import RECEIVED_CHUNK_ELEMENTS
+from .adapter import Adapter, VisionOutput, received_sums, register_adapter
 
 
 def block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -74,7 +73,7 @@ def siglip_attention_received(block: torch.nn.Module, hidden: torch.Tensor) -> t
 
     Recomputed from the block's ``layer_norm1`` and ``q_proj`` / ``k_proj`` (the block's attention computes its
     scores so), in float32 or the hidden states' dtype if wider, the queries in chunks of at most
-    :data:`~.qwen2_vl.RECEIVED_CHUNK_ELEMENTS` logits (a 896 px image has 4096 patches).
+    :data:`~.adapter.RECEIVED_CHUNK_ELEMENTS` logits (a 896 px image has 4096 patches).
     """
     attn = block.self_attn
     images, P, _ = hidden.shape
@@ -82,11 +81,7 @@ def siglip_attention_received(block: torch.nn.Module, hidden: torch.Tensor) -> t
     dtype = torch.promote_types(h.dtype, torch.float32)
     q = attn.q_proj(h).view(images, P, attn.num_heads, -1).transpose(1, 2).to(dtype)  # [images, heads, P, hd]
     k = attn.k_proj(h).view(images, P, attn.num_heads, -1).transpose(1, 2).to(dtype)
-    received = torch.zeros(images, attn.num_heads, P, dtype=dtype, device=hidden.device)
-    chunk = max(1, RECEIVED_CHUNK_ELEMENTS // max(1, images * attn.num_heads * P))
-    for start in range(0, P, chunk):
-        received += ((q[:, :, start:start + chunk] @ k.transpose(-1, -2)) * attn.scale).softmax(-1).sum(2)
-    return (received / P).mean(1)
+    return (received_sums(q, k, attn.scale) / P).mean(1)
 
 
 @register_adapter

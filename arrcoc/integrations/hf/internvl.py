@@ -63,11 +63,8 @@ import torch
 
 from arrcoc.errors import InputError, ModelError
 
-from .adapter import Adapter, VisionOutput, register_adapter
+from .adapter import RECEIVED_CHUNK_ELEMENTS, Adapter, VisionOutput, register_adapter
 
-#: Most attention logits held at once by the attention-received signal (float32: 256 MiB): tiles are taken in
-#: chunks that fit.
-RECEIVED_CHUNK_ELEMENTS = 1 << 26
 
 @register_adapter
 class InternVLAdapter(Adapter):
@@ -237,7 +234,7 @@ class InternVLAdapter(Adapter):
         """``[tiles, 1 + p^2]``: the attention each row of InternViT block ``block``'s input ``hidden`` receives,
         every query's softmax row (over the tile's rows, as the block attends: no mask) averaged over the queries,
         then over the heads (:meth:`vision_qk`); float32 (or the input's dtype if wider), tiles taken in chunks of at
-        most :data:`RECEIVED_CHUNK_ELEMENTS` logits."""
+        most :data:`~.adapter.RECEIVED_CHUNK_ELEMENTS` logits."""
         q, k, scale = self.vision_qk(block, hidden)
         tiles, heads, N, _ = q.shape
         dtype = torch.promote_types(q.dtype, torch.float32)

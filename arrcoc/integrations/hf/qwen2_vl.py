@@ -50,7 +50,7 @@ import torch
 
 from arrcoc.errors import InputError, ModelError
 
-from .adapter import Adapter, VisionOutput, register_adapter
+from .adapter import Adapter, VisionOutput, received_sums, register_adapter
 
 
 def grid_budget_context(config: Any, grid: tuple[int, int]) -> dict[str, Any]:
@@ -62,9 +62,6 @@ def grid_budget_context(config: Any, grid: tuple[int, int]) -> dict[str, Any]:
             "encoder_layers": int(config.vision_config.depth)}
 
 
-#: Most attention logits held at once by :func:`attention_received` (float32: 256 MiB); the queries are taken in
-#: chunks that fit, so a large image never holds its whole ``heads x N x N`` matrix.
-RECEIVED_CHUNK_ELEMENTS = 1 << 26
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +89,7 @@ def attention_received(block: torch.nn.Module, hidden: torch.Tensor, cu_seqlens:
 
     Recomputed from the block's ``norm1``, ``qkv`` and rotary embedding (as the block's attention computes its
     scores); the segments are padded to one batch ``[segments, heads, L, L]`` (padded keys at -inf, padded
-    queries not counted) and the queries taken in chunks of at most :data:`RECEIVED_CHUNK_ELEMENTS` logits.
+    queries not counted) and the queries taken in chunks of at most :data:`~.adapter.RECEIVED_CHUNK_ELEMENTS` logits.
     Float32, or the hidden states' dtype if wider.
     """
     attn = block.attn
@@ -111,12 +108,7 @@ def attention_received(block: torch.nn.Module, hidden: torch.Tensor, cu_seqlens:
     qs = q[index].to(dtype).transpose(1, 2)  # [segments, heads, L, hd]
     ks = k[index].to(dtype).transpose(1, 2)
     key_bias = torch.zeros(real.shape, dtype=dtype, device=device).masked_fill(~real, float("-inf"))[:, None, None]
-    received = torch.zeros(qs.shape[:3], dtype=dtype, device=device)  # [segments, heads, L] summed over queries
-    chunk = max(1, RECEIVED_CHUNK_ELEMENTS // max(1, qs.shape[0] * heads * L))
-    for start in range(0, L, chunk):
-        probs = ((qs[:, :, start:start + chunk] @ ks.transpose(-1, -2)) * attn.scaling + key_bias).softmax(-1)
-        probs = probs * real[:, None, start:start + chunk, None]  # padded queries count for nothing
-        received += probs.sum(2)
+    received = received_sums(qs, ks, attn.scaling, key_bias, real)  # [segments, heads, L] summed over queries
     received = (received / lengths[:, None, None].to(dtype)).mean(1)  # query mean, then head mean
     return received[real]  # the segments' rows in packed order
 
